@@ -1,0 +1,64 @@
+"""ltoflow: back up a records archive to LTO tape, streaming, verifiable, self-describing."""
+
+from ltoflow.api import (
+    BackupConfig,
+    Components,
+    backup,
+    backup_async,
+    compose,
+    make_backup_plan,
+    verify,
+    verify_async,
+)
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
+from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+from ltoflow.engine import BackupResult
+from ltoflow.errors import (
+    BackupError,
+    BackupPlanError,
+    CatalogReadError,
+    CatalogWriteError,
+    FileWriteError,
+    SourceFileChangedError,
+    SourceReadError,
+    TapeFullError,
+    TapeNotLoadedError,
+    TapeReadError,
+    UsageError,
+    WrongTapeError,
+)
+from ltoflow.verify import VerifyReport
+
+__all__ = [
+    "BackupConfig",
+    "BackupError",
+    "BackupPlanError",
+    "BackupResult",
+    "Catalog",
+    "CatalogCodec",
+    "CatalogReadError",
+    "CatalogWriteError",
+    "Components",
+    "FileWriteError",
+    "JsonCatalogCodec",
+    "LoadedTape",
+    "SimulatorDrive",
+    "SimulatorFailureConfig",
+    "SourceFileChangedError",
+    "SourceReadError",
+    "TapeDrive",
+    "TapeFullError",
+    "TapeNotLoadedError",
+    "TapeReadError",
+    "TapeRequest",
+    "UsageError",
+    "VerifyReport",
+    "WrongTapeError",
+    "backup",
+    "backup_async",
+    "compose",
+    "make_backup_plan",
+    "verify",
+    "verify_async",
+]

@@ -1,0 +1,400 @@
+"""The `ltoflow` command: parse arguments, build the components (the composition root), run.
+
+Only this module turns errors into messages and exit codes (see EXIT_CODES); everything below it
+raises BackupError subclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+import trio
+
+from ltoflow import api
+from ltoflow.catalog import split_files
+from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+from ltoflow.engine import BackupResult
+from ltoflow.errors import BackupError, UsageError
+from ltoflow.plan import Plan
+from ltoflow.progress import LogReporter
+from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
+from ltoflow.verify import VerifyReport
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_WARNINGS = 4
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_DAMAGED: "verification found damaged or missing data",
+    EXIT_USAGE: "usage error: bad flags, missing source, impossible plan, occupied directory",
+    EXIT_FAILED: "the job failed (drive, tape, catalog, or a source file changed)",
+    EXIT_WARNINGS: "completed, but some entries were skipped (listed in the catalog)",
+    EXIT_INTERNAL: "internal error (a bug: please report it with the --verbose output)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _size(unit: int, flag: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            return parse_decimal_bytes(text, unit, flag=flag)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = flag  # argparse names the type in its messages
+    return parse
+
+
+_FAULT_FLAGS = ("fail_on_write", "fail_on_read", "fail_on_load")
+
+
+def _fault(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    known = (*_FAULT_FLAGS, "fail_after_bytes_written", "failed_tape_ids", "error_message")
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown fault {name!r}; known: {', '.join(known)}")
+    if name == "fail_after_bytes_written" and not value.isdigit():
+        raise argparse.ArgumentTypeError("fail_after_bytes_written needs =N (bytes)")
+    return name, value
+
+
+def _failures(items: Sequence[tuple[str, str]] | None) -> SimulatorFailureConfig | None:
+    if not items:
+        return None
+    kwargs: dict[str, Any] = {}
+    for name, value in items:
+        if name in _FAULT_FLAGS:
+            kwargs[name] = True
+        elif name == "fail_after_bytes_written":
+            kwargs[name] = int(value)
+        elif name == "failed_tape_ids":
+            kwargs[name] = frozenset(v for v in value.split(",") if v)
+        else:
+            kwargs[name] = value
+    return SimulatorFailureConfig(**kwargs)
+
+
+def _add_drive(p: argparse.ArgumentParser, *, write: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--simulator", metavar="DIR", type=Path,
+                   help="simulated tapes: one directory per tape under DIR")
+    g.add_argument("--device", metavar="DEV", help="tape device for LTFS, e.g. /dev/nst0")
+    p.add_argument("--mount-point", metavar="DIR", type=Path,
+                   help="LTFS mount point (with --device)")
+    p.add_argument("--sim-fault", metavar="NAME[=VALUE]", type=_fault, action="append",
+                   help="simulator fault injection, repeatable: " + ", ".join(
+                       (*_FAULT_FLAGS, "fail_after_bytes_written=N", "failed_tape_ids=ID,...",
+                        "error_message=TEXT")) + (" (testing)" if write else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ltoflow", description="Back up a records archive to LTO tape.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("backup", help="back up a source tree to tapes")
+    b.add_argument("--source", metavar="DIR", type=Path, required=True,
+                   help="directory tree to back up")
+    _add_drive(b, write=True)
+    b.add_argument("--capacity-tb", metavar="TB", type=_size(TB, "--capacity-tb"), required=True,
+                   help="nominal tape capacity in TB (decimal: 18 for LTO-9, 0.000004 is 4 MB)")
+    b.add_argument("--container-size-gb", metavar="GB", required=True,
+                   type=_size(GB, "--container-size-gb"), help="maximum container size in GB")
+    b.add_argument("--buffer-mb", metavar="MB", type=_size(MiB, "--buffer-mb"),
+                   default=api.DEFAULT_BUFFER_BYTES,
+                   help="memory for data in flight, in MiB (default 256)")
+    b.add_argument("--verify", action="store_true",
+                   help="read each tape back and check it before it is unloaded")
+    b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    b.add_argument("--verbose", action="store_true", help="one line per container")
+    b.add_argument("--quiet", action="store_true", help="only errors and the summary")
+
+    v = sub.add_parser("verify", help="check every tape of a set against its catalog")
+    _add_drive(v, write=False)
+    v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    v.add_argument("--verbose", action="store_true", help="more detail")
+
+    pl = sub.add_parser("plan", help="show the plan for a source tree without writing anything")
+    pl.add_argument("--source", metavar="DIR", type=Path, required=True)
+    pl.add_argument("--capacity-tb", metavar="TB", type=_size(TB, "--capacity-tb"),
+                    required=True)
+    pl.add_argument("--container-size-gb", metavar="GB", required=True,
+                    type=_size(GB, "--container-size-gb"))
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return parser
+
+
+def _check_drive(args: argparse.Namespace) -> Path:
+    if args.device is not None:
+        raise UsageError(
+            "--device (LTFS on a real drive) is not supported yet in this version; "
+            "use --simulator DIR"
+        )
+    if args.mount_point is not None:
+        raise UsageError("--mount-point only goes with --device")
+    root: Path = args.simulator
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--simulator {root} is not a directory")
+    return root
+
+
+def _print_json(doc: object) -> None:
+    sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    root = _check_drive(args)
+    config = api.BackupConfig(
+        source_root=args.source,
+        tapes_root=root,
+        tape_nominal_capacity_bytes=args.capacity_tb,
+        max_container_size_bytes=args.container_size_gb,
+        buffer_bytes=args.buffer_mb,
+        verify_after_write=args.verify,
+    )
+    reporter = LogReporter(verbose=args.verbose, quiet=args.quiet or args.json)
+    components = api.compose(config, failures=_failures(args.sim_fault), reporter=reporter)
+    result = trio.run(api.backup_async, config, components)
+    if args.json:
+        _print_json(backup_summary(result, root))
+    else:
+        print_backup_summary(result, root)
+    if result.verify_problems:
+        return EXIT_DAMAGED
+    return EXIT_WARNINGS if result.catalog.skipped else EXIT_OK
+
+
+def backup_summary(result: BackupResult, root: Path) -> dict[str, Any]:
+    c = result.catalog
+    return {
+        "backup_set_id": c.backup_set_id,
+        "created_at": c.created_at,
+        "simulator": str(root),
+        "tapes": [
+            {"tape_id": t.tape_id, "label": t.label, "sequence_number": t.sequence_number,
+             "containers": t.containers, "data_bytes": t.data_bytes,
+             "catalog_bytes": t.catalog_bytes, "seconds": round(t.seconds, 3),
+             "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3)}
+            for t in result.tapes
+        ],
+        "containers": len(c.containers),
+        "files": len(c.source_files),
+        "bytes": result.source_bytes,
+        "seconds": round(result.seconds, 3),
+        "mb_per_s": round(result.source_bytes / result.seconds / 1e6, 1) if result.seconds else 0,
+        "source_bytes_read": result.source_bytes_read,
+        "split_files": split_files(c)[0],
+        "files_split_across_tapes": split_files(c)[1],
+        "skipped": [{"relative_path": s.relative_path, "kind": s.kind, "reason": s.reason}
+                    for s in c.skipped],
+        "verified": result.verified,
+        "verify_problems": list(result.verify_problems),
+        "catalog_sha256": result.catalog_sha256,
+    }
+
+
+def print_backup_summary(result: BackupResult, root: Path) -> None:
+    c = result.catalog
+    rate = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    split, across = split_files(c)
+    print(f"Backup complete. {len(result.tapes)} tape(s), {len(c.source_files)} file(s).")
+    print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
+          f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
+          f"{result.seconds:.1f} s ({rate:.0f} MB/s)")
+    for t in result.tapes:
+        print(f"  tape {t.sequence_number}  {t.label}  {t.containers} containers  "
+              f"{human_bytes(t.data_bytes)}  catalog {human_bytes(t.catalog_bytes)}  "
+              f"writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
+    if result.verified:
+        state = "clean" if not result.verify_problems else f"{len(result.verify_problems)} PROBLEMS"
+        print(f"  verified after writing: {state}")
+        for p in result.verify_problems:
+            print(f"  BAD {p}")
+    for s in c.skipped:
+        print(f"  skipped {s.relative_path} ({s.kind}): {s.reason}")
+    print(f"  tapes are in {root}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    root = _check_drive(args)
+    if not root.is_dir():
+        raise UsageError(f"simulator directory {root} does not exist")
+    reporter = LogReporter(verbose=args.verbose, quiet=args.json)
+    components = api.Components(
+        drive=SimulatorDrive(root, failures=_failures(args.sim_fault)), reporter=reporter
+    )
+    report = trio.run(api.verify_async, components)
+    if args.json:
+        _print_json(verify_summary(report))
+    else:
+        print_verify_report(report)
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def verify_summary(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "backup_set_id": report.catalog.backup_set_id,
+        "catalog_sha256": report.catalog_sha256,
+        "catalog_found_on": report.catalog_found_on,
+        "tapes_checked": report.tapes_checked,
+        "tapes_in_set": len(report.catalog.tapes),
+        "containers_checked": report.containers_checked,
+        "bytes_checked": report.bytes_checked,
+        "seconds": round(report.seconds, 3),
+        "ok": report.ok,
+        "problems": [
+            {"tape_id": p.tape_id, "container_id": p.container_id, "segment_id": p.segment_id,
+             "what": p.what, "files": list(p.files)}
+            for p in report.problems
+        ],
+    }
+
+
+def print_verify_report(report: VerifyReport) -> None:
+    for p in report.problems:
+        print(f"BAD {p.describe()}")
+    c = report.catalog
+    state = "clean" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"Verified set {c.backup_set_id}: {report.tapes_checked} of {len(c.tapes)} tape(s), "
+          f"{report.containers_checked} container(s), {human_bytes(report.bytes_checked)} "
+          f"in {report.seconds:.1f} s: {state}.")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = api.BackupConfig(
+        source_root=args.source,
+        tape_nominal_capacity_bytes=args.capacity_tb,
+        max_container_size_bytes=args.container_size_gb,
+    )
+    plan = api.make_backup_plan(config)
+    if args.json:
+        _print_json(plan_document(plan))
+    else:
+        print_plan(plan)
+    return EXIT_OK
+
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON: the catalog's shape without hashes, plus a summary."""
+    from ltoflow import catalog as cat
+
+    set_id = "(assigned at backup time)"
+    tape_id = [f"TAPE-{n + 1:03d}" for n in range(len(plan.tapes))]
+    cont_id = [f"CNT-{n + 1:05d}" for n in range(len(plan.containers))]
+    file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+    return {
+        "backup_set_id": set_id,
+        "source_root": str(plan.source_root),
+        "nominal_capacity_bytes": plan.capacity_bytes,
+        "reserved_catalog_bytes": plan.reserve_bytes,
+        "usable_capacity_bytes": plan.usable_bytes,
+        "max_container_size_bytes": plan.container_size_bytes,
+        "file_count": len(plan.files),
+        "total_bytes": plan.total_bytes,
+        "tapes": [
+            {"tape_id": tape_id[t.index], "sequence_number": t.index + 1,
+             "containers": len(t.containers), "data_bytes": t.data_bytes,
+             "free_bytes": plan.usable_bytes - t.data_bytes}
+            for t in plan.tapes
+        ],
+        "containers": [
+            {"container_id": cont_id[c.index], "tape_id": tape_id[c.tape_index],
+             "sequence_number": c.index + 1, "tape_offset": c.tape_offset,
+             "size_bytes": c.size, "segments": len(c.segments)}
+            for c in plan.containers
+        ],
+        "segments": [
+            {"segment_id": cat.segment_id_for(file_ids[s.file_index], s.part),
+             "file_id": file_ids[s.file_index],
+             "relative_path": plan.files[s.file_index].relative_path,
+             "container_id": cont_id[s.container_index], "container_offset": s.container_offset,
+             "source_offset": s.source_offset, "length_bytes": s.length}
+            for s in plan.segments
+        ],
+        "split_files": [
+            {"relative_path": plan.files[i].relative_path, "size_bytes": plan.files[i].size,
+             "segments": len(plan.segments_of(i)),
+             "tapes": [t + 1 for t in plan.tapes_of(i)]}
+            for i in plan.split_files()
+        ],
+        "skipped": [{"relative_path": s.relative_path, "kind": s.kind, "reason": s.reason}
+                    for s in plan.skipped],
+    }
+
+
+def print_plan(plan: Plan) -> None:
+    print(f"Plan for {plan.source_root}: {len(plan.files)} file(s), "
+          f"{human_bytes(plan.total_bytes)}")
+    print(f"  tape: {human_bytes(plan.capacity_bytes)} nominal - "
+          f"{human_bytes(plan.reserve_bytes)} catalog reserve = "
+          f"{human_bytes(plan.usable_bytes)} usable; containers up to "
+          f"{human_bytes(plan.container_size_bytes)}")
+    for t in plan.tapes:
+        print(f"  tape {t.index + 1}: {len(t.containers)} container(s), "
+              f"{human_bytes(t.data_bytes)}, {human_bytes(plan.usable_bytes - t.data_bytes)} free")
+    split = plan.split_files()
+    print(f"  {len(plan.containers)} container(s), {len(plan.segments)} segment(s), "
+          f"{len(split)} split file(s)")
+    for i in split[:20]:
+        tapes = ", ".join(str(t + 1) for t in plan.tapes_of(i))
+        print(f"    {plan.files[i].relative_path}: {human_bytes(plan.files[i].size)} in "
+              f"{len(plan.segments_of(i))} segments on tape(s) {tapes}")
+    if len(split) > 20:
+        print(f"    ... and {len(split) - 20} more (see --json)")
+    for s in plan.skipped:
+        print(f"  will skip {s.relative_path} ({s.kind}): {s.reason}")
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan}
+    verbose = getattr(args, "verbose", False)
+    prog = f"ltoflow {args.command}"
+    code = EXIT_INTERNAL
+    try:
+        code = commands[args.command](args)
+    except* KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except* BackupError as group:
+        errors = _leaves(group)
+        for e in errors:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            if verbose:
+                traceback.print_exception(e)
+        code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
+    except* Exception as group:
+        for e in _leaves(group):
+            print(f"{prog}: internal error: {type(e).__name__}: {e} "
+                  "(this is a bug; rerun with --verbose and report the output)", file=sys.stderr)
+            if verbose:
+                traceback.print_exception(e)
+        code = EXIT_INTERNAL
+    return code
+
+
+def entry() -> None:  # pragma: no cover - the console script
+    sys.exit(main())

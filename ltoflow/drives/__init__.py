@@ -1,0 +1,90 @@
+"""The seam between the engine and a tape: one `TapeDrive` Protocol, two implementations.
+
+A loaded tape looks like a small append-only filesystem rooted at the tape: containers go to
+`data/<container_id>`, the catalog to `catalog/`, the recovery kit to `recovery/`. The simulator
+(`ltoflow.drives.simulator`) keeps each tape as a directory; the LTFS drive mounts a real
+cartridge. Implementations do not inherit from these Protocols; they only match them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Buffer
+from typing import Protocol
+
+import attrs
+
+
+@attrs.frozen
+class TapeRequest:
+    """Which tape the engine needs in the drive, and why."""
+
+    tape_id: str
+    sequence_number: int  # 1-based
+    backup_set_id: str
+    total_tapes: int | None = None
+    purpose: str = "write"  # "write" | "read"
+
+    def describe(self) -> str:
+        of = f" of {self.total_tapes}" if self.total_tapes else ""
+        return f"{self.tape_id} (tape {self.sequence_number}{of})"
+
+
+class TapeWriter(Protocol):
+    """One file being written to tape. `close` commits it and may still raise TapeFullError."""
+
+    async def write(self, data: Buffer) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
+class TapeReader(Protocol):
+    async def readinto(self, buf: memoryview) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class LoadedTape(Protocol):
+    """The tape currently in the drive. Paths are relative to the tape root, with '/'."""
+
+    @property
+    def label(self) -> str:
+        """How to name this tape to an operator (tape id, and volume serial when known)."""
+        ...
+
+    async def free_bytes(self) -> int | None:
+        """Bytes that can still be written, or None if the drive cannot tell."""
+        ...
+
+    async def open_write(self, path: str) -> TapeWriter: ...
+
+    async def open_read(self, path: str) -> TapeReader: ...
+
+    async def read_small(self, path: str, *, limit: int) -> bytes | None:
+        """The whole file (at most `limit` bytes), or None when it does not exist."""
+        ...
+
+    async def size_of(self, path: str) -> int | None: ...
+
+    async def list_dir(self, path: str) -> list[str]: ...
+
+    async def sync(self) -> None:
+        """Make everything written so far durable on the medium."""
+        ...
+
+
+class TapeDrive(Protocol):
+    """Loads and unloads tapes. Every tape is loaded once per job and unloaded when done."""
+
+    def describe(self) -> str: ...
+
+    async def load(self, request: TapeRequest) -> LoadedTape:
+        """Put the requested tape in the drive; raises TapeNotLoadedError when it cannot."""
+        ...
+
+    async def unload(self) -> None: ...
+
+    async def inventory(self) -> list[str] | None:
+        """Tape ids the drive can reach without an operator (a simulator, a library), or None."""
+        ...

@@ -1,0 +1,324 @@
+"""A tape drive simulated on disk: every tape is a directory `ROOT/<tape_id>/`.
+
+The layout is the seed's (`data/`, `catalog/`, `tape.json` with capacity tracking), so sets it
+writes can be read by the seed's tools and the other way round. Failure injection uses the
+seed's `SimulatorFailureConfig` fields with their documented meaning. This is also the test
+double for the engine, shipped in the package the way trio ships its in-memory streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Buffer
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+import trio
+
+from ltoflow.drives import TapeRequest
+from ltoflow.errors import (
+    FileWriteError,
+    TapeFullError,
+    TapeNotLoadedError,
+    TapeReadError,
+    UsageError,
+)
+from ltoflow.units import human_bytes
+
+TAPE_JSON = "tape.json"
+TAPE_DIR_PREFIX = "TAPE-"
+
+
+@attrs.frozen
+class SimulatorFailureConfig:
+    """Faults the simulator injects, as the seed defines them.
+
+    fail_on_write: FileWriteError on every write. fail_on_read: FileWriteError (TapeReadError)
+    on every read. fail_on_load: TapeNotLoadedError on every load. fail_after_bytes_written:
+    TapeFullError once a tape would hold more than N bytes. failed_tape_ids: only these tapes
+    (empty: all). error_message: the text of injected errors.
+    """
+
+    fail_on_write: bool = False
+    fail_on_read: bool = False
+    fail_on_load: bool = False
+    fail_after_bytes_written: int | None = None
+    failed_tape_ids: frozenset[str] = frozenset()
+    error_message: str = "injected simulator failure"
+
+    def applies_to(self, tape_id: str) -> bool:
+        return not self.failed_tape_ids or tape_id in self.failed_tape_ids
+
+
+@attrs.define
+class _TapeState:
+    tape_id: str
+    root: Path
+    capacity_bytes: int | None
+    bytes_written: int
+
+    def save(self) -> None:
+        """Persist capacity tracking the way the seed does, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / (TAPE_JSON + ".tmp")
+        doc = {
+            "tape_id": self.tape_id,
+            "capacity_bytes": self.capacity_bytes,
+            "bytes_written": self.bytes_written,
+        }
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(self.root / TAPE_JSON)
+
+
+class SimulatorDrive:
+    """Drive over `root`; new tapes get `capacity_bytes` (None: read-only use, capacity unknown)."""
+
+    def __init__(
+        self,
+        root: Path,
+        capacity_bytes: int | None = None,
+        failures: SimulatorFailureConfig | None = None,
+    ) -> None:
+        self.root = root
+        self.capacity_bytes = capacity_bytes
+        self.failures = failures or SimulatorFailureConfig()
+        self._loaded: SimulatorTape | None = None
+        self.loads: list[str] = []  # every load, in order: tests check "each tape once"
+
+    def describe(self) -> str:
+        return f"simulator at {self.root}"
+
+    async def load(self, request: TapeRequest) -> SimulatorTape:
+        f = self.failures
+        if f.fail_on_load and f.applies_to(request.tape_id):
+            raise TapeNotLoadedError(f"{f.error_message}: tape {request.tape_id} did not load")
+        if self._loaded is not None:
+            raise TapeNotLoadedError(
+                f"tape {self._loaded.tape_id} is still in the drive; unload it first"
+            )
+        tape_root = self.root / request.tape_id
+        if request.purpose == "read" and not tape_root.is_dir():
+            raise TapeNotLoadedError(
+                f"tape {request.describe()} is not in the simulator directory {self.root}"
+            )
+        state = await trio.to_thread.run_sync(self._read_state, request.tape_id, tape_root)
+        self.loads.append(request.tape_id)
+        self._loaded = SimulatorTape(state, self.failures)
+        return self._loaded
+
+    def _read_state(self, tape_id: str, tape_root: Path) -> _TapeState:
+        try:
+            doc = json.loads((tape_root / TAPE_JSON).read_text())
+        except FileNotFoundError:
+            return _TapeState(tape_id, tape_root, self.capacity_bytes, 0)
+        except (OSError, ValueError) as e:
+            raise TapeNotLoadedError(f"tape {tape_id}: cannot read its {TAPE_JSON}: {e}") from e
+        capacity = doc.get("capacity_bytes", self.capacity_bytes)
+        return _TapeState(tape_id, tape_root, capacity, int(doc.get("bytes_written", 0)))
+
+    async def unload(self) -> None:
+        self._loaded = None
+
+    async def inventory(self) -> list[str]:
+        return await trio.to_thread.run_sync(list_simulated_tapes, self.root)
+
+
+def list_simulated_tapes(root: Path) -> list[str]:
+    """Names of the tape directories under `root`, sorted."""
+    try:
+        entries = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise UsageError(f"simulator path {root} is not a directory") from None
+    return [n for n in entries if n.startswith(TAPE_DIR_PREFIX) and (root / n).is_dir()]
+
+
+class SimulatorTape:
+    def __init__(self, state: _TapeState, failures: SimulatorFailureConfig) -> None:
+        self._state = state
+        self._failures = failures
+        self._fail = failures.applies_to(state.tape_id)
+
+    @property
+    def tape_id(self) -> str:
+        return self._state.tape_id
+
+    @property
+    def label(self) -> str:
+        return self._state.tape_id
+
+    @property
+    def bytes_written(self) -> int:
+        return self._state.bytes_written
+
+    async def free_bytes(self) -> int | None:
+        cap = self._state.capacity_bytes
+        return None if cap is None else cap - self._state.bytes_written
+
+    def _path(self, path: str) -> Path:
+        return self._state.root / path
+
+    async def open_write(self, path: str) -> SimulatorWriter:
+        if self._fail and self._failures.fail_on_write:
+            raise FileWriteError(
+                f"{self._failures.error_message}: cannot write {path} on tape {self.tape_id}"
+            )
+        target = self._path(path)
+
+        def _open() -> BinaryIO:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not (self._state.root / TAPE_JSON).exists():
+                self._state.save()
+            return open(target, "xb", buffering=0)  # append-only medium: never overwrite
+
+        try:
+            fh = await trio.to_thread.run_sync(_open)
+        except FileExistsError:
+            raise FileWriteError(
+                f"tape {self.tape_id} already holds {path}; tapes are append-only, "
+                "so this tape cannot take this set's data again"
+            ) from None
+        except OSError as e:
+            raise FileWriteError(f"cannot create {path} on tape {self.tape_id}: {e}") from e
+        return SimulatorWriter(self, path, fh)
+
+    async def open_read(self, path: str) -> SimulatorReader:
+        self._check_read(path)
+        try:
+            fh = await trio.to_thread.run_sync(open, self._path(path), "rb", 0)
+        except FileNotFoundError:
+            raise TapeReadError(f"tape {self.tape_id} has no {path}") from None
+        except OSError as e:
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+        return SimulatorReader(self, path, fh)
+
+    def _check_read(self, path: str) -> None:
+        if self._fail and self._failures.fail_on_read:
+            raise TapeReadError(
+                f"{self._failures.error_message}: cannot read {path} on tape {self.tape_id}"
+            )
+
+    async def read_small(self, path: str, *, limit: int) -> bytes | None:
+        self._check_read(path)
+
+        def _read() -> bytes | None:
+            try:
+                with open(self._path(path), "rb") as fh:
+                    return fh.read(limit)
+            except FileNotFoundError:
+                return None
+
+        try:
+            return await trio.to_thread.run_sync(_read)
+        except OSError as e:
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+
+    async def size_of(self, path: str) -> int | None:
+        try:
+            return (await trio.to_thread.run_sync(os.stat, self._path(path))).st_size
+        except FileNotFoundError:
+            return None
+
+    async def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(await trio.to_thread.run_sync(os.listdir, self._path(path)))
+        except FileNotFoundError:
+            return []
+
+    async def sync(self) -> None:
+        await trio.to_thread.run_sync(self._state.save)
+
+    def _account(self, n: int, path: str) -> None:
+        """Charge `n` more bytes to this tape, or raise TapeFullError if they do not fit."""
+        st = self._state
+        after = st.bytes_written + n
+        limit = self._failures.fail_after_bytes_written
+        if self._fail and limit is not None and after > limit:
+            raise TapeFullError(
+                f"{self._failures.error_message}: tape {st.tape_id} is full after "
+                f"{human_bytes(st.bytes_written)} (writing {path})",
+                bytes_written=st.bytes_written,
+            )
+        if st.capacity_bytes is not None and after > st.capacity_bytes:
+            raise TapeFullError(
+                f"tape {st.tape_id} is full: {human_bytes(st.bytes_written)} of "
+                f"{human_bytes(st.capacity_bytes)} written, {path} needs {n} more bytes",
+                bytes_written=st.bytes_written,
+            )
+        st.bytes_written = after
+
+
+class SimulatorWriter:
+    def __init__(self, tape: SimulatorTape, path: str, fh: BinaryIO) -> None:
+        self._tape = tape
+        self._path = path
+        self._fh = fh
+
+    async def write(self, data: Buffer) -> None:
+        tape = self._tape
+        if tape._fail and tape._failures.fail_on_write:
+            raise FileWriteError(
+                f"{tape._failures.error_message}: write to {self._path} on tape "
+                f"{tape.tape_id} failed"
+            )
+        view = memoryview(data)
+        tape._account(view.nbytes, self._path)
+        try:
+            await trio.to_thread.run_sync(_write_all, self._fh, view)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise TapeFullError(
+                    f"the simulator's disk is full while writing {self._path} to tape "
+                    f"{tape.tape_id}; free space under {tape._state.root.parent}",
+                    bytes_written=tape.bytes_written,
+                ) from e
+            raise FileWriteError(
+                f"write to {self._path} on tape {tape.tape_id} failed: {e}"
+            ) from e
+
+    async def close(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._fh.close)
+        finally:
+            self._fh.close()  # a no-op once closed; closes it if we were cancelled first
+        await trio.to_thread.run_sync(self._tape._state.save)
+
+    async def abort(self) -> None:
+        """Drop a partial file. Its bytes stay charged: on a real tape they are still there."""
+        self._fh.close()
+        target = self._tape._path(self._path)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
+            await trio.to_thread.run_sync(self._tape._state.save)
+
+
+def _write_all(fh: BinaryIO, view: memoryview) -> None:
+    while view:
+        n = fh.write(view)
+        if n is None:  # pragma: no cover - only non-blocking files return None
+            continue
+        view = view[n:]
+
+
+class SimulatorReader:
+    def __init__(self, tape: SimulatorTape, path: str, fh: BinaryIO) -> None:
+        self._tape = tape
+        self._path = path
+        self._fh = fh
+
+    async def readinto(self, buf: memoryview) -> int:
+        self._tape._check_read(self._path)
+        try:
+            n: int | None = await trio.to_thread.run_sync(self._fh.readinto, buf)  # type: ignore[attr-defined]  # FileIO has readinto
+            return n or 0
+        except OSError as e:
+            raise TapeReadError(
+                f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
+            ) from e
+
+    async def close(self) -> None:
+        self._fh.close()

@@ -1,0 +1,599 @@
+"""The backup engine: a trio supervisor and its actors.
+
+```
+supervisor ─┬─▶ reader ─▶ segment hasher ─▶ aggregate hasher ─▶ writer ─▶ tape
+            └─▶ prehasher (tapes 2..N, while tape 1 streams)
+```
+Actors are module-level async functions joined by bounded memory channels. The bytes in flight
+are bounded by a pool of equal buffers (`PipelineBuffer`): the reader takes a free buffer before
+it reads and the writer gives it back once the bytes are on tape, so memory stays within
+`buffer_bytes` however big the data. Each stage does its blocking work (file reads, hashing,
+tape writes) in a worker thread, so the stages overlap on both cores.
+
+The catalog written on tape 1 must already hold every segment's hash, so in a multi-tape set the
+prehasher reads the later tapes' segments while tape 1 streams, yielding to the reader whenever
+the pipeline runs low. Tape 1's bytes are hashed as they stream: a single-tape backup reads every
+byte once, a multi-tape one at most twice. When both passes hash a segment, the hashes must agree
+or the file changed (SourceFileChangedError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Sequence
+from functools import partial
+
+import attrs
+import trio
+
+from ltoflow import catalog as cat
+from ltoflow.catalog import Catalog, CatalogCodec
+from ltoflow.clock import Clock
+from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.errors import BackupError, CatalogWriteError, WrongTapeError
+from ltoflow.hashing import (
+    AggregateHasher,
+    HashRecorder,
+    Piece,
+    SegmentHasher,
+    SourceCursor,
+    multi_segment_flags,
+)
+from ltoflow.operator import Operator
+from ltoflow.plan import Plan, Tape, build_catalog
+from ltoflow.progress import (
+    CatalogWritten,
+    ContainerWritten,
+    Reporter,
+    TapeFinished,
+    TapeStarted,
+    TapeVerified,
+)
+from ltoflow.units import MiB
+
+#: Largest read: big enough that a thread hop (~0.1 ms) is noise, small enough to pipeline.
+MAX_CHUNK_BYTES = 8 * MiB
+MIN_CHUNK_BYTES = 64 * 1024
+#: The writer starts (and restarts after running dry) once this share of the buffer is full,
+#: the way mbuffer does, so the drive never waits on a cold pipeline.
+HIGH_WATER = 0.75
+#: Below this share the prehasher pauses, so it never starves the reader that feeds the drive.
+LOW_WATER = 0.25
+PREHASH_CHUNK_BYTES = 4 * MiB
+
+
+@attrs.frozen
+class Chunk:
+    """Bytes of one container, in a pool buffer, on their way from the reader to the tape."""
+
+    container: int
+    buffer: bytearray
+    nbytes: int
+    pieces: list[Piece]
+    first: bool  # starts the container
+    last: bool  # ends the container
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buffer)[: self.nbytes]
+
+
+class PipelineBuffer:
+    """A pool of equal buffers that bounds the bytes in flight, and the fill level around it.
+
+    Buffers are allocated on first use and reused for the whole job, so a small backup does not
+    pay for a big pool. One pool serves every tape; `begin_tape` resets the fill state.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.chunk_bytes = max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, total_bytes // 8))
+        self.count = max(2, total_bytes // self.chunk_bytes)
+        self._free: list[bytearray] = []
+        self._allocated = 0
+        self.filled = 0  # bytes read and not yet on tape
+        self.producer_done = False
+        self._changed = trio.Event()
+
+    def begin_tape(self) -> None:
+        self.producer_done = False
+
+    @property
+    def capacity(self) -> int:
+        return self.count * self.chunk_bytes
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def take(self) -> bytearray:
+        """A free buffer; waits while all are in flight."""
+        while not self._free:
+            if self._allocated < self.count:
+                self._allocated += 1
+                return bytearray(self.chunk_bytes)
+            await self._changed.wait()
+        return self._free.pop()
+
+    def fill(self, nbytes: int) -> None:
+        self.filled += nbytes
+        self._notify()
+
+    def give_back(self, buf: bytearray, nbytes: int) -> None:
+        self._free.append(buf)
+        self.filled -= nbytes
+        self._notify()
+
+    def finish(self) -> None:
+        self.producer_done = True
+        self._notify()
+
+    def is_primed(self) -> bool:
+        return (
+            self.producer_done
+            or (not self._free and self._allocated == self.count)
+            or self.filled >= HIGH_WATER * self.capacity
+        )
+
+    async def wait_primed(self) -> None:
+        """Until the buffer is filled to the high-water mark (or nothing more is coming)."""
+        while not self.is_primed():
+            await self._changed.wait()
+
+    async def wait_healthy(self) -> None:
+        """Until the buffer is above the low-water mark (or nothing more is coming)."""
+        while not (self.producer_done or self.filled >= LOW_WATER * self.capacity):
+            await self._changed.wait()
+
+
+@attrs.define
+class WriterStats:
+    containers: int = 0
+    bytes: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+
+
+async def read_actor(
+    out: trio.MemorySendChannel[Chunk], *, cursor: SourceCursor, buffer: PipelineBuffer
+) -> None:
+    """Read the cursor's segments into pool buffers, one container at a time per chunk."""
+    with out:
+        try:
+            while not cursor.finished:
+                buf = await buffer.take()
+                container = cursor.container
+                first = cursor.done_in_segment == 0 and (
+                    cursor.segment == cursor.plan.containers[container].segments[0]
+                )
+                try:
+                    pieces, n = await trio.to_thread.run_sync(
+                        partial(cursor.fill, memoryview(buf), one_container=True)
+                    )
+                except BaseException:
+                    buffer.give_back(buf, 0)
+                    raise
+                last = cursor.finished or cursor.container != container
+                buffer.fill(n)
+                await out.send(Chunk(container, buf, n, pieces, first, last))
+        finally:
+            cursor.close()
+            buffer.finish()
+
+
+async def segment_hash_actor(
+    inp: trio.MemoryReceiveChannel[Chunk],
+    out: trio.MemorySendChannel[Chunk],
+    *,
+    recorder: HashRecorder,
+) -> None:
+    """Hash every segment; a hash that differs from another pass's means the file changed."""
+    hasher = SegmentHasher()
+    with inp, out:
+        async for chunk in inp:
+            done = await trio.to_thread.run_sync(hasher.update, chunk.data, chunk.pieces)
+            for segment, digest in done:
+                recorder.segment(segment, digest)
+            await out.send(chunk)
+
+
+async def aggregate_hash_actor(
+    inp: trio.MemoryReceiveChannel[Chunk],
+    out: trio.MemorySendChannel[Chunk],
+    *,
+    recorder: HashRecorder,
+    hasher: AggregateHasher,
+) -> None:
+    """Hash whole containers and whole files that span several segments."""
+    with inp, out:
+        async for chunk in inp:
+            containers, files = await trio.to_thread.run_sync(
+                hasher.update, chunk.data, chunk.pieces
+            )
+            for c, digest in containers:
+                recorder.container(c, digest)
+            for f, digest in files:
+                recorder.file(f, digest)
+            await out.send(chunk)
+
+
+async def write_actor(
+    inp: trio.MemoryReceiveChannel[Chunk],
+    *,
+    tape: LoadedTape,
+    tape_id: str,
+    container_ids: Sequence[str],
+    plan: Plan,
+    buffer: PipelineBuffer,
+    stats: WriterStats,
+    reporter: Reporter,
+) -> None:
+    """Write chunks to the tape, one file per container; give each buffer back once written.
+
+    Waits for the buffer to reach its high-water mark before it starts and whenever it ran
+    dry, and counts those waits as stalls. A container that fails part-way is aborted.
+    """
+    writer = None
+    started = 0.0
+    primed_once = False
+    with inp:
+        try:
+            while True:
+                try:
+                    chunk = inp.receive_nowait()
+                except trio.WouldBlock:
+                    t0 = trio.current_time()
+                    await buffer.wait_primed()
+                    try:
+                        chunk = await inp.receive()
+                    except trio.EndOfChannel:
+                        break
+                    if primed_once:
+                        stats.stalls += 1
+                        stats.stall_seconds += trio.current_time() - t0
+                except trio.EndOfChannel:
+                    break
+                primed_once = True
+                cid = container_ids[chunk.container]
+                if chunk.first:
+                    writer = await tape.open_write(f"data/{cid}")
+                    started = trio.current_time()
+                assert writer is not None, "a container's first chunk always comes first"
+                await writer.write(chunk.data)
+                stats.bytes += chunk.nbytes
+                buffer.give_back(chunk.buffer, chunk.nbytes)
+                if chunk.last:
+                    await writer.close()
+                    writer = None
+                    await tape.sync()
+                    stats.containers += 1
+                    size = plan.containers[chunk.container].size
+                    elapsed = trio.current_time() - started
+                    reporter.event(ContainerWritten(tape_id, cid, size, elapsed))
+        except BaseException:
+            if writer is not None:
+                with trio.CancelScope(shield=True):
+                    await writer.abort()
+            raise
+
+
+async def prehash_actor(
+    *,
+    plan: Plan,
+    start_segment: int,
+    recorder: HashRecorder,
+    hasher: AggregateHasher,
+    pace: PipelineBuffer,
+    done: trio.Event,
+    counter: list[int],
+) -> None:
+    """Hash segments [start_segment, end) ahead of the writer, yielding to the reader.
+
+    Computes the segment hashes, the hashes of containers on later tapes and the whole-file
+    hashes of every file that reaches a later tape, so tape 1's catalog can be complete.
+    """
+    cursor = SourceCursor(plan, start_segment, len(plan.segments))
+    segments = SegmentHasher()
+    buf = bytearray(PREHASH_CHUNK_BYTES)
+
+    def step() -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
+        pieces, n = cursor.fill(memoryview(buf), one_container=False)
+        data = memoryview(buf)[:n]
+        containers, files = hasher.update(data, pieces)
+        return segments.update(data, pieces), containers, files
+
+    try:
+        while not cursor.finished:
+            await pace.wait_healthy()
+            seg_done, cont_done, file_done = await trio.to_thread.run_sync(step)
+            for s, digest in seg_done:
+                recorder.segment(s, digest)
+            for c, digest in cont_done:
+                recorder.container(c, digest)
+            for f, digest in file_done:
+                recorder.file(f, digest)
+    finally:
+        counter[0] += cursor.bytes_read
+        cursor.close()
+    done.set()
+
+
+@attrs.frozen
+class TapeSummary:
+    tape_id: str
+    label: str
+    sequence_number: int
+    containers: int
+    data_bytes: int
+    catalog_bytes: int
+    seconds: float
+    stalls: int
+    stall_seconds: float
+
+
+@attrs.frozen
+class BackupResult:
+    catalog: Catalog
+    catalog_sha256: str
+    tapes: tuple[TapeSummary, ...]
+    seconds: float
+    source_bytes: int
+    source_bytes_read: int
+    verified: bool
+    verify_problems: tuple[str, ...] = ()
+
+    @property
+    def reads_per_byte(self) -> float:
+        return self.source_bytes_read / self.source_bytes if self.source_bytes else 0.0
+
+
+@attrs.frozen
+class EngineSettings:
+    buffer_bytes: int
+    verify_after_write: bool = False
+    created_by: str = "ltoflow"
+    #: Files written next to the catalog on every tape (the recovery kit): (path, bytes).
+    extra_files: tuple[tuple[str, bytes], ...] = ()
+
+
+_SET_ID_RE = re.compile(rb'"backup_set_id"\s*:\s*"([^"]*)"')
+
+
+async def check_blank_or_ours(tape: LoadedTape, request: TapeRequest) -> None:
+    """Refuse a tape that holds anything; resuming onto a tape of this set is not done yet."""
+    head = await tape.read_small(cat.CATALOG_JSON, limit=4096)
+    if head is not None:
+        m = _SET_ID_RE.search(head)
+        owner = m.group(1).decode(errors="replace") if m else "an unknown set"
+        if owner == request.backup_set_id:
+            raise WrongTapeError(
+                f"tape {tape.label} already holds this set's catalog; it was written before, "
+                f"insert a blank tape for {request.describe()}"
+            )
+        raise WrongTapeError(
+            f"tape {tape.label} holds a catalog of backup set {owner}; it is never "
+            f"overwritten: insert a blank tape for {request.describe()}"
+        )
+    if await tape.list_dir("data"):
+        raise WrongTapeError(
+            f"tape {tape.label} already holds data files; insert a blank tape for "
+            f"{request.describe()}"
+        )
+
+
+async def write_catalog(
+    tape: LoadedTape,
+    catalog: Catalog,
+    *,
+    codec: CatalogCodec,
+    limit: int,
+    extra_files: Sequence[tuple[str, bytes]],
+) -> tuple[int, str]:
+    """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
+
+    Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
+    catalog is larger than the reserve, `limit` bytes.
+    """
+    h = hashlib.sha256()
+    size = 0
+    try:
+        writer = await tape.open_write(cat.CATALOG_JSON)
+        try:
+            chunks = codec.encode(catalog)
+            while True:
+                chunk = await trio.to_thread.run_sync(next, chunks, None)
+                if chunk is None:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise CatalogWriteError(
+                        f"the catalog is larger than the {limit} bytes reserved for it on "
+                        f"tape {tape.label}; this is a bug, please report it"
+                    )
+                h.update(chunk)
+                await writer.write(chunk)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await writer.abort()
+            raise
+        await writer.close()
+        digest = h.hexdigest()
+        for path, data in ((cat.CATALOG_SHA256, digest.encode()), *extra_files):
+            w = await tape.open_write(path)
+            await w.write(data)
+            await w.close()
+        await tape.sync()
+    except CatalogWriteError:
+        raise
+    except BackupError as e:
+        raise CatalogWriteError(f"could not write the catalog to tape {tape.label}: {e}") from e
+    return size, digest
+
+
+async def run_backup(
+    plan: Plan,
+    *,
+    drive: TapeDrive,
+    operator: Operator,
+    clock: Clock,
+    codec: CatalogCodec,
+    reporter: Reporter,
+    settings: EngineSettings,
+    set_id: str | None = None,
+) -> BackupResult:
+    """Write `plan` to tapes: each tape loaded once, filled, given the full catalog, unloaded.
+
+    Raises BackupError subclasses (SourceFileChangedError, TapeFullError, FileWriteError,
+    CatalogWriteError, ...) and leaves the tape in the drive unloaded on the way out.
+    """
+    from ltoflow.verify import verify_loaded_tape  # verify imports the engine's helpers
+
+    set_id = set_id or str(uuid.uuid4())
+    created_at = cat.iso_utc(clock.now())
+    started = clock.monotonic()
+    recorder = HashRecorder(plan)
+    tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
+    container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
+    multi = len(plan.tapes) > 1
+    # Files from here on reach tape 2 or later: the prehasher hashes them whole.
+    prehash_file = (
+        plan.segments[plan.containers[plan.tapes[1].containers[0]].segments[0]].file_index
+        if multi else len(plan.files)
+    )
+    reads = [0]
+    summaries: list[TapeSummary] = []
+    catalog: Catalog | None = None
+    catalog_sha = ""
+    catalog_size = 0
+    problems: list[str] = []
+    limit = plan.reserve_bytes - len(cat.PLACEHOLDER_SHA256) - sum(
+        len(d) for _, d in settings.extra_files
+    )
+
+    async with trio.open_nursery() as nursery:
+        prehashed = trio.Event()
+        buffer = PipelineBuffer(settings.buffer_bytes)
+        if multi:
+            start = plan.file_starts[prehash_file]
+            want_c, want_f = multi_segment_flags(
+                plan, range(plan.tapes[1].containers.start, len(plan.containers)),
+                prehash_file, len(plan.files),
+            )
+            nursery.start_soon(
+                lambda: prehash_actor(
+                    plan=plan, start_segment=start, recorder=recorder,
+                    hasher=AggregateHasher(plan, want_c, want_f), pace=buffer,
+                    done=prehashed, counter=reads,
+                )
+            )
+        else:
+            prehashed.set()
+
+        for tape in plan.tapes:
+            request = TapeRequest(tape_ids[tape.index], tape.index + 1, set_id, len(plan.tapes))
+            await operator.insert_tape(request)
+            loaded = await drive.load(request)
+            try:
+                await check_blank_or_ours(loaded, request)
+                reporter.event(TapeStarted(request.tape_id, request.sequence_number,
+                                           len(plan.tapes), tape.data_bytes))
+                buffer.begin_tape()
+                t0 = trio.current_time()
+                stats = await _stream_tape(
+                    plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
+                    reporter, reads, prehash_file,
+                )
+                seconds = trio.current_time() - t0
+                reporter.event(TapeFinished(request.tape_id, request.sequence_number,
+                                            stats.containers, stats.bytes, seconds,
+                                            stats.stalls, stats.stall_seconds))
+                if catalog is None:
+                    await prehashed.wait()
+                    catalog = build_catalog(
+                        plan, recorder.complete(), set_id=set_id, created_at=created_at,
+                        created_by=settings.created_by,
+                    )
+                catalog_size, catalog_sha = await write_catalog(
+                    loaded, catalog, codec=codec, limit=limit, extra_files=settings.extra_files
+                )
+                reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
+                if settings.verify_after_write:
+                    found = await verify_loaded_tape(loaded, catalog, request.tape_id,
+                                                     catalog_sha=catalog_sha)
+                    problems.extend(p.describe() for p in found)
+                    reporter.event(TapeVerified(request.tape_id, len(tape.containers),
+                                                len(found)))
+                summaries.append(TapeSummary(
+                    request.tape_id, loaded.label, request.sequence_number, stats.containers,
+                    stats.bytes, catalog_size, seconds, stats.stalls, stats.stall_seconds,
+                ))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await drive.unload()
+
+    assert catalog is not None
+    return BackupResult(
+        catalog=catalog,
+        catalog_sha256=catalog_sha,
+        tapes=tuple(summaries),
+        seconds=clock.monotonic() - started,
+        source_bytes=plan.total_bytes,
+        source_bytes_read=reads[0],
+        verified=settings.verify_after_write,
+        verify_problems=tuple(problems),
+    )
+
+
+async def _stream_tape(
+    plan: Plan,
+    tape: Tape,
+    loaded: LoadedTape,
+    tape_id: str,
+    container_ids: Sequence[str],
+    recorder: HashRecorder,
+    buffer: PipelineBuffer,
+    reporter: Reporter,
+    reads: list[int],
+    prehash_file: int,
+) -> WriterStats:
+    """Run reader → hashers → writer over this tape's containers; return the writer's stats."""
+    stats = WriterStats()
+    if not tape.containers:
+        return stats
+    first_seg = plan.containers[tape.containers.start].segments.start
+    end_seg = plan.containers[tape.containers.stop - 1].segments.stop
+    first_file = plan.segments[first_seg].file_index
+    last_file = plan.segments[end_seg - 1].file_index
+    # Whole-container and whole-file hashes this pass computes: only those the prehasher does
+    # not, which leaves tape 1's containers and the files that lie wholly on tape 1.
+    own_containers = tape.containers if tape.index == 0 else range(0)
+    want_c, want_f = multi_segment_flags(
+        plan, own_containers, first_file, min(prehash_file, last_file + 1)
+    )
+    cursor = SourceCursor(plan, first_seg, end_seg)
+    depth = buffer.count  # every chunk holds a pool buffer, so this never blocks the reader early
+    to_seg, from_reader = trio.open_memory_channel[Chunk](depth)
+    to_agg, from_seg = trio.open_memory_channel[Chunk](depth)
+    to_writer, from_agg = trio.open_memory_channel[Chunk](depth)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: read_actor(to_seg, cursor=cursor, buffer=buffer))
+            nursery.start_soon(
+                lambda: segment_hash_actor(from_reader, to_agg, recorder=recorder)
+            )
+            nursery.start_soon(
+                lambda: aggregate_hash_actor(
+                    from_seg, to_writer, recorder=recorder,
+                    hasher=AggregateHasher(plan, want_c, want_f),
+                )
+            )
+            nursery.start_soon(
+                lambda: write_actor(
+                    from_agg, tape=loaded, tape_id=tape_id, container_ids=container_ids,
+                    plan=plan, buffer=buffer, stats=stats, reporter=reporter,
+                )
+            )
+    finally:
+        reads[0] += cursor.bytes_read
+    return stats

@@ -1,0 +1,74 @@
+"""Every error ltoflow raises on purpose, under one root: `BackupError`.
+
+The seed's classes keep their names and meaning. Each message is one sentence that says what
+happened, to which file or tape, and what to do next; only the CLI turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class BackupError(Exception):
+    """Root of every error ltoflow raises on purpose."""
+
+
+class UsageError(BackupError):
+    """The command line or the configuration asks for something that cannot work."""
+
+
+class BackupPlanError(UsageError):
+    """A valid backup plan cannot be made (container larger than a tape, capacity too small)."""
+
+
+class CatalogWriteError(BackupError):
+    """The catalog cannot be serialized or written to tape."""
+
+
+class CatalogReadError(BackupError):
+    """No usable catalog: missing, damaged, or not a catalog at all."""
+
+
+class FileWriteError(BackupError):
+    """A segment cannot be written to tape (the seed also uses it for injected read failures)."""
+
+
+class TapeReadError(FileWriteError):
+    """Reading from a tape failed.
+
+    A subclass of `FileWriteError` because the seed documents `fail_on_read` as raising
+    FileWriteError; catching either works.
+    """
+
+
+class SourceFileChangedError(BackupError):
+    """A source file changed (size, mtime or content) between the scan and the backup."""
+
+    def __init__(self, relative_path: str, what: str) -> None:
+        super().__init__(
+            f"source file {relative_path!r} changed during the backup ({what}); "
+            "stop whatever writes to it and run the backup again"
+        )
+        self.relative_path = relative_path
+
+
+class TapeFullError(BackupError):
+    """A write would exceed the tape's usable capacity."""
+
+    def __init__(self, message: str, *, bytes_written: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_written = bytes_written
+
+
+class TapeNotLoadedError(BackupError):
+    """A drive operation was attempted with no (usable) tape loaded."""
+
+
+class WrongTapeError(BackupError):
+    """The tape in the drive belongs to another backup set or has the wrong sequence number."""
+
+
+class SetExistsError(UsageError):
+    """The simulator directory already holds another backup set."""
+
+
+class SourceReadError(BackupError):
+    """A source file could not be opened or read."""

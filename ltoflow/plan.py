@@ -1,0 +1,313 @@
+"""The deterministic backup plan: which bytes of which file go to which container on which tape.
+
+Pure: the plan depends only on the scan (names, sizes, mtimes, modes) and the settings. Files, in
+scan order, are streamed into containers of at most `container_size_bytes`; a file that crosses a
+container boundary is split there, and the last container on a tape is cut short so the tape is
+filled up to its usable capacity (nominal minus the catalog reserve). The catalog reserve is
+computed, not guessed: the catalog of this very plan, with placeholder hashes of the real width,
+is measured and the layout redone until the reserve holds it.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+from ltoflow import catalog as cat
+from ltoflow.errors import BackupPlanError
+from ltoflow.scan import ScannedFile, ScanResult, SkippedEntry
+from ltoflow.units import human_bytes
+
+#: More tapes than this in one set is almost surely a mistyped capacity.
+MAX_TAPES = 9_999
+#: Bytes of catalog/catalog.sha256 (64 hex digits, no newline, as the seed writes it).
+SHA256_FILE_BYTES = cat.SHA256_HEX_LEN
+_MAX_RESERVE_ROUNDS = 64
+
+
+@attrs.frozen
+class Segment:
+    """A contiguous slice of one file inside one container."""
+
+    file_index: int
+    part: int  # 1-based within the file
+    container_index: int
+    container_offset: int
+    source_offset: int
+    length: int
+
+
+@attrs.frozen
+class Container:
+    index: int  # 0-based; the catalog's sequence_number is index + 1
+    tape_index: int
+    tape_offset: int
+    size: int
+    segments: range  # indices into Plan.segments
+
+
+@attrs.frozen
+class Tape:
+    index: int  # 0-based; the catalog's sequence_number is index + 1
+    containers: range  # indices into Plan.containers
+    data_bytes: int
+
+
+@attrs.frozen
+class Plan:
+    source_root: Path
+    files: tuple[ScannedFile, ...]
+    skipped: tuple[SkippedEntry, ...]
+    segments: tuple[Segment, ...]
+    containers: tuple[Container, ...]
+    tapes: tuple[Tape, ...]
+    capacity_bytes: int
+    container_size_bytes: int
+    reserve_bytes: int
+    #: file i's segments are segments[file_starts[i]:file_starts[i + 1]]
+    file_starts: array[int] = attrs.field(eq=False, repr=False)
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.capacity_bytes - self.reserve_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def segments_of(self, file_index: int) -> range:
+        return range(self.file_starts[file_index], self.file_starts[file_index + 1])
+
+    def tapes_of(self, file_index: int) -> list[int]:
+        """The tape indices holding `file_index`, in order, without repeats."""
+        seen: list[int] = []
+        for s in self.segments_of(file_index):
+            t = self.containers[self.segments[s].container_index].tape_index
+            if not seen or seen[-1] != t:
+                seen.append(t)
+        return seen
+
+    def split_files(self) -> list[int]:
+        """Indices of the files stored in more than one segment."""
+        return [i for i in range(len(self.files)) if len(self.segments_of(i)) > 1]
+
+
+@attrs.frozen
+class _Layout:
+    segments: tuple[Segment, ...]
+    containers: tuple[Container, ...]
+    tapes: tuple[Tape, ...]
+    file_starts: array[int]
+
+
+def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> _Layout:
+    """Stream `files` into containers and tapes. Zero-byte files get no segment."""
+    segments: list[Segment] = []
+    containers: list[Container] = []
+    tapes: list[Tape] = []
+    file_starts = array("q", [0])
+    tape_index = 0
+    tape_used = 0  # bytes of closed containers on the current tape
+    tape_first_container = 0
+    c_start_seg = 0
+    c_size = 0
+    c_cap = min(container_size, usable)
+
+    def close_container() -> None:
+        nonlocal tape_used, c_start_seg, c_size
+        containers.append(
+            Container(len(containers), tape_index, tape_used, c_size,
+                      range(c_start_seg, len(segments)))
+        )
+        tape_used += c_size
+        c_start_seg = len(segments)
+        c_size = 0
+
+    def close_tape() -> None:
+        nonlocal tape_index, tape_used, tape_first_container
+        tapes.append(Tape(tape_index, range(tape_first_container, len(containers)), tape_used))
+        tape_index += 1
+        tape_used = 0
+        tape_first_container = len(containers)
+
+    for file_index, f in enumerate(files):
+        remaining = f.size
+        source_offset = 0
+        part = 1
+        while remaining:
+            if c_size == c_cap:
+                close_container()
+                if tape_used == usable:
+                    close_tape()
+                c_cap = min(container_size, usable - tape_used)
+            n = min(remaining, c_cap - c_size)
+            segments.append(
+                Segment(file_index, part, len(containers), c_size, source_offset, n)
+            )
+            c_size += n
+            source_offset += n
+            remaining -= n
+            part += 1
+        file_starts.append(len(segments))
+    if c_size:
+        close_container()
+    if tape_used or not tapes:
+        close_tape()  # an empty tree still gets one tape: the catalog has to live somewhere
+    return _Layout(tuple(segments), tuple(containers), tuple(tapes), file_starts)
+
+
+def make_plan(
+    scan: ScanResult,
+    *,
+    capacity_bytes: int,
+    container_size_bytes: int,
+    measure_catalog: Callable[[Plan], int],
+    extra_reserve_bytes: int = 0,
+) -> Plan:
+    """Lay out `scan` and fix the catalog reserve so that the real catalog always fits.
+
+    `measure_catalog(plan)` returns the encoded size of the plan's catalog with placeholder
+    hashes; `extra_reserve_bytes` covers the other files written with it on every tape (the
+    recovery kit). Raises BackupPlanError with what to change when no plan can work.
+    """
+    reserve = SHA256_FILE_BYTES + extra_reserve_bytes
+    total = scan.total_bytes
+    for _ in range(_MAX_RESERVE_ROUNDS):
+        usable = capacity_bytes - reserve
+        if usable <= 0:
+            raise BackupPlanError(
+                f"a tape of {human_bytes(capacity_bytes)} cannot hold the catalog of this tree "
+                f"({human_bytes(reserve)} on every tape); use a larger --capacity-tb"
+            )
+        if container_size_bytes > usable:
+            raise BackupPlanError(
+                f"--container-size-gb ({human_bytes(container_size_bytes)}) is larger than a "
+                f"tape's usable capacity ({human_bytes(usable)}: "
+                f"{human_bytes(capacity_bytes)} nominal minus {human_bytes(reserve)} "
+                "catalog reserve); use a smaller container size"
+            )
+        if total // usable + 1 > MAX_TAPES:
+            raise BackupPlanError(
+                f"this tree ({human_bytes(total)}) would need more than {MAX_TAPES} tapes of "
+                f"{human_bytes(usable)} usable each; check --capacity-tb"
+            )
+        lay = layout(scan.files, usable, container_size_bytes)
+        plan = Plan(
+            source_root=scan.root,
+            files=scan.files,
+            skipped=scan.skipped,
+            segments=lay.segments,
+            containers=lay.containers,
+            tapes=lay.tapes,
+            capacity_bytes=capacity_bytes,
+            container_size_bytes=container_size_bytes,
+            reserve_bytes=reserve,
+            file_starts=lay.file_starts,
+        )
+        needed = measure_catalog(plan) + SHA256_FILE_BYTES + extra_reserve_bytes
+        if needed <= reserve:
+            return plan
+        reserve = needed
+    raise BackupPlanError(  # pragma: no cover - the reserve only grows, so this needs a bug
+        "the catalog reserve did not settle; please report this with the `ltoflow plan` output"
+    )
+
+
+#: Same width as a real set id, for measuring.
+PLACEHOLDER_SET_ID = "00000000-0000-0000-0000-000000000000"
+PLACEHOLDER_CREATED_AT = "2000-01-01T00:00:00.000000+00:00"
+
+
+@attrs.define
+class Hashes:
+    """The SHA-256s of one plan, filled in as the engine reads (None = not known yet)."""
+
+    segments: list[str | None]
+    containers: list[str | None]
+    files: list[str | None]
+
+    @classmethod
+    def for_plan(cls, plan: Plan) -> Hashes:
+        return cls(
+            [None] * len(plan.segments), [None] * len(plan.containers), [None] * len(plan.files)
+        )
+
+    @classmethod
+    def placeholders(cls, plan: Plan) -> Hashes:
+        p = cat.PLACEHOLDER_SHA256
+        return cls([p] * len(plan.segments), [p] * len(plan.containers), [p] * len(plan.files))
+
+    def missing(self) -> int:
+        return sum(h is None for h in (*self.segments, *self.containers, *self.files))
+
+
+def build_catalog(
+    plan: Plan,
+    hashes: Hashes,
+    *,
+    set_id: str,
+    created_at: str,
+    created_by: str,
+) -> cat.Catalog:
+    """The catalog of `plan`. Every hash must be known; ValueError names the first one missing."""
+    root = str(plan.source_root)
+    tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
+    container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
+    file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+
+    def need(h: str | None, what: str) -> str:
+        if h is None:
+            raise ValueError(f"no hash for {what}")
+        return h
+
+    return cat.Catalog(
+        backup_set_id=set_id,
+        created_at=created_at,
+        source_root=root,
+        created_by=created_by,
+        max_container_size_bytes=plan.container_size_bytes,
+        tapes=tuple(
+            cat.TapeEntry(tape_ids[t.index], set_id, t.index + 1, plan.capacity_bytes,
+                          plan.reserve_bytes)
+            for t in plan.tapes
+        ),
+        containers=tuple(
+            cat.ContainerEntry(container_ids[c.index], set_id, tape_ids[c.tape_index],
+                               c.index + 1, c.tape_offset, c.size,
+                               need(hashes.containers[c.index], container_ids[c.index]))
+            for c in plan.containers
+        ),
+        source_files=tuple(
+            cat.SourceFileEntry(
+                file_ids[i], f.relative_path, f"{root}/{f.relative_path}", f.size,
+                need(hashes.files[i], f.relative_path), cat.iso_from_ns(f.mtime_ns), f.mode,
+                f.mtime_ns,
+            )
+            for i, f in enumerate(plan.files)
+        ),
+        segments=tuple(
+            cat.SegmentEntry(
+                cat.segment_id_for(file_ids[s.file_index], s.part), file_ids[s.file_index],
+                container_ids[s.container_index], s.container_offset, s.source_offset,
+                s.length, need(hashes.segments[n], f"segment {n}"),
+            )
+            for n, s in enumerate(plan.segments)
+        ),
+        skipped=tuple(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
+    )
+
+
+def catalog_measurer(codec: cat.CatalogCodec, created_by: str) -> Callable[[Plan], int]:
+    """A `measure_catalog` for make_plan: the size of the plan's catalog with placeholders."""
+
+    def measure(plan: Plan) -> int:
+        placeholder = build_catalog(
+            plan, Hashes.placeholders(plan), set_id=PLACEHOLDER_SET_ID,
+            created_at=PLACEHOLDER_CREATED_AT, created_by=created_by,
+        )
+        return cat.encoded_size(codec, placeholder)
+
+    return measure

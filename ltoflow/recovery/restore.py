@@ -1,0 +1,1042 @@
+#!/usr/bin/env python3
+"""Restore files from an ltoflow tape set without ltoflow.
+
+Needs nothing but Python 3.8 or newer (standard library only).  Read README.txt on the
+same tape first; it also explains how to do everything below by hand.
+
+    python3 restore.py --target DIR TAPE_ROOT [TAPE_ROOT ...]
+    python3 restore.py --list TAPE_ROOT [TAPE_ROOT ...]
+    python3 restore.py --target DIR --only 'case-001/*' TAPE_ROOT ...
+
+A TAPE_ROOT is the directory that holds the tape's `data/` and `catalog/` folders (for
+example the mount point of an LTFS tape, or a copy of it on disk).  Give every tape you
+have; a file is restored only if every tape holding a piece of it is given.
+
+Exit status: 0 = every selected file was restored and verified, 1 = some files failed
+(each one is reported with the reason), 2 = usage error or no usable catalog.
+"""
+
+import argparse
+import calendar
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import sys
+from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple
+
+CHUNK = 8 * 1024 * 1024  # read and write in pieces of this size; never whole containers
+# Gaps between wanted segments up to this size are read through (keeps the tape streaming
+# and lets the container checksum be verified); larger gaps are skipped with a seek.
+READ_THROUGH_GAP = 64 * 1024 * 1024
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+ISO_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
+    r"\s*(Z|z|[+-]\d{2}:?\d{2})?$"
+)
+TEMP_PREFIX = ".ltoflow-restore-"
+
+
+class UsageError(Exception):
+    """The command line cannot work, or no usable catalog was found (exit 2)."""
+
+
+class Problem(Exception):
+    """Something is wrong with one file; it is reported and the restore goes on."""
+
+
+class ReadProblem(Problem):
+    """Reading a container failed part-way; the read position is unknown afterwards."""
+
+
+class DamagedSegment(Problem):
+    """A segment was read completely but its SHA-256 is wrong (the tape data is damaged)."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _setup_stdio() -> None:
+    """Never crash on printing an odd file name, whatever the terminal's encoding."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (AttributeError, ValueError):  # pragma: no cover - exotic streams
+                pass
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    print("WARNING: " + message, file=sys.stderr, flush=True)
+
+
+def show(path: str) -> str:
+    """A file name as it can be shown safely (control characters escaped)."""
+    if all(ch.isprintable() for ch in path):
+        return path
+    return repr(path)[1:-1]
+
+
+# --------------------------------------------------------------------------- catalog model
+
+
+class Container:
+    __slots__ = ("container_id", "tape_id", "sequence_number", "size_bytes", "sha256")
+
+    def __init__(
+        self,
+        container_id: str,
+        tape_id: str,
+        sequence_number: Optional[int],
+        size_bytes: Optional[int],
+        sha256: Optional[str],
+    ) -> None:
+        self.container_id = container_id
+        self.tape_id = tape_id
+        self.sequence_number = sequence_number
+        self.size_bytes = size_bytes
+        self.sha256 = sha256
+
+
+class Segment:
+    __slots__ = (
+        "segment_id",
+        "entry",
+        "container_id",
+        "container_offset",
+        "source_offset",
+        "length",
+        "sha256",
+    )
+
+    def __init__(
+        self,
+        segment_id: str,
+        entry: "Entry",
+        container_id: str,
+        container_offset: int,
+        source_offset: int,
+        length: int,
+        sha256: Optional[str],
+    ) -> None:
+        self.segment_id = segment_id
+        self.entry = entry
+        self.container_id = container_id
+        self.container_offset = container_offset
+        self.source_offset = source_offset
+        self.length = length
+        self.sha256 = sha256
+
+
+class Entry:
+    """One source file of the catalog, plus the state of its restore."""
+
+    __slots__ = (
+        "index",
+        "file_id",
+        "rel",
+        "size",
+        "sha256",
+        "mode",
+        "mtime_ns",
+        "segments",
+        "problem",
+        "components",
+        "final_path",
+        "tmp_path",
+        "hasher",
+        "hashed_upto",
+        "remaining",
+        "done",
+        "already_present",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.file_id = ""
+        self.rel = ""
+        self.size = 0
+        self.sha256 = ""
+        self.mode: Optional[int] = None
+        self.mtime_ns: Optional[int] = None
+        self.segments: List[Segment] = []
+        self.problem: Optional[str] = None
+        self.components: List[str] = []
+        self.final_path = ""
+        self.tmp_path: Optional[str] = None
+        self.hasher: Optional[Any] = None  # hashlib object fed while segments arrive in order
+        self.hashed_upto = 0
+        self.remaining = 0
+        self.done = False
+        self.already_present = False
+
+    def name(self) -> str:
+        return show(self.rel) if self.rel else "<file #%d without a usable path>" % self.index
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self.backup_set_id = ""
+        self.created_at = ""
+        self.entries: List[Entry] = []
+        self.containers: Dict[str, Container] = {}
+        self.tape_seq: Dict[str, int] = {}
+
+
+def _int(rec: Dict[str, Any], key: str) -> Optional[int]:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _str(rec: Dict[str, Any], key: str) -> Optional[str]:
+    value = rec.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _sha(rec: Dict[str, Any], key: str) -> Optional[str]:
+    value = _str(rec, key)
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return value if HEX64.match(value) else None
+
+
+def parse_iso_ns(text: str) -> Optional[int]:
+    """ISO-8601 time ('2026-11-26T06:03:57.025135+00:00') to nanoseconds since 1970 UTC."""
+    m = ISO_RE.match(text.strip())
+    if not m:
+        return None
+    year, month, day, hour, minute, second = (int(m.group(i)) for i in range(1, 7))
+    try:
+        secs = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
+    zone = m.group(8)
+    if zone and zone not in ("Z", "z"):
+        digits = zone[1:].replace(":", "")
+        offset = int(digits[:2]) * 3600 + int(digits[2:]) * 60
+        secs -= offset if zone[0] == "+" else -offset
+    frac = (m.group(7) or "")[:9].ljust(9, "0")
+    return secs * 1_000_000_000 + int(frac)
+
+
+def parse_catalog(doc: Any) -> Catalog:
+    """Turn the catalog JSON into the model; unknown keys are ignored everywhere."""
+    if not isinstance(doc, dict):
+        raise UsageError("the catalog is not a JSON object; it is not an ltoflow catalog")
+    files_raw = doc.get("source_files")
+    if not isinstance(files_raw, list):
+        raise UsageError("the catalog has no 'source_files' list; it is not an ltoflow catalog")
+    segs_raw = doc.get("segments", [])
+    conts_raw = doc.get("containers", [])
+    tapes_raw = doc.get("tapes", [])
+    for key, value in (("segments", segs_raw), ("containers", conts_raw), ("tapes", tapes_raw)):
+        if not isinstance(value, list):
+            raise UsageError("the catalog's '%s' is not a list" % key)
+    version = doc.get("schema_version")
+    if isinstance(version, str) and not version.startswith("2."):
+        warn("catalog schema_version is %r; this script knows 2.x; trying anyway" % version)
+
+    cat = Catalog()
+    cat.backup_set_id = _str(doc, "backup_set_id") or ""
+    cat.created_at = _str(doc, "created_at") or ""
+    for rec in tapes_raw:
+        if isinstance(rec, dict):
+            tid, seq = _str(rec, "tape_id"), _int(rec, "sequence_number")
+            if tid is not None and seq is not None:
+                cat.tape_seq[tid] = seq
+    for rec in conts_raw:
+        if isinstance(rec, dict):
+            cid = _str(rec, "container_id")
+            if cid is not None:
+                cat.containers[cid] = Container(
+                    cid,
+                    _str(rec, "tape_id") or "",
+                    _int(rec, "sequence_number"),
+                    _int(rec, "size_bytes"),
+                    _sha(rec, "sha256"),
+                )
+
+    by_file_id: Dict[str, Entry] = {}
+    for index, rec in enumerate(files_raw):
+        entry = Entry(index)
+        cat.entries.append(entry)
+        if not isinstance(rec, dict):
+            entry.problem = "catalog record is not an object"
+            continue
+        rel = rec.get("relative_path")
+        if isinstance(rel, str):
+            entry.rel = rel
+        file_id = _str(rec, "file_id")
+        size = _int(rec, "size_bytes")
+        sha = _sha(rec, "sha256")
+        if not isinstance(rel, str):
+            entry.problem = "catalog record has no relative_path text"
+        elif file_id is None:
+            entry.problem = "catalog record has no file_id"
+        elif size is None or size < 0:
+            entry.problem = "catalog record has no valid size_bytes"
+        elif sha is None:
+            entry.problem = "catalog record has no valid sha256; the file cannot be verified"
+        elif file_id in by_file_id:
+            entry.problem = "file_id %s appears twice in the catalog" % file_id
+            by_file_id[file_id].problem = entry.problem
+        if entry.problem is not None:
+            continue
+        assert file_id is not None
+        assert size is not None
+        assert sha is not None
+        entry.file_id, entry.size, entry.sha256 = file_id, size, sha
+        by_file_id[file_id] = entry
+        mode = _int(rec, "unix_mode")
+        entry.mode = mode & 0o7777 if mode is not None and mode >= 0 else None
+        mtime_ns = _int(rec, "mtime_ns")
+        if mtime_ns is None:
+            text = _str(rec, "modified_at")
+            if text is not None:
+                mtime_ns = parse_iso_ns(text)
+        entry.mtime_ns = mtime_ns
+
+    for rec in segs_raw:
+        if not isinstance(rec, dict):
+            continue
+        file_id = _str(rec, "file_id")
+        if file_id is None or file_id not in by_file_id:
+            continue
+        entry = by_file_id[file_id]
+        seg_id = _str(rec, "segment_id") or "?"
+        cid = _str(rec, "container_id")
+        c_off = _int(rec, "container_offset")
+        s_off = _int(rec, "source_offset")
+        length = _int(rec, "length_bytes")
+        if cid is None or c_off is None or s_off is None or length is None:
+            entry.problem = "segment %s in the catalog lacks container_id/offsets/length" % seg_id
+            continue
+        if c_off < 0 or s_off < 0 or length < 0:
+            entry.problem = "segment %s in the catalog has a negative offset or length" % seg_id
+            continue
+        entry.segments.append(
+            Segment(seg_id, entry, cid, c_off, s_off, length, _sha(rec, "sha256"))
+        )
+    return cat
+
+
+# --------------------------------------------------------------------------- finding the catalog
+
+
+def _expected_sha(path: str) -> Optional[str]:
+    """The hash stored in a catalog.sha256 file ('HEX' or 'HEX  name'), or None if absent."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(4096).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return text.split()[0].lower() if text else ""
+
+
+def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> Catalog:
+    """Find a catalog whose SHA-256 matches its catalog.sha256, parse it and return it."""
+    candidates: List[Tuple[str, List[str]]] = []
+    root_sha_files = [os.path.join(r, "catalog", "catalog.sha256") for r in roots]
+    if catalog_arg is not None:
+        sibling = os.path.join(os.path.dirname(os.path.abspath(catalog_arg)), "catalog.sha256")
+        candidates.append((catalog_arg, [sibling] + root_sha_files))
+    else:
+        for root in roots:
+            path = os.path.join(root, "catalog", "catalog.json")
+            if os.path.isfile(path):
+                candidates.append((path, [os.path.join(root, "catalog", "catalog.sha256")]))
+    if not candidates:
+        raise UsageError(
+            "no catalog found: none of the given roots has catalog/catalog.json "
+            "(give the directories that hold data/ and catalog/, or use --catalog FILE)"
+        )
+
+    # Hash every copy (reporting damaged ones) but hold at most one in memory: catalogs of
+    # millions of files are large.
+    verified: List[Tuple[str, str]] = []
+    unverified: List[Tuple[str, str]] = []
+    for path, sha_files in candidates:
+        try:
+            actual = hash_file(path)
+        except OSError as exc:
+            warn("cannot read catalog %s: %s" % (path, exc.strerror or exc))
+            continue
+        expected = [e for e in (_expected_sha(p) for p in sha_files) if e is not None]
+        if actual in expected:
+            say("catalog %s: SHA-256 verified (%s)" % (path, actual))
+            verified.append((path, actual))
+        elif expected:
+            warn(
+                "catalog %s does NOT match catalog.sha256: the file hashes to %s but "
+                "catalog.sha256 says %s; this copy is damaged or was changed"
+                % (path, actual, expected[0] or "nothing")
+            )
+            unverified.append((path, actual))
+        else:
+            warn("catalog %s has no catalog.sha256 next to it; it cannot be verified" % path)
+            unverified.append((path, actual))
+
+    if len({digest for _, digest in verified}) > 1:
+        warn("the given roots hold different catalogs (different backup sets?); using the first")
+    choices = verified
+    if not verified:
+        if not force:
+            raise UsageError(
+                "no catalog could be verified against its catalog.sha256; give another tape "
+                "of the set (every tape holds the full catalog), or use --force-catalog to use "
+                "an unverified catalog at your own risk"
+            )
+        warn("--force-catalog: using an UNVERIFIED catalog; its checksums may be wrong too")
+        choices = unverified
+    for path, digest in choices:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            warn("cannot read catalog %s: %s" % (path, exc.strerror or exc))
+            continue
+        if hashlib.sha256(data).hexdigest() != digest:
+            warn("catalog %s changed while it was being read; skipping it" % path)
+            continue
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            warn("catalog %s is not valid JSON: %s" % (path, exc))
+            continue
+        del data
+        cat = parse_catalog(doc)
+        say(
+            "using catalog %s: backup set %s, created %s, %d files"
+            % (path, cat.backup_set_id or "?", cat.created_at or "?", len(cat.entries))
+        )
+        return cat
+    raise UsageError("no usable catalog: no copy of the catalog could be read and parsed")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def selected(rel: str, patterns: List[str]) -> bool:
+    """True if the path, or one of its parent directories, matches one of the globs."""
+    if not patterns:
+        return True
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pat in patterns:
+        pat = pat.rstrip("/") or pat
+        for prefix in prefixes:
+            if prefix == pat or fnmatch.fnmatchcase(prefix, pat):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- the restore
+
+
+class Restorer:
+    def __init__(self, cat: Catalog, roots: List[str], target: str, overwrite: bool) -> None:
+        self.cat = cat
+        self.roots = roots
+        self.target = target
+        self.target_real = os.path.realpath(target)
+        self.overwrite = overwrite
+        self.failed = 0
+        self.restored = 0
+        self.restored_bytes = 0
+        self.already_present = 0
+        self.missing_tapes: Dict[str, int] = {}
+        self.tmp_counter = 0
+        self._located: Dict[str, Optional[str]] = {}
+        umask = os.umask(0)
+        os.umask(umask)
+        self.default_mode = 0o666 & ~umask
+
+    # ---- reporting
+
+    def fail(self, entry: Entry, message: str) -> None:
+        if entry.done:
+            return
+        entry.done = True
+        entry.problem = message
+        self.failed += 1
+        self._remove_tmp(entry)
+        print("FAILED: %s: %s" % (entry.name(), message), file=sys.stderr, flush=True)
+
+    def _remove_tmp(self, entry: Entry) -> None:
+        if entry.tmp_path is not None:
+            try:
+                os.unlink(entry.tmp_path)
+            except OSError:
+                pass
+            entry.tmp_path = None
+
+    # ---- where things are
+
+    def locate(self, container_id: str) -> Optional[str]:
+        """Path of the container's blob on one of the given roots, or None."""
+        if container_id in self._located:
+            return self._located[container_id]
+        found = None
+        if (
+            container_id
+            and "\0" not in container_id
+            and "/" not in container_id
+            and "\\" not in container_id
+            and container_id not in (".", "..")
+        ):
+            for root in self.roots:
+                for path in (
+                    os.path.join(root, "data", container_id),
+                    os.path.join(root, container_id),
+                ):
+                    if os.path.isfile(path):
+                        found = path
+                        break
+                if found:
+                    break
+        self._located[container_id] = found
+        return found
+
+    def tape_of(self, container_id: str) -> str:
+        cont = self.cat.containers.get(container_id)
+        if cont is None or not cont.tape_id:
+            return "(unknown tape; container %s is not listed in the catalog)" % container_id
+        return cont.tape_id
+
+    # ---- path safety
+
+    def check_path(self, entry: Entry) -> None:
+        rel = entry.rel
+        if not rel:
+            raise Problem("empty relative_path in the catalog; refusing it")
+        if "\0" in rel:
+            raise Problem("relative_path contains a NUL character; refusing it")
+        if rel.startswith("/") or os.path.isabs(rel):
+            raise Problem("relative_path is absolute; refusing to write outside the target")
+        parts = rel.split("/")
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise Problem(
+                    "relative_path has an empty, '.' or '..' component; refusing to write "
+                    "outside the target"
+                )
+            if (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
+                raise Problem("relative_path has a path separator inside a name; refusing it")
+            if os.name == "nt" and ":" in part:
+                raise Problem("relative_path has ':' in a name (not allowed on Windows)")
+        entry.components = parts
+        entry.final_path = os.path.join(self.target, *parts)
+
+    def parent_dir(self, entry: Entry, create: bool) -> str:
+        """Walk (and optionally create) the parent directories inside the target.
+
+        Refuses any parent that is a symlink or not a directory, so nothing can be
+        written outside the target."""
+        current = self.target
+        for part in entry.components[:-1]:
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                if not create:
+                    continue
+                try:
+                    os.mkdir(current)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise Problem(
+                        "cannot create directory %s: %s" % (show(current), exc.strerror)
+                    ) from None
+                st = os.lstat(current)
+            except OSError as exc:
+                raise Problem("cannot inspect %s: %s" % (show(current), exc.strerror)) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise Problem(
+                    "parent %s in the target is a symbolic link; refusing to follow it"
+                    % show(current)
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                raise Problem("parent %s in the target is not a directory" % show(current))
+        if create:
+            real = os.path.realpath(current)
+            if real != self.target_real and not real.startswith(
+                self.target_real.rstrip(os.sep) + os.sep
+            ):
+                raise Problem("parent %s resolves outside the target; refusing" % show(current))
+        return current
+
+    # ---- planning
+
+    def check_segments(self, entry: Entry) -> None:
+        """The segments must tile the file exactly: no gap, no overlap, sum = size_bytes."""
+        segs = sorted(entry.segments, key=lambda s: s.source_offset)
+        pos = 0
+        for seg in segs:
+            if seg.source_offset < pos:
+                raise Problem(
+                    "catalog segments overlap at byte %d of the file (segment %s)"
+                    % (seg.source_offset, seg.segment_id)
+                )
+            if seg.source_offset > pos:
+                raise Problem(
+                    "catalog segments leave a gap at bytes %d..%d of the file"
+                    % (pos, seg.source_offset)
+                )
+            pos += seg.length
+        if pos != entry.size:
+            raise Problem(
+                "catalog segments add up to %d bytes but size_bytes is %d" % (pos, entry.size)
+            )
+        entry.segments = [s for s in segs if s.length > 0]
+
+    def check_existing(self, entry: Entry) -> None:
+        try:
+            st = os.lstat(entry.final_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise Problem("cannot inspect the target file: %s" % exc.strerror) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise Problem("a directory with this name exists in the target")
+        if self.overwrite:
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
+            if hash_file(entry.final_path) == entry.sha256:
+                entry.already_present = True
+                return
+        raise Problem(
+            "already exists in the target and differs from the backup; "
+            "not overwritten (use --overwrite to replace it)"
+        )
+
+    def plan(self, entries: List[Entry]) -> Dict[str, List[Segment]]:
+        by_container: Dict[str, List[Segment]] = {}
+        seen_paths: Set[str] = set()
+        for entry in entries:
+            if entry.problem is not None:
+                self.fail(entry, entry.problem)
+                continue
+            try:
+                self.check_path(entry)
+                key = entry.final_path if os.name != "nt" else entry.final_path.lower()
+                if key in seen_paths:
+                    raise Problem("the same relative_path appears twice in the catalog")
+                seen_paths.add(key)
+                self.parent_dir(entry, create=False)
+                self.check_segments(entry)
+                missing: List[str] = []
+                for seg in entry.segments:
+                    if self.locate(seg.container_id) is None:
+                        tape = self.tape_of(seg.container_id)
+                        if tape not in missing:
+                            missing.append(tape)
+                if missing:
+                    for tape in missing:
+                        self.missing_tapes[tape] = self.missing_tapes.get(tape, 0) + 1
+                    raise Problem(
+                        "needs tape(s) not given: %s (give the directory of each of these "
+                        "tapes as a TAPE_ROOT)" % ", ".join(missing)
+                    )
+                self.check_existing(entry)
+            except Problem as exc:
+                self.fail(entry, str(exc))
+                continue
+            except OSError as exc:
+                self.fail(entry, "cannot check the target: %s" % (exc.strerror or exc))
+                continue
+            if entry.already_present:
+                entry.done = True
+                self.restored += 1
+                self.already_present += 1
+                self.restored_bytes += entry.size
+                continue
+            if not entry.segments:
+                self.finalize(entry)
+                continue
+            entry.remaining = len(entry.segments)
+            entry.hasher = hashlib.sha256()
+            for seg in entry.segments:
+                by_container.setdefault(seg.container_id, []).append(seg)
+        return by_container
+
+    def container_order(self, container_id: str) -> Tuple[int, int, str]:
+        big = 1 << 62
+        cont = self.cat.containers.get(container_id)
+        if cont is None:
+            return (big, big, container_id)
+        tape_seq = self.cat.tape_seq.get(cont.tape_id, big)
+        seq = cont.sequence_number if cont.sequence_number is not None else big
+        return (tape_seq, seq, container_id)
+
+    # ---- writing
+
+    def open_tmp(self, entry: Entry) -> IO[bytes]:
+        flags = os.O_WRONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+        if entry.tmp_path is not None:
+            return os.fdopen(os.open(entry.tmp_path, flags), "wb")
+        parent = self.parent_dir(entry, create=True)
+        for _ in range(100):
+            self.tmp_counter += 1
+            name = "%s%d-%d.tmp" % (TEMP_PREFIX, os.getpid(), self.tmp_counter)
+            path = os.path.join(parent, name)
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            entry.tmp_path = path
+            return os.fdopen(fd, "wb")
+        raise Problem("cannot create a temporary file in %s" % show(parent))
+
+    def copy_segment(self, src: IO[bytes], seg: Segment, chash: Optional[Any]) -> None:
+        entry = seg.entry
+        try:
+            out = self.open_tmp(entry)
+        except OSError as exc:
+            raise Problem("cannot create the temporary file: %s" % exc.strerror) from None
+        in_order = entry.hasher is not None and entry.hashed_upto == seg.source_offset
+        if not in_order:
+            entry.hasher = None  # hash the finished file instead
+        shash = hashlib.sha256()
+        with out:
+            try:
+                out.seek(seg.source_offset)
+            except OSError as exc:
+                raise Problem("cannot write the temporary file: %s" % exc.strerror) from None
+            remaining = seg.length
+            while remaining > 0:
+                try:
+                    buf = src.read(min(CHUNK, remaining))
+                except OSError as exc:
+                    raise ReadProblem(
+                        "read error in container %s: %s (tape damaged?)"
+                        % (seg.container_id, exc.strerror or exc)
+                    ) from None
+                if not buf:
+                    raise ReadProblem("container %s ended early" % seg.container_id)
+                shash.update(buf)
+                if chash is not None:
+                    chash.update(buf)
+                if in_order and entry.hasher is not None:
+                    entry.hasher.update(buf)
+                try:
+                    out.write(buf)
+                except OSError as exc:
+                    raise ReadProblem(
+                        "cannot write the temporary file: %s" % exc.strerror
+                    ) from None
+                remaining -= len(buf)
+        if in_order:
+            entry.hashed_upto += seg.length
+        if seg.sha256 is not None and shash.hexdigest() != seg.sha256:
+            raise DamagedSegment(
+                "SHA-256 mismatch in segment %s (container %s, bytes %d..%d): the data on the "
+                "tape is damaged"
+                % (
+                    seg.segment_id,
+                    seg.container_id,
+                    seg.container_offset,
+                    seg.container_offset + seg.length,
+                )
+            )
+
+    def finalize(self, entry: Entry) -> None:
+        """Verify the whole file, set mode and mtime, and give it its final name."""
+        try:
+            if entry.tmp_path is None:  # zero-byte file
+                self.open_tmp(entry).close()
+            assert entry.tmp_path is not None
+            size = os.stat(entry.tmp_path).st_size
+            if size != entry.size:
+                raise Problem("restored %d bytes but the catalog says %d" % (size, entry.size))
+            if entry.hasher is not None and entry.hashed_upto == entry.size:
+                digest = entry.hasher.hexdigest()
+            else:
+                digest = hash_file(entry.tmp_path)
+            if digest != entry.sha256:
+                raise Problem(
+                    "whole-file SHA-256 mismatch (got %s, catalog says %s)" % (digest, entry.sha256)
+                )
+            os.chmod(entry.tmp_path, entry.mode if entry.mode is not None else self.default_mode)
+            if entry.mtime_ns is not None:
+                try:
+                    os.utime(entry.tmp_path, ns=(entry.mtime_ns, entry.mtime_ns))
+                except (OSError, OverflowError, ValueError) as exc:
+                    warn("%s: cannot set the modification time: %s" % (entry.name(), exc))
+            self.parent_dir(entry, create=True)
+            if os.path.lexists(entry.final_path):
+                if not self.overwrite or os.path.isdir(entry.final_path):
+                    raise Problem("appeared in the target during the restore; not overwritten")
+                os.replace(entry.tmp_path, entry.final_path)
+            else:
+                os.rename(entry.tmp_path, entry.final_path)
+            entry.tmp_path = None
+        except Problem as exc:
+            self.fail(entry, str(exc))
+            return
+        except OSError as exc:
+            self.fail(entry, "cannot finish the file: %s" % (exc.strerror or exc))
+            return
+        entry.done = True
+        self.restored += 1
+        self.restored_bytes += entry.size
+
+    # ---- reading containers
+
+    def process_container(self, container_id: str, segs: List[Segment], number: str) -> None:
+        segs = [s for s in segs if not s.entry.done]
+        if not segs:
+            return
+        segs.sort(key=lambda s: (s.container_offset, s.source_offset))
+        path = self.locate(container_id)
+        assert path is not None
+        say("%s reading %s (%d piece(s))" % (number, path, len(segs)))
+        try:
+            src = open(path, "rb")
+        except OSError as exc:
+            for seg in segs:
+                self.fail(seg.entry, "cannot open container %s: %s" % (path, exc.strerror))
+            return
+        with src:
+            actual_size = os.fstat(src.fileno()).st_size
+            cont = self.cat.containers.get(container_id)
+            if cont is not None and cont.size_bytes is not None and cont.size_bytes != actual_size:
+                warn(
+                    "container %s holds %d bytes but the catalog says %d"
+                    % (path, actual_size, cont.size_bytes)
+                )
+            chash: Optional[Any] = hashlib.sha256() if cont is not None and cont.sha256 else None
+            pos = 0  # -1: position unknown
+            for seg in segs:
+                entry = seg.entry
+                if entry.done:
+                    continue
+                end = seg.container_offset + seg.length
+                if end > actual_size:
+                    self.fail(
+                        entry,
+                        "segment %s needs bytes %d..%d of container %s, which holds only %d bytes"
+                        % (seg.segment_id, seg.container_offset, end, container_id, actual_size),
+                    )
+                    continue
+                try:
+                    if seg.container_offset != pos:
+                        gap = seg.container_offset - pos
+                        if chash is not None and pos >= 0 and 0 < gap <= READ_THROUGH_GAP:
+                            skip_by_reading(src, gap, chash)
+                        else:
+                            src.seek(seg.container_offset)
+                            chash = None
+                        pos = seg.container_offset
+                    self.copy_segment(src, seg, chash)
+                    pos = end
+                except DamagedSegment as exc:
+                    pos = end  # read completely: the position and container hash stay valid
+                    self.fail(entry, str(exc))
+                    continue
+                except Problem as exc:
+                    pos, chash = -1, None  # position unknown: seek for the next piece
+                    self.fail(entry, str(exc))
+                    continue
+                except OSError as exc:
+                    pos, chash = -1, None
+                    self.fail(entry, "read error in container %s: %s" % (path, exc.strerror))
+                    continue
+                entry.remaining -= 1
+                if entry.remaining == 0:
+                    self.finalize(entry)
+            if cont is not None and cont.sha256 and chash is not None and pos >= 0:
+                try:
+                    tail = actual_size - pos
+                    if tail <= READ_THROUGH_GAP:
+                        skip_by_reading(src, tail, chash)
+                        if chash.hexdigest() != cont.sha256:
+                            warn(
+                                "container %s does not match its SHA-256 in the catalog "
+                                "(the tape is damaged; affected files are reported)" % path
+                            )
+                except OSError:
+                    pass
+
+    def run(self, entries: List[Entry]) -> None:
+        by_container = self.plan(entries)
+        order = sorted(by_container, key=self.container_order)
+        for i, container_id in enumerate(order, 1):
+            self.process_container(
+                container_id, by_container[container_id], "[%d/%d]" % (i, len(order))
+            )
+        for entry in entries:
+            if not entry.done:  # cannot happen; never claim success for a file by accident
+                self.fail(entry, "was not completely restored")
+
+    def cleanup(self, entries: List[Entry]) -> None:
+        for entry in entries:
+            self._remove_tmp(entry)
+
+
+def skip_by_reading(src: IO[bytes], count: int, chash: Any) -> None:
+    while count > 0:
+        buf = src.read(min(CHUNK, count))
+        if not buf:
+            raise ReadProblem("container ended early")
+        chash.update(buf)
+        count -= len(buf)
+
+
+def hash_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(CHUNK)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def list_files(cat: Catalog, entries: List[Entry], roots: List[str]) -> int:
+    restorer = Restorer(cat, roots, ".", overwrite=False)
+    total = 0
+    all_tapes: Set[str] = set()
+    for entry in entries:
+        if entry.problem is not None:
+            say("%15s  %s  [unusable catalog entry: %s]" % ("?", entry.name(), entry.problem))
+            continue
+        tapes: List[str] = []
+        missing: List[str] = []
+        for seg in sorted(entry.segments, key=lambda s: s.source_offset):
+            tape = restorer.tape_of(seg.container_id)
+            if tape not in tapes:
+                tapes.append(tape)
+            if restorer.locate(seg.container_id) is None and tape not in missing:
+                missing.append(tape)
+        all_tapes.update(tapes)
+        line = "%15s  %s  tapes: %s" % (
+            "{:,}".format(entry.size),
+            entry.name(),
+            ", ".join(tapes) if tapes else "(empty file, no data)",
+        )
+        if missing:
+            line += "  [not on the given roots: %s]" % ", ".join(missing)
+        say(line)
+        total += entry.size
+    say("%d files, %s bytes, on %d tape(s)" % (len(entries), "{:,}".format(total), len(all_tapes)))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restore.py",
+        description="Restore files from an ltoflow tape set (no ltoflow needed). "
+        "Each TAPE_ROOT is a directory holding a tape's data/ and catalog/ folders.",
+    )
+    parser.add_argument("roots", nargs="+", metavar="TAPE_ROOT", help="tape root directory")
+    parser.add_argument("--target", metavar="DIR", help="restore into this directory")
+    parser.add_argument("--catalog", metavar="FILE", help="use this catalog.json")
+    parser.add_argument(
+        "--list", action="store_true", help="only list the files, sizes and tapes; restore nothing"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="restore only paths matching GLOB (fnmatch; a directory selects everything "
+        "under it); may be repeated",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace files that already exist in DIR"
+    )
+    parser.add_argument(
+        "--force-catalog",
+        action="store_true",
+        help="use a catalog that does not match its catalog.sha256 (at your own risk)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    roots: List[str] = list(args.roots)
+    for root in roots:
+        if not os.path.isdir(root):
+            raise UsageError("tape root %s is not a directory" % root)
+        if not os.path.isdir(os.path.join(root, "data")) and not os.path.isdir(
+            os.path.join(root, "catalog")
+        ):
+            warn("%s has no data/ or catalog/ folder; is it really a tape root?" % root)
+    if not args.list and not args.target:
+        raise UsageError("say where to restore with --target DIR (or use --list)")
+    cat = load_catalog(roots, args.catalog, args.force_catalog)
+    patterns: List[str] = list(args.only)
+    entries = [e for e in cat.entries if selected(e.rel, patterns)]
+    for pat in patterns:
+        if not any(selected(e.rel, [pat]) for e in cat.entries):
+            warn("--only %s matches no file in the catalog" % pat)
+    if patterns and not entries:
+        raise UsageError("the --only patterns match no file in the catalog")
+    if args.list:
+        return list_files(cat, entries, roots)
+
+    target: str = args.target
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise UsageError("--target %s exists and is not a directory" % target)
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("cannot create --target %s: %s" % (target, exc.strerror)) from None
+
+    restorer = Restorer(cat, roots, target, args.overwrite)
+    try:
+        restorer.run(entries)
+    finally:
+        restorer.cleanup(entries)
+
+    if restorer.missing_tapes:
+        say("files needing tapes that were not given:")
+        for tape in sorted(restorer.missing_tapes, key=lambda t: (cat.tape_seq.get(t, 1 << 62), t)):
+            say("  %s: %d file(s)" % (tape, restorer.missing_tapes[tape]))
+    if restorer.already_present:
+        say(
+            "%d file(s) were already present in the target and verified identical"
+            % restorer.already_present
+        )
+    say(
+        "restored %d of %d files (%s bytes); %d failed"
+        % (restorer.restored, len(entries), "{:,}".format(restorer.restored_bytes), restorer.failed)
+    )
+    return EXIT_FAILED if restorer.failed else EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _setup_stdio()
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print("error: %s" % exc, file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; temporary files removed", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

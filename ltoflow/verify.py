@@ -1,0 +1,351 @@
+"""Verify a backup set against its catalog: every tape's catalog, every container, every segment.
+
+Each container is read once, front to back, and all of its segments are hashed in that single
+pass, beside the hash of the whole container. Reads run one chunk ahead of hashing, and the
+container hash and the segment hashes of a chunk run in two threads, one per core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from ltoflow import catalog as cat
+from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, SegmentEntry
+from ltoflow.clock import Clock
+from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError
+from ltoflow.progress import NullReporter, Reporter, TapeVerified
+from ltoflow.units import MiB
+
+READ_CHUNK_BYTES = 8 * MiB
+#: Chunks read ahead of the hashers: enough to overlap, little memory.
+READ_AHEAD = 3
+#: A catalog bigger than this is refused rather than read into memory.
+MAX_CATALOG_BYTES = 8 * 1024 * MiB
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with the set, and the files it damages."""
+
+    what: str
+    tape_id: str | None = None
+    container_id: str | None = None
+    segment_id: str | None = None
+    files: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        where = " ".join(
+            part for part in (
+                f"tape {self.tape_id}" if self.tape_id else "",
+                f"container {self.container_id}" if self.container_id else "",
+                f"segment {self.segment_id}" if self.segment_id else "",
+            ) if part
+        )
+        damages = f"; damages {', '.join(self.files)}" if self.files else ""
+        return f"{where}: {self.what}{damages}" if where else f"{self.what}{damages}"
+
+
+@attrs.frozen
+class VerifyReport:
+    catalog: Catalog
+    catalog_sha256: str
+    catalog_found_on: str
+    tapes_checked: int
+    containers_checked: int
+    bytes_checked: int
+    seconds: float
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class CatalogIndex:
+    """Lookups over a catalog: files by id, segments by container, containers by tape."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.paths = {f.file_id: f.relative_path for f in catalog.source_files}
+        self.segments: dict[str, list[SegmentEntry]] = defaultdict(list)
+        for s in catalog.segments:
+            self.segments[s.container_id].append(s)
+        for segs in self.segments.values():
+            segs.sort(key=lambda s: (s.container_offset, s.length_bytes))
+        self.containers: dict[str, list[ContainerEntry]] = defaultdict(list)
+        for c in catalog.containers:
+            self.containers[c.tape_id].append(c)
+        for cs in self.containers.values():
+            cs.sort(key=lambda c: (c.tape_offset, c.sequence_number))
+
+    def files_in(self, segments: Sequence[SegmentEntry]) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for s in segments:
+            seen.setdefault(self.paths.get(s.file_id, f"<unknown file {s.file_id}>"))
+        return tuple(seen)
+
+    def files_on_tape(self, tape_id: str) -> tuple[str, ...]:
+        segs = [s for c in self.containers.get(tape_id, ()) for s in self.segments[c.container_id]]
+        return self.files_in(segs)
+
+
+def parse_sha256_file(data: bytes) -> str | None:
+    """The hash in a catalog.sha256 file (64 hex digits; `sha256sum` output is accepted too)."""
+    words = data.split()
+    if not words:
+        return None
+    word = words[0].decode("ascii", errors="replace").lower()
+    if len(word) != cat.SHA256_HEX_LEN or any(c not in "0123456789abcdef" for c in word):
+        return None
+    return word
+
+
+async def read_tape_catalog(tape: LoadedTape, tape_id: str) -> tuple[bytes, str]:
+    """catalog.json of the loaded tape and its SHA-256, checked against catalog.sha256.
+
+    Raises CatalogReadError when either file is missing or they disagree.
+    """
+    size = await tape.size_of(cat.CATALOG_JSON)
+    if size is None:
+        raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
+    if size > MAX_CATALOG_BYTES:
+        raise CatalogReadError(f"tape {tape_id}: {cat.CATALOG_JSON} is implausibly large")
+    data = await tape.read_small(cat.CATALOG_JSON, limit=size + 1)
+    sha_file = await tape.read_small(cat.CATALOG_SHA256, limit=4096)
+    if data is None:
+        raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
+    digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+    if sha_file is None:
+        raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_SHA256}")
+    expected = parse_sha256_file(sha_file)
+    if expected != digest:
+        raise CatalogReadError(
+            f"tape {tape_id}: {cat.CATALOG_JSON} does not match {cat.CATALOG_SHA256} "
+            "(the catalog on this tape is damaged)"
+        )
+    return data, digest
+
+
+class _ContainerCheck:
+    """Hash state for one container: the whole blob and each of its segments."""
+
+    def __init__(self, segments: Sequence[SegmentEntry]) -> None:
+        self.segments = segments
+        self.whole = hashlib.sha256()
+        self.open: dict[int, Any] = {}
+        # Zero-length segments have nothing to read.
+        self.results: dict[int, str] = {
+            k: cat.EMPTY_SHA256 for k, s in enumerate(segments) if s.length_bytes == 0
+        }
+        self.lo = 0
+
+    def update_segments(self, data: memoryview, pos: int) -> None:
+        end = pos + len(data)
+        segs = self.segments
+        while self.lo < len(segs) and _end(segs[self.lo]) <= pos:
+            self.lo += 1
+        j = self.lo
+        while j < len(segs) and segs[j].container_offset < end:
+            s = segs[j]
+            s_end = s.container_offset + s.length_bytes
+            if s_end > pos and j not in self.results:
+                a = max(s.container_offset, pos) - pos
+                b = min(s_end, end) - pos
+                h = self.open.get(j)
+                if h is None:
+                    h = self.open[j] = hashlib.sha256()
+                h.update(data[a:b])
+                if s_end <= end:
+                    self.results[j] = self.open.pop(j).hexdigest()
+            j += 1
+
+
+def _end(s: SegmentEntry) -> int:
+    return s.container_offset + s.length_bytes
+
+
+async def verify_container(
+    tape: LoadedTape, container: ContainerEntry, index: CatalogIndex
+) -> tuple[list[Problem], int]:
+    """Read one container front to back; return its problems and the bytes read."""
+    segments = index.segments.get(container.container_id, [])
+    where: dict[str, Any] = {
+        "tape_id": container.tape_id, "container_id": container.container_id
+    }
+    path = f"data/{container.container_id}"
+    size = await tape.size_of(path)
+    if size is None:
+        return [Problem("container is missing from the tape", files=index.files_in(segments),
+                        **where)], 0
+    problems: list[Problem] = []
+    if size != container.size_bytes:
+        problems.append(Problem(
+            f"container holds {size} bytes, the catalog says {container.size_bytes}",
+            files=index.files_in(segments), **where))
+    check = _ContainerCheck(segments)
+    send, receive = trio.open_memory_channel[tuple[bytearray, int]](READ_AHEAD)
+    total = 0
+
+    async def reader() -> None:
+        reader_ = await tape.open_read(path)
+        with send:
+            try:
+                while True:
+                    buf = bytearray(READ_CHUNK_BYTES)
+                    n = await reader_.readinto(memoryview(buf))
+                    if not n:
+                        break
+                    await send.send((buf, n))
+            finally:
+                await reader_.close()
+
+    async def hasher() -> None:
+        nonlocal total
+        with receive:
+            async for buf, n in receive:
+                data = memoryview(buf)[:n]
+                pos = total
+                async with trio.open_nursery() as both:
+                    both.start_soon(trio.to_thread.run_sync, check.whole.update, data)
+                    both.start_soon(trio.to_thread.run_sync, check.update_segments, data, pos)
+                total += n
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(hasher)
+
+    for k, s in enumerate(segments):
+        got = check.results.get(k)
+        if got is None:
+            problems.append(Problem(
+                "segment lies beyond the end of the container",
+                segment_id=s.segment_id, files=index.files_in([s]), **where))
+        elif got != s.sha256:
+            problems.append(Problem(
+                "SHA-256 mismatch", segment_id=s.segment_id, files=index.files_in([s]), **where))
+    whole = check.whole.hexdigest()
+    if container.sha256 is not None and whole != container.sha256 and not problems:
+        problems.append(Problem("container SHA-256 mismatch outside every segment", **where))
+    return problems, total
+
+
+async def verify_loaded_tape(
+    tape: LoadedTape,
+    catalog: Catalog,
+    tape_id: str,
+    *,
+    catalog_sha: str | None,
+    index: CatalogIndex | None = None,
+    counters: list[int] | None = None,
+) -> list[Problem]:
+    """Check this tape's catalog copy and every container the catalog puts on it."""
+    index = index or CatalogIndex(catalog)
+    problems: list[Problem] = []
+    try:
+        _, digest = await read_tape_catalog(tape, tape_id)
+        if catalog_sha is not None and digest != catalog_sha:
+            problems.append(Problem(
+                "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
+    except CatalogReadError as e:
+        problems.append(Problem(str(e), tape_id=tape_id))
+    for container in index.containers.get(tape_id, []):
+        try:
+            found, nbytes = await verify_container(tape, container, index)
+        except BackupError as e:
+            segs = index.segments.get(container.container_id, [])
+            found, nbytes = [Problem(f"cannot be read: {e}", tape_id=tape_id,
+                                     container_id=container.container_id,
+                                     files=index.files_in(segs))], 0
+        problems.extend(found)
+        if counters is not None:
+            counters[0] += 1
+            counters[1] += nbytes
+    return problems
+
+
+async def find_catalog(
+    drive: TapeDrive, codec: CatalogCodec
+) -> tuple[Catalog, str, str, list[Problem]]:
+    """Search the drive's tapes for a good catalog: (catalog, sha256, tape id, problems seen)."""
+    tapes = await drive.inventory()
+    if tapes is None:
+        raise TapeNotLoadedError(
+            "this drive cannot list its tapes; give the catalog with --catalog"
+        )
+    if not tapes:
+        raise CatalogReadError(f"no tapes found in {drive.describe()}")
+    seen: list[Problem] = []
+    for tape_id in tapes:
+        request = TapeRequest(tape_id, 0, "", purpose="read")
+        try:
+            loaded = await drive.load(request)
+        except BackupError as e:
+            seen.append(Problem(str(e), tape_id=tape_id))
+            continue
+        try:
+            data, digest = await read_tape_catalog(loaded, tape_id)
+            source = f"{tape_id}/{cat.CATALOG_JSON}"
+            catalog = await trio.to_thread.run_sync(partial(codec.decode, data, source=source))
+            return catalog, digest, tape_id, seen
+        except CatalogReadError as e:
+            seen.append(Problem(str(e), tape_id=tape_id))
+        finally:
+            await drive.unload()
+    shown = "; ".join(p.describe() for p in seen)
+    raise CatalogReadError(f"no usable catalog on any tape in {drive.describe()}: {shown}")
+
+
+async def verify_set(
+    drive: TapeDrive,
+    codec: CatalogCodec,
+    *,
+    clock: Clock,
+    reporter: Reporter | None = None,
+) -> VerifyReport:
+    """Verify every tape of the set found on `drive` against its catalog."""
+    reporter = reporter or NullReporter()
+    started = clock.monotonic()
+    catalog, digest, found_on, problems = await find_catalog(drive, codec)
+    index = CatalogIndex(catalog)
+    present = set(await drive.inventory() or [])
+    counters = [0, 0]
+    tapes_checked = 0
+    for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
+        if t.tape_id not in present:
+            problems.append(Problem("tape is missing", tape_id=t.tape_id,
+                                    files=index.files_on_tape(t.tape_id)))
+            continue
+        request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
+                              len(catalog.tapes), purpose="read")
+        try:
+            loaded = await drive.load(request)
+        except BackupError as e:
+            problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
+                                    files=index.files_on_tape(t.tape_id)))
+            continue
+        try:
+            found = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
+                                             index=index, counters=counters)
+        finally:
+            await drive.unload()
+        tapes_checked += 1
+        problems.extend(found)
+        reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
+                                    len(found)))
+    return VerifyReport(
+        catalog=catalog,
+        catalog_sha256=digest,
+        catalog_found_on=found_on,
+        tapes_checked=tapes_checked,
+        containers_checked=counters[0],
+        bytes_checked=counters[1],
+        seconds=clock.monotonic() - started,
+        problems=tuple(problems),
+    )

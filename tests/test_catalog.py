@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ltoflow import catalog as cat
+from ltoflow.catalog import Catalog, JsonCatalogCodec
+from ltoflow.errors import CatalogReadError
+
+from .conftest import SEED_FIXTURE
+
+CODEC = JsonCatalogCodec()
+hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
+ids = st.uuids().map(str)
+sizes = st.integers(0, 2**53)
+paths = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
+                min_size=1, max_size=40)
+
+catalogs = st.builds(
+    Catalog,
+    backup_set_id=ids,
+    created_at=st.datetimes(timezones=st.just(UTC)).map(cat.iso_utc),
+    source_root=paths,
+    tapes=st.lists(st.builds(cat.TapeEntry, ids, ids, sizes, sizes, sizes), max_size=3).map(tuple),
+    containers=st.lists(st.builds(cat.ContainerEntry, ids, ids, ids, sizes, sizes, sizes,
+                                  st.none() | hexes), max_size=3).map(tuple),
+    source_files=st.lists(st.builds(cat.SourceFileEntry, ids, paths, paths, sizes, hexes,
+                                    st.text(max_size=32), st.integers(0, 0o177777),
+                                    st.none() | st.integers(-(2**62), 2**62)),
+                          max_size=4).map(tuple),
+    segments=st.lists(st.builds(cat.SegmentEntry, ids, ids, ids, sizes, sizes, sizes, hexes),
+                      max_size=4).map(tuple),
+    created_by=st.none() | st.text(max_size=20),
+    max_container_size_bytes=st.none() | sizes,
+    skipped=st.lists(st.builds(cat.SkippedEntry, paths, st.text(max_size=9),
+                               st.text(max_size=30)), max_size=2).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(catalogs)
+def test_catalog_round_trips_through_the_codec(c: Catalog) -> None:
+    data = b"".join(CODEC.encode(c))
+    assert CODEC.decode(data, source="test") == c
+    assert cat.encoded_size(CODEC, c) == len(data)
+    json.loads(data)  # plain JSON: the seed's readers and the stdlib parse it
+
+
+@settings(max_examples=50, deadline=None)
+@given(catalogs)
+def test_catalog_is_one_record_per_line(c: Catalog) -> None:
+    lines = b"".join(CODEC.encode(c)).splitlines()
+    records = len(c.tapes) + len(c.containers) + len(c.source_files) + len(c.segments) + len(
+        c.skipped
+    )
+    assert len(lines) == 1 + 5 + records  # head, one line per list, one per record
+
+
+def seed_catalog_doc() -> dict[str, object]:
+    tape = next((SEED_FIXTURE / "tapes").iterdir())
+    doc: dict[str, object] = json.loads((tape / "catalog" / "catalog.json").read_bytes())
+    return doc
+
+
+def test_seed_catalog_loads_and_keeps_every_value() -> None:
+    doc = seed_catalog_doc()
+    c = CODEC.decode(json.dumps(doc).encode(), source="seed")
+    assert c.schema_version == "2.0"
+    assert (len(c.tapes), len(c.source_files), len(c.segments)) == (3, 6, 10)
+    again = json.loads(b"".join(CODEC.encode(c)))
+    for key in ("schema_version", "backup_set_id", "created_at", "source_root"):
+        assert again[key] == doc[key]
+    for key in ("tapes", "containers", "source_files", "segments"):
+        for ours, theirs in zip(again[key], doc[key], strict=True):  # type: ignore[call-overload]
+            # Every key of the seed, same value and type; ltoflow may only add keys.
+            assert {k: ours[k] for k in theirs} == theirs
+
+
+def test_seed_file_ids_are_reproduced() -> None:
+    doc = seed_catalog_doc()
+    for f in doc["source_files"]:  # type: ignore[attr-defined]
+        assert cat.file_id_for(f["relative_path"]) == f["file_id"]
+
+
+def test_unknown_keys_are_ignored_and_new_keys_have_defaults() -> None:
+    doc = seed_catalog_doc()
+    doc["from_the_future"] = {"x": 1}
+    for f in doc["source_files"]:  # type: ignore[attr-defined]
+        f["new_field"] = True
+    for c in doc["containers"]:  # type: ignore[attr-defined]
+        del c["sha256"]
+    c = CODEC.decode(json.dumps(doc).encode(), source="newer")
+    assert all(x.sha256 is None for x in c.containers)
+    assert c.skipped == ()
+    assert c.source_files[0].mtime_ns is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "not a catalog"),
+        (b'{"schema_version": "2.0"}', "not a valid catalog"),
+        (b'{"backup_set_id": 5, "created_at": "x", "source_root": "/", "tapes": [],'
+         b' "containers": [], "source_files": [{"file_id": 1}], "segments": []}',
+         "not a valid catalog"),
+    ],
+)
+def test_damaged_catalog_gives_one_clear_error(data: bytes, message: str) -> None:
+    with pytest.raises(CatalogReadError, match=message) as info:
+        CODEC.decode(data, source="tape X/catalog/catalog.json")
+    assert "tape X/catalog/catalog.json" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_timestamps_have_a_fixed_width() -> None:
+    a = cat.iso_from_ns(1_700_000_000_000_000_000)  # whole second: microseconds still shown
+    b = cat.iso_from_ns(1_700_000_000_123_456_789)
+    assert len(a) == len(b) == 32
+    assert a == "2023-11-14T22:13:20.000000+00:00"
+    assert b.endswith(".123456+00:00")
+
+
+def test_seed_catalog_has_no_key_ltoflow_lacks(tmp_path: Path) -> None:
+    doc = seed_catalog_doc()
+    fields = {
+        "tapes": cat.TapeEntry, "containers": cat.ContainerEntry,
+        "source_files": cat.SourceFileEntry, "segments": cat.SegmentEntry,
+    }
+    import attrs
+
+    for key, cls in fields.items():
+        names = {a.name for a in attrs.fields(cls)}
+        for record in doc[key]:  # type: ignore[attr-defined]
+            assert set(record) <= names
+    assert set(doc) <= {a.name for a in attrs.fields(Catalog)}

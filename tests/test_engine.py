@@ -1,0 +1,244 @@
+"""End to end on the simulator, through the engine and its Protocols."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+
+from ltoflow import api
+from ltoflow.catalog import JsonCatalogCodec
+from ltoflow.clock import FixedClock
+from ltoflow.drives import LoadedTape, TapeRequest
+from ltoflow.drives.simulator import SimulatorDrive
+from ltoflow.engine import BackupResult, EngineSettings, run_backup
+from ltoflow.errors import SourceFileChangedError
+from ltoflow.operator import NoPromptOperator
+from ltoflow.plan import Plan
+from ltoflow.progress import ContainerWritten, ListReporter, TapeStarted
+
+from .conftest import Raises, load_catalog_json, rebuild_files, write_tree
+
+KB = 1000
+# 3+ tapes, a file split across three of them, empty files, many small files.
+TREE = {
+    "a/notes.txt": 1_200,
+    "a/video.bin": 700 * KB,
+    "b/empty.dat": 0,
+    "b/ledger.csv": 5_000,
+    **{f"c/scan-{i:03d}.tif": 9_000 + i * 37 for i in range(40)},
+    "d/big.iso": 260 * KB,
+    "e/zero-too": 0,
+}
+
+
+def config_for(src: Path, tapes: Path, *, capacity: int = 400 * KB, container: int = 64 * KB,
+               buffer: int = 256 * KB, verify: bool = False) -> api.BackupConfig:
+    return api.BackupConfig(source_root=src, tapes_root=tapes,
+                            tape_nominal_capacity_bytes=capacity,
+                            max_container_size_bytes=container, buffer_bytes=buffer,
+                            verify_after_write=verify)
+
+
+async def run(config: api.BackupConfig, **overrides: object) -> BackupResult:
+    components = api.compose(config)
+    if overrides:
+        import attrs
+
+        components = attrs.evolve(components, **overrides)  # type: ignore[arg-type]
+    with trio.fail_after(120):
+        return await api.backup_async(config, components)
+
+
+async def test_multi_tape_backup_rebuilds_every_file_from_the_catalog_alone(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, TREE)
+    result = await run(config_for(src, sim))
+    tape_dirs = sorted(sim.iterdir())
+    assert len(tape_dirs) >= 3
+    docs = [load_catalog_json(t) for t in tape_dirs]  # checks each catalog.sha256 too
+    catalogs = [(t / "catalog" / "catalog.json").read_bytes() for t in tape_dirs]
+    assert all(c == catalogs[0] for c in catalogs), "every tape carries the same catalog"
+    assert rebuild_files(sim, docs[-1]) == contents
+    video_tapes = {
+        c["tape_id"] for s in docs[0]["segments"]  # type: ignore[attr-defined]
+        for c in docs[0]["containers"]  # type: ignore[attr-defined]
+        if c["container_id"] == s["container_id"]
+        and s["file_id"] == next(f["file_id"] for f in docs[0]["source_files"]  # type: ignore[attr-defined]
+                                 if f["relative_path"] == "a/video.bin")
+    }
+    assert len(video_tapes) >= 2
+    assert len(result.tapes) == len(tape_dirs)
+    assert result.reads_per_byte <= 2.0
+
+
+async def test_each_tape_is_loaded_exactly_once(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    config = config_for(src, sim)
+    drive = SimulatorDrive(sim, config.tape_nominal_capacity_bytes)
+    result = await run(config, drive=drive)
+    assert drive.loads == [t.tape_id for t in result.tapes]
+    assert len(set(drive.loads)) == len(drive.loads)
+    assert len(drive.loads) >= 3
+
+
+async def test_single_tape_backup_reads_each_byte_once(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, TREE)
+    result = await run(config_for(src, sim, capacity=10_000 * KB))
+    assert len(result.tapes) == 1
+    assert result.source_bytes_read == result.source_bytes == sum(map(len, contents.values()))
+    assert rebuild_files(sim, load_catalog_json(sim / result.tapes[0].tape_id)) == contents
+
+
+async def test_multi_tape_backup_reads_each_byte_at_most_twice(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    result = await run(config_for(src, sim))
+    assert result.source_bytes < result.source_bytes_read <= 2 * result.source_bytes
+
+
+async def test_catalog_on_tape_one_already_holds_every_hash(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    result = await run(config_for(src, sim))
+    doc = load_catalog_json(sim / result.tapes[0].tape_id)
+    for key in ("containers", "source_files", "segments"):
+        for record in doc[key]:  # type: ignore[attr-defined]
+            assert len(record["sha256"]) == 64
+
+
+async def test_tiny_buffer_still_completes_and_bounds_memory(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, TREE)
+    await run(config_for(src, sim, buffer=1))  # rounds up to the smallest pool
+    doc = load_catalog_json(next(sim.iterdir()))
+    assert rebuild_files(sim, doc) == contents
+
+
+async def test_verify_after_write_checks_every_tape_before_unloading(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    reporter = ListReporter()
+    result = await run(config_for(src, sim, verify=True), reporter=reporter)
+    assert result.verified
+    assert result.verify_problems == ()
+    kinds = [type(e).__name__ for e in reporter.events]
+    # Each tape: written, its catalog written, then verified before the next tape starts.
+    per_tape = [k for k in kinds if k in ("TapeStarted", "CatalogWritten", "TapeVerified")]
+    assert per_tape == ["TapeStarted", "CatalogWritten", "TapeVerified"] * len(result.tapes)
+
+
+async def test_progress_events_name_every_tape_and_container(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    reporter = ListReporter()
+    result = await run(config_for(src, sim), reporter=reporter)
+    started = [e.tape_id for e in reporter.events if isinstance(e, TapeStarted)]
+    written = [e for e in reporter.events if isinstance(e, ContainerWritten)]
+    assert started == [t.tape_id for t in result.tapes]
+    assert [e.container_id for e in written] == [c.container_id for c in result.catalog.containers]
+    assert [e.size_bytes for e in written] == [c.size_bytes for c in result.catalog.containers]
+
+
+async def test_fixed_clock_sets_created_at(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"x": 10})
+    when = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    result = await run(config_for(src, sim), clock=FixedClock(when))
+    assert result.catalog.created_at == "2031-05-06T07:08:09.000000+00:00"
+
+
+class _TamperingDrive(SimulatorDrive):
+    """Changes a source file when a given tape is loaded, to catch the engine's checks."""
+
+    def __init__(self, root: Path, capacity: int, on_tape: int, tamper: object) -> None:
+        super().__init__(root, capacity)
+        self.on_tape = on_tape
+        self.tamper = tamper
+
+    async def load(self, request: TapeRequest) -> LoadedTape:  # type: ignore[override]
+        if request.sequence_number == self.on_tape:
+            self.tamper()  # type: ignore[operator]
+        return await super().load(request)
+
+
+def _rewrite_keeping_stat(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+async def test_content_change_between_prehash_and_write_is_caught(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    config = config_for(src, sim)
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 3,
+                            lambda: _rewrite_keeping_stat(src / "d" / "big.iso"))
+    with Raises(SourceFileChangedError, match="d/big.iso"):
+        await run(config, drive=drive)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "shorter|size went"),
+        (lambda p: p.write_bytes(p.read_bytes() + b"more"), "size went"),
+        (lambda p: p.unlink(), "deleted"),
+        (lambda p: os.utime(p, (1, 1)), "modified"),
+    ],
+    ids=["shrunk", "grown", "deleted", "touched"],
+)
+async def test_source_change_after_the_scan_names_the_file(
+    tmp_path: Path, change: object, reason: str
+) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    config = config_for(src, sim)
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 1,
+                            lambda: change(src / "a" / "video.bin"))  # type: ignore[operator]
+    with Raises(SourceFileChangedError, match=f"a/video.bin.*({reason})"):
+        await run(config, drive=drive)
+
+
+async def test_file_that_shrinks_mid_read_fails_fast_without_spinning(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"huge.bin": 3_000 * KB})
+    config = config_for(src, sim, capacity=100_000 * KB, container=1_000 * KB, buffer=64 * KB)
+    plan = api.make_backup_plan(config)
+    os.truncate(src / "huge.bin", 10)
+
+    with trio.fail_after(30), Raises(SourceFileChangedError, match="shorter"):
+        await _run_plan(plan, SimulatorDrive(sim, config.tape_nominal_capacity_bytes))
+
+
+async def _run_plan(plan: Plan, drive: SimulatorDrive) -> BackupResult:
+    return await run_backup(
+        plan, drive=drive, operator=NoPromptOperator(), clock=FixedClock(datetime.now(UTC)),
+        codec=JsonCatalogCodec(), reporter=ListReporter(),
+        settings=EngineSettings(buffer_bytes=64 * KB),
+    )
+
+
+async def test_tape_written_before_is_refused(tmp_path: Path) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"x": 10})
+    config = config_for(src, sim)
+    plan = api.make_backup_plan(config)
+    first = await _run_plan(plan, SimulatorDrive(sim, config.tape_nominal_capacity_bytes))
+    from ltoflow.errors import WrongTapeError
+
+    with Raises(WrongTapeError, match="already holds this set"):
+        await run_backup(
+            plan, drive=SimulatorDrive(sim, config.tape_nominal_capacity_bytes),
+            operator=NoPromptOperator(), clock=FixedClock(datetime.now(UTC)),
+            codec=JsonCatalogCodec(), reporter=ListReporter(),
+            settings=EngineSettings(buffer_bytes=64 * KB),
+            set_id=first.catalog.backup_set_id,
+        )

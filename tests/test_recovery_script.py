@@ -1,0 +1,567 @@
+"""The standalone recovery kit (ltoflow/recovery/restore.py) against a real 3-tape set.
+
+The script must work decades from now without ltoflow, so it is run exactly as a person would
+run it: as a separate process, isolated (-I), with the current interpreter and, when installed,
+with Python 3.8 (the oldest version it promises to support).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "ltoflow" / "recovery" / "restore.py"
+README = REPO / "ltoflow" / "recovery" / "README.txt"
+FIXTURE = Path("/work/shared/fixtures/seed-format")
+SOURCE = FIXTURE / "source"
+SET_ID = "28ad0eff-a584-452c-9d9b-60c9e615d6f6"
+TAPE_IDS = [f"TAPE-{SET_ID}-00{n}" for n in (1, 2, 3)]
+PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python3")
+
+ALL_FILES = {
+    "case-001/notes.txt",
+    "case-001/video.bin",
+    "case-002/empty.dat",
+    "case-002/ledger.csv",
+    "case-002/scans/page-001.tif",
+    "case-002/scans/page-002.tif",
+}
+
+pytestmark = pytest.mark.skipif(
+    not (FIXTURE / "tapes").is_dir(), reason=f"seed-format fixture missing at {FIXTURE}"
+)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(sys.executable, id="current-python"),
+        pytest.param(
+            str(PY38),
+            id="python3.8",
+            marks=pytest.mark.skipif(
+                not PY38.exists(),
+                reason=f"Python 3.8 is not installed at {PY38}; cannot check 3.8 compatibility",
+            ),
+        ),
+    ]
+)
+def python(request: pytest.FixtureRequest) -> str:
+    interpreter: str = request.param
+    return interpreter
+
+
+@pytest.fixture
+def tapes(tmp_path: Path) -> list[Path]:
+    """A writable copy of the fixture's three tape roots, in sequence order."""
+    dest = tmp_path / "tapes"
+    shutil.copytree(FIXTURE / "tapes", dest, copy_function=shutil.copyfile)
+    for dirpath, _dirnames, _filenames in os.walk(dest):
+        Path(dirpath).chmod(0o755)
+    roots = [dest / tape_id for tape_id in TAPE_IDS]
+    assert all(r.is_dir() for r in roots)
+    return roots
+
+
+def run(python: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [python, "-I", str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return proc
+
+
+def output(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stdout + proc.stderr
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+
+
+def assert_same_as_source(target: Path, rel: str) -> None:
+    assert (target / rel).read_bytes() == (SOURCE / rel).read_bytes(), rel
+
+
+def load_catalog(root: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((root / "catalog" / "catalog.json").read_bytes())
+    return doc
+
+
+def write_catalog(roots: list[Path], doc: dict[str, Any], *, compact: bool = False) -> None:
+    """Replace the catalog on every root with `doc`, with a matching catalog.sha256."""
+    if compact:
+        data = json.dumps(doc, separators=(",", ":")).encode()
+    else:
+        data = json.dumps(doc, indent=2).encode()
+    for root in roots:
+        (root / "catalog" / "catalog.json").write_bytes(data)
+        (root / "catalog" / "catalog.sha256").write_text(hashlib.sha256(data).hexdigest())
+
+
+def file_record(doc: dict[str, Any], rel: str) -> dict[str, Any]:
+    record: dict[str, Any] = next(f for f in doc["source_files"] if f["relative_path"] == rel)
+    return record
+
+
+def container_path(roots: list[Path], seq: int) -> Path:
+    name = f"CNT-{SET_ID}-{seq:05d}"
+    return next(r / "data" / name for r in roots if (r / "data" / name).exists())
+
+
+def no_temp_files(target: Path) -> bool:
+    return not [p for p in target.rglob("*") if p.name.startswith(".ltoflow-restore-")]
+
+
+# ------------------------------------------------------------------------------- happy path
+
+
+def test_full_restore_equals_source(python: str, tapes: list[Path], tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 0, output(proc)
+    assert "restored 6 of 6 files (566,200 bytes); 0 failed" in proc.stdout
+    assert files_under(target) == ALL_FILES
+    for rel in ALL_FILES:
+        assert_same_as_source(target, rel)
+    assert (target / "case-002/empty.dat").stat().st_size == 0
+    catalog = load_catalog(tapes[0])
+    notes = file_record(catalog, "case-001/notes.txt")
+    st = (target / "case-001/notes.txt").stat()
+    assert st.st_mode & 0o7777 == notes["unix_mode"] & 0o7777 == 0o644
+    expected = dt.datetime.fromisoformat(notes["modified_at"])
+    expected_ns = int(expected.timestamp()) * 10**9 + expected.microsecond * 1000
+    assert st.st_mtime_ns == expected_ns
+    assert no_temp_files(target)
+
+
+def test_rerun_keeps_identical_files_and_succeeds(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "out"
+    assert run(python, "--target", target, *tapes, cwd=tmp_path).returncode == 0
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert "6 file(s) were already present in the target and verified identical" in proc.stdout
+    assert "restored 6 of 6 files" in proc.stdout
+
+
+def test_existing_different_file_is_kept_unless_overwrite(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "out"
+    (target / "case-001").mkdir(parents=True)
+    (target / "case-001/notes.txt").write_bytes(b"local edits")
+
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "case-001/notes.txt: already exists" in proc.stderr
+    assert "--overwrite" in proc.stderr
+    assert (target / "case-001/notes.txt").read_bytes() == b"local edits"
+    assert "restored 5 of 6 files" in proc.stdout
+
+    proc = run(python, "--overwrite", "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert_same_as_source(target, "case-001/notes.txt")
+
+
+def test_only_glob_restores_just_matching_files(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "tifs"
+    proc = run(python, "--target", target, "--only", "*.tif", *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert files_under(target) == {"case-002/scans/page-001.tif", "case-002/scans/page-002.tif"}
+    assert "restored 2 of 2 files (210,000 bytes); 0 failed" in proc.stdout
+    for rel in files_under(target):
+        assert_same_as_source(target, rel)
+
+    target = tmp_path / "dirs"
+    proc = run(
+        python, "--target", target, "--only", "case-001", "--only", "*/ledger.csv", *tapes,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert files_under(target) == {
+        "case-001/notes.txt",
+        "case-001/video.bin",
+        "case-002/ledger.csv",
+    }
+    for rel in files_under(target):
+        assert_same_as_source(target, rel)
+
+
+def test_only_without_match_is_a_usage_error(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    proc = run(python, "--target", tmp_path / "o", "--only", "nope/*", *tapes, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--only nope/* matches no file" in proc.stderr
+
+
+def test_list_shows_sizes_and_tapes(python: str, tapes: list[Path], tmp_path: Path) -> None:
+    proc = run(python, "--list", tapes[0], cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if "  tapes: " in line}
+    assert set(lines) == ALL_FILES
+    video = lines["case-001/video.bin"]
+    assert "350,000" in video
+    assert TAPE_IDS[0] in video
+    assert TAPE_IDS[1] in video
+    assert f"not on the given roots: {TAPE_IDS[1]}" in video
+    assert "6 files, 566,200 bytes, on 3 tape(s)" in proc.stdout
+    assert not (tmp_path / "case-001").exists()
+
+
+def test_compact_catalog_with_unknown_keys_mtime_ns_and_null_container_hash(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    doc = load_catalog(tapes[0])
+    doc["future_top_level"] = {"anything": [1, 2]}
+    for section in ("tapes", "containers", "source_files", "segments"):
+        for record in doc[section]:
+            record["future_field"] = "ignored"
+    for container in doc["containers"]:
+        container["sha256"] = None
+    del doc["containers"][0]["sha256"]
+    notes = file_record(doc, "case-001/notes.txt")
+    notes["mtime_ns"] = 1_234_567_890_123_456_789
+    notes["unix_mode"] = 0o100600
+    write_catalog(tapes, doc, compact=True)
+
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    for rel in ALL_FILES:
+        assert_same_as_source(target, rel)
+    st = (target / "case-001/notes.txt").stat()
+    assert st.st_mtime_ns == 1_234_567_890_123_456_789
+    assert st.st_mode & 0o7777 == 0o600
+
+
+# ------------------------------------------------------------------------------- missing tapes
+
+
+@pytest.mark.parametrize(
+    ("given", "restored", "missing_tape"),
+    [
+        (
+            [0, 1],
+            {"case-001/notes.txt", "case-001/video.bin", "case-002/ledger.csv",
+             "case-002/empty.dat"},
+            2,
+        ),
+        ([2], {"case-002/scans/page-002.tif", "case-002/empty.dat"}, 0),
+    ],
+)  # fmt: skip
+def test_only_some_tapes_restores_what_they_hold(
+    python: str,
+    tapes: list[Path],
+    tmp_path: Path,
+    given: list[int],
+    restored: set[str],
+    missing_tape: int,
+) -> None:
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *[tapes[i] for i in given], cwd=tmp_path)
+
+    assert proc.returncode == 1
+    assert files_under(target) == restored
+    for rel in restored:
+        assert_same_as_source(target, rel)
+    for rel in ALL_FILES - restored:
+        assert f"FAILED: {rel}: needs tape(s) not given:" in proc.stderr
+    assert TAPE_IDS[missing_tape] in proc.stderr
+    assert f"restored {len(restored)} of 6 files" in proc.stdout
+    assert f"{len(ALL_FILES - restored)} failed" in proc.stdout
+    assert no_temp_files(target)
+
+
+# ------------------------------------------------------------------------------- damaged data
+
+
+@pytest.mark.parametrize(
+    ("container_seq", "offset", "damaged"),
+    [
+        (4, 52_000, "case-002/ledger.csv"),  # a file inside one container
+        (3, 10, "case-001/video.bin"),  # one piece of a file spread over two tapes
+    ],
+)
+def test_corrupted_byte_fails_only_the_damaged_file(
+    python: str,
+    tapes: list[Path],
+    tmp_path: Path,
+    container_seq: int,
+    offset: int,
+    damaged: str,
+) -> None:
+    blob = container_path(tapes, container_seq)
+    data = bytearray(blob.read_bytes())
+    data[offset] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 1
+    assert f"FAILED: {damaged}: SHA-256 mismatch" in proc.stderr
+    assert proc.stderr.count("FAILED:") == 1
+    assert not (target / damaged).exists()
+    assert files_under(target) == ALL_FILES - {damaged}  # also: no temporary file left over
+    for rel in ALL_FILES - {damaged}:
+        assert_same_as_source(target, rel)
+    assert "restored 5 of 6 files" in proc.stdout
+    assert "1 failed" in proc.stdout
+
+
+def test_truncated_container_reports_out_of_range(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    blob = container_path(tapes, 6)
+    blob.write_bytes(blob.read_bytes()[:1000])
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "FAILED: case-002/scans/page-002.tif: segment" in proc.stderr
+    assert "holds only 1000 bytes" in proc.stderr
+    assert files_under(target) == ALL_FILES - {"case-002/scans/page-002.tif"}
+
+
+def _segments_of(doc: dict[str, Any], rel: str) -> list[dict[str, Any]]:
+    file_id = file_record(doc, rel)["file_id"]
+    return [s for s in doc["segments"] if s["file_id"] == file_id]
+
+
+def test_inconsistent_segments_fail_that_file_only(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    doc = load_catalog(tapes[0])
+    _segments_of(doc, "case-001/video.bin")[0]["length_bytes"] -= 1
+    _segments_of(doc, "case-002/scans/page-002.tif")[0]["length_bytes"] += 1
+    file_record(doc, "case-002/ledger.csv")["size_bytes"] += 1
+    _segments_of(doc, "case-001/notes.txt")[0]["container_offset"] += 10**12
+    write_catalog(tapes, doc)
+    expected = {
+        "case-001/video.bin": "catalog segments leave a gap at bytes 98799..98800",
+        "case-002/scans/page-002.tif": "catalog segments overlap at byte 53800",
+        "case-002/ledger.csv": "segments add up to 5000 bytes but size_bytes is 5001",
+        "case-001/notes.txt": f"container CNT-{SET_ID}-00001, which holds only 100000 bytes",
+    }
+
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 1
+    for rel, message in expected.items():
+        line = next(x for x in proc.stderr.splitlines() if x.startswith(f"FAILED: {rel}: "))
+        assert message in line
+    assert files_under(target) == ALL_FILES - set(expected)
+    assert "restored 2 of 6 files (90,000 bytes); 4 failed" in proc.stdout
+
+
+# ------------------------------------------------------------------------------- hostile catalogs
+
+HOSTILE = [
+    ("{outside}/absolute.txt", "relative_path is absolute"),
+    ("../escape.txt", "'..' component"),
+    ("case-001/../../escape.txt", "'..' component"),
+    ("", "empty relative_path"),
+    ("nul\x00byte.txt", "NUL character"),
+]
+
+
+def test_hostile_paths_are_refused(python: str, tapes: list[Path], tmp_path: Path) -> None:
+    """Extra catalog entries with hostile paths (and ledger.csv's real data) are refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "work" / "out"
+    doc = load_catalog(tapes[0])
+    ledger = file_record(doc, "case-002/ledger.csv")
+    ledger_segments = _segments_of(doc, "case-002/ledger.csv")
+    shown: dict[str, str] = {}
+    for n, (template, message) in enumerate(HOSTILE):
+        path = template.replace("{outside}", str(outside))
+        file_id = f"hostile-{n}"
+        doc["source_files"].append({**ledger, "file_id": file_id, "relative_path": path})
+        doc["segments"] += [{**s, "file_id": file_id} for s in ledger_segments]
+        index = len(doc["source_files"]) - 1
+        display = path.replace("\x00", "\\x00") or f"<file #{index} without a usable path>"
+        shown[display] = message
+    write_catalog(tapes, doc)
+
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 1
+    for name, message in shown.items():
+        line = next(x for x in proc.stderr.splitlines() if x.startswith(f"FAILED: {name}: "))
+        assert message in line
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "work" / "escape.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+    assert files_under(tmp_path / "work") == {f"out/{rel}" for rel in ALL_FILES}
+    assert "restored 6 of 11 files (566,200 bytes); 5 failed" in proc.stdout
+
+
+def test_symlink_in_target_is_not_followed(python: str, tapes: list[Path], tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "case-002").symlink_to(outside, target_is_directory=True)
+
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 1
+    assert list(outside.iterdir()) == []
+    for rel in ("case-002/empty.dat", "case-002/ledger.csv", "case-002/scans/page-001.tif"):
+        assert f"FAILED: {rel}: parent " in proc.stderr
+    assert "is a symbolic link" in proc.stderr
+    for rel in ("case-001/notes.txt", "case-001/video.bin"):
+        assert_same_as_source(target, rel)
+    assert "restored 2 of 6 files" in proc.stdout
+
+
+def test_symlink_as_final_name_is_not_written_through(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    target = tmp_path / "out"
+    (target / "case-001").mkdir(parents=True)
+    (target / "case-001/notes.txt").symlink_to(victim)
+
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "FAILED: case-001/notes.txt: already exists" in proc.stderr
+    assert victim.read_bytes() == b"precious"
+
+    proc = run(python, "--overwrite", "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert victim.read_bytes() == b"precious"
+    assert not (target / "case-001/notes.txt").is_symlink()
+    assert_same_as_source(target, "case-001/notes.txt")
+
+
+def test_container_id_cannot_point_outside_data(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    doc = load_catalog(tapes[0])
+    file_id = file_record(doc, "case-001/notes.txt")["file_id"]
+    next(s for s in doc["segments"] if s["file_id"] == file_id)["container_id"] = "../tape.json"
+    write_catalog(tapes, doc)
+    proc = run(python, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "FAILED: case-001/notes.txt: needs tape(s) not given" in proc.stderr
+
+
+# ------------------------------------------------------------------------------- the catalog
+
+
+def test_catalog_checksum_mismatch_is_reported_and_another_copy_used(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    bad = tapes[0] / "catalog" / "catalog.json"
+    bad.write_bytes(bad.read_bytes().replace(b"/srv/records", b"/srv/recordz", 1))
+
+    proc = run(python, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+
+    assert proc.returncode == 0, output(proc)
+    assert f"catalog {bad} does NOT match catalog.sha256" in proc.stderr
+    assert f"using catalog {tapes[1] / 'catalog' / 'catalog.json'}" in proc.stdout
+    assert files_under(tmp_path / "out") == ALL_FILES
+
+
+def test_no_verified_catalog_stops_unless_forced(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    sha_file = tapes[0] / "catalog" / "catalog.sha256"
+    sha_file.write_text("0" * 64)
+    target = tmp_path / "out"
+
+    proc = run(python, "--target", target, tapes[0], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "does NOT match catalog.sha256" in proc.stderr
+    assert "no catalog could be verified" in proc.stderr
+    assert "--force-catalog" in proc.stderr
+    assert not target.exists()
+
+    proc = run(python, "--force-catalog", "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)  # tapes 2 and 3 still have a good catalog
+    assert "UNVERIFIED" not in proc.stderr
+
+    for root in tapes[1:]:
+        (root / "catalog" / "catalog.sha256").write_text("0" * 64)
+    proc = run(python, "--force-catalog", "--target", tmp_path / "o2", *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert "using an UNVERIFIED catalog" in proc.stderr
+    assert files_under(tmp_path / "o2") == ALL_FILES
+
+
+def test_explicit_catalog_is_checked_against_the_tapes(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    copy = tmp_path / "elsewhere" / "my-catalog.json"
+    copy.parent.mkdir()
+    shutil.copyfile(tapes[0] / "catalog" / "catalog.json", copy)
+    for root in tapes:
+        shutil.rmtree(root / "catalog")
+    proc = run(python, "--catalog", copy, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "cannot be verified" in proc.stderr
+
+    proc = run(
+        python, "--force-catalog", "--catalog", copy, "--target", tmp_path / "out", *tapes,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, output(proc)
+    assert files_under(tmp_path / "out") == ALL_FILES
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "{tmp}/out", "{tmp}/no-such-tape"], "is not a directory"),
+        (["{tape}"], "--target"),
+        (["--target", "{tmp}/out", "{tmp}"], "no catalog found"),
+    ],
+    ids=["missing-root", "no-target", "no-catalog"],
+)
+def test_usage_errors_exit_2(
+    python: str, tapes: list[Path], tmp_path: Path, args: list[str], message: str
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{tape}", str(tapes[0])) for a in args]
+    proc = run(python, *argv, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+# ------------------------------------------------------------------------------- the README
+
+
+def test_readme_is_plain_narrow_text_covering_every_catalog_field() -> None:
+    text = README.read_text(encoding="ascii")
+    assert max(len(line) for line in text.splitlines()) < 120
+    assert "\t" not in text
+    doc = json.loads((FIXTURE / "tapes" / TAPE_IDS[0] / "catalog" / "catalog.json").read_bytes())
+    fields = set(doc) | {"mtime_ns"}
+    for section in ("tapes", "containers", "source_files", "segments"):
+        fields |= set(doc[section][0])
+    for field in fields:
+        assert f"  {field} " in text, field
+    for tool in ("sha256sum", "iflag=skip_bytes,count_bytes", "tail -c +", "restore.py"):
+        assert tool in text
