@@ -20,7 +20,7 @@ from ltoflow import api
 from ltoflow.catalog import split_files
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
 from ltoflow.engine import BackupResult
-from ltoflow.errors import BackupError, UsageError
+from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.plan import Plan
 from ltoflow.progress import LogReporter
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
@@ -361,13 +361,6 @@ def print_plan(plan: Plan) -> None:
         print(f"  will skip {s.relative_path} ({s.kind}): {s.reason}")
 
 
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan}
@@ -380,14 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except* BackupError as group:
-        errors = _leaves(group)
+        errors = leaves(group)
         for e in errors:
             print(f"{prog}: error: {e}", file=sys.stderr)
             if verbose:
                 traceback.print_exception(e)
         code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
     except* Exception as group:
-        for e in _leaves(group):
+        for e in leaves(group):
             print(f"{prog}: internal error: {type(e).__name__}: {e} "
                   "(this is a bug; rerun with --verbose and report the output)", file=sys.stderr)
             if verbose:

@@ -7,6 +7,13 @@ happened, to which file or tape, and what to do next; only the CLI turns them in
 from __future__ import annotations
 
 
+def leaves(error: BaseException) -> list[BaseException]:
+    """The plain exceptions inside an exception group, however deeply nested."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in leaves(e)]
+    return [error]
+
+
 class BackupError(Exception):
     """Root of every error ltoflow raises on purpose."""
 

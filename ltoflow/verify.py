@@ -20,7 +20,7 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError
+from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError, leaves
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
 from ltoflow.units import MiB
 
@@ -253,16 +253,18 @@ async def verify_loaded_tape(
         if catalog_sha is not None and digest != catalog_sha:
             problems.append(Problem(
                 "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
-    except CatalogReadError as e:
+    except BackupError as e:  # damaged catalog, or the tape cannot be read at all
         problems.append(Problem(str(e), tape_id=tape_id))
     for container in index.containers.get(tape_id, []):
+        found: list[Problem] = []
+        nbytes = 0
         try:
             found, nbytes = await verify_container(tape, container, index)
-        except BackupError as e:
+        except* BackupError as group:
             segs = index.segments.get(container.container_id, [])
-            found, nbytes = [Problem(f"cannot be read: {e}", tape_id=tape_id,
-                                     container_id=container.container_id,
-                                     files=index.files_in(segs))], 0
+            found = [Problem(f"cannot be read: {e}", tape_id=tape_id,
+                             container_id=container.container_id, files=index.files_in(segs))
+                     for e in leaves(group)]
         problems.extend(found)
         if counters is not None:
             counters[0] += 1
@@ -294,7 +296,7 @@ async def find_catalog(
             source = f"{tape_id}/{cat.CATALOG_JSON}"
             catalog = await trio.to_thread.run_sync(partial(codec.decode, data, source=source))
             return catalog, digest, tape_id, seen
-        except CatalogReadError as e:
+        except BackupError as e:
             seen.append(Problem(str(e), tape_id=tape_id))
         finally:
             await drive.unload()

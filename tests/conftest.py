@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ltoflow.errors import leaves
+
 SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
 
 
@@ -65,13 +67,6 @@ def seed_tapes(tmp_path: Path) -> Path:
     for p in [dest, *dest.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dest
-
-
-def leaves(group: BaseException) -> list[BaseException]:
-    """The plain exceptions inside (nested) exception groups."""
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for e in group.exceptions for leaf in leaves(e)]
-    return [group]
 
 
 class Raises:

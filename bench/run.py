@@ -1,0 +1,653 @@
+"""Benchmark ltoflow against a same-machine floor: tar | tee | sha256, and sha256 for verify.
+
+Usage: python bench/run.py [--sets mixed,small] [--runs 3] [--size-factor 1.0]
+                           [--workdir DIR] [--json OUT]
+
+For every set the jobs run alternately (round-robin, with the order rotated each round),
+each preceded by deleting the previous outputs, re-reading the source into the page cache
+and `sync`.  The report gives medians and the ratio floor_median / job_median, measured in
+the same invocation on the same files.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+GB = 1000**3
+MB = 1000**2
+MiB = 2**20
+DEFAULT_WORKDIR = Path("/var/tmp/ltoflow-bench")
+TIME_BIN = "/usr/bin/time"
+
+# job keys, in the order they appear in the report
+FLOOR = "floor"
+SINGLE = "single"
+MULTI = "multi"
+VERIFY_FLOOR = "verify-floor"
+VERIFY = "verify"
+BACKUP_JOBS = (FLOOR, SINGLE, MULTI)
+LABELS = {
+    FLOOR: "floor: tar | tee | openssl sha256",
+    SINGLE: "ltoflow backup, 1 tape",
+    MULTI: "ltoflow backup, multi-tape",
+    VERIFY_FLOOR: "floor: openssl dgst -sha256 containers",
+    VERIFY: "ltoflow verify, 1 tape",
+}
+FLOOR_OF = {
+    FLOOR: FLOOR,
+    SINGLE: FLOOR,
+    MULTI: FLOOR,
+    VERIFY_FLOOR: VERIFY_FLOOR,
+    VERIFY: VERIFY_FLOOR,
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Sample:
+    round: int
+    seconds: float
+    peak_rss_kib: int | None
+    stdout: str
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_timed(cmd: list[str]) -> tuple[float, int | None, str]:
+    """Run `cmd`; return (wall seconds, peak RSS in KiB of its largest process, stdout).
+
+    Peak RSS comes from GNU time's %M when /usr/bin/time exists, otherwise from os.wait4
+    on the child itself (not RUSAGE_CHILDREN, which is a max over every child so far).
+    """
+    if os.access(TIME_BIN, os.X_OK):
+        with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+            full = [TIME_BIN, "-f", "%M", "-o", rss_file.name, *cmd]
+            start = time.perf_counter()
+            proc = subprocess.run(full, capture_output=True, text=True, check=False)
+            seconds = time.perf_counter() - start
+            lines = Path(rss_file.name).read_text().strip().splitlines()
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        rss = int(lines[-1]) if lines and lines[-1].strip().isdigit() else None
+    else:
+        with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+            start = time.perf_counter()
+            popen = subprocess.Popen(cmd, stdout=fout, stderr=ferr)
+            _, status, usage = os.wait4(popen.pid, 0)
+            seconds = time.perf_counter() - start
+            popen.returncode = rc = os.waitstatus_to_exitcode(status)
+            fout.seek(0)
+            ferr.seek(0)
+            out, err = fout.read(), ferr.read()
+        rss = usage.ru_maxrss  # KiB on Linux
+    if rc != 0:
+        raise JobFailed(f"exit {rc}: {shlex.join(cmd)}\n{_tail(err or out)}")
+    return seconds, rss, out
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every file under `paths` once so it sits in the page cache."""
+    files: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            proc = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    'set -o pipefail; find "$1" -type f -print0 | xargs -0 -r cat',
+                    "warm",
+                    str(p),
+                ],
+                stdout=subprocess.DEVNULL,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise JobFailed(f"warming {p} failed (exit {proc.returncode})")
+        else:
+            files.append(str(p))
+    if files:
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def tb(nbytes: int) -> str:
+    return f"{Decimal(nbytes) / 10**12:f}"
+
+
+def gb(nbytes: int) -> str:
+    return f"{Decimal(nbytes) / 10**9:f}"
+
+
+@dataclass(frozen=True)
+class TapeParams:
+    capacity_bytes: int
+    container_bytes: int
+
+    def args(self) -> list[str]:
+        return [
+            "--capacity-tb",
+            tb(self.capacity_bytes),
+            "--container-size-gb",
+            gb(self.container_bytes),
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "capacity_bytes": self.capacity_bytes,
+            "capacity_tb": tb(self.capacity_bytes),
+            "container_bytes": self.container_bytes,
+            "container_size_gb": gb(self.container_bytes),
+        }
+
+
+def _single_container(total: int) -> int:
+    # Containers of 1 GB, or a quarter of the set for small sets so there are still several.
+    return max(MB, min(GB, -(-total // 4)))
+
+
+def ltoflow_plan(ltoflow: str, source: Path, params: TapeParams) -> dict[str, Any] | str:
+    """`ltoflow plan --json` for these parameters: the plan, or the error text."""
+    cmd = [ltoflow, "plan", "--source", str(source), *params.args(), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return _tail(proc.stderr or proc.stdout, 3)
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def choose_params(
+    ltoflow: str, source: Path, total: int, warn: Callable[[str], None]
+) -> tuple[TapeParams, TapeParams]:
+    """Capacities and container sizes for the single- and the multi-tape backups.
+
+    Every tape reserves room for the whole catalog (which grows with the file count), so the
+    capacities are the reserve that `ltoflow plan` reports plus the data share: the whole
+    set for one tape (with room to spare), total/2.7 for the multi-tape run (3 or more
+    tapes), whose containers are a fifth of a tape's data share so several fit per tape.
+    """
+    container = _single_container(total)
+    probe = ltoflow_plan(ltoflow, source, TapeParams(10 * total + 10 * GB, container))
+    reserve = probe["reserved_catalog_bytes"] if isinstance(probe, dict) else 0
+    if isinstance(probe, str):
+        warn(f"ltoflow plan failed, guessing capacities: {probe}")
+    single = TapeParams(total + 2 * reserve + GB, container)
+    check = ltoflow_plan(ltoflow, source, single)
+    if isinstance(check, dict) and len(check["tapes"]) != 1:
+        warn(f"single-tape parameters plan {len(check['tapes'])} tapes")
+
+    share = max(1, -(-total * 10 // 27))  # ceil(total / 2.7)
+    multi = TapeParams(reserve + share, max(1, min(GB, share // 5)))
+    for _ in range(8):
+        multi = TapeParams(int(reserve * 1.05) + share, max(1, min(GB, share // 5)))
+        attempt = ltoflow_plan(ltoflow, source, multi)
+        if isinstance(attempt, str):
+            reserve = int(reserve * 1.5) + MB  # the reserve outgrew our estimate
+            continue
+        if len(attempt["tapes"]) >= 3:
+            return single, multi
+        reserve = attempt["reserved_catalog_bytes"]
+    warn(f"could not find multi-tape parameters that plan 3+ tapes; using {multi}")
+    return single, multi
+
+
+# --------------------------------------------------------------------------- one set
+
+
+@dataclass
+class JobResult:
+    key: str
+    samples: list[Sample] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def median(self) -> float | None:
+        return statistics.median(s.seconds for s in self.samples) if self.samples else None
+
+
+@dataclass
+class Config:
+    ltoflow: str
+    runs: int
+    buffer_mb: int | None
+    workdir: Path
+
+
+class SetBench:
+    def __init__(self, ds: datasets.DataSet, cfg: Config) -> None:
+        self.ds = ds
+        self.cfg = cfg
+        self.out = cfg.workdir / "out" / ds.name
+        self.tar_path = self.out / "floor.tar"
+        self.single_dir = self.out / "tapes-single"
+        self.multi_dir = self.out / "tapes-multi"
+        self.results = {k: JobResult(k) for k in (*BACKUP_JOBS, VERIFY_FLOOR, VERIFY)}
+        self.warnings: list[str] = []
+        self.single, self.multi = choose_params(cfg.ltoflow, ds.root, ds.bytes, self._warn)
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            log(f"WARNING [{self.ds.name}]: {message}")
+
+    def command(self, key: str, containers: list[Path] | None = None) -> list[str]:
+        src = str(self.ds.root)
+        if key == FLOOR:
+            script = (
+                f"set -o pipefail; tar -cf - -C {shlex.quote(src)} . "
+                f"| tee {shlex.quote(str(self.tar_path))} | openssl dgst -sha256"
+            )
+            return ["bash", "-c", script]
+        if key in (SINGLE, MULTI):
+            target, params = (
+                (self.single_dir, self.single) if key == SINGLE else (self.multi_dir, self.multi)
+            )
+            cmd = [
+                self.cfg.ltoflow,
+                "backup",
+                "--source",
+                src,
+                "--simulator",
+                str(target),
+                *params.args(),
+                "--json",
+                "--quiet",
+            ]
+            if self.cfg.buffer_mb is not None:
+                cmd += ["--buffer-mb", str(self.cfg.buffer_mb)]
+            return cmd
+        if key == VERIFY_FLOOR:
+            assert containers
+            return ["openssl", "dgst", "-sha256", *map(str, containers)]
+        if key == VERIFY:
+            return [self.cfg.ltoflow, "verify", "--simulator", str(self.single_dir), "--json"]
+        raise ValueError(key)
+
+    def output_of(self, key: str) -> Path | None:
+        return {FLOOR: self.tar_path, SINGLE: self.single_dir, MULTI: self.multi_dir}.get(key)
+
+    def _measure(
+        self, key: str, rnd: int, warm_paths: list[Path], containers: list[Path] | None = None
+    ) -> bool:
+        result = self.results[key]
+        out = self.output_of(key)
+        if out is not None:
+            remove(out)
+        warm(warm_paths)
+        os.sync()  # no dirty pages from earlier runs are flushed on this run's clock
+        try:
+            seconds, rss, stdout = run_timed(self.command(key, containers))
+        except JobFailed as exc:
+            result.errors.append(f"round {rnd}: {exc}")
+            log(f"[{self.ds.name}] round {rnd} {key}: FAILED {exc}")
+            if out is not None:
+                remove(out)
+            return False
+        result.samples.append(Sample(rnd, seconds, rss, stdout))
+        extra = ""
+        if key in (SINGLE, MULTI, VERIFY):
+            report: dict[str, Any] = json.loads(stdout)
+            result.reports.append(report)
+            self._check(key, report)
+            if key != VERIFY:
+                extra = f", {len(report.get('tapes', []))} tape(s)"
+        rss_text = f", peak RSS {rss / 1024:.0f} MiB" if rss is not None else ""
+        log(f"[{self.ds.name}] round {rnd} {key}: {seconds:.3f} s{rss_text}{extra}")
+        return True
+
+    def _check(self, key: str, report: dict[str, Any]) -> None:
+        if key == VERIFY:
+            if report.get("ok") is not True:
+                self._warn(f"verify reported problems: {report.get('problems')}")
+            return
+        if report.get("bytes") != self.ds.bytes:
+            self._warn(
+                f"{key}: ltoflow backed up {report.get('bytes')} bytes, the set has {self.ds.bytes}"
+            )
+        tapes = len(report.get("tapes", []))
+        if key == SINGLE and tapes != 1:
+            self._warn(f"single-tape backup used {tapes} tapes")
+        if key == MULTI and tapes < 3:
+            self._warn(f"multi-tape backup used only {tapes} tapes")
+
+    def run(self) -> None:
+        name = self.ds.name
+        remove(self.out)
+        self.out.mkdir(parents=True)
+        log(
+            f"[{name}] warming the page cache ({self.ds.files:,} files, "
+            f"{self.ds.bytes / MB:,.1f} MB)"
+        )
+        warm([self.ds.root])
+        for rnd in range(1, self.cfg.runs + 1):
+            shift = (rnd - 1) % len(BACKUP_JOBS)
+            order = BACKUP_JOBS[shift:] + BACKUP_JOBS[:shift]
+            for key in order:
+                ok = self._measure(key, rnd, [self.ds.root])
+                if key == SINGLE and ok:
+                    self._verify_round(rnd)
+                if (out := self.output_of(key)) is not None:
+                    remove(out)
+        remove(self.out)
+
+    def _verify_round(self, rnd: int) -> None:
+        """Time ltoflow verify and its floor on the single-tape set just written."""
+        containers = sorted(self.single_dir.glob("*/data/*"))
+        if not containers:
+            self._warn("no container files found under tapes-single/*/data/")
+            return
+        pair = (VERIFY_FLOOR, VERIFY) if rnd % 2 else (VERIFY, VERIFY_FLOOR)
+        for key in pair:
+            self._measure(key, rnd, containers, containers)
+
+    # ----------------------------------------------------------------- summary
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for key, result in self.results.items():
+            med = result.median()
+            floor_med = self.results[FLOOR_OF[key]].median()
+            reads = [
+                r["source_bytes_read"] / r["bytes"]
+                for r in result.reports
+                if r.get("bytes") and "source_bytes_read" in r
+            ]
+            rss = [s.peak_rss_kib for s in result.samples if s.peak_rss_kib is not None]
+            row: dict[str, Any] = {
+                "job": key,
+                "label": LABELS[key],
+                "floor": FLOOR_OF[key],
+                "runs": len(result.samples),
+                "failures": len(result.errors),
+                "errors": result.errors,
+                "seconds": [round(s.seconds, 4) for s in result.samples],
+                "median_seconds": med,
+                "min_seconds": min(s.seconds for s in result.samples) if result.samples else None,
+                "max_seconds": max(s.seconds for s in result.samples) if result.samples else None,
+                "mb_per_s": self.ds.bytes / MB / med if med else None,
+                "files_per_s": self.ds.files / med if med else None,
+                "ratio": floor_med / med if med and floor_med else None,
+                "reads_per_source_byte": statistics.median(reads) if reads else None,
+                "peak_rss_kib": max(rss) if rss else None,
+                "peak_rss_kib_per_run": [s.peak_rss_kib for s in result.samples],
+                "tapes": None,
+                "containers": None,
+                "ltoflow_seconds": [r.get("seconds") for r in result.reports] or None,
+            }
+            backups = [r for r in result.reports if "tapes" in r]
+            if backups:
+                row["tapes"] = len(backups[-1]["tapes"])
+                row["containers"] = backups[-1].get("containers")
+            elif key == VERIFY and result.reports:
+                row["tapes"] = result.reports[-1].get("tapes_checked")
+                row["containers"] = result.reports[-1].get("containers_checked")
+            rows.append(row)
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.ds.name,
+            "description": datasets.DESCRIPTIONS[self.ds.name],
+            "files": self.ds.files,
+            "bytes": self.ds.bytes,
+            "directories": self.ds.directories,
+            "sparse": self.ds.sparse,
+            "scale_factor": self.ds.scale_factor,
+            "seed": self.ds.seed,
+            "root": str(self.ds.root),
+            "single_tape": self.single.describe(),
+            "multi_tape": self.multi.describe(),
+            "warnings": self.warnings,
+            "jobs": self.rows(),
+        }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(sets: list[dict[str, Any]]) -> str:
+    header = (
+        "| set | job | runs | median s | MB/s | files/s | ratio | reads/B "
+        "| peak RSS MiB | tapes | containers |"
+    )
+    lines = [header, "|" + "---|" * 2 + "---:|" * 9]
+    for s in sets:
+        for row in s["jobs"]:
+            runs = str(row["runs"]) + (f" ({row['failures']} failed)" if row["failures"] else "")
+            rss = row["peak_rss_kib"] / 1024 if row["peak_rss_kib"] is not None else None
+            label = row["label"].replace("|", r"\|")
+            lines.append(
+                f"| {s['name']} | {label} | {runs} | {_fmt(row['median_seconds'], '.3f')}"
+                f" | {_fmt(row['mb_per_s'], ',.1f')} | {_fmt(row['files_per_s'], ',.0f')}"
+                f" | {_fmt(row['ratio'], '.2f')} | {_fmt(row['reads_per_source_byte'], '.2f')}"
+                f" | {_fmt(rss, ',.0f')} | {row['tapes'] if row['tapes'] is not None else '—'}"
+                f" | {row['containers'] if row['containers'] is not None else '—'} |"
+            )
+    notes = []
+    for s in sets:
+        st, mt = s["single_tape"], s["multi_tape"]
+        notes.append(
+            f"- **{s['name']}**: {s['files']:,} files, {s['bytes'] / MB:,.1f} MB"
+            f"{' (sparse)' if s['sparse'] else ''}, size factor {s['scale_factor']}; "
+            f"1 tape: capacity {st['capacity_tb']} TB, containers {st['container_size_gb']} GB; "
+            f"multi-tape: capacity {mt['capacity_tb']} TB, containers {mt['container_size_gb']} GB"
+        )
+        notes.extend(f"  - warning: {w}" for w in s["warnings"])
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _first_line(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if out.returncode == 0 and text else None
+
+
+def machine_info(workdir: Path, ltoflow: str) -> dict[str, Any]:
+    cpu_model = None
+    meminfo: dict[str, int] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                meminfo[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "mem_total_kib": meminfo.get("MemTotal"),
+        "mem_available_kib": meminfo.get("MemAvailable"),
+        "kernel": platform.release(),
+        "kernel_version": platform.version(),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "ltoflow": ltoflow,
+        "git_commit": _first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
+        "workdir": str(workdir),
+        "workdir_fs": _first_line(["stat", "-f", "-c", "%T", str(workdir)]),
+        "tar": _first_line(["tar", "--version"]),
+        "openssl": _first_line(["openssl", "version"]),
+        "peak_rss_method": "/usr/bin/time -f %M" if os.access(TIME_BIN, os.X_OK) else "wait4",
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def default_ltoflow() -> str:
+    sibling = Path(sys.executable).parent / "ltoflow"
+    if sibling.exists():
+        return str(sibling)
+    found = shutil.which("ltoflow")
+    if found is None:
+        raise SystemExit("ltoflow not found: pass --ltoflow PATH")
+    return found
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument(
+        "--sets",
+        default=",".join(datasets.NAMES),
+        help=f"comma-separated, from {','.join(datasets.NAMES)} (default: all)",
+    )
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each job (default 3)")
+    p.add_argument(
+        "--size-factor",
+        type=float,
+        default=1.0,
+        help="scale data set sizes/counts, e.g. 0.05 for a quick run (default 1.0)",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help=f"data sets (kept, reused) and outputs (default {DEFAULT_WORKDIR})",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        dest="json_out",
+        help="write results here (default WORKDIR/results/bench-DATE.json)",
+    )
+    p.add_argument("--ltoflow", default=None, help="ltoflow executable (default: the venv's)")
+    p.add_argument(
+        "--buffer-mb",
+        type=int,
+        default=None,
+        help="pass --buffer-mb to ltoflow backup (default: ltoflow's own)",
+    )
+    args = p.parse_args(argv)
+    args.set_names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in args.set_names if s not in datasets.NAMES]
+    if unknown or not args.set_names:
+        p.error(f"unknown set(s) {unknown}; choose from {', '.join(datasets.NAMES)}")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if not args.size_factor > 0:
+        p.error("--size-factor must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("bash", "tar", "tee", "openssl", "find", "xargs", "cat"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is required")
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = Config(
+        ltoflow=args.ltoflow or default_ltoflow(),
+        runs=args.runs,
+        buffer_mb=args.buffer_mb,
+        workdir=workdir,
+    )
+    machine = machine_info(workdir, cfg.ltoflow)
+    if machine["workdir_fs"] == "tmpfs":
+        log(f"WARNING: {workdir} is tmpfs: outputs go to RAM, not to a disk")
+    if not os.access(TIME_BIN, os.X_OK):
+        log(f"note: {TIME_BIN} missing (apt-get install time); peak RSS comes from wait4")
+
+    results: list[dict[str, Any]] = []
+    for name in args.set_names:
+        dest = workdir / "datasets" / f"{name}-x{args.size_factor:g}"
+        log(f"[{name}] data set in {dest}")
+        ds = datasets.make(name, dest, args.size_factor, progress=log)
+        log(
+            f"[{name}] {'reused' if ds.reused else 'created'}: {ds.files:,} files, "
+            f"{ds.bytes / MB:,.1f} MB"
+        )
+        bench = SetBench(ds, cfg)
+        avail = machine["mem_available_kib"]
+        if avail and not ds.sparse and ds.bytes * 2 > avail * 1024:
+            bench._warn(
+                "source plus one output exceed available memory: the source will "
+                "not stay in the page cache"
+            )
+        bench.run()
+        results.append(bench.summary())
+
+    doc = {
+        "machine": machine,
+        "config": {
+            "sets": args.set_names,
+            "runs": args.runs,
+            "size_factor": args.size_factor,
+            "buffer_mb": args.buffer_mb,
+            "ltoflow": cfg.ltoflow,
+        },
+        "sets": results,
+    }
+    json_out: Path = args.json_out or (
+        workdir / "results" / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    )
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    cpu = machine["cpu_model"] or "unknown CPU"
+    print(
+        f"ltoflow benchmark, {machine['date']}: {cpu}, {machine['nproc']} CPUs, "
+        f"Linux {machine['kernel']}, Python {machine['python']}, "
+        f"runs={args.runs}, size factor {args.size_factor:g}\n"
+    )
+    print(markdown(results))
+    log(f"results written to {json_out}")
+    failed = any(row["failures"] for s in results for row in s["jobs"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

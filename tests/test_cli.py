@@ -1,0 +1,244 @@
+"""The command line: messages, exit codes, JSON output. Runs `main()` in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ltoflow.cli import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_WARNINGS, main
+
+from .conftest import load_catalog_json, write_tree
+
+TREE = {"a/one.bin": 150_000, "a/two.txt": 2_000, "b/three.bin": 420_000, "b/empty": 0}
+SMALL = ["--capacity-tb", "0.0000003", "--container-size-gb", "0.00005"]  # 300 kB tapes, 50 kB
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    write_tree(tmp_path / "src", TREE)
+    return tmp_path / "src"
+
+
+def test_backup_then_verify_is_clean(src: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    sim = tmp_path / "tapes"
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)
+    assert code == EXIT_OK
+    assert out.startswith("Backup complete. 3 tape(s), 4 file(s).")
+    assert f"tapes are in {sim}" in out
+    code, out, _ = cli(capsys, "verify", "--simulator", sim)
+    assert code == EXIT_OK
+    assert "3 of 3 tape(s)" in out
+    assert out.rstrip().endswith("clean.")
+
+
+def test_backup_json_summary(src: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       *SMALL, "--json", "--verify")
+    assert code == EXIT_OK
+    doc = json.loads(out)
+    assert doc["files"] == 4
+    assert doc["bytes"] == sum(TREE.values())
+    assert len(doc["tapes"]) == 3
+    assert doc["files_split_across_tapes"] >= 1
+    assert doc["verified"] is True
+    assert doc["verify_problems"] == []
+    assert doc["bytes"] < doc["source_bytes_read"] <= 2 * doc["bytes"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["backup"], ["required"]),
+        (["backup", "--source", "S", "--simulator", "T", "--capacity-tb", "x",
+          "--container-size-gb", "1"], ["--capacity-tb", "expects a number"]),
+        (["backup", "--source", "S", "--simulator", "T", "--capacity-tb", "-1",
+          "--container-size-gb", "1"], ["positive"]),
+        (["backup", "--source", "S", "--simulator", "T", "--device", "/dev/nst0",
+          "--capacity-tb", "1", "--container-size-gb", "1"], ["not allowed with"]),
+        (["backup", "--source", "S", "--capacity-tb", "1", "--container-size-gb", "1"],
+         ["--simulator", "--device"]),
+        (["backup", "--source", "S", "--simulator", "T", "--capacity-tb", "1",
+          "--container-size-gb", "1", "--sim-fault", "explode"], ["unknown fault"]),
+        (["nonsense"], ["invalid choice"]),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(
+    args: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == EXIT_USAGE
+    one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", tmp_path / "nope", "--simulator",
+                       tmp_path / "t", *SMALL)
+    assert code == EXIT_USAGE
+    one_line_error(err, "does not exist", "nope")
+
+
+def test_container_larger_than_usable_capacity(src: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       "--capacity-tb", "0.0000003", "--container-size-gb", "0.0003")
+    assert code == EXIT_USAGE
+    one_line_error(err, "larger than a tape's usable capacity", "smaller container")
+    assert not (tmp_path / "t").exists(), "nothing is written for an impossible plan"
+
+
+def test_capacity_too_small_for_catalog(src: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "plan", "--source", src, "--capacity-tb", "0.00000001",
+                       "--container-size-gb", "0.000000001")
+    assert code == EXIT_USAGE
+    one_line_error(err, "cannot hold the catalog", "--capacity-tb")
+
+
+def test_simulator_directory_holding_another_set_is_refused(
+    src: Path, seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", seed_tapes, *SMALL)
+    assert code == EXIT_USAGE
+    one_line_error(err, "already holds backup set 28ad0eff-a584-452c-9d9b-60c9e615d6f6")
+
+
+def test_device_is_not_supported_yet(src: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--device", "/dev/nst0",
+                       "--mount-point", tmp_path, *SMALL)
+    assert code == EXIT_USAGE
+    one_line_error(err, "not supported yet")
+
+
+def test_plan_json_is_deterministic(src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = [cli(capsys, "plan", "--source", src, *SMALL, "--json") for _ in range(2)]
+    assert runs[0] == runs[1]
+    doc = json.loads(runs[0][1])
+    assert len(doc["tapes"]) == 3
+    assert doc["usable_capacity_bytes"] == 300_000 - doc["reserved_catalog_bytes"]
+    assert doc["split_files"][0]["relative_path"] == "a/one.bin"
+    assert sum(s["length_bytes"] for s in doc["segments"]) == sum(TREE.values())
+
+
+def test_plan_text_names_split_files(src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "plan", "--source", src, *SMALL)
+    assert code == EXIT_OK
+    assert "b/three.bin" in out
+    assert "catalog reserve" in out
+
+
+def test_verify_reads_the_seed_format_fixture(seed_tapes: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes)
+    assert code == EXIT_OK
+    assert "3 of 3 tape(s), 6 container(s)" in out
+
+
+def test_verify_names_tape_container_and_damaged_file(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tape = sorted(seed_tapes.iterdir())[1]
+    blob = tape / "data" / "CNT-28ad0eff-a584-452c-9d9b-60c9e615d6f6-00004"
+    data = bytearray(blob.read_bytes())
+    data[52_000] ^= 1  # inside ledger.csv's segment
+    blob.write_bytes(bytes(data))
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes)
+    assert code == EXIT_DAMAGED
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1
+    assert tape.name in bad[0]
+    assert "CNT-28ad0eff-a584-452c-9d9b-60c9e615d6f6-00004" in bad[0]
+    assert "case-002/ledger.csv" in bad[0]
+    assert "video.bin" not in bad[0]
+
+
+def test_verify_reports_missing_container_and_tape(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tapes = sorted(seed_tapes.iterdir())
+    (tapes[0] / "data" / "CNT-28ad0eff-a584-452c-9d9b-60c9e615d6f6-00001").unlink()
+    shutil.rmtree(tapes[2])
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes, "--json")
+    assert code == EXIT_DAMAGED
+    doc = json.loads(out)
+    whats = {(p["tape_id"], p["what"]) for p in doc["problems"]}
+    assert (tapes[0].name, "container is missing from the tape") in whats
+    assert (tapes[2].name, "tape is missing") in whats
+    missing_tape = next(p for p in doc["problems"] if p["what"] == "tape is missing")
+    assert "case-002/scans/page-002.tif" in missing_tape["files"]
+
+
+def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tapes = sorted(seed_tapes.iterdir())
+    cat_file = tapes[0] / "catalog" / "catalog.json"
+    cat_file.write_bytes(cat_file.read_bytes().replace(b"case-001", b"case-00X"))
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes)
+    assert code == EXIT_DAMAGED
+    assert f"BAD tape {tapes[0].name}: tape {tapes[0].name}: catalog/catalog.json does not " \
+           "match catalog/catalog.sha256" in out
+    assert "6 container(s)" in out
+
+
+def test_skipped_entries_exit_with_warnings(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"real.txt": 100})
+    (src / "link").symlink_to("real.txt")
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL)
+    assert code == EXIT_WARNINGS
+    assert "skipped link (symlink)" in out
+    doc = load_catalog_json(next((tmp_path / "t").iterdir()))
+    assert doc["skipped"] == [{"relative_path": "link", "kind": "symlink",
+                               "reason": "not a regular file"}]
+
+
+@pytest.mark.parametrize(
+    ("fault", "needle"),
+    [
+        ("fail_on_write", "cannot write"),
+        ("fail_on_load", "did not load"),
+        ("fail_after_bytes_written=120000", "is full"),
+    ],
+)
+def test_injected_backup_faults_give_a_clear_error(
+    fault: str, needle: str, src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL,
+                       "--sim-fault", fault, "--sim-fault", "error_message=drive on fire")
+    assert code == EXIT_FAILED
+    one_line_error(err, "drive on fire", needle)
+
+
+def test_injected_read_fault_makes_verify_report_every_container(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tape3 = sorted(seed_tapes.iterdir())[2].name
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes, "--sim-fault",
+                       "fail_on_read", "--sim-fault", f"failed_tape_ids={tape3}")
+    assert code == EXIT_DAMAGED
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert bad
+    assert all(tape3 in line for line in bad)
+    assert any("cannot be read" in line and "page-002.tif" in line for line in bad)
