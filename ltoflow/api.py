@@ -27,7 +27,7 @@ from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, lis
 from ltoflow.engine import BackupResult, EngineSettings, run_backup
 from ltoflow.errors import SetExistsError, UsageError
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.plan import Plan, catalog_measurer, make_plan
+from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
 from ltoflow.progress import NullReporter, Reporter
 from ltoflow.scan import scan_tree
 from ltoflow.units import GB, TB, MiB
@@ -100,11 +100,17 @@ def compose(
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
     scan = scan_tree(config.source_root)
+    codec = codec or JsonCatalogCodec()
+    # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
+    measure = (
+        JsonPlanSizer(codec, created_by()) if type(codec) is JsonCatalogCodec
+        else catalog_measurer(codec, created_by())
+    )
     return make_plan(
         scan,
         capacity_bytes=config.tape_nominal_capacity_bytes,
         container_size_bytes=config.max_container_size_bytes,
-        measure_catalog=catalog_measurer(codec or JsonCatalogCodec(), created_by()),
+        measure_catalog=measure,
         extra_reserve_bytes=recovery.kit_size(),
     )
 

@@ -35,8 +35,14 @@ def iso_utc(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+_MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+_MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+
+
 def iso_from_ns(mtime_ns: int) -> str:
-    return iso_utc(_EPOCH + timedelta(microseconds=mtime_ns // 1000))
+    """`modified_at` for an mtime; mtimes beyond years 1..9999 are clamped (mtime_ns is exact)."""
+    us = min(max(mtime_ns // 1000, _MIN_US), _MAX_US)
+    return iso_utc(_EPOCH + timedelta(microseconds=us))
 
 
 def file_id_for(relative_path: str) -> str:
@@ -175,6 +181,20 @@ class JsonCatalogCodec:
             yield b"]" if n + 1 < len(_LIST_KEYS) else b"]}\n"
             if n + 1 < len(_LIST_KEYS):
                 yield b","
+
+    def record_size(self, record: object) -> int:
+        """Encoded bytes of one list record, without its separator."""
+        return len(orjson.dumps(converter.unstructure(record)))
+
+    @staticmethod
+    def list_size(record_bytes: int, count: int) -> int:
+        """Bytes a list adds beyond its empty form: the records and their separators."""
+        return record_bytes + 2 * count - 1 if count else 0
+
+    @staticmethod
+    def string_size(text: str) -> int:
+        """Bytes of `text` as a JSON string body (escapes counted, quotes not)."""
+        return len(orjson.dumps(text)) - 2
 
     def decode(self, data: bytes, *, source: str) -> Catalog:
         try:

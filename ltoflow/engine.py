@@ -236,9 +236,9 @@ async def write_actor(
     """
     writer = None
     started = 0.0
-    primed_once = False
     with inp:
         try:
+            await buffer.wait_primed()
             while True:
                 try:
                     chunk = inp.receive_nowait()
@@ -249,12 +249,11 @@ async def write_actor(
                         chunk = await inp.receive()
                     except trio.EndOfChannel:
                         break
-                    if primed_once:
+                    if stats.bytes:  # not the pipeline filling up behind the first chunk
                         stats.stalls += 1
                         stats.stall_seconds += trio.current_time() - t0
                 except trio.EndOfChannel:
                     break
-                primed_once = True
                 cid = container_ids[chunk.container]
                 if chunk.first:
                     writer = await tape.open_write(f"data/{cid}")
@@ -276,6 +275,11 @@ async def write_actor(
                 with trio.CancelScope(shield=True):
                     await writer.abort()
             raise
+        if writer is not None:
+            # The input ended inside a container: an upstream actor failed, and its error is
+            # on its way. Drop the partial container; the supervisor counts what got written.
+            with trio.CancelScope(shield=True):
+                await writer.abort()
 
 
 async def prehash_actor(
@@ -362,7 +366,9 @@ _SET_ID_RE = re.compile(rb'"backup_set_id"\s*:\s*"([^"]*)"')
 
 async def check_blank_or_ours(tape: LoadedTape, request: TapeRequest) -> None:
     """Refuse a tape that holds anything; resuming onto a tape of this set is not done yet."""
-    head = await tape.read_small(cat.CATALOG_JSON, limit=4096)
+    head = None
+    if await tape.size_of(cat.CATALOG_JSON) is not None:
+        head = await tape.read_small(cat.CATALOG_JSON, limit=4096) or b""
     if head is not None:
         m = _SET_ID_RE.search(head)
         owner = m.group(1).decode(errors="replace") if m else "an unknown set"
@@ -596,4 +602,8 @@ async def _stream_tape(
             )
     finally:
         reads[0] += cursor.bytes_read
+    if stats.containers != len(tape.containers):  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(
+            f"tape {tape_id}: {stats.containers} of {len(tape.containers)} containers written"
+        )
     return stats

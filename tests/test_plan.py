@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ltoflow import catalog as cat
@@ -154,3 +154,35 @@ def test_capacity_too_small_for_catalog_is_refused() -> None:
 
 def test_reserve_covers_extra_files() -> None:
     assert plan_of([10], 100_000, 1_000, extra=5_000).reserve_bytes >= 5_000 + 64
+
+
+names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00/"),
+                min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(names, st.integers(0, 40_000), st.integers(-(2**62), 2**62),
+                       st.integers(0, 0o177777)), max_size=30, unique_by=lambda t: t[0]),
+    st.integers(2_000, 200_000),
+    st.floats(0.01, 0.9),
+    st.text(max_size=20),
+)
+def test_fast_json_sizer_equals_encoding_the_placeholder_catalog(
+    files: list[tuple[str, int, int, int]], capacity: int, share: float, root: str
+) -> None:
+    from ltoflow.plan import JsonPlanSizer
+
+    scanned = tuple(ScannedFile(name, size, mtime, mode) for name, size, mtime, mode in files)
+    scan = ScanResult(Path("/" + root.replace("\x00", "")), scanned, ())
+    container = max(1, int(capacity * share))
+    sizer = JsonPlanSizer(CODEC, "ltoflow test")
+    try:
+        plan = make_plan(scan, capacity_bytes=capacity, container_size_bytes=container,
+                         measure_catalog=MEASURE)
+    except BackupPlanError:
+        event("plan refused")
+        return
+    event(f"{len(plan.segments) // 10 * 10}+ segments")
+    assert sizer(plan) == MEASURE(plan)
+    assert sizer(plan) == MEASURE(plan)  # the cached file records stay right

@@ -1,0 +1,5 @@
+"""`python -m ltoflow` is the `ltoflow` command."""
+
+from ltoflow.cli import entry
+
+entry()

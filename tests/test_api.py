@@ -1,0 +1,71 @@
+"""The Python API as the README shows it, and the composition root's pluggable parts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import orjson
+
+from ltoflow import BackupConfig, backup, compose, verify
+from ltoflow.catalog import Catalog, JsonCatalogCodec, converter
+from ltoflow.drives import TapeRequest
+
+from .conftest import load_catalog_json, rebuild_files, write_tree
+
+TREE = {"case-1/a.pdf": 90_000, "case-1/b.tif": 250_000, "case-2/c.csv": 3_000, "e": 0}
+
+
+def test_readme_example(tmp_path: Path) -> None:
+    contents = write_tree(tmp_path / "records", TREE)
+    config = BackupConfig.simulator(tmp_path / "records", tmp_path / "tapes",
+                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    result = backup(config)
+    assert len(result.tapes) >= 2
+    assert len(result.catalog.source_files) == 4
+    report = verify(config)
+    assert report.ok
+    assert report.tapes_checked == len(result.tapes)
+    assert rebuild_files(tmp_path / "tapes", load_catalog_json(
+        tmp_path / "tapes" / result.tapes[0].tape_id)) == contents
+
+
+class RecordingOperator:
+    def __init__(self) -> None:
+        self.requests: list[TapeRequest] = []
+
+    async def insert_tape(self, request: TapeRequest, *, problem: str | None = None) -> None:
+        self.requests.append(request)
+
+
+def test_operator_is_asked_for_each_tape_in_order(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", TREE)
+    config = BackupConfig.simulator(tmp_path / "src", tmp_path / "tapes",
+                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    operator = RecordingOperator()
+    result = backup(config, attrs.evolve(compose(config), operator=operator))
+    assert [r.sequence_number for r in operator.requests] == list(
+        range(1, len(result.tapes) + 1))
+    assert [r.tape_id for r in operator.requests] == [t.tape_id for t in result.tapes]
+    assert all(r.total_tapes == len(result.tapes) for r in operator.requests)
+
+
+class IndentedJsonCodec(JsonCatalogCodec):
+    """The seed's own style: one indented JSON document. A different size than ours."""
+
+    def encode(self, catalog: Catalog) -> Iterator[bytes]:
+        yield orjson.dumps(converter.unstructure(catalog), option=orjson.OPT_INDENT_2)
+
+
+def test_a_swapped_codec_is_used_for_the_reserve_the_tapes_and_verify(tmp_path: Path) -> None:
+    write_tree(tmp_path / "src", TREE)
+    config = BackupConfig.simulator(tmp_path / "src", tmp_path / "tapes",
+                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    codec = IndentedJsonCodec()
+    result = backup(config, attrs.evolve(compose(config), codec=codec))
+    raw = (tmp_path / "tapes" / result.tapes[0].tape_id / "catalog" / "catalog.json").read_bytes()
+    assert raw.startswith(b'{\n  "')
+    assert len(raw) <= result.catalog.tapes[0].reserved_catalog_bytes
+    report = verify(attrs.evolve(compose(config), codec=codec))
+    assert report.ok

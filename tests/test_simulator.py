@@ -1,0 +1,141 @@
+"""The simulator drive: the seed's layout and each SimulatorFailureConfig field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ltoflow import api
+from ltoflow.drives import TapeRequest
+from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+from ltoflow.errors import (
+    FileWriteError,
+    TapeFullError,
+    TapeNotLoadedError,
+    TapeReadError,
+)
+
+from .conftest import Raises, write_tree
+
+T1 = TapeRequest("TAPE-x-001", 1, "x")
+T2 = TapeRequest("TAPE-x-002", 2, "x")
+
+
+async def test_tape_json_keeps_the_seed_keys(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 1_000)
+    tape = await drive.load(T1)
+    w = await tape.open_write("data/CNT-1")
+    await w.write(b"x" * 300)
+    await w.close()
+    await tape.sync()
+    await drive.unload()
+    doc = json.loads((tmp_path / "TAPE-x-001" / "tape.json").read_text())
+    assert doc == {"tape_id": "TAPE-x-001", "capacity_bytes": 1_000, "bytes_written": 300}
+    again = await drive.load(T1)
+    assert await again.free_bytes() == 700
+
+
+async def test_writing_past_capacity_raises_tape_full_with_bytes_written(tmp_path: Path) -> None:
+    tape = await SimulatorDrive(tmp_path, 1_000).load(T1)
+    w = await tape.open_write("data/a")
+    await w.write(b"x" * 900)
+    with pytest.raises(TapeFullError, match="TAPE-x-001 is full") as info:
+        await w.write(b"x" * 200)
+    assert info.value.bytes_written == 900
+    await w.abort()
+
+
+async def test_a_file_on_tape_is_never_overwritten(tmp_path: Path) -> None:
+    tape = await SimulatorDrive(tmp_path, 1_000).load(T1)
+    await (await tape.open_write("data/a")).close()
+    with pytest.raises(FileWriteError, match="append-only"):
+        await tape.open_write("data/a")
+
+
+async def test_fail_on_write(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 1_000, SimulatorFailureConfig(fail_on_write=True,
+                                                                  error_message="boom"))
+    tape = await drive.load(T1)
+    with pytest.raises(FileWriteError, match="boom: cannot write data/a on tape TAPE-x-001"):
+        await tape.open_write("data/a")
+
+
+async def test_fail_on_read_raises_a_file_write_error(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 1_000)
+    tape = await drive.load(T1)
+    await (await tape.open_write("data/a")).close()
+    await drive.unload()
+    failing = SimulatorDrive(tmp_path, 1_000, SimulatorFailureConfig(fail_on_read=True))
+    tape = await failing.load(TapeRequest("TAPE-x-001", 1, "x", purpose="read"))
+    with pytest.raises(FileWriteError) as info:  # the seed's documented type
+        await tape.open_read("data/a")
+    assert isinstance(info.value, TapeReadError)
+    with pytest.raises(TapeReadError):
+        await tape.read_small("data/a", limit=10)
+
+
+async def test_fail_on_load(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 1_000, SimulatorFailureConfig(fail_on_load=True))
+    with pytest.raises(TapeNotLoadedError, match="TAPE-x-001 did not load"):
+        await drive.load(T1)
+
+
+async def test_fail_after_bytes_written(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 10_000,
+                           SimulatorFailureConfig(fail_after_bytes_written=500))
+    tape = await drive.load(T1)
+    w = await tape.open_write("data/a")
+    await w.write(b"x" * 500)
+    with pytest.raises(TapeFullError) as info:
+        await w.write(b"x")
+    assert info.value.bytes_written == 500
+    await w.abort()
+
+
+async def test_failed_tape_ids_limits_injection_to_those_tapes(tmp_path: Path) -> None:
+    faults = SimulatorFailureConfig(fail_on_write=True, fail_on_load=True,
+                                    failed_tape_ids=frozenset({"TAPE-x-002"}))
+    drive = SimulatorDrive(tmp_path, 1_000, faults)
+    tape = await drive.load(T1)
+    await (await tape.open_write("data/a")).close()
+    await drive.unload()
+    with pytest.raises(TapeNotLoadedError):
+        await drive.load(T2)
+
+
+async def test_read_of_a_missing_tape_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TapeNotLoadedError, match="not in the simulator directory"):
+        await SimulatorDrive(tmp_path).load(TapeRequest("TAPE-y-001", 1, "y", purpose="read"))
+
+
+async def test_backup_verify_reports_injected_read_faults(tmp_path: Path) -> None:
+    """fail_on_read during `backup --verify`: the damaged tape is named, the backup finishes."""
+    src = tmp_path / "src"
+    write_tree(src, {f"f{i}": 60_000 for i in range(8)})
+    config = api.BackupConfig(source_root=src, tapes_root=tmp_path / "t",
+                              tape_nominal_capacity_bytes=300_000,
+                              max_container_size_bytes=50_000, verify_after_write=True)
+    plan = api.make_backup_plan(config)
+    assert len(plan.tapes) >= 3
+    # Tape ids carry the set id, unknown before the backup: fail every read instead.
+    faults = SimulatorFailureConfig(fail_on_read=True)
+    components = api.compose(config, failures=faults)
+    result = await api.backup_async(config, components)
+    assert result.verify_problems
+    assert all("cannot" in p for p in result.verify_problems)
+    tapes_named = {t.tape_id for t in result.tapes if any(t.tape_id in p
+                                                          for p in result.verify_problems)}
+    assert tapes_named == {t.tape_id for t in result.tapes}
+
+
+async def test_injected_write_failure_stops_the_backup_naming_the_tape(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"a": 1_000})
+    config = api.BackupConfig(source_root=src, tapes_root=tmp_path / "t",
+                              tape_nominal_capacity_bytes=300_000,
+                              max_container_size_bytes=50_000)
+    components = api.compose(config, failures=SimulatorFailureConfig(fail_on_write=True))
+    with Raises(FileWriteError, match="TAPE-.*-001"):
+        await api.backup_async(config, components)
