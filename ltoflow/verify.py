@@ -20,13 +20,14 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.engine import PipelineBuffer
 from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError, leaves
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
 #: Chunks read ahead of the hashers: enough to overlap, little memory.
-READ_AHEAD = 3
+READ_AHEAD = 4
 #: A catalog bigger than this is refused rather than read into memory.
 MAX_CATALOG_BYTES = 8 * 1024 * MiB
 
@@ -171,10 +172,17 @@ def _end(s: SegmentEntry) -> int:
     return s.container_offset + s.length_bytes
 
 
+def read_pool() -> PipelineBuffer:
+    """Buffers for reading containers, allocated on first use and reused for a whole job."""
+    return PipelineBuffer((READ_AHEAD + 2) * READ_CHUNK_BYTES)
+
+
 async def verify_container(
-    tape: LoadedTape, container: ContainerEntry, index: CatalogIndex
+    tape: LoadedTape, container: ContainerEntry, index: CatalogIndex,
+    pool: PipelineBuffer | None = None,
 ) -> tuple[list[Problem], int]:
     """Read one container front to back; return its problems and the bytes read."""
+    pool = pool or read_pool()
     segments = index.segments.get(container.container_id, [])
     where: dict[str, Any] = {
         "tape_id": container.tape_id, "container_id": container.container_id
@@ -198,9 +206,10 @@ async def verify_container(
         with send:
             try:
                 while True:
-                    buf = bytearray(READ_CHUNK_BYTES)
+                    buf = await pool.take()
                     n = await reader_.readinto(memoryview(buf))
                     if not n:
+                        pool.give_back(buf, 0)
                         break
                     await send.send((buf, n))
             finally:
@@ -215,6 +224,7 @@ async def verify_container(
                 async with trio.open_nursery() as both:
                     both.start_soon(trio.to_thread.run_sync, check.whole.update, data)
                     both.start_soon(trio.to_thread.run_sync, check.update_segments, data, pos)
+                pool.give_back(buf, 0)
                 total += n
 
     async with trio.open_nursery() as nursery:
@@ -247,6 +257,7 @@ async def verify_loaded_tape(
 ) -> list[Problem]:
     """Check this tape's catalog copy and every container the catalog puts on it."""
     index = index or CatalogIndex(catalog)
+    pool = read_pool()
     problems: list[Problem] = []
     try:
         _, digest = await read_tape_catalog(tape, tape_id)
@@ -259,7 +270,7 @@ async def verify_loaded_tape(
         found: list[Problem] = []
         nbytes = 0
         try:
-            found, nbytes = await verify_container(tape, container, index)
+            found, nbytes = await verify_container(tape, container, index, pool)
         except* BackupError as group:
             segs = index.segments.get(container.container_id, [])
             found = [Problem(f"cannot be read: {e}", tape_id=tape_id,
