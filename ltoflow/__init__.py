@@ -7,6 +7,8 @@ from ltoflow.api import (
     backup_async,
     compose,
     make_backup_plan,
+    restore,
+    restore_async,
     verify,
     verify_async,
 )
@@ -28,6 +30,7 @@ from ltoflow.errors import (
     UsageError,
     WrongTapeError,
 )
+from ltoflow.restore import RestoreReport
 from ltoflow.verify import VerifyReport
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "FileWriteError",
     "JsonCatalogCodec",
     "LoadedTape",
+    "RestoreReport",
     "SimulatorDrive",
     "SimulatorFailureConfig",
     "SourceFileChangedError",
@@ -59,6 +63,8 @@ __all__ = [
     "backup_async",
     "compose",
     "make_backup_plan",
+    "restore",
+    "restore_async",
     "verify",
     "verify_async",
 ]

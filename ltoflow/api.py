@@ -12,6 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,7 @@ import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import CatalogCodec, JsonCatalogCodec
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
@@ -29,9 +30,10 @@ from ltoflow.errors import SetExistsError, UsageError
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
 from ltoflow.progress import NullReporter, Reporter
+from ltoflow.restore import RestoreReport, plan_restore, run_restore
 from ltoflow.scan import scan_tree
 from ltoflow.units import GB, TB, MiB
-from ltoflow.verify import VerifyReport, verify_set
+from ltoflow.verify import VerifyReport, find_catalog, verify_set
 
 DEFAULT_BUFFER_BYTES = 256 * MiB
 
@@ -169,3 +171,41 @@ def verify(target: BackupConfig | Path | str | Components) -> VerifyReport:
             raise UsageError("verify needs a simulator directory")
         components = Components(drive=SimulatorDrive(root))
     return trio.run(verify_async, components)
+
+
+async def find_set_catalog(components: Components) -> Catalog:
+    """The catalog of the set on the drive's tapes (the first good copy found)."""
+    catalog, _, _, _ = await find_catalog(components.drive, components.codec)
+    return catalog
+
+
+async def restore_async(
+    components: Components,
+    target: Path,
+    patterns: Sequence[str] = (),
+    *,
+    catalog: Catalog | None = None,
+    overwrite: bool = False,
+) -> RestoreReport:
+    """Restore the files matching `patterns` (all when empty) into `target`."""
+    catalog = catalog or await find_set_catalog(components)
+    plan = await trio.to_thread.run_sync(
+        lambda: plan_restore(catalog, patterns, target, overwrite=overwrite))
+    return await run_restore(
+        plan, target, drive=components.drive, operator=components.operator,
+        clock=components.clock, reporter=components.reporter, overwrite=overwrite,
+    )
+
+
+def restore(
+    tapes: Path | str | Components,
+    target: Path | str,
+    patterns: Sequence[str] = (),
+    *,
+    overwrite: bool = False,
+) -> RestoreReport:
+    """Restore from a simulator directory (or given components) into `target`."""
+    components = tapes if isinstance(tapes, Components) else Components(
+        drive=SimulatorDrive(Path(tapes)))
+    return trio.run(
+        lambda: restore_async(components, Path(target), patterns, overwrite=overwrite))

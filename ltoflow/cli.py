@@ -13,18 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import orjson
 import trio
 
 from ltoflow import api
-from ltoflow.catalog import split_files
+from ltoflow.catalog import Catalog, split_files
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
 from ltoflow.engine import BackupResult
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.plan import Plan
 from ltoflow.progress import LogReporter
+from ltoflow.restore import plan_restore, run_restore, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
-from ltoflow.verify import VerifyReport
+from ltoflow.verify import VerifyReport, load_catalog_file
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -128,6 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drive(v, write=False)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     v.add_argument("--verbose", action="store_true", help="more detail")
+
+    r = sub.add_parser("restore", help="restore files (all, or those matching PATTERNs)")
+    _add_drive(r, write=False)
+    r.add_argument("--target", metavar="DIR", type=Path, required=True,
+                   help="directory to restore into (created if missing)")
+    r.add_argument("patterns", metavar="PATH_OR_GLOB", nargs="*",
+                   help="relative paths, directories or glob patterns (default: everything)")
+    r.add_argument("--catalog", metavar="FILE", type=Path,
+                   help="use this catalog.json instead of the one on the tapes")
+    r.add_argument("--dry-run", action="store_true",
+                   help="only list the tapes needed, in order, and the bytes to read")
+    r.add_argument("--overwrite", action="store_true", help="replace files already in the target")
+    r.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    r.add_argument("--verbose", action="store_true", help="more detail")
+
+    c = sub.add_parser("catalog", help="list or summarise a set's catalog")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--simulator", metavar="DIR", type=Path, help="read it from these tapes")
+    src.add_argument("--catalog", metavar="FILE", type=Path, help="read this catalog.json")
+    csub = c.add_subparsers(dest="catalog_command", required=True, parser_class=_Parser)
+    ls = csub.add_parser("ls", help="files: path, size, mtime and the tapes that hold them")
+    ls.add_argument("pattern", metavar="PATTERN", nargs="?",
+                    help="a relative path, directory or glob")
+    ls.add_argument("--json", action="store_true")
+    show = csub.add_parser("show", help="the set: tapes, containers, files, bytes, split files")
+    show.add_argument("--json", action="store_true")
 
     pl = sub.add_parser("plan", help="show the plan for a source tree without writing anything")
     pl.add_argument("--source", metavar="DIR", type=Path, required=True)
@@ -247,6 +275,131 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_DAMAGED
 
 
+def _read_drive(args: argparse.Namespace) -> SimulatorDrive:
+    root = _check_drive(args)
+    if not root.is_dir():
+        raise UsageError(f"simulator directory {root} does not exist")
+    return SimulatorDrive(root, failures=_failures(getattr(args, "sim_fault", None)))
+
+
+def _catalog_from(args: argparse.Namespace, components: api.Components) -> Catalog:
+    if args.catalog is not None:
+        catalog, _ = load_catalog_file(args.catalog, components.codec)
+        return catalog
+    return trio.run(api.find_set_catalog, components)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    components = api.Components(drive=_read_drive(args),
+                                reporter=LogReporter(verbose=args.verbose, quiet=args.json))
+    catalog = _catalog_from(args, components)
+    target: Path = args.target
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--target {target} exists and is not a directory")
+    plan = plan_restore(catalog, args.patterns, target, overwrite=args.overwrite)
+    tapes = ", ".join(f"{t.tape_id} (tape {t.sequence_number})" for t in plan.tapes)
+    print(f"Restore of {len(plan.jobs)} file(s) needs {len(plan.tapes)} tape(s), in this order: "
+          f"{tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.dry_run:
+        for p in plan.problems:
+            print(f"WILL FAIL {p.describe()}")
+        if args.json:
+            _print_json({"tapes": [t.tape_id for t in plan.tapes],
+                         "files": len(plan.jobs), "bytes_to_read": plan.bytes_to_read,
+                         "problems": [attrs.asdict(p) for p in plan.problems]})
+        return EXIT_OK if not plan.problems else EXIT_DAMAGED
+    report = trio.run(lambda: run_restore(
+        plan, target, drive=components.drive, operator=components.operator,
+        clock=components.clock, reporter=components.reporter, overwrite=args.overwrite))
+    if args.json:
+        _print_json({
+            "requested": report.requested, "restored": report.restored,
+            "bytes_restored": report.bytes_restored, "seconds": round(report.seconds, 3),
+            "tapes": list(report.tapes), "ok": report.ok,
+            "problems": [attrs.asdict(p) for p in report.problems],
+        })
+    else:
+        for p in report.problems:
+            print(f"FAILED {p.describe()}")
+        rate = report.bytes_restored / report.seconds / 1e6 if report.seconds else 0.0
+        print(f"Restored {report.restored} of {report.requested} file(s) "
+              f"({human_bytes(report.bytes_restored)}) into {target} from "
+              f"{len(report.tapes)} tape(s) in {report.seconds:.1f} s ({rate:.0f} MB/s); "
+              f"{len(report.problems)} failed.")
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    if args.simulator is not None:
+        if not args.simulator.is_dir():
+            raise UsageError(f"simulator directory {args.simulator} does not exist")
+        components = api.Components(drive=SimulatorDrive(args.simulator))
+    else:
+        components = api.Components(drive=SimulatorDrive(Path("/nonexistent")))
+    catalog = _catalog_from(args, components)
+    if args.catalog_command == "ls":
+        return catalog_ls(catalog, args.pattern, as_json=args.json)
+    return catalog_show(catalog, as_json=args.json)
+
+
+def catalog_ls(catalog: Catalog, pattern: str | None, *, as_json: bool) -> int:
+    files, unmatched = select(catalog, [pattern] if pattern else [])
+    if unmatched:
+        raise UsageError(f"nothing in the catalog matches {pattern!r}")
+    tape_of = {c.container_id: c.tape_id for c in catalog.containers}
+    seq = {t.tape_id: t.sequence_number for t in catalog.tapes}
+    tapes: dict[str, list[str]] = {}
+    for s in catalog.segments:
+        held = tapes.setdefault(s.file_id, [])
+        t = tape_of.get(s.container_id, "?")
+        if t not in held:
+            held.append(t)
+    if as_json:
+        _print_json([{"relative_path": f.relative_path, "size_bytes": f.size_bytes,
+                      "modified_at": f.modified_at, "sha256": f.sha256,
+                      "tapes": tapes.get(f.file_id, [])} for f in files])
+        return EXIT_OK
+    for f in files:
+        on = ",".join(str(seq.get(t, "?")) for t in tapes.get(f.file_id, [])) or "-"
+        print(f"{f.size_bytes:>15,}  {f.modified_at[:19]}Z  tape {on:<6} {f.relative_path}")
+    return EXIT_OK
+
+
+def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
+    split, across = split_files(catalog)
+    per_tape = {t.tape_id: [0, 0] for t in catalog.tapes}
+    for c in catalog.containers:
+        if c.tape_id in per_tape:
+            per_tape[c.tape_id][0] += 1
+            per_tape[c.tape_id][1] += c.size_bytes
+    tapes = [{"tape_id": t.tape_id, "sequence_number": t.sequence_number,
+              "containers": per_tape[t.tape_id][0], "data_bytes": per_tape[t.tape_id][1]}
+             for t in catalog.tapes]
+    doc = {
+        "backup_set_id": catalog.backup_set_id, "created_at": catalog.created_at,
+        "created_by": catalog.created_by, "schema_version": catalog.schema_version,
+        "source_root": catalog.source_root, "tapes": tapes,
+        "containers": len(catalog.containers), "files": len(catalog.source_files),
+        "bytes": catalog.total_bytes, "split_files": split, "files_split_across_tapes": across,
+        "skipped": len(catalog.skipped),
+    }
+    if as_json:
+        _print_json(doc)
+        return EXIT_OK
+    print(f"Backup set {catalog.backup_set_id}, created {catalog.created_at}"
+          f"{' by ' + catalog.created_by if catalog.created_by else ''}")
+    print(f"  source {catalog.source_root}: {len(catalog.source_files)} file(s), "
+          f"{human_bytes(catalog.total_bytes)}, {split} split ({across} across tapes), "
+          f"{len(catalog.skipped)} skipped")
+    print(f"  {len(catalog.tapes)} tape(s), {len(catalog.containers)} container(s):")
+    for t in catalog.tapes:
+        count, nbytes = per_tape[t.tape_id]
+        print(f"    tape {t.sequence_number}  {t.tape_id}  {count} container(s)  "
+              f"{human_bytes(nbytes)}")
+    return EXIT_OK
+
+
 def verify_summary(report: VerifyReport) -> dict[str, Any]:
     return {
         "backup_set_id": report.catalog.backup_set_id,
@@ -363,7 +516,8 @@ def print_plan(plan: Plan) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan}
+    commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan,
+                "restore": cmd_restore, "catalog": cmd_catalog}
     verbose = getattr(args, "verbose", False)
     prog = f"ltoflow {args.command}"
     code = EXIT_INTERNAL

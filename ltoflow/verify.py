@@ -11,6 +11,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -106,6 +107,20 @@ def parse_sha256_file(data: bytes) -> str | None:
     if len(word) != cat.SHA256_HEX_LEN or any(c not in "0123456789abcdef" for c in word):
         return None
     return word
+
+
+def load_catalog_file(path: Path, codec: CatalogCodec) -> tuple[Catalog, str]:
+    """A catalog.json from local disk and its SHA-256, checked against a catalog.sha256 beside it
+    when there is one. Raises CatalogReadError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CatalogReadError(f"cannot read catalog {path}: {e.strerror}") from e
+    digest = hashlib.sha256(data).hexdigest()
+    beside = path.with_name("catalog.sha256")
+    if beside.is_file() and parse_sha256_file(beside.read_bytes()) != digest:
+        raise CatalogReadError(f"{path} does not match {beside}: the catalog is damaged")
+    return codec.decode(data, source=str(path)), digest
 
 
 async def read_tape_catalog(tape: LoadedTape, tape_id: str) -> tuple[bytes, str]:

@@ -69,3 +69,17 @@ def test_a_swapped_codec_is_used_for_the_reserve_the_tapes_and_verify(tmp_path: 
     assert len(raw) <= result.catalog.tapes[0].reserved_catalog_bytes
     report = verify(attrs.evolve(compose(config), codec=codec))
     assert report.ok
+
+
+def test_readme_restore_example(tmp_path: Path) -> None:
+    from ltoflow import restore
+
+    contents = write_tree(tmp_path / "records", TREE)
+    config = BackupConfig.simulator(tmp_path / "records", tmp_path / "tapes",
+                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    backup(config)
+    report = restore(tmp_path / "tapes", tmp_path / "restore", ["case-1", "*.csv"])
+    assert report.ok
+    got = {str(p.relative_to(tmp_path / "restore")): p.read_bytes()
+           for p in (tmp_path / "restore").rglob("*") if p.is_file()}
+    assert got == {k: v for k, v in contents.items() if k.startswith("case-")}

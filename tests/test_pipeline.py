@@ -49,6 +49,9 @@ class MemoryReader:
         self.data = self.data[n:]
         return n
 
+    async def seek(self, offset: int) -> None:
+        raise NotImplementedError
+
     async def close(self) -> None:
         pass
 

@@ -42,6 +42,10 @@ class TapeWriter(Protocol):
 class TapeReader(Protocol):
     async def readinto(self, buf: memoryview) -> int: ...
 
+    async def seek(self, offset: int) -> None:
+        """Move to `offset` bytes from the start of the file (a locate on real tape)."""
+        ...
+
     async def close(self) -> None: ...
 
 

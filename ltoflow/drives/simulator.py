@@ -320,5 +320,8 @@ class SimulatorReader:
                 f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
             ) from e
 
+    async def seek(self, offset: int) -> None:
+        self._fh.seek(offset)
+
     async def close(self) -> None:
         self._fh.close()

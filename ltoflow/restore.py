@@ -1,0 +1,566 @@
+"""Restore files from a backup set: tape by tape, container by container, front to back.
+
+Every file is written under a temporary name in its final directory and takes its final name
+only once each segment's and the whole file's SHA-256 match the catalog. Paths from the catalog
+are untrusted: absolute paths, `..`, and symlinks inside the target are refused, and every file
+is created relative to directory descriptors opened without following links, so nothing is ever
+written outside the target. Problems are reported per file and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ltoflow.catalog import Catalog, ContainerEntry, SegmentEntry, SourceFileEntry, TapeEntry
+from ltoflow.clock import Clock
+from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.engine import PipelineBuffer
+from ltoflow.errors import BackupError, UsageError, leaves
+from ltoflow.operator import Operator
+from ltoflow.progress import Note, NullReporter, Reporter
+from ltoflow.units import MiB
+
+READ_CHUNK_BYTES = 8 * MiB
+#: A gap between wanted ranges larger than this is skipped with a seek instead of read through.
+SEEK_GAP_BYTES = 64 * MiB
+#: Chunks in flight between the tape reader and the file writer.
+READ_AHEAD = 4
+TEMP_PREFIX = ".ltoflow-restore-"
+_MAX_DIR_FDS = 256
+
+
+@attrs.frozen
+class FileProblem:
+    relative_path: str
+    what: str
+
+    def describe(self) -> str:
+        return f"{self.relative_path}: {self.what}"
+
+
+@attrs.define
+class _FileJob:
+    """One file being restored; private to the restore writer."""
+
+    entry: SourceFileEntry
+    parts: tuple[str, ...]
+    segments: list[SegmentEntry]
+    remaining: int  # segments still to come
+    fd: int = -1
+    temp_name: str = ""
+    whole: Any = attrs.field(factory=hashlib.sha256)
+    in_order: bool = True
+    next_offset: int = 0
+    failed: bool = False
+    done: bool = False
+
+
+@attrs.frozen
+class _Range:
+    """Bytes of one segment to read from a container and write into a file."""
+
+    job: int
+    segment: SegmentEntry
+
+    @property
+    def start(self) -> int:
+        return self.segment.container_offset
+
+    @property
+    def end(self) -> int:
+        return self.segment.container_offset + self.segment.length_bytes
+
+
+@attrs.frozen
+class RestorePlan:
+    """What a restore will do: the files, the tapes in order, the bytes to read."""
+
+    catalog: Catalog
+    jobs: tuple[_FileJob, ...]
+    tapes: tuple[TapeEntry, ...]
+    ranges: dict[str, list[_Range]]  # container id -> ranges sorted by offset
+    containers: dict[str, ContainerEntry]
+    problems: tuple[FileProblem, ...]
+    bytes_to_read: int
+
+    @property
+    def files(self) -> int:
+        return len(self.jobs) + len(self.problems)
+
+
+@attrs.frozen
+class RestoreReport:
+    requested: int
+    restored: int
+    bytes_restored: int
+    seconds: float
+    tapes: tuple[str, ...]
+    problems: tuple[FileProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.restored == self.requested
+
+
+def safe_parts(relative_path: str) -> tuple[str, ...] | None:
+    """The path's components, or None when it could leave the target directory."""
+    if not relative_path or relative_path.startswith("/") or "\0" in relative_path:
+        return None
+    parts = tuple(relative_path.split("/"))
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return parts
+
+
+def select(catalog: Catalog, patterns: Sequence[str]) -> tuple[list[SourceFileEntry], list[str]]:
+    """Files matching any pattern (exact path, directory, or glob); and patterns matching none."""
+    if not patterns:
+        return list(catalog.source_files), []
+    chosen: dict[str, SourceFileEntry] = {}
+    unmatched: list[str] = []
+    for pattern in patterns:
+        p = pattern.strip("/")
+        found = False
+        for f in catalog.source_files:
+            rel = f.relative_path
+            if rel == p or rel.startswith(p + "/") or fnmatch.fnmatchcase(rel, pattern):
+                chosen.setdefault(f.file_id, f)
+                found = True
+        if not found:
+            unmatched.append(pattern)
+    order = {f.file_id: n for n, f in enumerate(catalog.source_files)}
+    return sorted(chosen.values(), key=lambda f: order[f.file_id]), unmatched
+
+
+def plan_restore(
+    catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
+) -> RestorePlan:
+    """Check every selected file against the catalog and the target; order the reads."""
+    files, unmatched = select(catalog, patterns)
+    if unmatched:
+        raise UsageError(
+            f"nothing in the catalog matches {', '.join(map(repr, unmatched))}; "
+            "see `ltoflow catalog ls`"
+        )
+    containers = {c.container_id: c for c in catalog.containers}
+    tapes = {t.tape_id: t for t in catalog.tapes}
+    by_file: dict[str, list[SegmentEntry]] = defaultdict(list)
+    wanted = {f.file_id for f in files}
+    for s in catalog.segments:
+        if s.file_id in wanted:
+            by_file[s.file_id].append(s)
+    jobs: list[_FileJob] = []
+    problems: list[FileProblem] = []
+    ranges: dict[str, list[_Range]] = defaultdict(list)
+    needed_tapes: set[str] = set()
+    total = 0
+    for f in files:
+        parts = safe_parts(f.relative_path)
+        if parts is None:
+            problems.append(FileProblem(
+                f.relative_path, "refused: the path is absolute or leaves the target (..)"))
+            continue
+        segs = sorted(by_file.get(f.file_id, []), key=lambda s: s.source_offset)
+        why = _check_segments(f, segs, containers, tapes)
+        if why is None and not overwrite and _exists(target, parts):
+            why = "already exists in the target; use --overwrite to replace it"
+        if why is not None:
+            problems.append(FileProblem(f.relative_path, why))
+            continue
+        job = len(jobs)
+        jobs.append(_FileJob(f, parts, segs, len(segs)))
+        for s in segs:
+            ranges[s.container_id].append(_Range(job, s))
+            needed_tapes.add(containers[s.container_id].tape_id)
+            total += s.length_bytes
+    for rs in ranges.values():
+        rs.sort(key=lambda r: (r.start, r.end))
+    return RestorePlan(
+        catalog=catalog,
+        jobs=tuple(jobs),
+        tapes=tuple(sorted((tapes[t] for t in needed_tapes), key=lambda t: t.sequence_number)),
+        ranges=dict(ranges),
+        containers=containers,
+        problems=tuple(problems),
+        bytes_to_read=total,
+    )
+
+
+def _check_segments(
+    f: SourceFileEntry,
+    segs: Sequence[SegmentEntry],
+    containers: dict[str, ContainerEntry],
+    tapes: dict[str, TapeEntry],
+) -> str | None:
+    """Why this file's segments cannot rebuild it, or None when they tile it exactly."""
+    offset = 0
+    for s in segs:
+        c = containers.get(s.container_id)
+        if c is None:
+            return f"segment {s.segment_id} names container {s.container_id}, not in the catalog"
+        if c.tape_id not in tapes:
+            return f"container {c.container_id} is on tape {c.tape_id}, not in the catalog"
+        if s.length_bytes <= 0 or s.container_offset < 0:
+            return f"segment {s.segment_id} has an invalid offset or length"
+        if s.container_offset + s.length_bytes > c.size_bytes:
+            return f"segment {s.segment_id} lies beyond the end of container {c.container_id}"
+        if s.source_offset != offset:
+            kind = "overlap" if s.source_offset < offset else "leave a gap"
+            return f"segments {kind} at byte {min(offset, s.source_offset)}"
+        offset += s.length_bytes
+    if offset != f.size_bytes:
+        return f"segments add up to {offset} bytes, the file has {f.size_bytes}"
+    return None
+
+
+def _exists(target: Path, parts: tuple[str, ...]) -> bool:
+    return os.path.lexists(os.path.join(target, *parts))
+
+
+class _FileWriter:
+    """Writes restored bytes into temporary files under the target; runs in worker threads.
+
+    Directories are opened one component at a time with O_NOFOLLOW, so a symlink planted inside
+    the target (or in the catalog's paths) is refused instead of followed.
+    """
+
+    def __init__(self, target: Path, jobs: Sequence[_FileJob], *, overwrite: bool) -> None:
+        self.jobs = jobs
+        self.overwrite = overwrite
+        self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs: dict[tuple[str, ...], int] = {}
+        self.restored = 0
+        self.bytes = 0
+        self.problems: list[FileProblem] = []
+
+    def close(self) -> None:
+        for job in self.jobs:
+            if not (job.done or job.failed):
+                self.fail(job, "was not completed (the restore stopped before its data)")
+            self._discard(job)  # whatever did not finish leaves nothing behind
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        os.close(self.root_fd)
+
+    def _dir_fd(self, parts: tuple[str, ...]) -> int:
+        fd = self._dirs.get(parts)
+        if fd is not None:
+            return fd
+        if len(self._dirs) >= _MAX_DIR_FDS:
+            for old in self._dirs.values():
+                os.close(old)
+            self._dirs.clear()
+        parent = self.root_fd if not parts[:-1] else self._dir_fd(parts[:-1])
+        name = parts[-1]
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent)
+        except OSError as e:
+            where = "/".join(parts)
+            if e.errno in (40, 20):  # ELOOP: a symlink; ENOTDIR: a file is in the way
+                raise _Refused(f"{where} in the target is a symlink or not a directory") from e
+            raise
+        self._dirs[parts] = fd
+        return fd
+
+    def fail(self, job: _FileJob, what: str) -> None:
+        if not job.failed:
+            job.failed = True
+            self.problems.append(FileProblem(job.entry.relative_path, what))
+        self._discard(job)
+
+    def _parent(self, job: _FileJob) -> int:
+        """The file's directory, opened safely (again, if the cache let it go)."""
+        return self._dir_fd(job.parts[:-1]) if len(job.parts) > 1 else self.root_fd
+
+    def _discard(self, job: _FileJob) -> None:
+        """Close and remove the temporary file, if there is one."""
+        if job.fd >= 0:
+            os.close(job.fd)
+            job.fd = -1
+        if job.temp_name:
+            with contextlib.suppress(OSError, _Refused):
+                os.unlink(job.temp_name, dir_fd=self._parent(job))
+            job.temp_name = ""
+
+    def _open(self, job: _FileJob) -> None:
+        job.temp_name = f"{TEMP_PREFIX}{job.entry.file_id}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        job.fd = os.open(job.temp_name, flags, 0o600, dir_fd=self._parent(job))
+
+    def start_empty(self, job: _FileJob) -> None:
+        """A file with no segments: create it and finish it at once."""
+        def go() -> None:
+            self._open(job)
+            self._finish(job)
+
+        self._guarded(job, go)
+
+    def write(self, job_index: int, seg: SegmentEntry, data: memoryview, seg_pos: int) -> None:
+        """`data` is the part of `seg` starting `seg_pos` bytes into it."""
+        job = self.jobs[job_index]
+        if job.failed:
+            return
+
+        def go() -> None:
+            if job.fd < 0:
+                self._open(job)
+            os.pwrite(job.fd, data, seg.source_offset + seg_pos)
+            offset = seg.source_offset + seg_pos
+            if len(job.segments) == 1:
+                return  # the segment's own hash is the file's
+            if job.in_order and offset == job.next_offset:
+                job.whole.update(data)
+                job.next_offset += len(data)
+            else:
+                job.in_order = False
+
+        self._guarded(job, go)
+
+    def segment_done(self, job_index: int, seg: SegmentEntry, digest: str) -> None:
+        job = self.jobs[job_index]
+        if job.failed:
+            return
+        if digest != seg.sha256:
+            self.fail(job, f"segment {seg.segment_id} is damaged on tape (SHA-256 mismatch)")
+            return
+        job.remaining -= 1
+        if job.remaining == 0:
+            self._guarded(job, lambda: self._finish(job))
+
+    def _finish(self, job: _FileJob) -> None:
+        f = job.entry
+        if len(job.segments) == 1:
+            digest = job.segments[0].sha256  # checked against the bytes in segment_done
+        elif job.in_order and job.next_offset == f.size_bytes:
+            digest = job.whole.hexdigest()
+        else:  # segments came out of order: hash what was written
+            digest = _hash_fd(job.fd, f.size_bytes)
+        if digest != f.sha256:
+            self.fail(job, "the restored file's SHA-256 does not match the catalog")
+            return
+        os.fchmod(job.fd, stat.S_IMODE(f.unix_mode))
+        mtime = f.mtime_ns if f.mtime_ns is not None else _ns_from_iso(f.modified_at)
+        if mtime is not None:
+            os.utime(job.fd, ns=(mtime, mtime))
+        os.close(job.fd)
+        job.fd = -1
+        final = job.parts[-1]
+        parent = self._parent(job)
+        if not self.overwrite:
+            try:
+                os.lstat(final, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            else:
+                self.fail(job, "appeared in the target during the restore; not overwritten")
+                return
+        os.rename(job.temp_name, final, src_dir_fd=parent, dst_dir_fd=parent)
+        job.temp_name = ""
+        job.done = True
+        self.restored += 1
+        self.bytes += f.size_bytes
+
+    def _guarded(self, job: _FileJob, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except _Refused as e:
+            self.fail(job, f"refused: {e}")
+        except OSError as e:
+            self.fail(job, f"cannot write it: {e.strerror}")
+
+
+class _Refused(Exception):
+    pass
+
+
+def _hash_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(READ_CHUNK_BYTES, size - offset), offset)
+        if not data:
+            break
+        h.update(data)
+        offset += len(data)
+    return h.hexdigest()
+
+
+def _ns_from_iso(text: str) -> int | None:
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+class _SegmentHashes:
+    """Hash state of the ranges of one container while it is read; thread-confined."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, Any] = {}
+
+
+async def _restore_container(
+    tape: LoadedTape,
+    container: ContainerEntry,
+    ranges: list[_Range],
+    writer: _FileWriter,
+    pool: PipelineBuffer,
+) -> int:
+    """Read the wanted ranges of one container in order; return the bytes read."""
+    path = f"data/{container.container_id}"
+    # Spans: runs of ranges close enough to read straight through.
+    spans: list[tuple[int, int, list[_Range]]] = []
+    for r in ranges:
+        if spans and r.start <= spans[-1][1] + SEEK_GAP_BYTES and r.start >= spans[-1][0]:
+            start, end, members = spans[-1]
+            spans[-1] = (start, max(end, r.end), [*members, r])
+        else:
+            spans.append((r.start, r.end, [r]))
+    reader = await tape.open_read(path)
+    send, receive = trio.open_memory_channel[tuple[bytearray, int, int, list[_Range]]](
+        READ_AHEAD)
+    read = 0
+
+    async def read_spans() -> None:
+        nonlocal read
+        with send:
+            for start, end, members in spans:
+                await reader.seek(start)
+                pos = start
+                while pos < end:
+                    buf = await pool.take()
+                    view = memoryview(buf)[: min(len(buf), end - pos)]
+                    n = await reader.readinto(view)
+                    if not n:
+                        pool.give_back(buf, 0)
+                        raise _ShortContainer(pos)
+                    await send.send((buf, pos, n, members))
+                    pos += n
+                    read += n
+
+    hashes = _SegmentHashes()
+
+    def consume(buf: bytearray, pos: int, n: int, members: list[_Range]) -> None:
+        data = memoryview(buf)[:n]
+        end = pos + n
+        for r in members:
+            if r.end <= pos or r.start >= end:
+                continue
+            a, b = max(r.start, pos), min(r.end, end)
+            key = id(r)
+            h = hashes.open.get(key)
+            if h is None:
+                h = hashes.open[key] = hashlib.sha256()
+            piece = data[a - pos:b - pos]
+            h.update(piece)
+            writer.write(r.job, r.segment, piece, a - r.start)
+            if b == r.end:
+                writer.segment_done(r.job, r.segment, hashes.open.pop(key).hexdigest())
+
+    async def write_files() -> None:
+        with receive:
+            async for buf, pos, n, members in receive:
+                await trio.to_thread.run_sync(consume, buf, pos, n, members)
+                pool.give_back(buf, 0)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_spans)
+            nursery.start_soon(write_files)
+    finally:
+        await reader.close()
+    return read
+
+
+class _ShortContainer(Exception):
+    def __init__(self, at: int) -> None:
+        super().__init__(f"the container ends at byte {at}, before the data the catalog lists")
+
+
+async def run_restore(
+    plan: RestorePlan,
+    target: Path,
+    *,
+    drive: TapeDrive,
+    operator: Operator,
+    clock: Clock,
+    reporter: Reporter | None = None,
+    overwrite: bool = False,
+) -> RestoreReport:
+    """Restore `plan` into `target`, loading each needed tape once, in sequence order."""
+    reporter = reporter or NullReporter()
+    started = clock.monotonic()
+
+    def open_target() -> _FileWriter:
+        target.mkdir(parents=True, exist_ok=True)
+        return _FileWriter(target, plan.jobs, overwrite=overwrite)
+
+    writer = await trio.to_thread.run_sync(open_target)
+    pool = PipelineBuffer((READ_AHEAD + 2) * READ_CHUNK_BYTES)
+    catalog = plan.catalog
+    by_tape: dict[str, list[ContainerEntry]] = defaultdict(list)
+    for cid in plan.ranges:
+        c = plan.containers[cid]
+        by_tape[c.tape_id].append(c)
+    try:
+        for job in plan.jobs:
+            if not job.segments:
+                await trio.to_thread.run_sync(writer.start_empty, job)
+        for t in plan.tapes:
+            request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
+                                  len(catalog.tapes), purpose="read")
+            containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset,
+                                                                     c.sequence_number))
+            try:
+                await operator.insert_tape(request)
+                loaded = await drive.load(request)
+            except BackupError as e:
+                for c in containers:
+                    _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
+                continue
+            try:
+                for c in containers:
+                    ranges = plan.ranges[c.container_id]
+                    try:
+                        await _restore_container(loaded, c, ranges, writer, pool)
+                    except* (BackupError, _ShortContainer) as group:
+                        why = "; ".join(str(e) for e in leaves(group))
+                        _fail_ranges(writer, ranges,
+                                     f"container {c.container_id} on tape {t.tape_id}: {why}")
+                reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await drive.unload()
+    finally:
+        await trio.to_thread.run_sync(writer.close)
+    return RestoreReport(
+        requested=plan.files,
+        restored=writer.restored,
+        bytes_restored=writer.bytes,
+        seconds=clock.monotonic() - started,
+        tapes=tuple(t.tape_id for t in plan.tapes),
+        problems=(*plan.problems, *writer.problems),
+    )
+
+
+def _fail_ranges(writer: _FileWriter, ranges: Sequence[_Range], what: str) -> None:
+    for r in ranges:
+        writer.fail(writer.jobs[r.job], what)

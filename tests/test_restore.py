@@ -1,0 +1,290 @@
+"""Restore: whole sets, selections, damaged sets and hostile catalogs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import attrs
+import pytest
+
+from ltoflow import BackupConfig, api, backup
+from ltoflow.catalog import Catalog, JsonCatalogCodec
+from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, main
+from ltoflow.drives.simulator import SimulatorDrive
+from ltoflow.restore import TEMP_PREFIX, RestoreReport
+
+from .conftest import SEED_FIXTURE, write_tree
+
+KB = 1000
+TREE = {
+    "case-1/notes.txt": 1_500,
+    "case-1/video.bin": 900 * KB,  # split across 3 tapes
+    "case-2/empty.dat": 0,
+    "case-2/ledger.csv": 7_000,
+    **{f"case-3/scans/p{i:02d}.tif": 20 * KB + i for i in range(12)},
+}
+
+
+@pytest.fixture(scope="module")
+def backed_up(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Catalog]:
+    root = tmp_path_factory.mktemp("set")
+    src = root / "src"
+    write_tree(src, TREE)
+    (src / "case-1" / "notes.txt").chmod(0o600)
+    (src / "case-2" / "ledger.csv").chmod(0o640)
+    for n, f in enumerate(sorted(src.rglob("*"))):
+        if f.is_file():
+            os.utime(f, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789 + n * 10**9))
+    config = BackupConfig(source_root=src, tapes_root=root / "tapes",
+                          tape_nominal_capacity_bytes=450 * KB,
+                          max_container_size_bytes=100 * KB)
+    result = backup(config)
+    assert len(result.tapes) >= 3
+    return src, root / "tapes", result.catalog
+
+
+def tree_state(root: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def restore(tapes: Path, target: Path, *patterns: str, catalog: Catalog | None = None,
+            overwrite: bool = False) -> RestoreReport:
+    import trio
+
+    components = api.Components(drive=SimulatorDrive(tapes))
+    return trio.run(lambda: api.restore_async(components, target, patterns, catalog=catalog,
+                                              overwrite=overwrite))
+
+
+def test_full_restore_equals_the_source(backed_up: tuple[Path, Path, Catalog],
+                                        tmp_path: Path) -> None:
+    src, tapes, _ = backed_up
+    report = restore(tapes, tmp_path / "out")
+    assert report.ok
+    assert report.restored == report.requested == len(TREE)
+    assert tree_state(tmp_path / "out") == tree_state(src)  # bytes, modes, mtimes (ns)
+    assert not list((tmp_path / "out").rglob(TEMP_PREFIX + "*"))
+
+
+def test_file_split_across_three_tapes_comes_back(backed_up: tuple[Path, Path, Catalog],
+                                                  tmp_path: Path) -> None:
+    src, tapes, _catalog = backed_up
+    report = restore(tapes, tmp_path / "out", "case-1/video.bin")
+    assert report.ok
+    assert len(report.tapes) >= 3
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == ["video.bin"]
+    assert (tmp_path / "out/case-1/video.bin").read_bytes() == (
+        src / "case-1/video.bin").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("patterns", "expected"),
+    [
+        (["case-2/ledger.csv"], {"case-2/ledger.csv"}),
+        (["case-2"], {"case-2/ledger.csv", "case-2/empty.dat"}),
+        (["case-3/scans/p0?.tif"], {f"case-3/scans/p0{i}.tif" for i in range(10)}),
+        (["*.csv", "case-1/notes.txt"], {"case-2/ledger.csv", "case-1/notes.txt"}),
+    ],
+)
+def test_selections_restore_only_what_they_name(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, patterns: list[str],
+    expected: set[str],
+) -> None:
+    _, tapes, _ = backed_up
+    report = restore(tapes, tmp_path / "out", *patterns)
+    assert report.ok
+    assert set(tree_state(tmp_path / "out")) == expected
+
+
+def test_existing_files_are_kept_unless_overwrite(backed_up: tuple[Path, Path, Catalog],
+                                                  tmp_path: Path) -> None:
+    src, tapes, _ = backed_up
+    out = tmp_path / "out"
+    (out / "case-2").mkdir(parents=True)
+    (out / "case-2" / "ledger.csv").write_bytes(b"mine")
+    report = restore(tapes, out, "case-2")
+    assert not report.ok
+    assert [p.relative_path for p in report.problems] == ["case-2/ledger.csv"]
+    assert "--overwrite" in report.problems[0].what
+    assert (out / "case-2" / "ledger.csv").read_bytes() == b"mine"
+    assert (out / "case-2" / "empty.dat").exists()
+    assert restore(tapes, out, "case-2", overwrite=True).ok
+    assert (out / "case-2" / "ledger.csv").read_bytes() == (src / "case-2/ledger.csv").read_bytes()
+
+
+def test_corrupted_container_restores_everything_else_and_names_the_damage(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    src, tapes, catalog = backed_up
+    copy = tmp_path / "tapes"
+    shutil.copytree(tapes, copy)
+    ledger = next(f for f in catalog.source_files if f.relative_path == "case-2/ledger.csv")
+    seg = next(s for s in catalog.segments if s.file_id == ledger.file_id)
+    cont = next(c for c in catalog.containers if c.container_id == seg.container_id)
+    blob = copy / cont.tape_id / "data" / cont.container_id
+    data = bytearray(blob.read_bytes())
+    data[seg.container_offset + 10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    report = restore(copy, tmp_path / "out")
+    assert [p.relative_path for p in report.problems] == ["case-2/ledger.csv"]
+    assert "damaged" in report.problems[0].what
+    assert report.restored == len(TREE) - 1
+    restored = tree_state(tmp_path / "out")
+    assert "case-2/ledger.csv" not in restored
+    assert {k: v for k, v in tree_state(src).items() if k != "case-2/ledger.csv"} == restored
+    assert not list((tmp_path / "out").rglob(TEMP_PREFIX + "*"))
+
+
+def test_missing_tape_fails_only_its_files(backed_up: tuple[Path, Path, Catalog],
+                                           tmp_path: Path) -> None:
+    _, tapes, catalog = backed_up
+    copy = tmp_path / "tapes"
+    shutil.copytree(tapes, copy)
+    last = max(catalog.tapes, key=lambda t: t.sequence_number)
+    shutil.rmtree(copy / last.tape_id)
+    report = restore(copy, tmp_path / "out")
+    failed = {p.relative_path for p in report.problems}
+    assert "case-1/video.bin" in failed or any("case-3" in f for f in failed)
+    assert all("tape not available" in p.what for p in report.problems)
+    assert report.restored == len(TREE) - len(failed)
+
+
+def hostile(catalog: Catalog, **changes: object) -> Catalog:
+    """The catalog with the first file (notes.txt, one segment) changed."""
+    f = catalog.source_files[0]
+    assert f.relative_path == "case-1/notes.txt"
+    files = (attrs.evolve(f, **changes), *catalog.source_files[1:])  # type: ignore[arg-type]
+    return attrs.evolve(catalog, source_files=files)
+
+
+@pytest.mark.parametrize("path", ["/etc/evil", "../escape", "case-1/../../escape", "a//b", ""])
+def test_paths_that_leave_the_target_are_refused(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, path: str
+) -> None:
+    _, tapes, catalog = backed_up
+    out = tmp_path / "deep" / "out"
+    report = restore(tapes, out, catalog=hostile(catalog, relative_path=path))
+    (problem,) = report.problems
+    assert problem.relative_path == path
+    assert "refused" in problem.what
+    assert report.restored == len(TREE) - 1
+    assert {p.name for p in tmp_path.iterdir()} == {"deep"}
+    assert {p.name for p in (tmp_path / "deep").iterdir()} == {"out"}
+
+
+def test_a_symlink_inside_the_target_is_never_followed(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    _, tapes, _ = backed_up
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "case-1").symlink_to(outside)
+    report = restore(tapes, out)
+    assert {p.relative_path for p in report.problems} == {"case-1/notes.txt", "case-1/video.bin"}
+    assert all("symlink" in p.what for p in report.problems)
+    assert list(outside.iterdir()) == []
+    assert (out / "case-2" / "ledger.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("overlap", "overlap"),
+        ("gap", "leave a gap"),
+        ("beyond", "beyond the end"),
+        ("missing-container", "not in the catalog"),
+        ("size", "add up to"),
+    ],
+)
+def test_inconsistent_segments_are_reported_per_file(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, change: str, message: str
+) -> None:
+    _, tapes, catalog = backed_up
+    video = next(f for f in catalog.source_files if f.relative_path == "case-1/video.bin")
+    segs = [s for s in catalog.segments if s.file_id == video.file_id]
+    first, second = segs[0], segs[1]
+    if change == "size":
+        bad = attrs.evolve(catalog, source_files=tuple(
+            attrs.evolve(f, size_bytes=f.size_bytes + 1) if f is video else f
+            for f in catalog.source_files))
+    else:
+        new = {
+            "overlap": attrs.evolve(second, source_offset=second.source_offset - 1),
+            "gap": attrs.evolve(second, source_offset=second.source_offset + 1),
+            "beyond": attrs.evolve(first, container_offset=10**9),
+            "missing-container": attrs.evolve(first, container_id="CNT-nope"),
+        }[change]
+        old = second if change in ("overlap", "gap") else first
+        bad = attrs.evolve(catalog, segments=tuple(new if s is old else s
+                                                   for s in catalog.segments))
+    report = restore(tapes, tmp_path / "out", catalog=bad)
+    (problem,) = report.problems
+    assert problem.relative_path == "case-1/video.bin"
+    assert message in problem.what
+    assert report.restored == len(TREE) - 1
+
+
+def test_seed_format_set_restores_byte_for_byte(seed_tapes: Path, tmp_path: Path) -> None:
+    report = restore(seed_tapes, tmp_path / "out")
+    assert report.ok
+    source = SEED_FIXTURE / "source"
+    expected = {str(p.relative_to(source)): p.read_bytes()
+                for p in source.rglob("*") if p.is_file()}
+    got = {str(p.relative_to(tmp_path / "out")): p.read_bytes()
+           for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert got == expected
+
+
+def test_cli_dry_run_lists_tapes_in_order_and_writes_nothing(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, catalog = backed_up
+    code = main(["restore", "--simulator", str(tapes), "--target", str(tmp_path / "out"),
+                 "--dry-run", "case-1/video.bin"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    ids = [t.tape_id for t in sorted(catalog.tapes, key=lambda t: t.sequence_number)]
+    positions = [out.index(i) for i in ids if i in out]
+    assert len(positions) >= 3
+    assert positions == sorted(positions)
+    assert "900.00 kB to read" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_restore_from_a_catalog_file_reports_failures_with_exit_1(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, catalog = backed_up
+    cat_file = tmp_path / "catalog.json"
+    cat_file.write_bytes(b"".join(JsonCatalogCodec().encode(
+        hostile(catalog, relative_path="../x"))))
+    code = main(["restore", "--simulator", str(tapes), "--target", str(tmp_path / "out"),
+                 "--catalog", str(cat_file)])
+    out = capsys.readouterr().out
+    assert code == EXIT_DAMAGED
+    assert "FAILED ../x: refused" in out
+    assert f"Restored {len(TREE) - 1} of {len(TREE)} file(s)" in out
+
+
+def test_cli_catalog_ls_and_show(backed_up: tuple[Path, Path, Catalog],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    _, tapes, catalog = backed_up
+    assert main(["catalog", "--simulator", str(tapes), "ls", "case-1", "--json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["relative_path"] for r in rows] == ["case-1/notes.txt", "case-1/video.bin"]
+    assert len(rows[1]["tapes"]) >= 3
+    assert main(["catalog", "--simulator", str(tapes), "show", "--json"]) == EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["files"] == len(TREE)
+    assert doc["bytes"] == sum(TREE.values())
+    assert doc["backup_set_id"] == catalog.backup_set_id
+    assert main(["catalog", "--simulator", str(tapes), "ls"]) == EXIT_OK
+    assert "case-3/scans/p11.tif" in capsys.readouterr().out
