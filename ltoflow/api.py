@@ -157,7 +157,7 @@ def backup(config: BackupConfig, components: Components | None = None) -> Backup
 async def verify_async(components: Components) -> VerifyReport:
     return await verify_set(
         components.drive, components.codec, clock=components.clock,
-        reporter=components.reporter,
+        operator=components.operator, reporter=components.reporter,
     )
 
 

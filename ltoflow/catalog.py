@@ -62,6 +62,12 @@ def segment_id_for(file_id: str, part: int) -> str:
     return f"SEG-{file_id}-{part:03d}"
 
 
+#: Volume serials (barcode labels) are 6-8 characters; longer ones are cut to this, so the
+#: catalog reserve, measured with this width, always holds.
+MAX_VOLUME_SERIAL = 32
+PLACEHOLDER_VOLUME_SERIAL = "X" * MAX_VOLUME_SERIAL
+
+
 @attrs.frozen
 class TapeEntry:
     tape_id: str
@@ -69,6 +75,9 @@ class TapeEntry:
     sequence_number: int
     nominal_capacity_bytes: int
     reserved_catalog_bytes: int
+    #: ltoflow: the cartridge's volume serial, when the drive reports one. The catalog written
+    #: to tape k knows the serials of tapes 1..k; the rest are null.
+    volume_serial: str | None = None
 
 
 @attrs.frozen
@@ -136,6 +145,18 @@ class Catalog:
     @property
     def total_bytes(self) -> int:
         return sum(f.size_bytes for f in self.source_files)
+
+    def with_serials(self, serials: Sequence[str | None]) -> Catalog:
+        """This catalog with tape i's volume serial set to serials[i] (missing: null)."""
+        tapes = tuple(
+            attrs.evolve(t, volume_serial=serials[i] if i < len(serials) else None)
+            for i, t in enumerate(self.tapes)
+        )
+        return attrs.evolve(self, tapes=tapes)
+
+    def same_set_as(self, other: Catalog) -> bool:
+        """Equal but for the volume serials, which later tapes know more of."""
+        return self.with_serials([]) == other.with_serials([])
 
 
 def split_files(catalog: Catalog) -> tuple[int, int]:

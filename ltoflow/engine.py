@@ -20,7 +20,6 @@ or the file changed (SourceFileChangedError).
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 from collections.abc import Sequence
 from functools import partial
@@ -32,7 +31,7 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, CatalogWriteError, WrongTapeError
+from ltoflow.errors import BackupError, CatalogWriteError, TapeFullError
 from ltoflow.hashing import (
     AggregateHasher,
     HashRecorder,
@@ -46,12 +45,14 @@ from ltoflow.plan import Plan, Tape, build_catalog
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
+    Progress,
     Reporter,
     TapeFinished,
     TapeStarted,
     TapeVerified,
 )
-from ltoflow.units import MiB
+from ltoflow.tapes import check_blank, load_requested_tape
+from ltoflow.units import MiB, human_bytes
 
 #: Largest read: big enough that a thread hop (~0.1 ms) is noise, small enough to pipeline.
 MAX_CHUNK_BYTES = 8 * MiB
@@ -153,6 +154,7 @@ class WriterStats:
     bytes: int = 0
     stalls: int = 0
     stall_seconds: float = 0.0
+    current: str = ""  # the container being written
 
 
 async def read_actor(
@@ -256,7 +258,10 @@ async def write_actor(
                     break
                 cid = container_ids[chunk.container]
                 if chunk.first:
+                    size = plan.containers[chunk.container].size
+                    await _check_room(tape, tape_id, cid, size)
                     writer = await tape.open_write(f"data/{cid}")
+                    stats.current = cid
                     started = trio.current_time()
                 assert writer is not None, "a container's first chunk always comes first"
                 await writer.write(chunk.data)
@@ -280,6 +285,18 @@ async def write_actor(
             # on its way. Drop the partial container; the supervisor counts what got written.
             with trio.CancelScope(shield=True):
                 await writer.abort()
+
+
+async def _check_room(tape: LoadedTape, tape_id: str, container_id: str, size: int) -> None:
+    """Refuse to start a container that the tape has no room left for (by its own count)."""
+    free = await tape.free_bytes()
+    if free is not None and free < size:
+        raise TapeFullError(
+            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} left, not enough for "
+            f"container {container_id} ({human_bytes(size)}): it holds less than its nominal "
+            "capacity",
+            bytes_written=getattr(tape, "bytes_written", 0),
+        )
 
 
 async def prehash_actor(
@@ -334,6 +351,60 @@ class TapeSummary:
     seconds: float
     stalls: int
     stall_seconds: float
+    volume_serial: str | None = None
+
+
+#: How often the progress display hears from the engine.
+TICK_SECONDS = 0.5
+
+
+@attrs.define
+class JobState:
+    """What the supervisor is doing now, for the progress display; owned by the supervisor."""
+
+    total_bytes: int
+    total_tapes: int
+    buffer: PipelineBuffer
+    done_bytes: int = 0
+    tape_id: str = ""
+    sequence_number: int = 0
+    tape_planned: int = 0
+    phase: str = "starting"
+    writer: WriterStats = attrs.field(factory=lambda: WriterStats())
+
+    def begin(self, request: TapeRequest, planned: int, phase: str) -> None:
+        self.tape_id, self.sequence_number = request.tape_id, request.sequence_number
+        self.tape_planned, self.phase = planned, phase
+        self.writer = WriterStats()
+
+    def finish_tape(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        self.writer = WriterStats()
+
+    def snapshot(self, elapsed: float) -> Progress:
+        w = self.writer
+        return Progress(
+            elapsed=elapsed, total_bytes=self.total_bytes,
+            done_bytes=self.done_bytes + w.bytes, tape_id=self.tape_id,
+            sequence_number=self.sequence_number, total_tapes=self.total_tapes,
+            tape_bytes=w.bytes, tape_planned=self.tape_planned, container_id=w.current,
+            buffer_filled=self.buffer.filled, buffer_capacity=self.buffer.capacity,
+            stalls=w.stalls, stall_seconds=w.stall_seconds, phase=self.phase,
+        )
+
+
+async def _tick(state: JobState, reporter: Reporter, scope: trio.CancelScope) -> None:
+    """Send a Progress snapshot every TICK_SECONDS until `scope` is cancelled."""
+    started = trio.current_time()
+    with scope:
+        while True:
+            reporter.event(state.snapshot(trio.current_time() - started))
+            await trio.sleep(TICK_SECONDS)
+
+
+def _serial(tape: LoadedTape) -> str | None:
+    serial = tape.volume_serial
+    return serial[: cat.MAX_VOLUME_SERIAL] if serial else None
 
 
 @attrs.frozen
@@ -359,33 +430,6 @@ class EngineSettings:
     created_by: str = "ltoflow"
     #: Files written next to the catalog on every tape (the recovery kit): (path, bytes).
     extra_files: tuple[tuple[str, bytes], ...] = ()
-
-
-_SET_ID_RE = re.compile(rb'"backup_set_id"\s*:\s*"([^"]*)"')
-
-
-async def check_blank_or_ours(tape: LoadedTape, request: TapeRequest) -> None:
-    """Refuse a tape that holds anything; resuming onto a tape of this set is not done yet."""
-    head = None
-    if await tape.size_of(cat.CATALOG_JSON) is not None:
-        head = await tape.read_small(cat.CATALOG_JSON, limit=4096) or b""
-    if head is not None:
-        m = _SET_ID_RE.search(head)
-        owner = m.group(1).decode(errors="replace") if m else "an unknown set"
-        if owner == request.backup_set_id:
-            raise WrongTapeError(
-                f"tape {tape.label} already holds this set's catalog; it was written before, "
-                f"insert a blank tape for {request.describe()}"
-            )
-        raise WrongTapeError(
-            f"tape {tape.label} holds a catalog of backup set {owner}; it is never "
-            f"overwritten: insert a blank tape for {request.describe()}"
-        )
-    if await tape.list_dir("data"):
-        raise WrongTapeError(
-            f"tape {tape.label} already holds data files; insert a blank tape for "
-            f"{request.describe()}"
-        )
 
 
 async def write_catalog(
@@ -469,17 +513,19 @@ async def run_backup(
     )
     reads = [0]
     summaries: list[TapeSummary] = []
+    base: Catalog | None = None
     catalog: Catalog | None = None
+    serials: list[str | None] = []
     catalog_sha = ""
-    catalog_size = 0
     problems: list[str] = []
     limit = plan.reserve_bytes - len(cat.PLACEHOLDER_SHA256) - sum(
         len(d) for _, d in settings.extra_files
     )
+    buffer = PipelineBuffer(settings.buffer_bytes)
+    state = JobState(plan.total_bytes, len(plan.tapes), buffer)
 
     async with trio.open_nursery() as nursery:
         prehashed = trio.Event()
-        buffer = PipelineBuffer(settings.buffer_bytes)
         if multi:
             start = plan.file_starts[prehash_file]
             want_c, want_f = multi_segment_flags(
@@ -495,36 +541,44 @@ async def run_backup(
             )
         else:
             prehashed.set()
+        ticker = trio.CancelScope()
+        nursery.start_soon(lambda: _tick(state, reporter, ticker))
 
         for tape in plan.tapes:
             request = TapeRequest(tape_ids[tape.index], tape.index + 1, set_id, len(plan.tapes))
-            await operator.insert_tape(request)
-            loaded = await drive.load(request)
+            state.begin(request, tape.data_bytes, "waiting for the tape")
+            loaded = await load_requested_tape(drive, operator, request, check_blank)
             try:
-                await check_blank_or_ours(loaded, request)
+                serials.append(_serial(loaded))
                 reporter.event(TapeStarted(request.tape_id, request.sequence_number,
-                                           len(plan.tapes), tape.data_bytes))
+                                           len(plan.tapes), tape.data_bytes, loaded.label))
                 buffer.begin_tape()
+                state.phase = "writing"
                 t0 = trio.current_time()
                 stats = await _stream_tape(
                     plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
-                    reporter, reads, prehash_file,
+                    reporter, reads, prehash_file, state.writer,
                 )
                 seconds = trio.current_time() - t0
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
                                             stats.stalls, stats.stall_seconds))
-                if catalog is None:
+                if base is None:
+                    state.phase = "hashing the later tapes"
                     await prehashed.wait()
-                    catalog = build_catalog(
+                    base = build_catalog(
                         plan, recorder.complete(), set_id=set_id, created_at=created_at,
                         created_by=settings.created_by,
                     )
+                # Each tape's catalog also knows the volume serials of the tapes so far.
+                catalog = base.with_serials(serials)
+                state.phase = "writing the catalog"
                 catalog_size, catalog_sha = await write_catalog(
                     loaded, catalog, codec=codec, limit=limit, extra_files=settings.extra_files
                 )
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
+                    state.phase = "verifying"
                     found = await verify_loaded_tape(loaded, catalog, request.tape_id,
                                                      catalog_sha=catalog_sha)
                     problems.extend(p.describe() for p in found)
@@ -533,10 +587,14 @@ async def run_backup(
                 summaries.append(TapeSummary(
                     request.tape_id, loaded.label, request.sequence_number, stats.containers,
                     stats.bytes, catalog_size, seconds, stats.stalls, stats.stall_seconds,
+                    serials[-1],
                 ))
+                state.finish_tape(stats.bytes)
             finally:
+                state.phase = "unloading"
                 with trio.CancelScope(shield=True):
                     await drive.unload()
+        ticker.cancel()
 
     assert catalog is not None
     return BackupResult(
@@ -562,9 +620,9 @@ async def _stream_tape(
     reporter: Reporter,
     reads: list[int],
     prehash_file: int,
+    stats: WriterStats,
 ) -> WriterStats:
     """Run reader → hashers → writer over this tape's containers; return the writer's stats."""
-    stats = WriterStats()
     if not tape.containers:
         return stats
     first_seg = plan.containers[tape.containers.start].segments.start

@@ -79,3 +79,7 @@ class SetExistsError(UsageError):
 
 class SourceReadError(BackupError):
     """A source file could not be opened or read."""
+
+
+class DriveLostError(BackupError):
+    """The drive (the LTFS mount) went away in the middle of the job."""

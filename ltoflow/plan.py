@@ -251,8 +251,13 @@ def build_catalog(
     set_id: str,
     created_at: str,
     created_by: str,
+    serial: str | None = None,
 ) -> cat.Catalog:
-    """The catalog of `plan`. Every hash must be known; ValueError names the first one missing."""
+    """The catalog of `plan`. Every hash must be known; ValueError names the first one missing.
+
+    Tapes get `serial` as their volume serial: the placeholder when measuring, None for real
+    catalogs, which get their serials tape by tape (Catalog.with_serials).
+    """
     root = str(plan.source_root)
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
@@ -271,7 +276,7 @@ def build_catalog(
         max_container_size_bytes=plan.container_size_bytes,
         tapes=tuple(
             cat.TapeEntry(tape_ids[t.index], set_id, t.index + 1, plan.capacity_bytes,
-                          plan.reserve_bytes)
+                          plan.reserve_bytes, serial)
             for t in plan.tapes
         ),
         containers=tuple(
@@ -307,6 +312,7 @@ def catalog_measurer(codec: cat.CatalogCodec, created_by: str) -> Callable[[Plan
         placeholder = build_catalog(
             plan, Hashes.placeholders(plan), set_id=PLACEHOLDER_SET_ID,
             created_at=PLACEHOLDER_CREATED_AT, created_by=created_by,
+            serial=cat.PLACEHOLDER_VOLUME_SERIAL,
         )
         return cat.encoded_size(codec, placeholder)
 
@@ -335,7 +341,8 @@ class JsonPlanSizer:
         sid = PLACEHOLDER_SET_ID
         sha = cat.PLACEHOLDER_SHA256
         fid = cat.file_id_for("x")
-        self._tape = codec.record_size(cat.TapeEntry(cat.tape_id_for(sid, 1), sid, 0, 0, 0))
+        self._tape = codec.record_size(cat.TapeEntry(cat.tape_id_for(sid, 1), sid, 0, 0, 0,
+                                                     cat.PLACEHOLDER_VOLUME_SERIAL))
         self._container = codec.record_size(
             cat.ContainerEntry(cat.container_id_for(sid, 1), sid, cat.tape_id_for(sid, 1), 0, 0,
                                0, sha))

@@ -16,6 +16,27 @@ class TapeStarted:
     sequence_number: int
     total_tapes: int
     planned_bytes: int
+    label: str = ""
+
+
+@attrs.frozen
+class Progress:
+    """A snapshot of a running backup, sent every half second."""
+
+    elapsed: float
+    total_bytes: int
+    done_bytes: int
+    tape_id: str
+    sequence_number: int
+    total_tapes: int
+    tape_bytes: int
+    tape_planned: int
+    container_id: str
+    buffer_filled: int
+    buffer_capacity: int
+    stalls: int
+    stall_seconds: float
+    phase: str
 
 
 @attrs.frozen
@@ -56,7 +77,9 @@ class Note:
     text: str
 
 
-Event = TapeStarted | ContainerWritten | TapeFinished | CatalogWritten | TapeVerified | Note
+Event = (
+    TapeStarted | ContainerWritten | TapeFinished | CatalogWritten | TapeVerified | Note | Progress
+)
 
 
 class Reporter(Protocol):

@@ -29,6 +29,7 @@ from ltoflow.engine import PipelineBuffer
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.progress import Note, NullReporter, Reporter
+from ltoflow.tapes import check_member, load_requested_tape
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
@@ -526,12 +527,12 @@ async def run_restore(
                 await trio.to_thread.run_sync(writer.start_empty, job)
         for t in plan.tapes:
             request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
-                                  len(catalog.tapes), purpose="read")
+                                  len(catalog.tapes), purpose="read",
+                                  volume_serial=t.volume_serial)
             containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset,
                                                                      c.sequence_number))
             try:
-                await operator.insert_tape(request)
-                loaded = await drive.load(request)
+                loaded = await load_requested_tape(drive, operator, request, check_member)
             except BackupError as e:
                 for c in containers:
                     _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")

@@ -18,12 +18,14 @@ import attrs
 import trio
 
 from ltoflow import catalog as cat
-from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, SegmentEntry
+from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.engine import PipelineBuffer
 from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError, leaves
+from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
+from ltoflow.tapes import check_member, load_requested_tape
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
@@ -275,10 +277,14 @@ async def verify_loaded_tape(
     pool = read_pool()
     problems: list[Problem] = []
     try:
-        _, digest = await read_tape_catalog(tape, tape_id)
+        data, digest = await read_tape_catalog(tape, tape_id)
         if catalog_sha is not None and digest != catalog_sha:
-            problems.append(Problem(
-                "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
+            # Later tapes know more volume serials; anything else differing is damage.
+            mine = await trio.to_thread.run_sync(
+                partial(JsonCatalogCodec().decode, data, source=f"{tape_id}/catalog"))
+            if not mine.same_set_as(catalog):
+                problems.append(Problem(
+                    "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
     except BackupError as e:  # damaged catalog, or the tape cannot be read at all
         problems.append(Problem(str(e), tape_id=tape_id))
     for container in index.containers.get(tape_id, []):
@@ -335,10 +341,12 @@ async def verify_set(
     codec: CatalogCodec,
     *,
     clock: Clock,
+    operator: Operator | None = None,
     reporter: Reporter | None = None,
 ) -> VerifyReport:
     """Verify every tape of the set found on `drive` against its catalog."""
     reporter = reporter or NullReporter()
+    operator = operator or NoPromptOperator()
     started = clock.monotonic()
     catalog, digest, found_on, problems = await find_catalog(drive, codec)
     index = CatalogIndex(catalog)
@@ -351,9 +359,9 @@ async def verify_set(
                                     files=index.files_on_tape(t.tape_id)))
             continue
         request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
-                              len(catalog.tapes), purpose="read")
+                              len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
         try:
-            loaded = await drive.load(request)
+            loaded = await load_requested_tape(drive, operator, request, check_member)
         except BackupError as e:
             problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
                                     files=index.files_on_tape(t.tape_id)))

@@ -232,9 +232,10 @@ async def test_tape_written_before_is_refused(tmp_path: Path) -> None:
     config = config_for(src, sim)
     plan = api.make_backup_plan(config)
     first = await _run_plan(plan, SimulatorDrive(sim, config.tape_nominal_capacity_bytes))
-    from ltoflow.errors import WrongTapeError
+    from ltoflow.errors import TapeNotLoadedError
 
-    with Raises(WrongTapeError, match="already holds this set"):
+    # The simulator has nobody to change tapes: the wrong tape ends the job, named.
+    with Raises(TapeNotLoadedError, match="a tape of this set, already written; insert a blank"):
         await run_backup(
             plan, drive=SimulatorDrive(sim, config.tape_nominal_capacity_bytes),
             operator=NoPromptOperator(), clock=FixedClock(datetime.now(UTC)),

@@ -67,6 +67,10 @@ class MemoryTape:
     def label(self) -> str:
         return "MEM-1"
 
+    @property
+    def volume_serial(self) -> str | None:
+        return "MEM001L9"
+
     async def free_bytes(self) -> int | None:
         return None
 

@@ -23,10 +23,12 @@ class TapeRequest:
     backup_set_id: str
     total_tapes: int | None = None
     purpose: str = "write"  # "write" | "read"
+    volume_serial: str | None = None  # when the catalog knows it
 
     def describe(self) -> str:
         of = f" of {self.total_tapes}" if self.total_tapes else ""
-        return f"{self.tape_id} (tape {self.sequence_number}{of})"
+        vol = f", volume {self.volume_serial}" if self.volume_serial else ""
+        return f"{self.tape_id} (tape {self.sequence_number}{of}{vol})"
 
 
 class TapeWriter(Protocol):
@@ -55,6 +57,11 @@ class LoadedTape(Protocol):
     @property
     def label(self) -> str:
         """How to name this tape to an operator (tape id, and volume serial when known)."""
+        ...
+
+    @property
+    def volume_serial(self) -> str | None:
+        """The cartridge's volume serial (barcode label), when the drive reports one."""
         ...
 
     async def free_bytes(self) -> int | None:

@@ -152,6 +152,10 @@ class SimulatorTape:
         return self._state.tape_id
 
     @property
+    def volume_serial(self) -> str | None:
+        return None  # simulated cartridges have no barcode
+
+    @property
     def bytes_written(self) -> int:
         return self._state.bytes_written
 

@@ -1,0 +1,121 @@
+"""Which tape is in the drive, and the one tape-change path backup, verify and restore share.
+
+`load_requested_tape` asks the operator for a tape, loads it, checks it is the right one, and
+asks again, naming what it found, when it is not: a wrong tape never fails the job by itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+import orjson
+import trio
+
+from ltoflow import catalog as cat
+from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
+from ltoflow.errors import TapeNotLoadedError, TapeReadError, WrongTapeError
+from ltoflow.operator import Operator
+
+#: Attempts at getting the right tape into the drive before the job gives up (the seed's 5).
+MAX_TAPE_ATTEMPTS = 5
+_SET_ID_RE = re.compile(rb'"backup_set_id"\s*:\s*"([^"]*)"')
+
+Check = Callable[[LoadedTape, TapeRequest], Awaitable[None]]
+
+
+async def load_requested_tape(
+    drive: TapeDrive, operator: Operator, request: TapeRequest, check: Check
+) -> LoadedTape:
+    """The requested tape, loaded and checked; raises TapeNotLoadedError after the attempts."""
+    problem: str | None = None
+    for _ in range(MAX_TAPE_ATTEMPTS):
+        await operator.insert_tape(request, problem=problem)
+        try:
+            loaded = await drive.load(request)
+        except TapeNotLoadedError as e:
+            problem = str(e)
+            continue
+        try:
+            await check(loaded, request)
+        except WrongTapeError as e:
+            problem = str(e)
+            with trio.CancelScope(shield=True):
+                await drive.unload()
+            continue
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await drive.unload()
+            raise
+        return loaded
+    raise TapeNotLoadedError(
+        f"tape {request.describe()} is still not in the drive after {MAX_TAPE_ATTEMPTS} "
+        f"attempts: {problem}"
+    )
+
+
+async def _catalog_head(tape: LoadedTape) -> bytes | None:
+    if await tape.size_of(cat.CATALOG_JSON) is None:
+        return None
+    return await tape.read_small(cat.CATALOG_JSON, limit=4096) or b""
+
+
+def _owner(head: bytes) -> str:
+    m = _SET_ID_RE.search(head)
+    return m.group(1).decode(errors="replace") if m else "an unknown set"
+
+
+async def _which_of_ours(tape: LoadedTape) -> str:
+    """Name this tape of our own set from its catalog, by its volume serial."""
+    serial = tape.volume_serial
+    if serial:
+        data = await tape.read_small(cat.CATALOG_JSON, limit=1 << 30) or b""
+        try:
+            doc = orjson.loads(data)
+            for t in doc.get("tapes", []):
+                if t.get("volume_serial") == serial:
+                    return f"{t['tape_id']} (tape {t['sequence_number']})"
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            pass
+    return "a tape of this set"
+
+
+async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
+    """For writing: the tape must be blank. A tape of another set is never written to."""
+    head = await _catalog_head(tape)
+    if head is not None:
+        owner = _owner(head)
+        if owner == request.backup_set_id:
+            which = await _which_of_ours(tape)
+            raise WrongTapeError(
+                f"{tape.label} is {which}, already written; insert a blank tape for "
+                f"{request.describe()}"
+            )
+        raise WrongTapeError(
+            f"{tape.label} holds backup set {owner} and is never overwritten; insert a blank "
+            f"tape for {request.describe()}"
+        )
+    if await tape.list_dir("data"):
+        raise WrongTapeError(
+            f"{tape.label} already holds data files but no catalog; insert a blank tape for "
+            f"{request.describe()}"
+        )
+
+
+async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
+    """For reading: the tape must belong to the requested set (a damaged or unreadable catalog
+    is let in, so that verify can report what exactly is wrong)."""
+    try:
+        head = await _catalog_head(tape)
+    except TapeReadError:
+        return
+    if head is None:
+        if not await tape.list_dir("data"):
+            raise WrongTapeError(f"{tape.label} is blank; insert {request.describe()}")
+        return
+    owner = _owner(head)
+    if request.backup_set_id and owner != request.backup_set_id:
+        raise WrongTapeError(
+            f"{tape.label} holds backup set {owner}, not {request.backup_set_id}; insert "
+            f"{request.describe()}"
+        )
