@@ -12,7 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
@@ -30,8 +30,9 @@ from ltoflow.errors import SetExistsError, UsageError
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
 from ltoflow.progress import NullReporter, Reporter
-from ltoflow.restore import RestoreReport, plan_restore, run_restore
+from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
 from ltoflow.scan import scan_tree
+from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
 
@@ -175,8 +176,11 @@ def verify(target: BackupConfig | Path | str | Components) -> VerifyReport:
 
 async def find_set_catalog(components: Components) -> Catalog:
     """The catalog of the set on the drive's tapes (the first good copy found)."""
-    catalog, _, _, _ = await find_catalog(components.drive, components.codec)
-    return catalog
+    holder = TapeHolder(components.drive, components.operator)
+    try:
+        return (await find_catalog(components.drive, components.codec, holder)).catalog
+    finally:
+        await holder.release()
 
 
 async def restore_async(
@@ -186,15 +190,30 @@ async def restore_async(
     *,
     catalog: Catalog | None = None,
     overwrite: bool = False,
+    before: Callable[[RestorePlan], bool] | None = None,
 ) -> RestoreReport:
-    """Restore the files matching `patterns` (all when empty) into `target`."""
-    catalog = catalog or await find_set_catalog(components)
-    plan = await trio.to_thread.run_sync(
-        lambda: plan_restore(catalog, patterns, target, overwrite=overwrite))
-    return await run_restore(
-        plan, target, drive=components.drive, operator=components.operator,
-        clock=components.clock, reporter=components.reporter, overwrite=overwrite,
-    )
+    """Restore the files matching `patterns` (all when empty) into `target`.
+
+    Without `catalog`, it is read from the tapes; with a single drive, the tape it was read
+    from stays in the drive and is used first if the restore needs it. `before` sees the plan
+    (the tapes needed, in order) before anything is read; returning False makes it a dry run.
+    """
+    holder = TapeHolder(components.drive, components.operator)
+    try:
+        if catalog is None:
+            catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
+        chosen = catalog
+        plan = await trio.to_thread.run_sync(
+            lambda: plan_restore(chosen, patterns, target, overwrite=overwrite))
+        if before is not None and not before(plan):
+            return RestoreReport.from_plan(plan)
+        return await run_restore(
+            plan, target, drive=components.drive, operator=components.operator,
+            clock=components.clock, reporter=components.reporter, overwrite=overwrite,
+            holder=holder,
+        )
+    finally:
+        await holder.release()
 
 
 def restore(

@@ -19,12 +19,21 @@ import trio
 
 from ltoflow import api
 from ltoflow.catalog import Catalog, split_files
+from ltoflow.drives import TapeDrive
+from ltoflow.drives.ltfs import LtfsDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
 from ltoflow.engine import BackupResult
 from ltoflow.errors import BackupError, UsageError, leaves
+from ltoflow.operator import (
+    CommandOperator,
+    ConsolePromptOperator,
+    NoPromptOperator,
+    Operator,
+    UnattendedOperator,
+)
 from ltoflow.plan import Plan
-from ltoflow.progress import LogReporter
-from ltoflow.restore import plan_restore, run_restore, select
+from ltoflow.progress import LiveReporter, LogReporter, Reporter
+from ltoflow.restore import RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
 from ltoflow.verify import VerifyReport, load_catalog_file
 
@@ -99,6 +108,17 @@ def _add_drive(p: argparse.ArgumentParser, *, write: bool) -> None:
     g.add_argument("--device", metavar="DEV", help="tape device for LTFS, e.g. /dev/nst0")
     p.add_argument("--mount-point", metavar="DIR", type=Path,
                    help="LTFS mount point (with --device)")
+    p.add_argument("--ltfs-option", metavar="KEY[=VALUE]", action="append", default=[],
+                   help="passed to ltfs as -o KEY[=VALUE], repeatable "
+                        "(e.g. tape_backend=file, sync_type=close)")
+    p.add_argument("--no-eject", action="store_true",
+                   help="do not run `mt offline` after unmounting (file-backed tapes, "
+                        "libraries that unload with their robot)")
+    p.add_argument("--tape-change-command", metavar="CMD",
+                   help="run CMD (through the shell) whenever a tape is needed; it gets "
+                        "LTOFLOW_TAPE_ID, LTOFLOW_TAPE_SEQ and LTOFLOW_SET_ID")
+    p.add_argument("--yes", action="store_true",
+                   help="never wait at a prompt: use --tape-change-command or fail clearly")
     p.add_argument("--sim-fault", metavar="NAME[=VALUE]", type=_fault, action="append",
                    help="simulator fault injection, repeatable: " + ", ".join(
                        (*_FAULT_FLAGS, "fail_after_bytes_written=N", "failed_tape_ids=ID,...",
@@ -167,18 +187,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_drive(args: argparse.Namespace) -> Path:
+def _operator(args: argparse.Namespace) -> Operator:
+    if args.simulator is not None:
+        return NoPromptOperator()
+    if args.tape_change_command:
+        return CommandOperator(args.tape_change_command)
+    if args.yes or not sys.stdin.isatty():
+        return UnattendedOperator()
+    return ConsolePromptOperator()
+
+
+def _drive(args: argparse.Namespace, *, capacity: int | None = None,
+           must_exist: bool = False) -> TapeDrive:
+    """The composition root's drive: the simulator, or a real drive through LTFS."""
     if args.device is not None:
-        raise UsageError(
-            "--device (LTFS on a real drive) is not supported yet in this version; "
-            "use --simulator DIR"
-        )
-    if args.mount_point is not None:
-        raise UsageError("--mount-point only goes with --device")
+        if args.mount_point is None:
+            raise UsageError("--device needs --mount-point DIR (where LTFS mounts the tape)")
+        if args.sim_fault:
+            raise UsageError("--sim-fault only goes with --simulator")
+        return LtfsDrive(args.device, args.mount_point, options=args.ltfs_option,
+                         eject=not args.no_eject)
+    if args.mount_point is not None or args.ltfs_option:
+        raise UsageError("--mount-point and --ltfs-option only go with --device")
     root: Path = args.simulator
     if root.exists() and not root.is_dir():
         raise UsageError(f"--simulator {root} is not a directory")
-    return root
+    if must_exist and not root.is_dir():
+        raise UsageError(f"simulator directory {root} does not exist")
+    return SimulatorDrive(root, capacity, _failures(args.sim_fault))
+
+
+def _reporter(args: argparse.Namespace, *, quiet: bool = False) -> Reporter:
+    if quiet:
+        return LogReporter(quiet=True)
+    if sys.stderr.isatty():
+        return LiveReporter(verbose=args.verbose)
+    return LogReporter(verbose=args.verbose)
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.simulator is not None:
+        return f"tapes are in {args.simulator}"
+    return f"drive {args.device}, mounted at {args.mount_point}"
 
 
 def _print_json(doc: object) -> None:
@@ -187,35 +237,42 @@ def _print_json(doc: object) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    root = _check_drive(args)
     config = api.BackupConfig(
         source_root=args.source,
-        tapes_root=root,
+        tapes_root=args.simulator,
         tape_nominal_capacity_bytes=args.capacity_tb,
         max_container_size_bytes=args.container_size_gb,
         buffer_bytes=args.buffer_mb,
         verify_after_write=args.verify,
     )
-    reporter = LogReporter(verbose=args.verbose, quiet=args.quiet or args.json)
-    components = api.compose(config, failures=_failures(args.sim_fault), reporter=reporter)
-    result = trio.run(api.backup_async, config, components)
+    reporter = _reporter(args, quiet=args.quiet or args.json)
+    components = api.Components(
+        drive=_drive(args, capacity=config.tape_nominal_capacity_bytes),
+        operator=_operator(args), reporter=reporter,
+    )
+    try:
+        result = trio.run(api.backup_async, config, components)
+    finally:
+        if isinstance(reporter, LiveReporter):
+            reporter.close()
     if args.json:
-        _print_json(backup_summary(result, root))
+        _print_json(backup_summary(result, _where(args)))
     else:
-        print_backup_summary(result, root)
+        print_backup_summary(result, _where(args))
     if result.verify_problems:
         return EXIT_DAMAGED
     return EXIT_WARNINGS if result.catalog.skipped else EXIT_OK
 
 
-def backup_summary(result: BackupResult, root: Path) -> dict[str, Any]:
+def backup_summary(result: BackupResult, where: str) -> dict[str, Any]:
     c = result.catalog
     return {
         "backup_set_id": c.backup_set_id,
         "created_at": c.created_at,
-        "simulator": str(root),
+        "where": where,
         "tapes": [
-            {"tape_id": t.tape_id, "label": t.label, "sequence_number": t.sequence_number,
+            {"tape_id": t.tape_id, "label": t.label, "volume_serial": t.volume_serial,
+             "sequence_number": t.sequence_number,
              "containers": t.containers, "data_bytes": t.data_bytes,
              "catalog_bytes": t.catalog_bytes, "seconds": round(t.seconds, 3),
              "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3)}
@@ -237,7 +294,7 @@ def backup_summary(result: BackupResult, root: Path) -> dict[str, Any]:
     }
 
 
-def print_backup_summary(result: BackupResult, root: Path) -> None:
+def print_backup_summary(result: BackupResult, where: str) -> None:
     c = result.catalog
     rate = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
     split, across = split_files(c)
@@ -246,9 +303,10 @@ def print_backup_summary(result: BackupResult, root: Path) -> None:
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
           f"{result.seconds:.1f} s ({rate:.0f} MB/s)")
     for t in result.tapes:
-        print(f"  tape {t.sequence_number}  {t.label}  {t.containers} containers  "
+        volume = f"volume {t.volume_serial}  " if t.volume_serial else ""
+        print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers  "
               f"{human_bytes(t.data_bytes)}  catalog {human_bytes(t.catalog_bytes)}  "
-              f"writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
+              f"{t.seconds:.1f} s  writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
     if result.verified:
         state = "clean" if not result.verify_problems else f"{len(result.verify_problems)} PROBLEMS"
         print(f"  verified after writing: {state}")
@@ -256,16 +314,13 @@ def print_backup_summary(result: BackupResult, root: Path) -> None:
             print(f"  BAD {p}")
     for s in c.skipped:
         print(f"  skipped {s.relative_path} ({s.kind}): {s.reason}")
-    print(f"  tapes are in {root}")
+    print(f"  {where}")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    root = _check_drive(args)
-    if not root.is_dir():
-        raise UsageError(f"simulator directory {root} does not exist")
-    reporter = LogReporter(verbose=args.verbose, quiet=args.json)
     components = api.Components(
-        drive=SimulatorDrive(root, failures=_failures(args.sim_fault)), reporter=reporter
+        drive=_drive(args, must_exist=True), operator=_operator(args),
+        reporter=LogReporter(verbose=args.verbose, quiet=args.json),
     )
     report = trio.run(api.verify_async, components)
     if args.json:
@@ -273,13 +328,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print_verify_report(report)
     return EXIT_OK if report.ok else EXIT_DAMAGED
-
-
-def _read_drive(args: argparse.Namespace) -> SimulatorDrive:
-    root = _check_drive(args)
-    if not root.is_dir():
-        raise UsageError(f"simulator directory {root} does not exist")
-    return SimulatorDrive(root, failures=_failures(getattr(args, "sim_fault", None)))
 
 
 def _catalog_from(args: argparse.Namespace, components: api.Components) -> Catalog:
@@ -290,35 +338,42 @@ def _catalog_from(args: argparse.Namespace, components: api.Components) -> Catal
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    components = api.Components(drive=_read_drive(args),
-                                reporter=LogReporter(verbose=args.verbose, quiet=args.json))
-    catalog = _catalog_from(args, components)
+    components = api.Components(
+        drive=_drive(args, must_exist=True), operator=_operator(args),
+        reporter=LogReporter(verbose=args.verbose, quiet=args.json),
+    )
     target: Path = args.target
     if target.exists() and not target.is_dir():
         raise UsageError(f"--target {target} exists and is not a directory")
-    plan = plan_restore(catalog, args.patterns, target, overwrite=args.overwrite)
-    tapes = ", ".join(f"{t.tape_id} (tape {t.sequence_number})" for t in plan.tapes)
-    print(f"Restore of {len(plan.jobs)} file(s) needs {len(plan.tapes)} tape(s), in this order: "
-          f"{tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
-          file=sys.stderr if args.json else sys.stdout, flush=True)
-    if args.dry_run:
-        for p in plan.problems:
-            print(f"WILL FAIL {p.describe()}")
-        if args.json:
-            _print_json({"tapes": [t.tape_id for t in plan.tapes],
-                         "files": len(plan.jobs), "bytes_to_read": plan.bytes_to_read,
-                         "problems": [attrs.asdict(p) for p in plan.problems]})
-        return EXIT_OK if not plan.problems else EXIT_DAMAGED
-    report = trio.run(lambda: run_restore(
-        plan, target, drive=components.drive, operator=components.operator,
-        clock=components.clock, reporter=components.reporter, overwrite=args.overwrite))
+    given = None
+    if args.catalog is not None:
+        given, _ = load_catalog_file(args.catalog, components.codec)
+    out = sys.stderr if args.json else sys.stdout
+
+    def announce(plan: RestorePlan) -> bool:
+        """Say which tapes are needed, in order, before anything is read."""
+        tapes = ", ".join(f"{t.tape_id} (tape {t.sequence_number}"
+                          f"{', volume ' + t.volume_serial if t.volume_serial else ''})"
+                          for t in plan.tapes)
+        print(f"Restore of {len(plan.jobs)} file(s) needs {len(plan.tapes)} tape(s), in this "
+              f"order: {tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
+              file=out, flush=True)
+        return not args.dry_run
+
+    report = trio.run(lambda: api.restore_async(
+        components, target, args.patterns, catalog=given, overwrite=args.overwrite,
+        before=announce))
     if args.json:
         _print_json({
-            "requested": report.requested, "restored": report.restored,
-            "bytes_restored": report.bytes_restored, "seconds": round(report.seconds, 3),
+            "dry_run": report.dry_run, "requested": report.requested,
+            "restored": report.restored, "bytes_restored": report.bytes_restored,
+            "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
             "tapes": list(report.tapes), "ok": report.ok,
             "problems": [attrs.asdict(p) for p in report.problems],
         })
+    elif report.dry_run:
+        for p in report.problems:
+            print(f"WILL FAIL {p.describe()}")
     else:
         for p in report.problems:
             print(f"FAILED {p.describe()}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import attrs
 
@@ -104,9 +104,9 @@ class ListReporter:
 class LogReporter:
     """One line per tape (and per container with `verbose`), for logs and pipes."""
 
-    def __init__(self, stream: TextIO | None = None, *, verbose: bool = False,
+    def __init__(self, stream: TextIO | Any = None, *, verbose: bool = False,
                  quiet: bool = False) -> None:
-        self.stream = stream or sys.stderr
+        self.stream: Any = stream or sys.stderr
         self.verbose = verbose
         self.quiet = quiet
 
@@ -148,3 +148,89 @@ class LogReporter:
                 self._say(event.text)
             case _:
                 pass
+
+
+class LiveReporter:
+    """The operator's live view on a terminal (rich): overall and per-tape progress, MB/s now
+    and on average, ETA, tape and container, buffer fill, and how often the writer waited."""
+
+    def __init__(self, *, verbose: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import (
+            Progress as Bars,
+        )
+
+        self.console = Console(stderr=True)
+        self.verbose = verbose
+        self.bars = Bars(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False),
+            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            console=self.console, transient=False, refresh_per_second=4,
+        )
+        self._overall: Any = None
+        self._tape: Any = None
+        self._last: tuple[float, int] | None = None
+        self._log = LogReporter(verbose=verbose)
+
+    def event(self, event: Event) -> None:
+        match event:
+            case Progress():
+                self._progress(event)
+            case TapeStarted() | TapeFinished() | CatalogWritten() | TapeVerified() | Note():
+                self._print(event)
+            case ContainerWritten() if self.verbose:
+                self._print(event)
+            case _:
+                pass
+
+    def _print(self, event: Event) -> None:
+        self._log.stream = _ConsoleStream(self.console)
+        self._log.event(event)
+
+    def _progress(self, p: Progress) -> None:
+        if self._overall is None:
+            self.bars.start()
+            self._overall = self.bars.add_task("all tapes", total=p.total_bytes, status="")
+            self._tape = self.bars.add_task("tape", total=max(1, p.tape_planned), status="")
+        now_rate = 0.0
+        if self._last is not None and p.elapsed > self._last[0]:
+            now_rate = (p.done_bytes - self._last[1]) / (p.elapsed - self._last[0])
+        self._last = (p.elapsed, p.done_bytes)
+        avg = p.done_bytes / p.elapsed if p.elapsed > 0 else 0.0
+        fill = p.buffer_filled / p.buffer_capacity * 100 if p.buffer_capacity else 0.0
+        self.bars.update(
+            self._overall, completed=p.done_bytes,
+            status=f"now {now_rate / 1e6:.0f} MB/s, avg {avg / 1e6:.0f} MB/s",
+        )
+        self.bars.update(
+            self._tape, completed=p.tape_bytes, total=max(1, p.tape_planned),
+            description=f"tape {p.sequence_number}/{p.total_tapes}",
+            status=f"{p.phase} {p.container_id[-5:] if p.container_id else ''} "
+                   f"buffer {fill:.0f}% waits {p.stalls} ({p.stall_seconds:.1f} s)",
+        )
+
+    def close(self) -> None:
+        if self._overall is not None:
+            self.bars.stop()
+
+
+class _ConsoleStream:
+    """Lets LogReporter print above rich's live bars."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), highlight=False)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

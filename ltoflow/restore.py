@@ -29,7 +29,7 @@ from ltoflow.engine import PipelineBuffer
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.progress import Note, NullReporter, Reporter
-from ltoflow.tapes import check_member, load_requested_tape
+from ltoflow.tapes import TapeHolder, check_member
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
@@ -108,10 +108,20 @@ class RestoreReport:
     seconds: float
     tapes: tuple[str, ...]
     problems: tuple[FileProblem, ...]
+    bytes_to_read: int = 0
+    dry_run: bool = False
 
     @property
     def ok(self) -> bool:
+        if self.dry_run:
+            return not self.problems
         return not self.problems and self.restored == self.requested
+
+    @classmethod
+    def from_plan(cls, plan: RestorePlan) -> RestoreReport:
+        """What a dry run reports: the plan, nothing restored."""
+        return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
+                   plan.bytes_to_read, dry_run=True)
 
 
 def safe_parts(relative_path: str) -> tuple[str, ...] | None:
@@ -505,9 +515,11 @@ async def run_restore(
     clock: Clock,
     reporter: Reporter | None = None,
     overwrite: bool = False,
+    holder: TapeHolder | None = None,
 ) -> RestoreReport:
     """Restore `plan` into `target`, loading each needed tape once, in sequence order."""
     reporter = reporter or NullReporter()
+    holder = holder or TapeHolder(drive, operator)
     started = clock.monotonic()
 
     def open_target() -> _FileWriter:
@@ -532,7 +544,7 @@ async def run_restore(
             containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset,
                                                                      c.sequence_number))
             try:
-                loaded = await load_requested_tape(drive, operator, request, check_member)
+                loaded = await holder.get(request, check_member)
             except BackupError as e:
                 for c in containers:
                     _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
@@ -548,9 +560,9 @@ async def run_restore(
                                      f"container {c.container_id} on tape {t.tape_id}: {why}")
                 reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
             finally:
-                with trio.CancelScope(shield=True):
-                    await drive.unload()
+                await holder.release()
     finally:
+        await holder.release()
         await trio.to_thread.run_sync(writer.close)
     return RestoreReport(
         requested=plan.files,
@@ -559,6 +571,7 @@ async def run_restore(
         seconds=clock.monotonic() - started,
         tapes=tuple(t.tape_id for t in plan.tapes),
         problems=(*plan.problems, *writer.problems),
+        bytes_to_read=plan.bytes_to_read,
     )
 
 

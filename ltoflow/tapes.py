@@ -119,3 +119,46 @@ async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
             f"{tape.label} holds backup set {owner}, not {request.backup_set_id}; insert "
             f"{request.describe()}"
         )
+
+
+class TapeHolder:
+    """The tape in the drive across a read job: reused when it is the one asked for next,
+    otherwise unloaded and the next one loaded through `load_requested_tape`."""
+
+    def __init__(self, drive: TapeDrive, operator: Operator) -> None:
+        self.drive = drive
+        self.operator = operator
+        self.tape_id: str | None = None
+        self.loaded: LoadedTape | None = None
+
+    def hold(self, tape_id: str | None, loaded: LoadedTape) -> None:
+        """Adopt a tape loaded elsewhere; `tape_id` None when it is not known which one."""
+        self.tape_id, self.loaded = tape_id, loaded
+
+    async def get(self, request: TapeRequest, check: Check) -> LoadedTape:
+        if self.loaded is not None and self.tape_id == request.tape_id:
+            return self.loaded
+        await self.release()
+        loaded = await load_requested_tape(self.drive, self.operator, request, check)
+        self.tape_id, self.loaded = request.tape_id, loaded
+        return loaded
+
+    async def release(self) -> None:
+        if self.loaded is not None:
+            self.loaded = self.tape_id = None
+            with trio.CancelScope(shield=True):
+                await self.drive.unload()
+
+
+async def identify(tape: LoadedTape, tape_ids_by_serial: dict[str, str],
+                   tape_of_container: dict[str, str]) -> str | None:
+    """Which tape of the set this is: by its volume serial, else by the containers on it."""
+    serial = tape.volume_serial
+    if serial and serial in tape_ids_by_serial:
+        return tape_ids_by_serial[serial]
+    counts: dict[str, int] = {}
+    for name in await tape.list_dir("data"):
+        t = tape_of_container.get(name)
+        if t is not None:
+            counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=lambda t: counts[t]) if counts else None

@@ -22,10 +22,10 @@ from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCo
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.engine import PipelineBuffer
-from ltoflow.errors import BackupError, CatalogReadError, TapeNotLoadedError, leaves
+from ltoflow.errors import BackupError, CatalogReadError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
-from ltoflow.tapes import check_member, load_requested_tape
+from ltoflow.tapes import TapeHolder, check_member, identify, load_requested_tape
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
@@ -304,18 +304,45 @@ async def verify_loaded_tape(
     return problems
 
 
+@attrs.frozen
+class FoundCatalog:
+    catalog: Catalog
+    sha256: str
+    found_on: str
+    problems: list[Problem]
+
+
 async def find_catalog(
-    drive: TapeDrive, codec: CatalogCodec
-) -> tuple[Catalog, str, str, list[Problem]]:
-    """Search the drive's tapes for a good catalog: (catalog, sha256, tape id, problems seen)."""
+    drive: TapeDrive, codec: CatalogCodec, holder: TapeHolder | None = None
+) -> FoundCatalog:
+    """The set's catalog, from the first tape whose copy checks out.
+
+    A drive that can list its tapes (the simulator) is searched tape by tape. A single drive
+    reads the tape in it (the operator is asked for one if needed); that tape stays loaded in
+    `holder`, so verify or restore can start with it instead of loading it again.
+    """
     tapes = await drive.inventory()
+    seen: list[Problem] = []
     if tapes is None:
-        raise TapeNotLoadedError(
-            "this drive cannot list its tapes; give the catalog with --catalog"
-        )
+        holder = holder or TapeHolder(drive, NoPromptOperator())
+        request = TapeRequest("(any tape of the set)", 1, "", purpose="read")
+        loaded = await load_requested_tape(drive, holder.operator, request, check_member)
+        holder.hold(None, loaded)
+        try:
+            data, digest = await read_tape_catalog(loaded, loaded.label)
+            source = f"{loaded.label}: {cat.CATALOG_JSON}"
+            catalog = await trio.to_thread.run_sync(partial(codec.decode, data, source=source))
+        except BackupError as e:
+            await holder.release()
+            raise CatalogReadError(
+                f"{e}; insert another tape of the set, or give the catalog with --catalog"
+            ) from e
+        by_serial = {t.volume_serial: t.tape_id for t in catalog.tapes if t.volume_serial}
+        of_container = {c.container_id: c.tape_id for c in catalog.containers}
+        holder.tape_id = await identify(loaded, by_serial, of_container)
+        return FoundCatalog(catalog, digest, loaded.label, seen)
     if not tapes:
         raise CatalogReadError(f"no tapes found in {drive.describe()}")
-    seen: list[Problem] = []
     for tape_id in tapes:
         request = TapeRequest(tape_id, 0, "", purpose="read")
         try:
@@ -327,7 +354,7 @@ async def find_catalog(
             data, digest = await read_tape_catalog(loaded, tape_id)
             source = f"{tape_id}/{cat.CATALOG_JSON}"
             catalog = await trio.to_thread.run_sync(partial(codec.decode, data, source=source))
-            return catalog, digest, tape_id, seen
+            return FoundCatalog(catalog, digest, tape_id, seen)
         except BackupError as e:
             seen.append(Problem(str(e), tape_id=tape_id))
         finally:
@@ -344,41 +371,46 @@ async def verify_set(
     operator: Operator | None = None,
     reporter: Reporter | None = None,
 ) -> VerifyReport:
-    """Verify every tape of the set found on `drive` against its catalog."""
+    """Verify every tape of the set found on `drive` against its catalog, in sequence order."""
     reporter = reporter or NullReporter()
-    operator = operator or NoPromptOperator()
+    holder = TapeHolder(drive, operator or NoPromptOperator())
     started = clock.monotonic()
-    catalog, digest, found_on, problems = await find_catalog(drive, codec)
-    index = CatalogIndex(catalog)
-    present = set(await drive.inventory() or [])
-    counters = [0, 0]
-    tapes_checked = 0
-    for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
-        if t.tape_id not in present:
-            problems.append(Problem("tape is missing", tape_id=t.tape_id,
-                                    files=index.files_on_tape(t.tape_id)))
-            continue
-        request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
-                              len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
-        try:
-            loaded = await load_requested_tape(drive, operator, request, check_member)
-        except BackupError as e:
-            problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
-                                    files=index.files_on_tape(t.tape_id)))
-            continue
-        try:
-            found = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
-                                             index=index, counters=counters)
-        finally:
-            await drive.unload()
-        tapes_checked += 1
-        problems.extend(found)
-        reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
-                                    len(found)))
+    try:
+        found = await find_catalog(drive, codec, holder)
+        catalog, digest, problems = found.catalog, found.sha256, found.problems
+        index = CatalogIndex(catalog)
+        inventory = await drive.inventory()
+        counters = [0, 0]
+        tapes_checked = 0
+        for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
+            if inventory is not None and t.tape_id not in inventory:
+                problems.append(Problem("tape is missing", tape_id=t.tape_id,
+                                        files=index.files_on_tape(t.tape_id)))
+                continue
+            request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
+                                  len(catalog.tapes), purpose="read",
+                                  volume_serial=t.volume_serial)
+            try:
+                loaded = await holder.get(request, check_member)
+            except BackupError as e:
+                problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
+                                        files=index.files_on_tape(t.tape_id)))
+                continue
+            try:
+                bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
+                                               index=index, counters=counters)
+            finally:
+                await holder.release()
+            tapes_checked += 1
+            problems.extend(bad)
+            reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
+                                        len(bad)))
+    finally:
+        await holder.release()
     return VerifyReport(
         catalog=catalog,
         catalog_sha256=digest,
-        catalog_found_on=found_on,
+        catalog_found_on=found.found_on,
         tapes_checked=tapes_checked,
         containers_checked=counters[0],
         bytes_checked=counters[1],

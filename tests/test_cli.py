@@ -122,12 +122,21 @@ def test_simulator_directory_holding_another_set_is_refused(
     one_line_error(err, "already holds backup set 28ad0eff-a584-452c-9d9b-60c9e615d6f6")
 
 
-def test_device_is_not_supported_yet(src: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_device_without_ltfs_installed_says_so(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     code, _, err = cli(capsys, "backup", "--source", src, "--device", "/dev/nst0",
                        "--mount-point", tmp_path, *SMALL)
     assert code == EXIT_USAGE
-    one_line_error(err, "not supported yet")
+    one_line_error(err, "`ltfs` command was not found")
+
+
+def test_device_needs_a_mount_point(src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--device", "/dev/nst0", *SMALL)
+    assert code == EXIT_USAGE
+    one_line_error(err, "--mount-point")
 
 
 def test_plan_json_is_deterministic(src: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,6 +37,7 @@ from ltoflow.errors import (
     TapeFullError,
     TapeNotLoadedError,
     TapeReadError,
+    UsageError,
 )
 from ltoflow.units import human_bytes
 
@@ -151,7 +152,7 @@ class LtfsDrive:
         """Mount the cartridge in the drive and check that the mount is really LTFS."""
         mp = self.mount_point
         if not mp.is_dir():
-            raise TapeNotLoadedError(f"mount point {mp} does not exist; create it (mkdir -p)")
+            raise UsageError(f"mount point {mp} does not exist; create it (mkdir -p {mp})")
         if await trio.to_thread.run_sync(mount_is_ltfs, mp):
             raise TapeNotLoadedError(
                 f"{mp} is already an LTFS mount; unmount it (umount {mp}) before ltoflow "
@@ -165,7 +166,7 @@ class LtfsDrive:
             done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
                                           check=False)
         except FileNotFoundError:
-            raise TapeNotLoadedError(
+            raise UsageError(
                 "the `ltfs` command was not found; install LTFS and put it on PATH"
             ) from None
         if done.returncode != 0:
