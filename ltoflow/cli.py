@@ -21,7 +21,14 @@ from ltoflow import api
 from ltoflow.catalog import Catalog, split_files
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.ltfs import LtfsDrive
-from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+from ltoflow.drives.model import DEFAULT_BUFFER_BYTES as DEFAULT_DRIVE_BUFFER
+from ltoflow.drives.model import PROFILES
+from ltoflow.drives.simulator import (
+    SimulatorDrive,
+    SimulatorFailureConfig,
+    TapeDriveStats,
+    Throttle,
+)
 from ltoflow.engine import BackupResult
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import (
@@ -133,13 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", metavar="DIR", type=Path, required=True,
                    help="directory tree to back up")
     _add_drive(b, write=True)
-    b.add_argument("--capacity-tb", metavar="TB", type=_size(TB, "--capacity-tb"), required=True,
-                   help="nominal tape capacity in TB (decimal: 18 for LTO-9, 0.000004 is 4 MB)")
+    b.add_argument("--capacity-tb", metavar="TB", type=_size(TB, "--capacity-tb"),
+                   help="nominal tape capacity in TB (decimal: 18 for LTO-9, 0.000004 is 4 MB);"
+                        " defaults to the --drive generation's native capacity")
     b.add_argument("--container-size-gb", metavar="GB", required=True,
                    type=_size(GB, "--container-size-gb"), help="maximum container size in GB")
     b.add_argument("--buffer-mb", metavar="MB", type=_size(MiB, "--buffer-mb"),
                    default=api.DEFAULT_BUFFER_BYTES,
                    help="memory for data in flight, in MiB (default 256)")
+    b.add_argument("--drive", choices=sorted(PROFILES, key=lambda n: int(n[3:])),
+                   help="LTO generation: sets the capacity default and the throttle's speeds")
+    b.add_argument("--throttle", action="store_true",
+                   help="simulator only: accept data no faster than the --drive generation, "
+                        "with its buffer, speed matching and back-hitches")
+    b.add_argument("--drive-buffer-mb", metavar="MB", type=_size(MiB, "--drive-buffer-mb"),
+                   default=DEFAULT_DRIVE_BUFFER, help="the throttled drive's buffer (default 1024)")
+    b.add_argument("--reposition-seconds", metavar="S", type=float, default=2.0,
+                   help="what one back-hitch costs the throttled drive (default 2)")
+    b.add_argument("--discard", action="store_true",
+                   help="with --throttle: model the drive without keeping the data (measures "
+                        "the feed, not this disk; the set cannot be verified or restored)")
+    b.add_argument("--drive-timeline", metavar="FILE", type=Path,
+                   help="with --throttle: write the drive's rate and buffer fill over time as JSON")
     b.add_argument("--verify", action="store_true",
                    help="read each tape back and check it before it is unloaded")
     b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -198,7 +220,7 @@ def _operator(args: argparse.Namespace) -> Operator:
 
 
 def _drive(args: argparse.Namespace, *, capacity: int | None = None,
-           must_exist: bool = False) -> TapeDrive:
+           must_exist: bool = False, throttle: Throttle | None = None) -> TapeDrive:
     """The composition root's drive: the simulator, or a real drive through LTFS."""
     if args.device is not None:
         if args.mount_point is None:
@@ -214,7 +236,7 @@ def _drive(args: argparse.Namespace, *, capacity: int | None = None,
         raise UsageError(f"--simulator {root} is not a directory")
     if must_exist and not root.is_dir():
         raise UsageError(f"simulator directory {root} does not exist")
-    return SimulatorDrive(root, capacity, _failures(args.sim_fault))
+    return SimulatorDrive(root, capacity, _failures(args.sim_fault), throttle=throttle)
 
 
 def _reporter(args: argparse.Namespace, *, quiet: bool = False) -> Reporter:
@@ -236,37 +258,80 @@ def _print_json(doc: object) -> None:
     sys.stdout.flush()
 
 
+def _throttle(args: argparse.Namespace) -> Throttle | None:
+    if not (args.throttle or args.discard or args.drive_timeline):
+        return None
+    if not args.throttle:
+        raise UsageError("--discard and --drive-timeline only go with --throttle")
+    if args.simulator is None:
+        raise UsageError("--throttle is for the simulator; a real drive sets its own pace")
+    if args.drive is None:
+        raise UsageError("--throttle needs --drive lto5..lto10 to know the drive's speeds")
+    return Throttle(PROFILES[args.drive], args.drive_buffer_mb, args.reposition_seconds,
+                    discard=args.discard)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
+    capacity = args.capacity_tb
+    if capacity is None:
+        if args.drive is None:
+            raise UsageError("give --capacity-tb TB, or --drive lto5..lto10 for its capacity")
+        capacity = PROFILES[args.drive].native_capacity_bytes
+    throttle = _throttle(args)
     config = api.BackupConfig(
         source_root=args.source,
         tapes_root=args.simulator,
-        tape_nominal_capacity_bytes=args.capacity_tb,
+        tape_nominal_capacity_bytes=capacity,
         max_container_size_bytes=args.container_size_gb,
         buffer_bytes=args.buffer_mb,
         verify_after_write=args.verify,
     )
     reporter = _reporter(args, quiet=args.quiet or args.json)
-    components = api.Components(
-        drive=_drive(args, capacity=config.tape_nominal_capacity_bytes),
-        operator=_operator(args), reporter=reporter,
-    )
+    drive = _drive(args, capacity=config.tape_nominal_capacity_bytes, throttle=throttle)
+    components = api.Components(drive=drive, operator=_operator(args), reporter=reporter)
     try:
         result = trio.run(api.backup_async, config, components)
     finally:
         if isinstance(reporter, LiveReporter):
             reporter.close()
+    drive_stats = drive.drive_stats if isinstance(drive, SimulatorDrive) else []
+    if args.drive_timeline is not None:
+        write_timeline(args.drive_timeline, drive_stats)
     if args.json:
-        _print_json(backup_summary(result, _where(args)))
+        _print_json(backup_summary(result, _where(args), drive_stats))
     else:
-        print_backup_summary(result, _where(args))
+        print_backup_summary(result, _where(args), drive_stats)
     if result.verify_problems:
         return EXIT_DAMAGED
     return EXIT_WARNINGS if result.catalog.skipped else EXIT_OK
 
 
-def backup_summary(result: BackupResult, where: str) -> dict[str, Any]:
+def _drive_doc(s: TapeDriveStats) -> dict[str, Any]:
+    st = s.statistics
+    return {
+        "tape_id": s.tape_id, "drive": st.drive, "bytes_written": st.bytes_written,
+        "seconds_streaming": round(st.seconds_streaming, 3),
+        "seconds_stopped": round(st.seconds_stopped, 3),
+        "seconds_repositioning": round(st.seconds_repositioning, 3),
+        "back_hitches": st.back_hitches,
+        "mean_rate_mb_per_s": round(st.mean_streaming_rate / 1e6, 1),
+        "peak_buffer_bytes": st.peak_buffer_bytes,
+    }
+
+
+def write_timeline(path: Path, stats: Sequence[TapeDriveStats]) -> None:
+    """The throttled drive's samples, tape by tape, for charts."""
+    doc = [{"tape_id": s.tape_id, "samples": [
+        {"time": round(x.time, 4), "tape_rate": x.tape_rate, "buffer_fill": x.buffer_fill,
+         "mode": str(x.mode)} for x in s.timeline]} for s in stats]
+    path.write_bytes(orjson.dumps(doc))
+
+
+def backup_summary(result: BackupResult, where: str,
+                   drive_stats: Sequence[TapeDriveStats] = ()) -> dict[str, Any]:
     c = result.catalog
     return {
+        "drive_model": [_drive_doc(s) for s in drive_stats],
         "backup_set_id": c.backup_set_id,
         "created_at": c.created_at,
         "where": where,
@@ -294,7 +359,8 @@ def backup_summary(result: BackupResult, where: str) -> dict[str, Any]:
     }
 
 
-def print_backup_summary(result: BackupResult, where: str) -> None:
+def print_backup_summary(result: BackupResult, where: str,
+                         drive_stats: Sequence[TapeDriveStats] = ()) -> None:
     c = result.catalog
     rate = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
     split, across = split_files(c)
@@ -307,6 +373,11 @@ def print_backup_summary(result: BackupResult, where: str) -> None:
         print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers  "
               f"{human_bytes(t.data_bytes)}  catalog {human_bytes(t.catalog_bytes)}  "
               f"{t.seconds:.1f} s  writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
+    for d in drive_stats:
+        st = d.statistics
+        print(f"  drive {st.drive} on tape {d.tape_id[-3:]}: {st.mean_streaming_rate / 1e6:.0f} "
+              f"MB/s while streaming ({st.seconds_streaming:.1f} s), {st.back_hitches} "
+              f"back-hitch(es), stopped {st.seconds_stopped:.1f} s")
     if result.verified:
         state = "clean" if not result.verify_problems else f"{len(result.verify_problems)} PROBLEMS"
         print(f"  verified after writing: {state}")

@@ -251,3 +251,35 @@ def test_injected_read_fault_makes_verify_report_every_container(
     assert bad
     assert all(tape3 in line for line in bad)
     assert any("cannot be read" in line and "page-002.tif" in line for line in bad)
+
+
+def test_throttle_flags_are_checked(src: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       *SMALL, "--throttle")
+    assert code == EXIT_USAGE
+    one_line_error(err, "--throttle needs --drive")
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       "--container-size-gb", "1")
+    assert code == EXIT_USAGE
+    one_line_error(err, "--capacity-tb")
+
+
+def test_drive_sets_the_capacity_and_the_summary_shows_the_drive_model(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timeline = tmp_path / "timeline.json"
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       "--drive", "lto9", "--throttle", "--drive-buffer-mb", "1",
+                       "--container-size-gb", "1", "--json", "--drive-timeline", timeline)
+    assert code == EXIT_OK
+    doc = json.loads(out)
+    assert len(doc["tapes"]) == 1
+    (model,) = doc["drive_model"]
+    assert model["drive"] == "lto9"
+    assert model["back_hitches"] >= 0
+    assert model["bytes_written"] > sum(TREE.values())
+    (tape,) = json.loads(timeline.read_bytes())
+    assert tape["samples"]
+    doc = load_catalog_json(next((tmp_path / "t").iterdir()))
+    assert doc["tapes"][0]["nominal_capacity_bytes"] == 18 * 10**12  # type: ignore[index]

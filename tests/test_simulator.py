@@ -139,3 +139,53 @@ async def test_injected_write_failure_stops_the_backup_naming_the_tape(tmp_path:
     components = api.compose(config, failures=SimulatorFailureConfig(fail_on_write=True))
     with Raises(FileWriteError, match="TAPE-.*-001"):
         await api.backup_async(config, components)
+
+
+async def test_throttled_simulator_models_the_drive_per_tape(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    """On the virtual clock, a throttled LTO-5 takes data no faster than 140 MB/s."""
+    from ltoflow.drives.model import PROFILES
+    from ltoflow.drives.simulator import Throttle
+
+    src = tmp_path / "src"
+    write_tree(src, {f"f{i}": 200_000 for i in range(20)})
+    config = api.BackupConfig(source_root=src, tapes_root=tmp_path / "t",
+                              tape_nominal_capacity_bytes=2_500_000,
+                              max_container_size_bytes=1_000_000)
+    drive = SimulatorDrive(tmp_path / "t", config.tape_nominal_capacity_bytes,
+                           throttle=Throttle(PROFILES["lto5"], buffer_bytes=500_000))
+    import attrs
+
+    result = await api.backup_async(config, attrs.evolve(api.compose(config), drive=drive))
+    assert [s.tape_id for s in drive.drive_stats] == [t.tape_id for t in result.tapes]
+    for stats, tape in zip(drive.drive_stats, result.tapes, strict=True):
+        st = stats.statistics
+        # Every byte of the tape went through the drive: data, catalog, recovery kit.
+        on_tape = sum(f.stat().st_size for f in (tmp_path / "t" / tape.tape_id).rglob("*")
+                      if f.is_file() and f.name != "tape.json")
+        assert st.bytes_written == st.bytes_accepted == on_tape
+        assert st.mean_streaming_rate <= PROFILES["lto5"].native_rate * 1.0001
+        assert st.seconds_streaming >= st.bytes_written / PROFILES["lto5"].native_rate * 0.999
+        assert stats.timeline
+
+
+async def test_discarding_simulator_keeps_no_container_bytes(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    from ltoflow.drives.model import PROFILES
+    from ltoflow.drives.simulator import Throttle
+
+    src = tmp_path / "src"
+    write_tree(src, {"a": 300_000})
+    config = api.BackupConfig(source_root=src, tapes_root=tmp_path / "t",
+                              tape_nominal_capacity_bytes=10_000_000,
+                              max_container_size_bytes=1_000_000)
+    drive = SimulatorDrive(tmp_path / "t", config.tape_nominal_capacity_bytes,
+                           throttle=Throttle(PROFILES["lto9"], discard=True))
+    import attrs
+
+    result = await api.backup_async(config, attrs.evolve(api.compose(config), drive=drive))
+    (container,) = (tmp_path / "t" / result.tapes[0].tape_id / "data").iterdir()
+    assert container.stat().st_size == 0
+    assert drive.drive_stats[0].statistics.bytes_accepted > 300_000

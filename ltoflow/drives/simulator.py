@@ -19,6 +19,14 @@ import attrs
 import trio
 
 from ltoflow.drives import TapeRequest
+from ltoflow.drives.model import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_REPOSITION_SECONDS,
+    DriveModel,
+    DriveProfile,
+    DriveStatistics,
+    TimelineSample,
+)
 from ltoflow.errors import (
     FileWriteError,
     TapeFullError,
@@ -73,6 +81,31 @@ class _TapeState:
         tmp.replace(self.root / TAPE_JSON)
 
 
+@attrs.frozen
+class Throttle:
+    """Run the simulator at a real drive's speed (see ltoflow.drives.model)."""
+
+    profile: DriveProfile
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    reposition_seconds: float = DEFAULT_REPOSITION_SECONDS
+    #: Model the drive without keeping the containers' bytes: measures how fast the pipeline can
+    #: feed a drive, not how fast this disk is. Such a set cannot be verified or restored.
+    discard: bool = False
+
+    def model(self) -> DriveModel:
+        return DriveModel(self.profile, buffer_bytes=self.buffer_bytes,
+                          reposition_seconds=self.reposition_seconds)
+
+
+@attrs.frozen
+class TapeDriveStats:
+    """What the drive model saw while one tape was in the drive."""
+
+    tape_id: str
+    statistics: DriveStatistics
+    timeline: tuple[TimelineSample, ...]
+
+
 class SimulatorDrive:
     """Drive over `root`; new tapes get `capacity_bytes` (None: read-only use, capacity unknown)."""
 
@@ -81,12 +114,16 @@ class SimulatorDrive:
         root: Path,
         capacity_bytes: int | None = None,
         failures: SimulatorFailureConfig | None = None,
+        *,
+        throttle: Throttle | None = None,
     ) -> None:
         self.root = root
         self.capacity_bytes = capacity_bytes
         self.failures = failures or SimulatorFailureConfig()
+        self.throttle = throttle
         self._loaded: SimulatorTape | None = None
         self.loads: list[str] = []  # every load, in order: tests check "each tape once"
+        self.drive_stats: list[TapeDriveStats] = []  # one per tape written, with a throttle
 
     def describe(self) -> str:
         return f"simulator at {self.root}"
@@ -106,7 +143,9 @@ class SimulatorDrive:
             )
         state = await trio.to_thread.run_sync(self._read_state, request.tape_id, tape_root)
         self.loads.append(request.tape_id)
-        self._loaded = SimulatorTape(state, self.failures)
+        model = self.throttle.model() if self.throttle and request.purpose == "write" else None
+        discard = bool(self.throttle and self.throttle.discard)
+        self._loaded = SimulatorTape(state, self.failures, model=model, discard=discard)
         return self._loaded
 
     def _read_state(self, tape_id: str, tape_root: Path) -> _TapeState:
@@ -120,7 +159,12 @@ class SimulatorDrive:
         return _TapeState(tape_id, tape_root, capacity, int(doc.get("bytes_written", 0)))
 
     async def unload(self) -> None:
-        self._loaded = None
+        tape, self._loaded = self._loaded, None
+        if tape is not None and tape.model is not None:
+            with trio.CancelScope(shield=True):
+                await tape.model.flush()
+            self.drive_stats.append(TapeDriveStats(
+                tape.tape_id, tape.model.statistics(), tuple(tape.model.timeline())))
 
     async def inventory(self) -> list[str]:
         return await trio.to_thread.run_sync(list_simulated_tapes, self.root)
@@ -138,10 +182,13 @@ def list_simulated_tapes(root: Path) -> list[str]:
 
 
 class SimulatorTape:
-    def __init__(self, state: _TapeState, failures: SimulatorFailureConfig) -> None:
+    def __init__(self, state: _TapeState, failures: SimulatorFailureConfig, *,
+                 model: DriveModel | None = None, discard: bool = False) -> None:
         self._state = state
         self._failures = failures
         self._fail = failures.applies_to(state.tape_id)
+        self.model = model
+        self.discard = discard
 
     @property
     def tape_id(self) -> str:
@@ -234,7 +281,11 @@ class SimulatorTape:
             return []
 
     async def sync(self) -> None:
+        """Persist the tape's accounting; a throttled drive writes out its buffer and stops,
+        as a real drive does when LTFS writes its index."""
         await trio.to_thread.run_sync(self._state.save)
+        if self.model is not None:
+            await self.model.flush()
 
     def _account(self, n: int, path: str) -> None:
         """Charge `n` more bytes to this tape, or raise TapeFullError if they do not fit."""
@@ -271,6 +322,10 @@ class SimulatorWriter:
             )
         view = memoryview(data)
         tape._account(view.nbytes, self._path)
+        if tape.model is not None:
+            await tape.model.accept(view.nbytes)
+        if tape.discard and self._path.startswith("data/"):
+            return
         try:
             await trio.to_thread.run_sync(_write_all, self._fh, view)
         except OSError as e:
