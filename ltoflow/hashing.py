@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 from ltoflow import catalog as cat
 from ltoflow.errors import SourceFileChangedError, SourceReadError
 from ltoflow.plan import Hashes, Plan
+from ltoflow.scan import ScannedFile
 
 
-@attrs.frozen
-class Piece:
-    """`length` bytes of segment `segment` at `start` in a chunk's buffer."""
+class Piece(NamedTuple):
+    """`length` bytes of segment `segment` at `start` in a chunk's buffer.
+
+    A NamedTuple rather than an attrs class: a chunk of small files makes thousands of these,
+    and a tuple is twice as fast to build.
+    """
 
     segment: int
     start: int
@@ -59,14 +61,24 @@ class SourceCursor:
         cannot be read.
         """
         plan = self.plan
+        segments, starts = plan.segments, plan.file_starts
         pieces: list[Piece] = []
         pos = 0
         cap = len(buf)
         container = self.container if not self.finished else -1
         while pos < cap and self.segment < self.end:
-            seg = plan.segments[self.segment]
+            seg = segments[self.segment]
             if one_container and seg.container_index != container:
                 break
+            f = seg.file_index
+            if (self.done_in_segment == 0 and seg.length <= cap - pos and self._fd < 0
+                    and starts[f + 1] - starts[f] == 1):
+                # The common case, a whole small file: open, read, check, close in one go.
+                self._read_whole(f, buf[pos:pos + seg.length])
+                pieces.append(Piece(self.segment, pos, seg.length, True, True))
+                pos += seg.length
+                self.segment += 1
+                continue
             fd = self._fd_for(seg.file_index)
             want = min(seg.length - self.done_in_segment, cap - pos)
             offset = seg.source_offset + self.done_in_segment
@@ -87,6 +99,32 @@ class SourceCursor:
                 self.done_in_segment = done
         self.bytes_read += pos
         return pieces, pos
+
+    def _read_whole(self, file_index: int, view: memoryview) -> None:
+        """Read a whole file into `view` and check it against the scan, with as few steps as
+        possible: this runs once per small file."""
+        f = self.plan.files[file_index]
+        try:
+            fd = os.open(os.path.join(self._root, f.relative_path), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceFileChangedError(f.relative_path, "it was deleted after the scan") from None
+        except OSError as e:
+            raise SourceReadError(
+                f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
+                "permissions or move it out of the source tree"
+            ) from e
+        try:
+            try:
+                n = os.preadv(fd, [view], 0)
+            except OSError as e:
+                raise SourceReadError(
+                    f"reading source file {f.relative_path!r} failed: {e.strerror}") from e
+            if n < len(view):
+                self._read_exact(fd, view[n:], n, file_index)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        _check_stat(f, st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -138,13 +176,17 @@ class SourceCursor:
             st = os.fstat(fd)
         finally:
             self.close()
-        f = self.plan.files[file_index]
-        if st.st_size != f.size:
-            raise SourceFileChangedError(
-                f.relative_path, f"its size went from {f.size} to {st.st_size} bytes"
-            )
-        if st.st_mtime_ns != f.mtime_ns:
-            raise SourceFileChangedError(f.relative_path, "it was modified while being read")
+        _check_stat(self.plan.files[file_index], st.st_size, st.st_mtime_ns)
+
+
+def _check_stat(f: ScannedFile, size: int, mtime_ns: int) -> None:
+    """A file just read must still have the size and mtime the scan saw."""
+    if size != f.size:
+        raise SourceFileChangedError(
+            f.relative_path, f"its size went from {f.size} to {size} bytes"
+        )
+    if mtime_ns != f.mtime_ns:
+        raise SourceFileChangedError(f.relative_path, "it was modified while being read")
 
 
 class HashRecorder:

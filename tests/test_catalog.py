@@ -139,3 +139,11 @@ def test_seed_catalog_has_no_key_ltoflow_lacks(tmp_path: Path) -> None:
         for record in doc[key]:  # type: ignore[attr-defined]
             assert set(record) <= names
     assert set(doc) <= {a.name for a in attrs.fields(Catalog)}
+
+
+@settings(max_examples=200)
+@given(st.text(st.characters(blacklist_categories=["Cs"]), max_size=60))
+def test_file_ids_are_the_standard_uuid5(path: str) -> None:
+    import uuid
+
+    assert cat.file_id_for(path) == str(uuid.uuid5(uuid.NAMESPACE_DNS, path))
