@@ -1,0 +1,134 @@
+"""The tape-change path: operators, retries, and what a wrong tape is told."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from ltoflow.drives import LoadedTape, TapeRequest
+from ltoflow.drives.simulator import SimulatorDrive
+from ltoflow.errors import TapeNotLoadedError, WrongTapeError
+from ltoflow.operator import (
+    CommandOperator,
+    ConsolePromptOperator,
+    NoPromptOperator,
+    UnattendedOperator,
+)
+from ltoflow.tapes import MAX_TAPE_ATTEMPTS, check_blank, check_member, load_requested_tape
+
+REQ = TapeRequest("TAPE-s-002", 2, "s", 3)
+
+
+async def test_command_operator_passes_the_tape_in_its_environment(tmp_path: Path) -> None:
+    out = tmp_path / "env.txt"
+    op = CommandOperator(f'echo "$LTOFLOW_TAPE_ID $LTOFLOW_TAPE_SEQ $LTOFLOW_SET_ID '
+                         f'$LTOFLOW_PURPOSE" > {out}')
+    await op.insert_tape(REQ)
+    assert out.read_text().split() == ["TAPE-s-002", "2", "s", "write"]
+
+
+async def test_command_operator_failure_shows_its_stderr() -> None:
+    op = CommandOperator("echo 'slot 12 is empty' >&2; exit 3")
+    with pytest.raises(TapeNotLoadedError, match=r"exit 3\): slot 12 is empty"):
+        await op.insert_tape(REQ)
+
+
+async def test_command_operator_is_told_the_problem_when_asked_again(tmp_path: Path) -> None:
+    out = tmp_path / "problem.txt"
+    await CommandOperator(f'printf %s "$LTOFLOW_PROBLEM" > {out}').insert_tape(
+        REQ, problem="wrong tape")
+    assert out.read_text() == "wrong tape"
+
+
+async def test_unattended_operator_uses_the_tape_in_the_drive_then_fails_clearly() -> None:
+    op = UnattendedOperator()
+    await op.insert_tape(REQ)  # the first tape: whatever is in the drive
+    with pytest.raises(TapeNotLoadedError, match=r"TAPE-s-002 .* is needed and nobody"):
+        await op.insert_tape(REQ)
+
+
+async def test_console_prompt_is_the_seeds_and_waits_for_enter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shown = io.StringIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    op = ConsolePromptOperator(shown)
+    await op.insert_tape(REQ)  # the first tape is the one in the drive: no prompt
+    assert shown.getvalue() == ""
+    await op.insert_tape(REQ, problem="that was TAPE-s-001")
+    assert shown.getvalue().splitlines() == [
+        "Wrong tape: that was TAPE-s-001",
+        "Please insert tape TAPE-s-002 (tape 2) and press Enter.",
+    ]
+    with pytest.raises(TapeNotLoadedError, match="end of input"):
+        await op.insert_tape(REQ)
+
+
+class CountingOperator:
+    def __init__(self) -> None:
+        self.problems: list[str | None] = []
+
+    async def insert_tape(self, request: TapeRequest, *, problem: str | None = None) -> None:
+        self.problems.append(problem)
+
+
+async def test_a_wrong_tape_is_named_and_asked_for_again(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 1000)
+    calls = 0
+
+    async def check(tape: LoadedTape, request: TapeRequest) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise WrongTapeError(f"this is TAPE-other-00{calls}")
+
+    op = CountingOperator()
+    loaded = await load_requested_tape(drive, op, REQ, check)
+    assert loaded.label == "TAPE-s-002"
+    assert op.problems == [None, "this is TAPE-other-001", "this is TAPE-other-002"]
+
+
+async def test_gives_up_after_the_attempts_naming_the_last_problem(tmp_path: Path) -> None:
+    async def never(tape: LoadedTape, request: TapeRequest) -> None:
+        raise WrongTapeError("still the cleaning cartridge")
+
+    op = CountingOperator()
+    with pytest.raises(TapeNotLoadedError, match="after 5 attempts: still the cleaning"):
+        await load_requested_tape(SimulatorDrive(tmp_path, 1000), op, REQ, never)
+    assert len(op.problems) == MAX_TAPE_ATTEMPTS
+
+
+async def test_without_an_operator_a_wrong_tape_ends_the_job_at_once(tmp_path: Path) -> None:
+    async def wrong(tape: LoadedTape, request: TapeRequest) -> None:
+        raise WrongTapeError("this is TAPE-x-001 of set x")
+
+    with pytest.raises(TapeNotLoadedError, match="TAPE-x-001 of set x; no operator"):
+        await load_requested_tape(SimulatorDrive(tmp_path, 1000), NoPromptOperator(), REQ, wrong)
+
+
+async def _tape_with_catalog(root: Path, tape_id: str, set_id: str) -> LoadedTape:
+    drive = SimulatorDrive(root, 10_000)
+    tape = await drive.load(TapeRequest(tape_id, 1, set_id))
+    w = await tape.open_write("catalog/catalog.json")
+    await w.write(b'{"schema_version":"2.0","backup_set_id":"' + set_id.encode() + b'"}')
+    await w.close()
+    return tape
+
+
+async def test_checks_name_what_they_found(tmp_path: Path) -> None:
+    foreign = await _tape_with_catalog(tmp_path, "TAPE-other-001", "other")
+    with pytest.raises(WrongTapeError, match="holds backup set other and is never overwritten"):
+        await check_blank(foreign, REQ)
+    with pytest.raises(WrongTapeError, match="holds backup set other, not s"):
+        await check_member(foreign, TapeRequest("TAPE-s-001", 1, "s", purpose="read"))
+    ours = await _tape_with_catalog(tmp_path, "TAPE-s-001", "s")
+    with pytest.raises(WrongTapeError, match="a tape of this set, already written"):
+        await check_blank(ours, REQ)
+    await check_member(ours, TapeRequest("TAPE-s-001", 1, "s", purpose="read"))
+    blank = await SimulatorDrive(tmp_path, 10).load(TapeRequest("TAPE-new-001", 1, "s"))
+    await check_blank(blank, REQ)
+    with pytest.raises(WrongTapeError, match="is blank"):
+        await check_member(blank, TapeRequest("TAPE-s-001", 1, "s", purpose="read"))
