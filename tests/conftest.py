@@ -11,6 +11,8 @@ import pytest
 
 from ltoflow.errors import leaves
 
+pytest_plugins = ["tests.fakes.fixtures"]
+
 SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
 
 

@@ -108,18 +108,20 @@ def _find_ltfs_pid(mount_point: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """True while any thread of `pid` still runs (a FUSE daemon's main thread can be a zombie
+    while its worker threads still hold the device)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited too: it only waits for its parent to reap it.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                if fh.read().rsplit(") ", 1)[1][:1] not in ("Z", "X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
 
 
 class LtfsDrive:
@@ -174,6 +176,8 @@ class LtfsDrive:
                 f"ltfs could not mount the tape in {self.device}: {_ltfs_message(done)}"
             )
         if not await trio.to_thread.run_sync(mount_is_ltfs, mp):
+            # Whatever got mounted there is not ours to write to; do not leave it behind.
+            await trio.run_process(["umount", str(mp)], capture_stderr=True, check=False)
             raise TapeNotLoadedError(
                 f"ltfs returned but {mp} is not an LTFS mount (not a fuse mount, or its root "
                 "does not answer user.ltfs.volumeUUID); nothing was written"
@@ -248,7 +252,8 @@ class LtfsTape:
         return f"volume {self._serial}" if self._serial else f"the tape at {self.root}"
 
     def translate(self, e: OSError, what: str) -> Exception:
-        if e.errno == errno.ENOTCONN:
+        # ECONNABORTED: a request in flight when the ltfs process died.
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             return DriveLostError(
                 f"the LTFS mount at {self.root} was lost while {what} (ltfs exited); clear it "
                 f"with `fusermount -u {self.root}`, check the drive, and run the job again"
@@ -359,8 +364,10 @@ class LtfsWriter:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            # Frees nothing on tape (append-only), but keeps the tree honest.
-            target.unlink(missing_ok=True)
+            # Frees nothing on tape (append-only), but keeps the tree honest. Cleanup never
+            # raises: it runs while another error (a lost drive, say) is on its way out.
+            with contextlib.suppress(OSError):
+                target.unlink()
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_drop)

@@ -1,0 +1,226 @@
+"""The LTFS drive against fake `ltfs`, `umount`, `fusermount` and `mt` on a real FUSE mount.
+
+The fakes (tests/fakes) reproduce what LTFS 2.4.8 measurably does; the adapter runs exactly the
+code it runs against real LTFS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ltoflow import api
+from ltoflow.cli import EXIT_OK, main
+from ltoflow.drives import TapeRequest
+from ltoflow.drives.ltfs import LtfsDrive, mount_is_ltfs
+from ltoflow.errors import DriveLostError, TapeFullError, TapeNotLoadedError
+from ltoflow.operator import CommandOperator, UnattendedOperator
+from tests.fakes.harness import FakeLtfs
+
+from .conftest import Raises, write_tree
+
+MiB = 2**20
+REQ = TapeRequest("TAPE-s-001", 1, "s", 1)
+
+
+def config(src: Path, *, capacity: int = 60 * MiB, container: int = 1 * MiB) -> api.BackupConfig:
+    return api.BackupConfig(source_root=src, tape_nominal_capacity_bytes=capacity,
+                            max_container_size_bytes=container, buffer_bytes=4 * MiB)
+
+
+def components(drive: LtfsDrive, operator: object = None) -> api.Components:
+    return api.Components(drive=drive, operator=operator or UnattendedOperator())  # type: ignore[arg-type]
+
+
+async def test_backup_to_a_cartridge_writes_syncs_unmounts_then_ejects(
+    fake_ltfs: FakeLtfs, tmp_path: Path
+) -> None:
+    dev = fake_ltfs.cartridge("vol1", capacity_bytes=64 * MiB)
+    contents = write_tree(tmp_path / "src", {f"d/f{i}": 300_000 + i for i in range(10)})
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    result = await api.backup_async(config(tmp_path / "src"), components(drive))
+    (tape,) = result.tapes
+    assert tape.volume_serial == "VOL100L9"
+    on_tape = fake_ltfs.tape_files(dev)
+    doc = json.loads(on_tape["catalog/catalog.json"])
+    assert doc["tapes"][0]["volume_serial"] == "VOL100L9"
+    assert {f"data/{c['container_id']}" for c in doc["containers"]} <= set(on_tape)
+    assert "recovery/restore.py" in on_tape
+    # Every container and the catalog were made durable with an index sync.
+    assert fake_ltfs.syncs(dev, "Sync by EA") >= len(doc["containers"]) + 1
+    assert set(fake_ltfs.indexed_files(dev)) >= {f"data/{c['container_id']}"
+                                                for c in doc["containers"]}
+    assert not fake_ltfs.is_mounted()
+    assert fake_ltfs.is_ejected(dev)
+    assert not fake_ltfs.is_corrupted(dev), "ejected only after ltfs had exited"
+    rebuilt = {}
+    for f in doc["source_files"]:
+        segs = sorted((s for s in doc["segments"] if s["file_id"] == f["file_id"]),
+                      key=lambda s: s["source_offset"])
+        rebuilt[f["relative_path"]] = b"".join(
+            on_tape[f"data/{s['container_id']}"][s["container_offset"]:
+                                                 s["container_offset"] + s["length_bytes"]]
+            for s in segs)
+    assert rebuilt == contents
+
+
+async def test_unload_waits_for_ltfs_to_finish_its_index(fake_ltfs: FakeLtfs) -> None:
+    dev = fake_ltfs.cartridge("slow", unmount_delay_s=1.5)
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    tape = await drive.load(REQ)
+    w = await tape.open_write("data/x")
+    await w.write(b"x" * 1000)
+    await w.close()
+    await drive.unload()
+    assert fake_ltfs.is_ejected(dev)
+    assert not fake_ltfs.is_corrupted(dev)
+
+
+async def test_unload_that_times_out_never_ejects(fake_ltfs: FakeLtfs) -> None:
+    dev = fake_ltfs.cartridge("stuck", unmount_delay_s=3.0)
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point, unmount_timeout=0.3)
+    tape = await drive.load(REQ)
+    await (await tape.open_write("data/x")).close()
+    with pytest.raises(TapeNotLoadedError, match=r"still writing the index .* do NOT eject"):
+        await drive.unload()
+    assert not fake_ltfs.is_ejected(dev)
+    fake_ltfs.wait_ltfs_exit(dev)
+
+
+async def test_no_eject(fake_ltfs: FakeLtfs) -> None:
+    dev = fake_ltfs.cartridge("stay")
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point, eject=False)
+    await drive.load(REQ)
+    await drive.unload()
+    assert not fake_ltfs.is_ejected(dev)
+    assert not fake_ltfs.is_mounted()
+
+
+async def test_refused_mount_shows_the_ltfs_message(fake_ltfs: FakeLtfs) -> None:
+    dev = fake_ltfs.cartridge("raw", formatted=False)
+    with pytest.raises(TapeNotLoadedError, match=r"LTFS17168E.*not partitioned"):
+        await LtfsDrive(str(dev), fake_ltfs.mount_point).load(REQ)
+
+
+async def test_a_mount_that_is_not_ltfs_is_refused_and_nothing_is_written(
+    fake_ltfs: FakeLtfs,
+) -> None:
+    dev = fake_ltfs.cartridge("plain", ltfs_xattrs=False)
+    with pytest.raises(TapeNotLoadedError, match="not an LTFS mount"):
+        await LtfsDrive(str(dev), fake_ltfs.mount_point).load(REQ)
+    assert not fake_ltfs.is_mounted()
+    assert os.listdir(fake_ltfs.mount_point) == []
+
+
+def test_an_empty_directory_is_not_an_ltfs_mount(tmp_path: Path) -> None:
+    assert not mount_is_ltfs(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["write", "close"])
+async def test_enospc_from_write_or_from_close_is_tape_full(fake_ltfs: FakeLtfs,
+                                                            mode: str) -> None:
+    dev = fake_ltfs.cartridge(f"full{mode}", capacity_bytes=64 * MiB, enospc_mode=mode,
+                              enospc_after_bytes=2 * MiB)
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point, eject=False)
+    tape = await drive.load(REQ)
+    w = await tape.open_write("data/big")
+
+    async def write_8_mib() -> None:
+        for _ in range(8):
+            await w.write(b"z" * MiB)
+        await w.close()
+
+    with pytest.raises(TapeFullError, match="is full after") as info:
+        await write_8_mib()
+    if mode == "write":  # a short write, then ENOSPC
+        assert 2 * MiB - MiB // 50 <= info.value.bytes_written <= 2 * MiB
+    else:  # every write seemed to succeed; only close() said no
+        assert info.value.bytes_written == 8 * MiB
+    await w.abort()
+    await drive.unload()
+
+
+async def test_container_that_does_not_fit_the_real_free_space_is_not_started(
+    fake_ltfs: FakeLtfs, tmp_path: Path
+) -> None:
+    """The plan believes in 60 MiB tapes; this cartridge really holds 3 MiB."""
+    dev = fake_ltfs.cartridge("small", capacity_bytes=3 * MiB)
+    write_tree(tmp_path / "src", {f"f{i}": 900_000 for i in range(6)})
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    with Raises(TapeFullError, match=r"has .* left, not enough for container"):
+        await api.backup_async(config(tmp_path / "src"), components(drive))
+    assert not fake_ltfs.is_mounted()
+    assert not fake_ltfs.is_corrupted(dev)
+
+
+async def test_lost_mount_is_reported_as_the_drive_lost(fake_ltfs: FakeLtfs) -> None:
+    dev = fake_ltfs.cartridge("lost")
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point, eject=False)
+    tape = await drive.load(REQ)
+    w = await tape.open_write("data/x")
+    await w.write(b"a" * 1000)
+    fake_ltfs.crash(dev)
+
+    async def more() -> None:
+        await w.write(b"b" * 1000)
+        await w.close()
+
+    with pytest.raises(DriveLostError, match=r"LTFS mount at .* was lost .*fusermount -u"):
+        await more()
+    await w.abort()
+    await drive.unload()
+    assert not fake_ltfs.is_mounted()
+
+
+async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_for(
+    fake_ltfs: FakeLtfs, tmp_path: Path
+) -> None:
+    foreign = json.dumps({"schema_version": "2.0", "backup_set_id": "other-set"}).encode()
+    fake_ltfs.cartridge("foreign", files={"catalog/catalog.json": foreign})
+    fake_ltfs.cartridge("blank")
+    cartridges = fake_ltfs.drives_dir
+    dev = tmp_path / "nst0"
+    dev.symlink_to(cartridges / "foreign")
+    # The "library": the first tape it loads is the foreign one; asked again, it loads a blank.
+    command = (f'if [ -n "$LTOFLOW_PROBLEM" ]; then echo "$LTOFLOW_PROBLEM" > {tmp_path}/told;'
+               f' ln -sfn {cartridges}/blank {dev}; fi')
+    write_tree(tmp_path / "src", {"a": 5000})
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    result = await api.backup_async(config(tmp_path / "src"),
+                                    components(drive, CommandOperator(command)))
+    assert result.tapes[0].volume_serial == "BLANK0L9"
+    assert "holds backup set other-set and is never overwritten" in (tmp_path / "told").read_text()
+    assert fake_ltfs.tape_files(cartridges / "foreign") == {"catalog/catalog.json": foreign}
+
+
+def test_cli_three_tapes_through_a_library_then_verify_and_restore(
+    fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for n in (1, 2, 3):
+        fake_ltfs.cartridge(f"t{n}", capacity_bytes=64 * MiB, serial=f"LIB00{n}L9")
+    dev = tmp_path / "nst0"
+    dev.symlink_to(fake_ltfs.drives_dir / "t1")
+    load = (f'ln -sfn {fake_ltfs.drives_dir}/t$LTOFLOW_TAPE_SEQ {dev} && '
+            f'mt -f {dev} load')
+    contents = write_tree(tmp_path / "src", {f"case/{i:02d}.bin": 1_000_000 for i in range(5)})
+    drive_args = ["--device", str(dev), "--mount-point", str(fake_ltfs.mount_point),
+                  "--tape-change-command", load, "--yes"]
+    code = main(["backup", "--source", str(tmp_path / "src"), *drive_args,
+                 "--capacity-tb", "0.000002", "--container-size-gb", "0.0005", "--json"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    doc = json.loads(out)
+    assert [t["volume_serial"] for t in doc["tapes"]] == ["LIB001L9", "LIB002L9", "LIB003L9"]
+    assert all(fake_ltfs.is_ejected(fake_ltfs.drives_dir / f"t{n}") for n in (1, 2, 3))
+    assert not any(fake_ltfs.is_corrupted(fake_ltfs.drives_dir / f"t{n}") for n in (1, 2, 3))
+
+    assert main(["verify", *drive_args]) == EXIT_OK
+    assert "3 of 3 tape(s)" in capsys.readouterr().out
+
+    assert main(["restore", *drive_args, "--target", str(tmp_path / "out")]) == EXIT_OK
+    got = {str(p.relative_to(tmp_path / "out")): p.read_bytes()
+           for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert got == contents
