@@ -267,6 +267,8 @@ def _throttle(args: argparse.Namespace) -> Throttle | None:
         raise UsageError("--throttle is for the simulator; a real drive sets its own pace")
     if args.drive is None:
         raise UsageError("--throttle needs --drive lto5..lto10 to know the drive's speeds")
+    if not 0 <= args.reposition_seconds < 3600:  # also refuses nan
+        raise UsageError("--reposition-seconds must be between 0 and 3600")
     return Throttle(PROFILES[args.drive], args.drive_buffer_mb, args.reposition_seconds,
                     discard=args.discard)
 
@@ -296,7 +298,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
             reporter.close()
     drive_stats = drive.drive_stats if isinstance(drive, SimulatorDrive) else []
     if args.drive_timeline is not None:
-        write_timeline(args.drive_timeline, drive_stats)
+        try:
+            write_timeline(args.drive_timeline, drive_stats)
+        except OSError as e:  # the backup itself succeeded: say so, and keep its exit status
+            print(f"ltoflow backup: warning: cannot write --drive-timeline "
+                  f"{args.drive_timeline}: {e.strerror}", file=sys.stderr)
     if args.json:
         _print_json(backup_summary(result, _where(args), drive_stats))
     else:

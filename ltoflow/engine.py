@@ -45,6 +45,7 @@ from ltoflow.plan import Plan, Tape, build_catalog
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
+    Note,
     Progress,
     Reporter,
     TapeFinished,
@@ -146,6 +147,34 @@ class PipelineBuffer:
         """Until the buffer is above the low-water mark (or nothing more is coming)."""
         while not (self.producer_done or self.filled >= LOW_WATER * self.capacity):
             await self._changed.wait()
+
+
+class BufferLease:
+    """Buffers one step takes from a shared pool; those still out come back when it ends.
+
+    A step that fails part-way (a read error in verify or restore) would otherwise keep its
+    buffers, and the next step would wait for them forever.
+    """
+
+    def __init__(self, pool: PipelineBuffer) -> None:
+        self.pool = pool
+        self._out: dict[int, bytearray] = {}
+
+    async def take(self) -> bytearray:
+        buf = await self.pool.take()
+        self._out[id(buf)] = buf
+        return buf
+
+    def give_back(self, buf: bytearray) -> None:
+        if self._out.pop(id(buf), None) is not None:
+            self.pool.give_back(buf, 0)
+
+    def __enter__(self) -> BufferLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for buf in list(self._out.values()):
+            self.give_back(buf)
 
 
 @attrs.define
@@ -297,6 +326,26 @@ async def _check_room(tape: LoadedTape, tape_id: str, container_id: str, size: i
             "capacity",
             bytes_written=getattr(tape, "bytes_written", 0),
         )
+
+
+async def _check_tape_room(tape: LoadedTape, tape_id: str, needed: int) -> None:
+    """Before anything is written: the tape must hold its planned data and the catalog."""
+    free = await tape.free_bytes()
+    if free is not None and free < needed:
+        raise TapeFullError(
+            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, but its share of the "
+            f"plan with the catalog needs {human_bytes(needed)}; nothing was written: give a "
+            "smaller --capacity-tb (what this cartridge really holds)",
+        )
+
+
+async def _unload_keeping_the_error(drive: TapeDrive, reporter: Reporter) -> None:
+    """Unload on the way out of an error; a failing unload is reported, not raised over it."""
+    with trio.CancelScope(shield=True):
+        try:
+            await drive.unload()
+        except BackupError as e:
+            reporter.event(Note(f"also, the tape could not be unloaded: {e}"))
 
 
 async def prehash_actor(
@@ -549,6 +598,8 @@ async def run_backup(
             state.begin(request, tape.data_bytes, "waiting for the tape")
             loaded = await load_requested_tape(drive, operator, request, check_blank)
             try:
+                needed = tape.data_bytes + plan.reserve_bytes
+                await _check_tape_room(loaded, request.tape_id, needed)
                 serials.append(_serial(loaded))
                 reporter.event(TapeStarted(request.tape_id, request.sequence_number,
                                            len(plan.tapes), tape.data_bytes, loaded.label))
@@ -590,10 +641,12 @@ async def run_backup(
                     serials[-1],
                 ))
                 state.finish_tape(stats.bytes)
-            finally:
+            except BaseException:
                 state.phase = "unloading"
-                with trio.CancelScope(shield=True):
-                    await drive.unload()
+                await _unload_keeping_the_error(drive, reporter)
+                raise
+            state.phase = "unloading"
+            await drive.unload()
         ticker.cancel()
 
     assert catalog is not None

@@ -25,7 +25,7 @@ import trio
 from ltoflow.catalog import Catalog, ContainerEntry, SegmentEntry, SourceFileEntry, TapeEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.engine import PipelineBuffer
+from ltoflow.engine import BufferLease, PipelineBuffer
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.progress import Note, NullReporter, Reporter
@@ -138,7 +138,7 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> tuple[list[SourceFileEn
     """Files matching any pattern (exact path, directory, or glob); and patterns matching none."""
     if not patterns:
         return list(catalog.source_files), []
-    chosen: dict[str, SourceFileEntry] = {}
+    chosen: dict[int, SourceFileEntry] = {}
     unmatched: list[str] = []
     for pattern in patterns:
         p = pattern.strip("/")
@@ -146,12 +146,12 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> tuple[list[SourceFileEn
         for f in catalog.source_files:
             rel = f.relative_path
             if rel == p or rel.startswith(p + "/") or fnmatch.fnmatchcase(rel, pattern):
-                chosen.setdefault(f.file_id, f)
+                chosen.setdefault(id(f), f)
                 found = True
         if not found:
             unmatched.append(pattern)
-    order = {f.file_id: n for n, f in enumerate(catalog.source_files)}
-    return sorted(chosen.values(), key=lambda f: order[f.file_id]), unmatched
+    order = {id(f): n for n, f in enumerate(catalog.source_files)}
+    return sorted(chosen.values(), key=lambda f: order[id(f)]), unmatched
 
 
 def plan_restore(
@@ -176,8 +176,16 @@ def plan_restore(
     ranges: dict[str, list[_Range]] = defaultdict(list)
     needed_tapes: set[str] = set()
     total = 0
+    id_counts: dict[str, int] = defaultdict(int)
+    for f in catalog.source_files:
+        id_counts[f.file_id] += 1
     for f in files:
         parts = safe_parts(f.relative_path)
+        if id_counts[f.file_id] > 1:
+            problems.append(FileProblem(
+                f.relative_path, f"refused: its file_id {f.file_id} is shared with another "
+                "file in the catalog, so its segments are ambiguous"))
+            continue
         if parts is None:
             problems.append(FileProblem(
                 f.relative_path, "refused: the path is absolute or leaves the target (..)"))
@@ -251,6 +259,7 @@ class _FileWriter:
         self.overwrite = overwrite
         self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: dict[tuple[str, ...], int] = {}
+        self._temps = 0
         self.restored = 0
         self.bytes = 0
         self.problems: list[FileProblem] = []
@@ -309,9 +318,12 @@ class _FileWriter:
             job.temp_name = ""
 
     def _open(self, job: _FileJob) -> None:
-        job.temp_name = f"{TEMP_PREFIX}{job.entry.file_id}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        job.fd = os.open(job.temp_name, flags, 0o600, dir_fd=self._parent(job))
+        # The name is ours, never the catalog's: a file_id could hold '/' or '..'.
+        self._temps += 1
+        name = f"{TEMP_PREFIX}{os.getpid()}-{self._temps}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        job.fd = os.open(name, flags, 0o600, dir_fd=self._parent(job))
+        job.temp_name = name
 
     def start_empty(self, job: _FileJob) -> None:
         """A file with no segments: create it and finish it at once."""
@@ -330,8 +342,11 @@ class _FileWriter:
         def go() -> None:
             if job.fd < 0:
                 self._open(job)
-            os.pwrite(job.fd, data, seg.source_offset + seg_pos)
             offset = seg.source_offset + seg_pos
+            view, at = data, offset
+            while view:  # a short write (a filling disk) must not go unnoticed
+                n = os.pwrite(job.fd, view, at)
+                view, at = view[n:], at + n
             if len(job.segments) == 1:
                 return  # the segment's own hash is the file's
             if job.in_order and offset == job.next_offset:
@@ -363,6 +378,9 @@ class _FileWriter:
             digest = _hash_fd(job.fd, f.size_bytes)
         if digest != f.sha256:
             self.fail(job, "the restored file's SHA-256 does not match the catalog")
+            return
+        if os.fstat(job.fd).st_size != f.size_bytes:
+            self.fail(job, "the restored file came out the wrong size (is the target full?)")
             return
         os.fchmod(job.fd, stat.S_IMODE(f.unix_mode))
         mtime = f.mtime_ns if f.mtime_ns is not None else _ns_from_iso(f.modified_at)
@@ -457,11 +475,11 @@ async def _restore_container(
                 await reader.seek(start)
                 pos = start
                 while pos < end:
-                    buf = await pool.take()
+                    buf = await lease.take()
                     view = memoryview(buf)[: min(len(buf), end - pos)]
                     n = await reader.readinto(view)
                     if not n:
-                        pool.give_back(buf, 0)
+                        lease.give_back(buf)
                         raise _ShortContainer(pos)
                     await send.send((buf, pos, n, members))
                     pos += n
@@ -490,12 +508,13 @@ async def _restore_container(
         with receive:
             async for buf, pos, n, members in receive:
                 await trio.to_thread.run_sync(consume, buf, pos, n, members)
-                pool.give_back(buf, 0)
+                lease.give_back(buf)
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_spans)
-            nursery.start_soon(write_files)
+        with BufferLease(pool) as lease:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_spans)
+                nursery.start_soon(write_files)
     finally:
         await reader.close()
     return read

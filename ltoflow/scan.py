@@ -80,6 +80,8 @@ def scan_tree(root: Path) -> ScanResult:
             with os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b) as it:
                 entries = list(it)
         except OSError as e:
+            if not rel_dir:  # the source itself: an empty backup would look like success
+                raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
             skipped.append(
                 SkippedEntry(_display(rel_dir), "directory", f"cannot list: {e.strerror}")
             )

@@ -119,6 +119,12 @@ async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
             f"{tape.label} holds backup set {owner}, not {request.backup_set_id}; insert "
             f"{request.describe()}"
         )
+    serial = tape.volume_serial
+    if request.volume_serial and serial and serial != request.volume_serial:
+        raise WrongTapeError(
+            f"{tape.label} is another tape of this set, not volume {request.volume_serial}; "
+            f"insert {request.describe()}"
+        )
 
 
 class TapeHolder:

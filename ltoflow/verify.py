@@ -21,7 +21,7 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.engine import PipelineBuffer
+from ltoflow.engine import BufferLease, PipelineBuffer
 from ltoflow.errors import BackupError, CatalogReadError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
@@ -223,10 +223,10 @@ async def verify_container(
         with send:
             try:
                 while True:
-                    buf = await pool.take()
+                    buf = await lease.take()
                     n = await reader_.readinto(memoryview(buf))
                     if not n:
-                        pool.give_back(buf, 0)
+                        lease.give_back(buf)
                         break
                     await send.send((buf, n))
             finally:
@@ -241,12 +241,13 @@ async def verify_container(
                 async with trio.open_nursery() as both:
                     both.start_soon(trio.to_thread.run_sync, check.whole.update, data)
                     both.start_soon(trio.to_thread.run_sync, check.update_segments, data, pos)
-                pool.give_back(buf, 0)
+                lease.give_back(buf)
                 total += n
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        nursery.start_soon(hasher)
+    with BufferLease(pool) as lease:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(hasher)
 
     for k, s in enumerate(segments):
         got = check.results.get(k)

@@ -143,15 +143,16 @@ async def test_enospc_from_write_or_from_close_is_tape_full(fake_ltfs: FakeLtfs,
     await drive.unload()
 
 
-async def test_container_that_does_not_fit_the_real_free_space_is_not_started(
+async def test_a_tape_smaller_than_planned_is_refused_before_anything_is_written(
     fake_ltfs: FakeLtfs, tmp_path: Path
 ) -> None:
     """The plan believes in 60 MiB tapes; this cartridge really holds 3 MiB."""
     dev = fake_ltfs.cartridge("small", capacity_bytes=3 * MiB)
     write_tree(tmp_path / "src", {f"f{i}": 900_000 for i in range(6)})
     drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
-    with Raises(TapeFullError, match=r"has .* left, not enough for container"):
+    with Raises(TapeFullError, match=r"free, but its share of the plan .* nothing was written"):
         await api.backup_async(config(tmp_path / "src"), components(drive))
+    assert fake_ltfs.tape_files(dev) == {}
     assert not fake_ltfs.is_mounted()
     assert not fake_ltfs.is_corrupted(dev)
 

@@ -288,3 +288,55 @@ def test_cli_catalog_ls_and_show(backed_up: tuple[Path, Path, Catalog],
     assert doc["backup_set_id"] == catalog.backup_set_id
     assert main(["catalog", "--simulator", str(tapes), "ls"]) == EXIT_OK
     assert "case-3/scans/p11.tif" in capsys.readouterr().out
+
+
+def test_a_hostile_file_id_cannot_reach_outside_the_target(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    _, tapes, catalog = backed_up
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    empty = next(f for f in catalog.source_files if f.size_bytes == 0)
+    evil = attrs.evolve(empty, file_id="abc/../../victim", relative_path="z")
+    bad = attrs.evolve(catalog, source_files=(*catalog.source_files, evil))
+    restore(tapes, tmp_path / "out", catalog=bad)
+    assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "out" / "z").read_bytes() == b""
+
+
+def test_shared_file_ids_are_reported_not_guessed(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    _, tapes, catalog = backed_up
+    notes = catalog.source_files[0]
+    twin = attrs.evolve(notes, relative_path="twin.txt")
+    report = restore(tapes, tmp_path / "out", catalog=attrs.evolve(
+        catalog, source_files=(*catalog.source_files, twin)))
+    assert {p.relative_path for p in report.problems} == {"case-1/notes.txt", "twin.txt"}
+    assert all("shared" in p.what for p in report.problems)
+
+
+async def test_read_errors_on_many_containers_never_hang_verify_or_restore(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed read used to keep its pool buffer; after a few, the next read waited forever."""
+    import trio
+
+    from ltoflow.drives.simulator import SimulatorReader
+    from ltoflow.errors import TapeReadError
+
+    _, tapes, catalog = backed_up
+    assert len(catalog.containers) > 8  # more than the read pool has buffers
+
+    async def failing(self: SimulatorReader, buf: memoryview) -> int:
+        raise TapeReadError("medium error")
+
+    monkeypatch.setattr(SimulatorReader, "readinto", failing)
+    components = api.Components(drive=SimulatorDrive(tapes))
+    with trio.fail_after(60):
+        report = await api.verify_async(components)
+        restored = await api.restore_async(components, tmp_path / "out", catalog=catalog)
+    assert len([p for p in report.problems if "medium error" in p.what]) == len(
+        catalog.containers)
+    assert restored.restored == sum(1 for f in catalog.source_files if f.size_bytes == 0)
+    assert all("medium error" in p.what for p in restored.problems)

@@ -132,3 +132,22 @@ async def test_checks_name_what_they_found(tmp_path: Path) -> None:
     await check_blank(blank, REQ)
     with pytest.raises(WrongTapeError, match="is blank"):
         await check_member(blank, TapeRequest("TAPE-s-001", 1, "s", purpose="read"))
+
+
+async def test_reading_refuses_another_tape_of_the_same_set_by_its_serial(tmp_path: Path) -> None:
+    from ltoflow.drives.simulator import SimulatorTape
+
+    tape = await _tape_with_catalog(tmp_path, "TAPE-s-002", "s")
+    assert isinstance(tape, SimulatorTape)
+
+    class Labelled(SimulatorTape):
+        @property
+        def volume_serial(self) -> str | None:
+            return "VOL002L9"
+
+    tape.__class__ = Labelled
+    wanted = TapeRequest("TAPE-s-003", 3, "s", purpose="read", volume_serial="VOL003L9")
+    with pytest.raises(WrongTapeError, match="not volume VOL003L9"):
+        await check_member(tape, wanted)
+    await check_member(tape, TapeRequest("TAPE-s-002", 2, "s", purpose="read",
+                                         volume_serial="VOL002L9"))

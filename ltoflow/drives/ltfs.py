@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Buffer, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -153,7 +154,16 @@ class LtfsDrive:
     async def load(self, request: TapeRequest) -> LtfsTape:
         """Mount the cartridge in the drive and check that the mount is really LTFS."""
         mp = self.mount_point
-        if not mp.is_dir():
+        try:
+            is_dir = stat.S_ISDIR(mp.stat().st_mode)
+        except OSError as e:
+            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                raise DriveLostError(
+                    f"{mp} is a dead LTFS mount (its ltfs process is gone); clear it with "
+                    f"`fusermount -u {mp}` and run the job again"
+                ) from e
+            is_dir = False
+        if not is_dir:
             raise UsageError(f"mount point {mp} does not exist; create it (mkdir -p {mp})")
         if await trio.to_thread.run_sync(mount_is_ltfs, mp):
             raise TapeNotLoadedError(
@@ -183,10 +193,12 @@ class LtfsDrive:
                 "does not answer user.ltfs.volumeUUID); nothing was written"
             )
         self._pid = await trio.to_thread.run_sync(_find_ltfs_pid, mp)
-        serial = await trio.to_thread.run_sync(_xattr, mp, "user.ltfs.volumeSerial")
-        uuid = await trio.to_thread.run_sync(_xattr, mp, "user.ltfs.volumeUUID")
-        self._tape = LtfsTape(mp, serial or "", uuid or "")
-        return self._tape
+        tape = self._tape = LtfsTape(mp, "", "")  # mounted: unload() must now clean up
+        tape._serial = await tape._io(
+            "reading the volume serial", lambda: _xattr(mp, "user.ltfs.volumeSerial") or "")
+        tape.volume_uuid = await tape._io(
+            "reading the volume UUID", lambda: _xattr(mp, "user.ltfs.volumeUUID") or "")
+        return tape
 
     async def unload(self) -> None:
         """Unmount, wait for ltfs to finish its index and exit, then eject (unless disabled)."""
@@ -204,17 +216,26 @@ class LtfsDrive:
                     f"cannot unmount {mp}: {_ltfs_message(done)}; do not eject the tape, "
                     f"unmount it by hand (umount {mp}) and wait for ltfs to exit"
                 )
-        if pid is not None:
-            with trio.move_on_after(self.unmount_timeout) as waited:
-                # ltfs is not our child: polling /proc is the only way to see it exit.
-                while _alive(pid):  # noqa: ASYNC110
-                    await trio.sleep(_POLL)
-            if waited.cancelled_caught:
-                raise TapeNotLoadedError(
-                    f"ltfs (pid {pid}) is still writing the index of the tape in "
-                    f"{self.device} after {self.unmount_timeout:.0f} s; do NOT eject it until "
-                    "that process has exited, or the tape may be unreadable"
-                )
+        if pid is None:
+            if not self.eject:
+                return
+            # Without the process there is no telling when LTFS has written its index.
+            raise TapeNotLoadedError(
+                f"unmounted {mp}, but the ltfs process serving it was not found, so ltoflow "
+                f"cannot tell when LTFS has finished writing the index: the tape in "
+                f"{self.device} was NOT ejected; eject it (mt -f {self.device} offline) once "
+                "no ltfs process is left"
+            )
+        with trio.move_on_after(self.unmount_timeout) as waited:
+            # ltfs is not our child: polling /proc is the only way to see it exit.
+            while _alive(pid):  # noqa: ASYNC110
+                await trio.sleep(_POLL)
+        if waited.cancelled_caught:
+            raise TapeNotLoadedError(
+                f"ltfs (pid {pid}) is still writing the index of the tape in "
+                f"{self.device} after {self.unmount_timeout:.0f} s; do NOT eject it until "
+                "that process has exited, or the tape may be unreadable"
+            )
         if self.eject:
             done = await trio.run_process(["mt", "-f", self.device, "offline"],
                                           capture_stderr=True, check=False)
