@@ -29,4 +29,5 @@ test:
 
 # Benchmarks against the tar | tee | openssl floor (see bench/README.md).
 bench *args:
+    pip install --quiet -e ".[bench]"
     python bench/run.py {{args}}

@@ -41,23 +41,65 @@ TIME_BIN = "/usr/bin/time"
 FLOOR = "floor"
 SINGLE = "single"
 MULTI = "multi"
+PLAN = "plan"
+FEED = "feed"
+FEED_PERSIST = "feed-persist"
 VERIFY_FLOOR = "verify-floor"
 VERIFY = "verify"
-BACKUP_JOBS = (FLOOR, SINGLE, MULTI)
+RESTORE = "restore"
+RESTORE_ONE = "restore-one"
+JOB_ORDER = (
+    FLOOR,
+    SINGLE,
+    MULTI,
+    VERIFY_FLOOR,
+    VERIFY,
+    RESTORE,
+    RESTORE_ONE,
+    PLAN,
+    FEED,
+    FEED_PERSIST,
+)
 LABELS = {
     FLOOR: "floor: tar | tee | openssl sha256",
     SINGLE: "ltoflow backup, 1 tape",
     MULTI: "ltoflow backup, multi-tape",
     VERIFY_FLOOR: "floor: openssl dgst -sha256 containers",
     VERIFY: "ltoflow verify, 1 tape",
+    RESTORE: "ltoflow restore, 1 tape, all files (ratio: vs backup)",
+    RESTORE_ONE: "ltoflow restore, 1 file (~1 MB) on the last tape",
+    PLAN: "ltoflow plan --json",
+    FEED: "drive feed: LTO-9 throttled, discard mode",
+    FEED_PERSIST: "drive feed: LTO-9 throttled, persisted",
 }
-FLOOR_OF = {
+# What each job's ratio is taken against (None: no ratio).  Restore's "floor" is the
+# single-tape backup: its ratio is restore MB/s / backup MB/s.
+FLOOR_OF: dict[str, str | None] = {
     FLOOR: FLOOR,
     SINGLE: FLOOR,
     MULTI: FLOOR,
     VERIFY_FLOOR: VERIFY_FLOOR,
     VERIFY: VERIFY_FLOOR,
+    RESTORE: SINGLE,
+    RESTORE_ONE: None,
+    PLAN: None,
+    FEED: None,
+    FEED_PERSIST: None,
 }
+# Jobs whose MB/s and files/s (set bytes or files / wall time) mean something.  Plan
+# reads no data (files/s only); one-file restore moves one file (neither).
+MB_PER_S_JOBS = {FLOOR, SINGLE, MULTI, VERIFY_FLOOR, VERIFY, RESTORE, FEED, FEED_PERSIST}
+FILES_PER_S_JOBS = MB_PER_S_JOBS | {PLAN}
+DRIVE_JOBS = (FEED, FEED_PERSIST)
+# Jobs that print a JSON report on stdout.
+JSON_JOBS = {SINGLE, MULTI, VERIFY, RESTORE, RESTORE_ONE, FEED, FEED_PERSIST}
+# Sets that get the jobs only asked of them.
+RESTORE_ONE_SETS = {"mixed"}
+FEED_PERSIST_SETS = {"mixed"}
+DRIVE = "lto9"
+DRIVE_NATIVE_BYTES = 18 * 1000**4  # LTO-9: the capacity `--drive lto9` defaults to
+DRIVE_NATIVE_MB_PER_S = 400
+ONE_FILE_TARGET_BYTES = 1 * 1000**2
 
 
 def log(message: str) -> None:
@@ -77,31 +119,37 @@ class Sample:
     seconds: float
     peak_rss_kib: int | None
     stdout: str
+    extra: dict[str, Any] = field(default_factory=dict)  # drive numbers, timeline, file
 
 
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_timed(cmd: list[str]) -> tuple[float, int | None, str]:
+def run_timed(cmd: list[str], *, discard_stdout: bool = False) -> tuple[float, int | None, str]:
     """Run `cmd`; return (wall seconds, peak RSS in KiB of its largest process, stdout).
 
     Peak RSS comes from GNU time's %M when /usr/bin/time exists, otherwise from os.wait4
     on the child itself (not RUSAGE_CHILDREN, which is a max over every child so far).
+    With `discard_stdout` the command writes to /dev/null (`> /dev/null`) and "" is returned.
     """
+    out_dest = subprocess.DEVNULL if discard_stdout else subprocess.PIPE
     if os.access(TIME_BIN, os.X_OK):
         with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
             full = [TIME_BIN, "-f", "%M", "-o", rss_file.name, *cmd]
             start = time.perf_counter()
-            proc = subprocess.run(full, capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                full, stdout=out_dest, stderr=subprocess.PIPE, text=True, check=False
+            )
             seconds = time.perf_counter() - start
             lines = Path(rss_file.name).read_text().strip().splitlines()
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        rc, out, err = proc.returncode, proc.stdout or "", proc.stderr
         rss = int(lines[-1]) if lines and lines[-1].strip().isdigit() else None
     else:
         with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
             start = time.perf_counter()
-            popen = subprocess.Popen(cmd, stdout=fout, stderr=ferr)
+            stdout = subprocess.DEVNULL if discard_stdout else fout
+            popen = subprocess.Popen(cmd, stdout=stdout, stderr=ferr)
             _, status, usage = os.wait4(popen.pid, 0)
             seconds = time.perf_counter() - start
             popen.returncode = rc = os.waitstatus_to_exitcode(status)
@@ -250,6 +298,31 @@ class Config:
     workdir: Path
 
 
+def _feed_container(total: int) -> int:
+    """One container for the whole set: its size in whole MB, plus one MB."""
+    return (max(total, 1) + MB - 1) // MB * MB + MB
+
+
+def drive_totals(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The drive model's numbers of one backup, summed over its tapes (None if absent)."""
+    tapes = report.get("drive_model") or []
+    if not tapes:
+        return None
+    written = sum(t["bytes_written"] for t in tapes)
+    streaming = sum(t["seconds_streaming"] for t in tapes)
+    return {
+        "tapes": len(tapes),
+        "bytes_written": written,
+        "back_hitches": sum(t["back_hitches"] for t in tapes),
+        "seconds_streaming": streaming,
+        "seconds_stopped": sum(t["seconds_stopped"] for t in tapes),
+        "seconds_repositioning": sum(t["seconds_repositioning"] for t in tapes),
+        "mean_streaming_mb_per_s": written / MB / streaming if streaming > 0 else None,
+        "peak_buffer_bytes": max(t["peak_buffer_bytes"] for t in tapes),
+        "per_tape": tapes,
+    }
+
+
 class SetBench:
     def __init__(self, ds: datasets.DataSet, cfg: Config) -> None:
         self.ds = ds
@@ -258,17 +331,47 @@ class SetBench:
         self.tar_path = self.out / "floor.tar"
         self.single_dir = self.out / "tapes-single"
         self.multi_dir = self.out / "tapes-multi"
-        self.results = {k: JobResult(k) for k in (*BACKUP_JOBS, VERIFY_FLOOR, VERIFY)}
+        self.feed_dir = self.out / "tapes-feed"
+        self.feed_persist_dir = self.out / "tapes-feed-persist"
+        self.restore_dir = self.out / "restore"
+        self.restore_one_dir = self.out / "restore-one"
+        self.timeline_path = self.out / "drive-timeline.json"
+        # Jobs that read the source, run round-robin; the ones after a single- or multi-tape
+        # backup run on its tapes right after it.
+        self.source_jobs: tuple[str, ...] = (FLOOR, SINGLE, MULTI, PLAN, FEED)
+        if ds.name in FEED_PERSIST_SETS:
+            self.source_jobs += (FEED_PERSIST,)
+        self.after_single: tuple[str, ...] = (VERIFY_FLOOR, VERIFY, RESTORE)
+        self.after_multi: tuple[str, ...] = (RESTORE_ONE,) if ds.name in RESTORE_ONE_SETS else ()
+        jobs = {*self.source_jobs, *self.after_single, *self.after_multi}
+        self.results = {k: JobResult(k) for k in JOB_ORDER if k in jobs}
         self.warnings: list[str] = []
         self.single, self.multi = choose_params(cfg.ltoflow, ds.root, ds.bytes, self._warn)
+        self.feed_container = _feed_container(ds.bytes)
+        self._check_feed_params()
+        self.one_file: dict[str, Any] | None = None  # the file RESTORE_ONE restores this round
 
     def _warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
             log(f"WARNING [{self.ds.name}]: {message}")
 
+    def _check_feed_params(self) -> None:
+        """The drive feed must be one container on one tape (see bench/README.md)."""
+        plan = ltoflow_plan(
+            self.cfg.ltoflow, self.ds.root, TapeParams(DRIVE_NATIVE_BYTES, self.feed_container)
+        )
+        if isinstance(plan, str):
+            self._warn(f"ltoflow plan failed for the drive-feed parameters: {plan}")
+        elif len(plan["tapes"]) != 1 or len(plan["containers"]) != 1:
+            self._warn(
+                f"drive feed plans {len(plan['tapes'])} tape(s) and "
+                f"{len(plan['containers'])} container(s), not one of each"
+            )
+
     def command(self, key: str, containers: list[Path] | None = None) -> list[str]:
         src = str(self.ds.root)
+        buffer = [] if self.cfg.buffer_mb is None else ["--buffer-mb", str(self.cfg.buffer_mb)]
         if key == FLOOR:
             script = (
                 f"set -o pipefail; tar -cf - -C {shlex.quote(src)} . "
@@ -279,7 +382,7 @@ class SetBench:
             target, params = (
                 (self.single_dir, self.single) if key == SINGLE else (self.multi_dir, self.multi)
             )
-            cmd = [
+            return [
                 self.cfg.ltoflow,
                 "backup",
                 "--source",
@@ -289,19 +392,70 @@ class SetBench:
                 *params.args(),
                 "--json",
                 "--quiet",
+                *buffer,
             ]
-            if self.cfg.buffer_mb is not None:
-                cmd += ["--buffer-mb", str(self.cfg.buffer_mb)]
-            return cmd
+        if key in DRIVE_JOBS:
+            return [
+                self.cfg.ltoflow,
+                "backup",
+                "--source",
+                src,
+                "--simulator",
+                str(self.feed_dir if key == FEED else self.feed_persist_dir),
+                "--drive",
+                DRIVE,
+                "--throttle",
+                *(["--discard"] if key == FEED else []),
+                "--container-size-gb",
+                gb(self.feed_container),
+                "--drive-timeline",
+                str(self.timeline_path),
+                "--json",
+                "--quiet",
+                *buffer,
+            ]
+        if key == PLAN:
+            return [self.cfg.ltoflow, "plan", "--source", src, *self.single.args(), "--json"]
         if key == VERIFY_FLOOR:
             assert containers
             return ["openssl", "dgst", "-sha256", *map(str, containers)]
         if key == VERIFY:
             return [self.cfg.ltoflow, "verify", "--simulator", str(self.single_dir), "--json"]
+        if key == RESTORE:
+            return [
+                self.cfg.ltoflow,
+                "restore",
+                "--simulator",
+                str(self.single_dir),
+                "--target",
+                str(self.restore_dir),
+                "--json",
+            ]
+        if key == RESTORE_ONE:
+            assert self.one_file is not None
+            return [
+                self.cfg.ltoflow,
+                "restore",
+                "--simulator",
+                str(self.multi_dir),
+                "--target",
+                str(self.restore_one_dir),
+                "--json",
+                "--",
+                self.one_file["relative_path"],
+            ]
         raise ValueError(key)
 
     def output_of(self, key: str) -> Path | None:
-        return {FLOOR: self.tar_path, SINGLE: self.single_dir, MULTI: self.multi_dir}.get(key)
+        return {
+            FLOOR: self.tar_path,
+            SINGLE: self.single_dir,
+            MULTI: self.multi_dir,
+            FEED: self.feed_dir,
+            FEED_PERSIST: self.feed_persist_dir,
+            RESTORE: self.restore_dir,
+            RESTORE_ONE: self.restore_one_dir,
+        }.get(key)
 
     def _measure(
         self, key: str, rnd: int, warm_paths: list[Path], containers: list[Path] | None = None
@@ -310,42 +464,89 @@ class SetBench:
         out = self.output_of(key)
         if out is not None:
             remove(out)
+        if key in DRIVE_JOBS:
+            remove(self.timeline_path)
         warm(warm_paths)
         os.sync()  # no dirty pages from earlier runs are flushed on this run's clock
         try:
-            seconds, rss, stdout = run_timed(self.command(key, containers))
+            seconds, rss, stdout = run_timed(
+                self.command(key, containers), discard_stdout=key == PLAN
+            )
         except JobFailed as exc:
             result.errors.append(f"round {rnd}: {exc}")
             log(f"[{self.ds.name}] round {rnd} {key}: FAILED {exc}")
             if out is not None:
                 remove(out)
             return False
-        result.samples.append(Sample(rnd, seconds, rss, stdout))
+        sample = Sample(rnd, seconds, rss, stdout)
+        result.samples.append(sample)
         extra = ""
-        if key in (SINGLE, MULTI, VERIFY):
+        if key in JSON_JOBS:
             report: dict[str, Any] = json.loads(stdout)
             result.reports.append(report)
             self._check(key, report)
-            if key != VERIFY:
+            if key in (SINGLE, MULTI, *DRIVE_JOBS):
                 extra = f", {len(report.get('tapes', []))} tape(s)"
+            if key in DRIVE_JOBS:
+                sample.extra["drive"] = drive_totals(report)
+                sample.extra["timeline"] = self._read_timeline()
+                if (d := sample.extra["drive"]) is not None:
+                    extra += (
+                        f", {d['back_hitches']} back-hitch(es), "
+                        f"{d['seconds_stopped']:.2f} s stopped"
+                    )
+            if key == RESTORE_ONE:
+                sample.extra["file"] = dict(self.one_file or {})
         rss_text = f", peak RSS {rss / 1024:.0f} MiB" if rss is not None else ""
         log(f"[{self.ds.name}] round {rnd} {key}: {seconds:.3f} s{rss_text}{extra}")
         return True
+
+    def _read_timeline(self) -> list[dict[str, Any]] | None:
+        try:
+            doc: list[dict[str, Any]] = json.loads(self.timeline_path.read_text())
+        except (OSError, ValueError) as exc:
+            self._warn(f"no drive timeline: {exc}")
+            return None
+        finally:
+            remove(self.timeline_path)
+        return doc
 
     def _check(self, key: str, report: dict[str, Any]) -> None:
         if key == VERIFY:
             if report.get("ok") is not True:
                 self._warn(f"verify reported problems: {report.get('problems')}")
             return
+        if key in (RESTORE, RESTORE_ONE):
+            want_files, want_bytes = (
+                (self.ds.files, self.ds.bytes)
+                if key == RESTORE
+                else (1, (self.one_file or {}).get("size_bytes"))
+            )
+            if report.get("ok") is not True:
+                self._warn(f"{key} reported problems: {report.get('problems')}")
+            if report.get("restored") != want_files or report.get("bytes_restored") != want_bytes:
+                self._warn(
+                    f"{key}: restored {report.get('restored')} files, "
+                    f"{report.get('bytes_restored')} bytes; expected {want_files}, {want_bytes}"
+                )
+            return
         if report.get("bytes") != self.ds.bytes:
             self._warn(
                 f"{key}: ltoflow backed up {report.get('bytes')} bytes, the set has {self.ds.bytes}"
             )
         tapes = len(report.get("tapes", []))
-        if key == SINGLE and tapes != 1:
-            self._warn(f"single-tape backup used {tapes} tapes")
+        if key in (SINGLE, *DRIVE_JOBS) and tapes != 1:
+            self._warn(f"{key} backup used {tapes} tapes")
         if key == MULTI and tapes < 3:
             self._warn(f"multi-tape backup used only {tapes} tapes")
+        if key in DRIVE_JOBS:
+            if report.get("containers") != 1:
+                self._warn(
+                    f"{key}: {report.get('containers')} containers, not 1: the drive stops "
+                    "(sync) after every container"
+                )
+            if not report.get("drive_model"):
+                self._warn(f"{key}: no drive_model in ltoflow's report")
 
     def run(self) -> None:
         name = self.ds.name
@@ -357,25 +558,74 @@ class SetBench:
         )
         warm([self.ds.root])
         for rnd in range(1, self.cfg.runs + 1):
-            shift = (rnd - 1) % len(BACKUP_JOBS)
-            order = BACKUP_JOBS[shift:] + BACKUP_JOBS[:shift]
-            for key in order:
+            jobs = self.source_jobs
+            shift = (rnd - 1) % len(jobs)
+            for key in jobs[shift:] + jobs[:shift]:
                 ok = self._measure(key, rnd, [self.ds.root])
                 if key == SINGLE and ok:
-                    self._verify_round(rnd)
+                    self._after_single(rnd)
+                if key == MULTI and ok and self.after_multi:
+                    self._after_multi(rnd)
                 if (out := self.output_of(key)) is not None:
                     remove(out)
         remove(self.out)
 
-    def _verify_round(self, rnd: int) -> None:
-        """Time ltoflow verify and its floor on the single-tape set just written."""
+    def _after_single(self, rnd: int) -> None:
+        """Time verify, its floor and restore on the single-tape set just written.
+
+        The three rotate by one each round, so verify and its floor swap order every round
+        except the third, as with the backups.
+        """
         containers = sorted(self.single_dir.glob("*/data/*"))
         if not containers:
             self._warn("no container files found under tapes-single/*/data/")
             return
-        pair = (VERIFY_FLOOR, VERIFY) if rnd % 2 else (VERIFY, VERIFY_FLOOR)
-        for key in pair:
-            self._measure(key, rnd, containers, containers)
+        jobs = self.after_single
+        shift = (rnd - 1) % len(jobs)
+        for key in jobs[shift:] + jobs[:shift]:
+            if key == RESTORE:
+                self._measure(key, rnd, [self.single_dir])
+                remove(self.restore_dir)
+            else:
+                self._measure(key, rnd, containers, containers)
+
+    def _after_multi(self, rnd: int) -> None:
+        """Time restoring one ~1 MB file that lies on the multi-tape set's last tape."""
+        self.one_file = self._pick_one_file()
+        if self.one_file is None:
+            self.results[RESTORE_ONE].errors.append(
+                f"round {rnd}: no file on the last tape alone to restore"
+            )
+            return
+        self._measure(RESTORE_ONE, rnd, [self.multi_dir])
+        remove(self.restore_one_dir)
+
+    def _pick_one_file(self) -> dict[str, Any] | None:
+        """From the catalog: the file held by the last tape alone whose size is nearest 1 MB."""
+        cmd = [self.cfg.ltoflow, "catalog", "--simulator", str(self.multi_dir), "ls", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            self._warn(f"ltoflow catalog ls failed: {_tail(proc.stderr or proc.stdout, 3)}")
+            return None
+        rows: list[dict[str, Any]] = json.loads(proc.stdout)
+        tape_ids = sorted({t for r in rows for t in r["tapes"]})
+        if not tape_ids:
+            return None
+        last = tape_ids[-1]
+        candidates = [r for r in rows if r["tapes"] == [last]]
+        if not candidates:
+            return None
+        best = min(
+            candidates,
+            key=lambda r: (abs(r["size_bytes"] - ONE_FILE_TARGET_BYTES), r["relative_path"]),
+        )
+        return {
+            "relative_path": best["relative_path"],
+            "size_bytes": best["size_bytes"],
+            "tape_id": last,
+            "tape_number": len(tape_ids),
+            "tapes_in_set": len(tape_ids),
+        }
 
     # ----------------------------------------------------------------- summary
 
@@ -383,7 +633,8 @@ class SetBench:
         rows: list[dict[str, Any]] = []
         for key, result in self.results.items():
             med = result.median()
-            floor_med = self.results[FLOOR_OF[key]].median()
+            floor_key = FLOOR_OF[key]
+            floor_med = self.results[floor_key].median() if floor_key else None
             reads = [
                 r["source_bytes_read"] / r["bytes"]
                 for r in result.reports
@@ -393,16 +644,17 @@ class SetBench:
             row: dict[str, Any] = {
                 "job": key,
                 "label": LABELS[key],
-                "floor": FLOOR_OF[key],
+                "floor": floor_key,
                 "runs": len(result.samples),
                 "failures": len(result.errors),
                 "errors": result.errors,
+                "rounds": [s.round for s in result.samples],
                 "seconds": [round(s.seconds, 4) for s in result.samples],
                 "median_seconds": med,
                 "min_seconds": min(s.seconds for s in result.samples) if result.samples else None,
                 "max_seconds": max(s.seconds for s in result.samples) if result.samples else None,
-                "mb_per_s": self.ds.bytes / MB / med if med else None,
-                "files_per_s": self.ds.files / med if med else None,
+                "mb_per_s": self.ds.bytes / MB / med if med and key in MB_PER_S_JOBS else None,
+                "files_per_s": self.ds.files / med if med and key in FILES_PER_S_JOBS else None,
                 "ratio": floor_med / med if med and floor_med else None,
                 "reads_per_source_byte": statistics.median(reads) if reads else None,
                 "peak_rss_kib": max(rss) if rss else None,
@@ -410,16 +662,61 @@ class SetBench:
                 "tapes": None,
                 "containers": None,
                 "ltoflow_seconds": [r.get("seconds") for r in result.reports] or None,
+                "command": shlex.join(self._command_for_report(key)),
             }
-            backups = [r for r in result.reports if "tapes" in r]
+            backups = [r for r in result.reports if "containers" in r and "tapes" in r]
             if backups:
                 row["tapes"] = len(backups[-1]["tapes"])
                 row["containers"] = backups[-1].get("containers")
             elif key == VERIFY and result.reports:
                 row["tapes"] = result.reports[-1].get("tapes_checked")
                 row["containers"] = result.reports[-1].get("containers_checked")
+            elif key in (RESTORE, RESTORE_ONE) and result.reports:
+                row["tapes"] = len(result.reports[-1].get("tapes", []))
+                row["restored_files"] = [r.get("restored") for r in result.reports]
+                row["restored_bytes"] = [r.get("bytes_restored") for r in result.reports]
+            if key == RESTORE_ONE:
+                row["file_per_run"] = [s.extra.get("file") for s in result.samples]
+            if key in DRIVE_JOBS:
+                row.update(self._drive_row(result))
             rows.append(row)
         return rows
+
+    def _command_for_report(self, key: str) -> list[str]:
+        if key == VERIFY_FLOOR:
+            return ["openssl", "dgst", "-sha256", "TAPES/*/data/*"]
+        if key == RESTORE_ONE and self.one_file is None:
+            return [self.cfg.ltoflow, "restore", "--simulator", str(self.multi_dir), "FILE"]
+        return self.command(key)
+
+    def _drive_row(self, result: JobResult) -> dict[str, Any]:
+        drives = [s.extra.get("drive") for s in result.samples]
+        present = [d for d in drives if d]
+
+        def med(name: str) -> float | None:
+            values = [d[name] for d in present if d.get(name) is not None]
+            return statistics.median(values) if values else None
+
+        return {
+            "mode": "discard" if result.key == FEED else "persisted",
+            "drive": DRIVE,
+            "container_bytes": self.feed_container,
+            "container_size_gb": gb(self.feed_container),
+            "drive_median": {
+                name: med(name)
+                for name in (
+                    "back_hitches",
+                    "seconds_streaming",
+                    "seconds_stopped",
+                    "seconds_repositioning",
+                    "mean_streaming_mb_per_s",
+                    "peak_buffer_bytes",
+                )
+            },
+            "back_hitches_per_run": [d["back_hitches"] if d else None for d in drives],
+            "drive_per_run": drives,
+            "timeline_per_run": [s.extra.get("timeline") for s in result.samples],
+        }
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -434,6 +731,12 @@ class SetBench:
             "root": str(self.ds.root),
             "single_tape": self.single.describe(),
             "multi_tape": self.multi.describe(),
+            "drive_feed": {
+                "drive": DRIVE,
+                "capacity": "the drive's native capacity (--drive default)",
+                "container_bytes": self.feed_container,
+                "container_size_gb": gb(self.feed_container),
+            },
             "warnings": self.warnings,
             "jobs": self.rows(),
         }
@@ -444,6 +747,18 @@ class SetBench:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
+
+
+def _spread(values: list[Any]) -> str:
+    """The median of `values`, and their range when they differ: "3 (2-5)"."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "—"
+    med = statistics.median(present)
+    text = f"{med:g}"
+    if min(present) != max(present):
+        text += f" ({min(present):g}-{max(present):g})"
+    return text
 
 
 def markdown(sets: list[dict[str, Any]]) -> str:
@@ -464,7 +779,42 @@ def markdown(sets: list[dict[str, Any]]) -> str:
                 f" | {_fmt(rss, ',.0f')} | {row['tapes'] if row['tapes'] is not None else '—'}"
                 f" | {row['containers'] if row['containers'] is not None else '—'} |"
             )
-    notes = []
+
+    drive_rows = [(s, row) for s in sets for row in s["jobs"] if row["job"] in DRIVE_JOBS]
+    drive_lines: list[str] = []
+    if drive_rows:
+        drive_lines = [
+            f"Drive feed: `ltoflow backup --drive {DRIVE} --throttle [--discard]`, one container "
+            f"on one tape, drive buffer 1 GiB (ltoflow's default); native rate "
+            f"{DRIVE_NATIVE_MB_PER_S} MB/s.",
+            "",
+            "| set | mode | runs | median s | overall MB/s | back-hitches | streaming s "
+            "| stopped s | repositioning s | MB/s while streaming | peak buffer MiB |",
+            "|---|---|" + "---:|" * 9,
+        ]
+        for s, row in drive_rows:
+            runs = str(row["runs"]) + (f" ({row['failures']} failed)" if row["failures"] else "")
+            per_run = row.get("drive_per_run") or []
+            med = row.get("drive_median") or {}
+            peak = med.get("peak_buffer_bytes")
+            drive_lines.append(
+                f"| {s['name']} | {row['mode']} mode | {runs}"
+                f" | {_fmt(row['median_seconds'], '.3f')} | {_fmt(row['mb_per_s'], ',.1f')}"
+                f" | {_spread([d['back_hitches'] if d else None for d in per_run])}"
+                f" | {_fmt(med.get('seconds_streaming'), '.2f')}"
+                f" | {_fmt(med.get('seconds_stopped'), '.2f')}"
+                f" | {_fmt(med.get('seconds_repositioning'), '.2f')}"
+                f" | {_fmt(med.get('mean_streaming_mb_per_s'), ',.1f')}"
+                f" | {_fmt(peak / MiB if peak is not None else None, ',.0f')} |"
+            )
+
+    notes = [
+        "Ratio: floor median / job median (above 1 is faster than the floor). Backups are "
+        "compared with the tar pipeline, verify with `openssl dgst`. **Restore's ratio is "
+        "restore MB/s ÷ single-tape backup MB/s** (same set, same invocation; above 1 restores "
+        "faster than it backs up). Plan, one-file restore and the drive feeds have no ratio.",
+        "",
+    ]
     for s in sets:
         st, mt = s["single_tape"], s["multi_tape"]
         notes.append(
@@ -473,8 +823,28 @@ def markdown(sets: list[dict[str, Any]]) -> str:
             f"1 tape: capacity {st['capacity_tb']} TB, containers {st['container_size_gb']} GB; "
             f"multi-tape: capacity {mt['capacity_tb']} TB, containers {mt['container_size_gb']} GB"
         )
+        if (feed := s.get("drive_feed")) is not None:
+            notes.append(
+                f"  - drive feed: {feed['drive']}, native capacity, one container of "
+                f"{feed['container_size_gb']} GB"
+            )
+        for row in s["jobs"]:
+            if row["job"] == RESTORE_ONE:
+                files = [f for f in row.get("file_per_run") or [] if f]
+                if files:
+                    f = files[-1]
+                    notes.append(
+                        f"  - one-file restore: `{f['relative_path']}` "
+                        f"({f['size_bytes'] / MB:,.2f} MB) on tape {f['tape_number']} of "
+                        f"{f['tapes_in_set']}; times are wall seconds for the whole command "
+                        f"(catalog load, tape mount, seek and read)"
+                    )
         notes.extend(f"  - warning: {w}" for w in s["warnings"])
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    parts = ["\n".join(lines)]
+    if drive_lines:
+        parts.append("\n".join(drive_lines))
+    parts.append("\n".join(notes))
+    return "\n\n".join(parts) + "\n"
 
 
 def _first_line(cmd: list[str]) -> str | None:
