@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify", action="store_true",
                    help="read each tape back and check it before it is unloaded")
     b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    b.add_argument("--verbose", action="store_true", help="one line per container")
+    b.add_argument("--verbose", action="store_true",
+                   help="container lines above the live view, tracebacks with errors")
     b.add_argument("--quiet", action="store_true", help="only errors and the summary")
 
     v = sub.add_parser("verify", help="check every tape of a set against its catalog")

@@ -102,7 +102,7 @@ class ListReporter:
 
 
 class LogReporter:
-    """One line per tape (and per container with `verbose`), for logs and pipes."""
+    """One line per container and per tape, for logs and pipes (containers hidden by `quiet`)."""
 
     def __init__(self, stream: TextIO | Any = None, *, verbose: bool = False,
                  quiet: bool = False) -> None:
@@ -122,7 +122,7 @@ class LogReporter:
                     f"tape {event.sequence_number}/{event.total_tapes} {event.tape_id}: "
                     f"writing {human_bytes(event.planned_bytes)}"
                 )
-            case ContainerWritten() if self.verbose:
+            case ContainerWritten():
                 rate = event.size_bytes / event.seconds / 1e6 if event.seconds > 0 else 0.0
                 self._say(
                     f"  {event.container_id}: {human_bytes(event.size_bytes)} "
