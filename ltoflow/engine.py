@@ -288,7 +288,7 @@ async def write_actor(
                 cid = container_ids[chunk.container]
                 if chunk.first:
                     size = plan.containers[chunk.container].size
-                    await _check_room(tape, tape_id, cid, size)
+                    await _require_room(tape, tape_id, size, f"container {cid}")
                     writer = await tape.open_write(f"data/{cid}")
                     stats.current = cid
                     started = trio.current_time()
@@ -316,26 +316,15 @@ async def write_actor(
                 await writer.abort()
 
 
-async def _check_room(tape: LoadedTape, tape_id: str, container_id: str, size: int) -> None:
-    """Refuse to start a container that the tape has no room left for (by its own count)."""
-    free = await tape.free_bytes()
-    if free is not None and free < size:
-        raise TapeFullError(
-            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} left, not enough for "
-            f"container {container_id} ({human_bytes(size)}): it holds less than its nominal "
-            "capacity",
-            bytes_written=getattr(tape, "bytes_written", 0),
-        )
-
-
-async def _check_tape_room(tape: LoadedTape, tape_id: str, needed: int) -> None:
-    """Before anything is written: the tape must hold its planned data and the catalog."""
+async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str) -> None:
+    """Refuse to start writing `what` when the tape, by its own count, has no room for it."""
     free = await tape.free_bytes()
     if free is not None and free < needed:
         raise TapeFullError(
-            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, but its share of the "
-            f"plan with the catalog needs {human_bytes(needed)}; nothing was written: give a "
-            "smaller --capacity-tb (what this cartridge really holds)",
+            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough for "
+            f"{what} ({human_bytes(needed)}): it holds less than its nominal capacity; give a "
+            "smaller --capacity-tb (what these cartridges really hold)",
+            bytes_written=getattr(tape, "bytes_written", 0),
         )
 
 
@@ -599,7 +588,8 @@ async def run_backup(
             loaded = await load_requested_tape(drive, operator, request, check_blank)
             try:
                 needed = tape.data_bytes + plan.reserve_bytes
-                await _check_tape_room(loaded, request.tape_id, needed)
+                await _require_room(loaded, request.tape_id, needed,
+                                    "its share of the plan and the catalog (nothing written)")
                 serials.append(_serial(loaded))
                 reporter.event(TapeStarted(request.tape_id, request.sequence_number,
                                            len(plan.tapes), tape.data_bytes, loaded.label))

@@ -31,6 +31,11 @@ def test_readme_example(tmp_path: Path) -> None:
         tmp_path / "tapes" / result.tapes[0].tape_id)) == contents
 
 
+def two_tape_config(tmp_path: Path) -> BackupConfig:
+    return BackupConfig.simulator(tmp_path / "src", tmp_path / "tapes",
+                                  capacity_tb="0.0000002", container_size_gb="0.00005")
+
+
 class RecordingOperator:
     def __init__(self) -> None:
         self.requests: list[TapeRequest] = []
@@ -41,8 +46,7 @@ class RecordingOperator:
 
 def test_operator_is_asked_for_each_tape_in_order(tmp_path: Path) -> None:
     write_tree(tmp_path / "src", TREE)
-    config = BackupConfig.simulator(tmp_path / "src", tmp_path / "tapes",
-                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    config = two_tape_config(tmp_path)
     operator = RecordingOperator()
     result = backup(config, attrs.evolve(compose(config), operator=operator))
     assert [r.sequence_number for r in operator.requests] == list(
@@ -60,8 +64,7 @@ class IndentedJsonCodec(JsonCatalogCodec):
 
 def test_a_swapped_codec_is_used_for_the_reserve_the_tapes_and_verify(tmp_path: Path) -> None:
     write_tree(tmp_path / "src", TREE)
-    config = BackupConfig.simulator(tmp_path / "src", tmp_path / "tapes",
-                                    capacity_tb="0.0000002", container_size_gb="0.00005")
+    config = two_tape_config(tmp_path)
     codec = IndentedJsonCodec()
     result = backup(config, attrs.evolve(compose(config), codec=codec))
     raw = (tmp_path / "tapes" / result.tapes[0].tape_id / "catalog" / "catalog.json").read_bytes()

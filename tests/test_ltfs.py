@@ -150,7 +150,7 @@ async def test_a_tape_smaller_than_planned_is_refused_before_anything_is_written
     dev = fake_ltfs.cartridge("small", capacity_bytes=3 * MiB)
     write_tree(tmp_path / "src", {f"f{i}": 900_000 for i in range(6)})
     drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
-    with Raises(TapeFullError, match=r"free, but its share of the plan .* nothing was written"):
+    with Raises(TapeFullError, match=r"not enough for its share of the plan .*nothing written"):
         await api.backup_async(config(tmp_path / "src"), components(drive))
     assert fake_ltfs.tape_files(dev) == {}
     assert not fake_ltfs.is_mounted()
