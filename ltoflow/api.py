@@ -178,9 +178,12 @@ async def find_set_catalog(components: Components) -> Catalog:
     """The catalog of the set on the drive's tapes (the first good copy found)."""
     holder = TapeHolder(components.drive, components.operator)
     try:
-        return (await find_catalog(components.drive, components.codec, holder)).catalog
-    finally:
-        await holder.release()
+        catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
+    except BaseException:
+        await holder.release_after_error()
+        raise
+    await holder.release()
+    return catalog
 
 
 async def restore_async(
@@ -206,6 +209,7 @@ async def restore_async(
         plan = await trio.to_thread.run_sync(
             lambda: plan_restore(chosen, patterns, target, overwrite=overwrite))
         if before is not None and not before(plan):
+            await holder.release()
             return RestoreReport.from_plan(plan)
         return await run_restore(
             plan, target, drive=components.drive, operator=components.operator,
@@ -213,7 +217,7 @@ async def restore_async(
             holder=holder,
         )
     finally:
-        await holder.release()
+        await holder.release_after_error()  # a no-op unless something above failed
 
 
 def restore(

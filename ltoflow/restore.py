@@ -578,10 +578,13 @@ async def run_restore(
                         _fail_ranges(writer, ranges,
                                      f"container {c.container_id} on tape {t.tape_id}: {why}")
                 reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
-            finally:
-                await holder.release()
+            except BaseException:
+                await holder.release_after_error()
+                raise
+            await holder.release()
+        await holder.release()  # a tape read for the catalog and never needed
     finally:
-        await holder.release()
+        await holder.release_after_error()  # a no-op unless something above failed
         await trio.to_thread.run_sync(writer.close)
     return RestoreReport(
         requested=plan.files,

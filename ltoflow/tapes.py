@@ -6,6 +6,7 @@ asks again, naming what it found, when it is not: a wrong tape never fails the j
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +15,7 @@ import trio
 
 from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import TapeNotLoadedError, TapeReadError, WrongTapeError
+from ltoflow.errors import BackupError, TapeNotLoadedError, TapeReadError, WrongTapeError
 from ltoflow.operator import Operator
 
 #: Attempts at getting the right tape into the drive before the job gives up (the seed's 5).
@@ -154,6 +155,11 @@ class TapeHolder:
             self.loaded = self.tape_id = None
             with trio.CancelScope(shield=True):
                 await self.drive.unload()
+
+    async def release_after_error(self) -> None:
+        """Unload on the way out of an error; a failing unload must not replace that error."""
+        with contextlib.suppress(BackupError):
+            await self.release()
 
 
 async def identify(tape: LoadedTape, tape_ids_by_serial: dict[str, str],

@@ -334,7 +334,7 @@ async def find_catalog(
             source = f"{loaded.label}: {cat.CATALOG_JSON}"
             catalog = await trio.to_thread.run_sync(partial(codec.decode, data, source=source))
         except BackupError as e:
-            await holder.release()
+            await holder.release_after_error()
             raise CatalogReadError(
                 f"{e}; insert another tape of the set, or give the catalog with --catalog"
             ) from e
@@ -400,14 +400,18 @@ async def verify_set(
             try:
                 bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
                                                index=index, counters=counters)
-            finally:
-                await holder.release()
+            except BaseException:
+                await holder.release_after_error()
+                raise
+            await holder.release()
             tapes_checked += 1
             problems.extend(bad)
             reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
                                         len(bad)))
-    finally:
-        await holder.release()
+    except BaseException:
+        await holder.release_after_error()
+        raise
+    await holder.release()
     return VerifyReport(
         catalog=catalog,
         catalog_sha256=digest,

@@ -16,7 +16,7 @@ from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, main
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.restore import TEMP_PREFIX, RestoreReport
 
-from .conftest import SEED_FIXTURE, write_tree
+from .conftest import SEED_FIXTURE, Raises, write_tree
 
 KB = 1000
 TREE = {
@@ -340,3 +340,22 @@ async def test_read_errors_on_many_containers_never_hang_verify_or_restore(
         catalog.containers)
     assert restored.restored == sum(1 for f in catalog.source_files if f.size_bytes == 0)
     assert all("medium error" in p.what for p in restored.problems)
+
+
+async def test_an_unload_that_fails_after_a_clean_job_is_not_swallowed(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    """Releasing quietly is for error paths only: 'do not eject' must reach the operator."""
+    from ltoflow.errors import TapeNotLoadedError
+
+    class StuckDrive(SimulatorDrive):
+        async def unload(self) -> None:
+            await super().unload()
+            raise TapeNotLoadedError("ltfs is still writing the index; do NOT eject")
+
+    _, tapes, _ = backed_up
+    components = api.Components(drive=StuckDrive(tapes))
+    with Raises(TapeNotLoadedError, match="do NOT eject"):
+        await api.verify_async(components)
+    with Raises(TapeNotLoadedError, match="do NOT eject"):
+        await api.restore_async(components, tmp_path / "out", ["case-2/ledger.csv"])
