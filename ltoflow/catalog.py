@@ -12,7 +12,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import cattrs
@@ -265,7 +265,3 @@ def _records(records: Iterable[object]) -> Iterator[bytes]:
 def encoded_size(codec: CatalogCodec, catalog: Catalog) -> int:
     """Bytes `codec` writes for `catalog`, without holding them all in memory."""
     return sum(len(chunk) for chunk in codec.encode(catalog))
-
-
-def unstructure_any(value: Any) -> Any:
-    return converter.unstructure(value)
