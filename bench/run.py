@@ -856,6 +856,22 @@ def _first_line(cmd: list[str]) -> str | None:
     return text.splitlines()[0] if out.returncode == 0 and text else None
 
 
+def source_state() -> dict[str, Any]:
+    """The commit and the uncommitted changes of ltoflow's checkout (an editable install
+    runs whatever is in it, so a commit during the run changes what is measured)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        ["git", "-C", repo, "status", "--porcelain", "--", "ltoflow", "pyproject.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {
+        "commit": _first_line(["git", "-C", repo, "rev-parse", "HEAD"]),
+        "uncommitted": proc.stdout.splitlines() if proc.returncode == 0 else None,
+    }
+
+
 def machine_info(workdir: Path, ltoflow: str) -> dict[str, Any]:
     cpu_model = None
     meminfo: dict[str, int] = {}
@@ -966,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
     )
     machine = machine_info(workdir, cfg.ltoflow)
+    source_start = source_state()
     if machine["workdir_fs"] == "tmpfs":
         log(f"WARNING: {workdir} is tmpfs: outputs go to RAM, not to a disk")
     if not os.access(TIME_BIN, os.X_OK):
@@ -990,6 +1007,20 @@ def main(argv: list[str] | None = None) -> int:
         bench.run()
         results.append(bench.summary())
 
+    source_end = source_state()
+    machine["source_at_start"], machine["source_at_end"] = source_start, source_end
+    source_note = ""
+    if source_start != source_end:
+        source_note = (
+            f"**Warning: ltoflow's source changed during the run** (commit "
+            f"{source_start['commit']} at the start, {source_end['commit']} at the end, or "
+            "uncommitted changes differ): later jobs may have run different code.\n\n"
+        )
+        log("WARNING: ltoflow's source changed during the run (see machine.source_at_*)")
+    elif source_start["uncommitted"]:
+        source_note = (
+            "Note: ltoflow's source had uncommitted changes (machine.source_at_start).\n\n"
+        )
     doc = {
         "machine": machine,
         "config": {
@@ -1013,6 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Linux {machine['kernel']}, Python {machine['python']}, "
         f"runs={args.runs}, size factor {args.size_factor:g}\n"
     )
+    if source_note:
+        print(source_note, end="")
     print(markdown(results))
     log(f"results written to {json_out}")
     failed = any(row["failures"] for s in results for row in s["jobs"])
