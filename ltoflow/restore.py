@@ -31,12 +31,10 @@ from ltoflow.operator import Operator
 from ltoflow.progress import Note, NullReporter, Reporter
 from ltoflow.tapes import TapeHolder, check_member
 from ltoflow.units import MiB
+from ltoflow.verify import READ_AHEAD, READ_CHUNK_BYTES, read_pool
 
-READ_CHUNK_BYTES = 8 * MiB
 #: A gap between wanted ranges larger than this is skipped with a seek instead of read through.
 SEEK_GAP_BYTES = 64 * MiB
-#: Chunks in flight between the tape reader and the file writer.
-READ_AHEAD = 4
 TEMP_PREFIX = ".ltoflow-restore-"
 _MAX_DIR_FDS = 256
 
@@ -546,7 +544,7 @@ async def run_restore(
         return _FileWriter(target, plan.jobs, overwrite=overwrite)
 
     writer = await trio.to_thread.run_sync(open_target)
-    pool = PipelineBuffer((READ_AHEAD + 2) * READ_CHUNK_BYTES)
+    pool = read_pool()
     catalog = plan.catalog
     by_tape: dict[str, list[ContainerEntry]] = defaultdict(list)
     for cid in plan.ranges:
