@@ -17,7 +17,9 @@ from typing import Protocol
 import attrs
 import cattrs
 import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
 
+from ltoflow import paths
 from ltoflow.errors import CatalogReadError
 
 SCHEMA_VERSION = "2.0"
@@ -48,13 +50,17 @@ def iso_from_ns(mtime_ns: int) -> str:
 _DNS = uuid.NAMESPACE_DNS.bytes
 
 
-def file_id_for(relative_path: str) -> str:
+def file_id_for(relative_path: str | bytes) -> str:
     """The seed's file id: uuid5 in the DNS namespace of the relative path, stable across runs.
 
-    Computed as RFC 4122 says (SHA-1 of namespace and name, version and variant bits set),
-    without building UUID objects: 2.5x faster, and it runs once per file.
+    A path that is not valid UTF-8 is given as its exact bytes; a str is taken as UTF-8, which
+    gives the same id for the same name either way. Computed as RFC 4122 says (SHA-1 of
+    namespace and name, version and variant bits set), without building UUID objects: 2.5x
+    faster, and it runs once per file.
     """
-    h = bytearray(hashlib.sha1(_DNS + relative_path.encode("utf-8", "surrogatepass")).digest())
+    raw = (relative_path if isinstance(relative_path, bytes)
+           else relative_path.encode("utf-8", "surrogatepass"))
+    h = bytearray(hashlib.sha1(_DNS + raw).digest())
     h[6] = (h[6] & 0x0F) | 0x50
     h[8] = (h[8] & 0x3F) | 0x80
     x = h[:16].hex()
@@ -114,6 +120,14 @@ class SourceFileEntry:
     unix_mode: int = 0o100644
     #: ltoflow: the exact mtime; `modified_at` keeps only microseconds.
     mtime_ns: int | None = None
+    #: ltoflow: base64 of the path's exact bytes, only when they are not valid UTF-8
+    #: (`relative_path` and `absolute_path` then hold a readable rendering).
+    relative_path_b64: str | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        """The exact path; ValueError when its base64 is damaged."""
+        return paths.exact(self.relative_path, self.relative_path_b64)
 
 
 @attrs.frozen
@@ -137,6 +151,39 @@ class SkippedEntry:
 
 
 @attrs.frozen
+class DirectoryEntry:
+    """ltoflow: a directory under the source (the source itself is not listed)."""
+
+    relative_path: str
+    unix_mode: int
+    mtime_ns: int
+    relative_path_b64: str | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        return paths.exact(self.relative_path, self.relative_path_b64)
+
+
+@attrs.frozen
+class SymlinkEntry:
+    """ltoflow: a symbolic link under the source, never followed; `target` as readlink gave it."""
+
+    relative_path: str
+    target: str
+    mtime_ns: int
+    relative_path_b64: str | None = None
+    target_b64: str | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        return paths.exact(self.relative_path, self.relative_path_b64)
+
+    @property
+    def target_bytes(self) -> bytes:
+        return paths.exact(self.target, self.target_b64)
+
+
+@attrs.frozen
 class Catalog:
     """The whole backup set. The same catalog is written to every tape of the set."""
 
@@ -152,6 +199,8 @@ class Catalog:
     created_by: str | None = None
     max_container_size_bytes: int | None = None
     skipped: tuple[SkippedEntry, ...] = ()
+    directories: tuple[DirectoryEntry, ...] = ()
+    symlinks: tuple[SymlinkEntry, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -183,6 +232,21 @@ def split_files(catalog: Catalog) -> tuple[int, int]:
 
 
 converter = cattrs.Converter()
+# The exact-bytes keys appear only when a name needs them, so ordinary records stay as they were.
+_omit_none = override(omit_if_default=True)
+converter.register_unstructure_hook(
+    SourceFileEntry,
+    make_dict_unstructure_fn(SourceFileEntry, converter, relative_path_b64=_omit_none),
+)
+converter.register_unstructure_hook(
+    DirectoryEntry,
+    make_dict_unstructure_fn(DirectoryEntry, converter, relative_path_b64=_omit_none),
+)
+converter.register_unstructure_hook(
+    SymlinkEntry,
+    make_dict_unstructure_fn(SymlinkEntry, converter, relative_path_b64=_omit_none,
+                             target_b64=_omit_none),
+)
 
 
 class CatalogCodec(Protocol):
@@ -197,7 +261,9 @@ _HEAD_KEYS = (
     "schema_version", "backup_set_id", "created_at", "source_root",
     "created_by", "max_container_size_bytes",
 )
-_LIST_KEYS = ("tapes", "containers", "source_files", "segments", "skipped")
+_LIST_KEYS = (
+    "tapes", "containers", "source_files", "segments", "skipped", "directories", "symlinks",
+)
 
 
 class JsonCatalogCodec:

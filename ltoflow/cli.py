@@ -38,7 +38,7 @@ from ltoflow.operator import (
     Operator,
     UnattendedOperator,
 )
-from ltoflow.plan import Plan
+from ltoflow.plan import Plan, file_ids_of
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
@@ -583,7 +583,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     set_id = "(assigned at backup time)"
     tape_id = [f"TAPE-{n + 1:03d}" for n in range(len(plan.tapes))]
     cont_id = [f"CNT-{n + 1:05d}" for n in range(len(plan.containers))]
-    file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+    file_ids = file_ids_of(plan.files)
     return {
         "backup_set_id": set_id,
         "source_root": str(plan.source_root),

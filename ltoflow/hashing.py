@@ -12,7 +12,9 @@ import os
 from typing import Any, NamedTuple
 
 from ltoflow import catalog as cat
+from ltoflow import paths
 from ltoflow.errors import SourceFileChangedError, SourceReadError
+from ltoflow.paths import SHORT_PATH_BYTES, DirFds
 from ltoflow.plan import Hashes, Plan
 from ltoflow.scan import ScannedFile
 
@@ -40,9 +42,10 @@ class SourceCursor:
         self.end = end
         self.done_in_segment = 0
         self.bytes_read = 0
-        self._root = str(plan.source_root)
+        self._root = os.fsencode(plan.source_root)
         self._fd = -1
         self._fd_file = -1
+        self._dirs: DirFds | None = None  # only for paths longer than PATH_MAX allows
 
     @property
     def finished(self) -> bool:
@@ -105,7 +108,7 @@ class SourceCursor:
         possible: this runs once per small file."""
         f = self.plan.files[file_index]
         try:
-            fd = os.open(os.path.join(self._root, f.relative_path), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._open(f)
         except FileNotFoundError:
             raise SourceFileChangedError(f.relative_path, "it was deleted after the scan") from None
         except OSError as e:
@@ -127,21 +130,37 @@ class SourceCursor:
         _check_stat(f, st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
+        """Close the file being read and any directories kept open."""
+        self._close_file()
+        if self._dirs is not None:
+            self._dirs.close()
+            os.close(self._dirs.root_fd)
+            self._dirs = None
+
+    def _close_file(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
             self._fd_file = -1
 
-    def _path(self, file_index: int) -> str:
-        return os.path.join(self._root, self.plan.files[file_index].relative_path)
+    def _open(self, f: ScannedFile) -> int:
+        """Open a source file by its exact bytes; a long path is opened through directory
+        descriptors, one component at a time (OSError as os.open raises it)."""
+        rel = f.path_bytes
+        if len(self._root) + len(rel) < SHORT_PATH_BYTES:
+            return os.open(self._root + b"/" + rel, os.O_RDONLY | os.O_CLOEXEC)
+        if self._dirs is None:
+            self._dirs = DirFds(os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        parts = paths.split(rel)
+        return os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dirs.open(parts[:-1]))
 
     def _fd_for(self, file_index: int) -> int:
         if self._fd_file == file_index:
             return self._fd
-        self.close()
+        self._close_file()
         rel = self.plan.files[file_index].relative_path
         try:
-            self._fd = os.open(self._path(file_index), os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = self._open(self.plan.files[file_index])
         except FileNotFoundError:
             raise SourceFileChangedError(rel, "it was deleted after the scan") from None
         except OSError as e:
@@ -175,7 +194,7 @@ class SourceCursor:
         try:
             st = os.fstat(fd)
         finally:
-            self.close()
+            self._close_file()
         _check_stat(self.plan.files[file_index], st.st_size, st.st_mtime_ns)
 
 

@@ -10,6 +10,7 @@ is measured and the layout redone until the reserve holds it.
 
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,15 @@ from pathlib import Path
 import attrs
 
 from ltoflow import catalog as cat
+from ltoflow import paths
 from ltoflow.errors import BackupPlanError
-from ltoflow.scan import ScannedFile, ScanResult, SkippedEntry
+from ltoflow.scan import (
+    ScannedDirectory,
+    ScannedFile,
+    ScannedSymlink,
+    ScanResult,
+    SkippedEntry,
+)
 from ltoflow.units import human_bytes
 
 #: More tapes than this in one set is almost surely a mistyped capacity.
@@ -69,6 +77,8 @@ class Plan:
     reserve_bytes: int
     #: file i's segments are segments[file_starts[i]:file_starts[i + 1]]
     file_starts: array[int] = attrs.field(eq=False, repr=False)
+    directories: tuple[ScannedDirectory, ...] = ()
+    symlinks: tuple[ScannedSymlink, ...] = ()
 
     @property
     def usable_bytes(self) -> int:
@@ -206,6 +216,8 @@ def make_plan(
             container_size_bytes=container_size_bytes,
             reserve_bytes=reserve,
             file_starts=lay.file_starts,
+            directories=scan.directories,
+            symlinks=scan.symlinks,
         )
         needed = measure_catalog(plan) + SHA256_FILE_BYTES + extra_reserve_bytes
         if needed <= reserve:
@@ -260,10 +272,10 @@ def build_catalog(
     Tapes get `serial` as their volume serial: the placeholder when measuring, None for real
     catalogs, which get their serials tape by tape (Catalog.with_serials).
     """
-    root = str(plan.source_root)
+    root = source_root_text(plan.source_root)
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
-    file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+    file_ids = file_ids_of(plan.files)
 
     def need(h: str | None, what: str) -> str:
         if h is None:
@@ -291,7 +303,7 @@ def build_catalog(
             cat.SourceFileEntry(
                 file_ids[i], f.relative_path, f"{root}/{f.relative_path}", f.size,
                 need(hashes.files[i], f.relative_path), cat.iso_from_ns(f.mtime_ns), f.mode,
-                f.mtime_ns,
+                f.mtime_ns, _b64(f.raw_path),
             )
             for i, f in enumerate(plan.files)
         ),
@@ -304,6 +316,36 @@ def build_catalog(
             for n, s in enumerate(plan.segments)
         ),
         skipped=tuple(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
+        directories=directory_entries(plan.directories),
+        symlinks=symlink_entries(plan.symlinks),
+    )
+
+
+def source_root_text(root: Path) -> str:
+    """`source_root` as the catalog holds it: readable even if the path is not UTF-8."""
+    return paths.display(os.fsencode(root))
+
+
+def file_ids_of(files: tuple[ScannedFile, ...]) -> list[str]:
+    """The catalog's file ids: from the exact bytes of each path."""
+    return [cat.file_id_for(f.relative_path if f.raw_path is None else f.raw_path)
+            for f in files]
+
+
+def _b64(raw: bytes | None) -> str | None:
+    return None if raw is None else paths.b64_if_needed(raw)
+
+
+def directory_entries(dirs: tuple[ScannedDirectory, ...]) -> tuple[cat.DirectoryEntry, ...]:
+    return tuple(cat.DirectoryEntry(d.relative_path, d.mode, d.mtime_ns, _b64(d.raw_path))
+                 for d in dirs)
+
+
+def symlink_entries(links: tuple[ScannedSymlink, ...]) -> tuple[cat.SymlinkEntry, ...]:
+    return tuple(
+        cat.SymlinkEntry(s.relative_path, paths.display(s.target), s.mtime_ns,
+                         _b64(s.raw_path), paths.b64_if_needed(s.target))
+        for s in links
     )
 
 
@@ -319,6 +361,10 @@ def catalog_measurer(codec: cat.CatalogCodec, created_by: str) -> Callable[[Plan
         return cat.encoded_size(codec, placeholder)
 
     return measure
+
+
+#: Bytes `"relative_path_b64":""` and its comma add to a record.
+_B64_KEY = len(b',"relative_path_b64":""')
 
 
 def _digits(n: int) -> int:
@@ -340,6 +386,8 @@ class JsonPlanSizer:
         self.created_by = created_by
         self._files_key: tuple[ScannedFile, ...] | None = None
         self._files_bytes = 0
+        self._tree_key: tuple[object, object] | None = None
+        self._tree_bytes = 0
         sid = PLACEHOLDER_SET_ID
         sha = cat.PLACEHOLDER_SHA256
         fid = cat.file_id_for("x")
@@ -354,7 +402,7 @@ class JsonPlanSizer:
 
     def _file_records(self, plan: Plan) -> int:
         if self._files_key is not plan.files:
-            root = str(plan.source_root)
+            root = source_root_text(plan.source_root)
             template = self.codec.record_size(
                 cat.SourceFileEntry(cat.file_id_for("x"), "x", f"{root}/x", 0,
                                     cat.PLACEHOLDER_SHA256, cat.iso_from_ns(0), 0, 0))
@@ -364,20 +412,37 @@ class JsonPlanSizer:
             for f in plan.files:
                 total += (fixed + 2 * string_size(f.relative_path) + _digits(f.size)
                           + _digits(f.mode) + _digits(f.mtime_ns))
+                if f.raw_path is not None:
+                    total += _B64_KEY + paths.b64_size(len(f.raw_path))
             self._files_key, self._files_bytes = plan.files, total
         return self._files_bytes
+
+    def _tree_records(self, plan: Plan) -> int:
+        """Bytes of the directory and symlink lists; they do not depend on the layout."""
+        key = (plan.directories, plan.symlinks)
+        old = self._tree_key
+        if old is None or old[0] is not key[0] or old[1] is not key[1]:
+            size = self.codec.record_size
+            dirs = directory_entries(plan.directories)
+            links = symlink_entries(plan.symlinks)
+            self._tree_bytes = (
+                self.codec.list_size(sum(size(d) for d in dirs), len(dirs))
+                + self.codec.list_size(sum(size(s) for s in links), len(links))
+            )
+            self._tree_key = key
+        return self._tree_bytes
 
     def __call__(self, plan: Plan) -> int:
         codec = self.codec
         empty = cat.Catalog(
             backup_set_id=PLACEHOLDER_SET_ID, created_at=PLACEHOLDER_CREATED_AT,
-            source_root=str(plan.source_root), tapes=(), containers=(), source_files=(),
-            segments=(), created_by=self.created_by,
+            source_root=source_root_text(plan.source_root), tapes=(), containers=(),
+            source_files=(), segments=(), created_by=self.created_by,
             max_container_size_bytes=plan.container_size_bytes,
             skipped=tuple(cat.SkippedEntry(s.relative_path, s.kind, s.reason)
                           for s in plan.skipped),
         )
-        size = cat.encoded_size(codec, empty)
+        size = cat.encoded_size(codec, empty) + self._tree_records(plan)
         tapes = sum(
             self._tape + max(3, _digits(t.index + 1)) - 3 + _digits(t.index + 1) - 1
             + _digits(plan.capacity_bytes) - 1 + _digits(plan.reserve_bytes) - 1

@@ -1,8 +1,11 @@
 """Scan a source tree: stat only, never read contents, sorted by the path's bytes.
 
 The plan depends only on what the scan returns (names, sizes), so the same tree gives the same
-plan. Anything that is not a regular file or a directory is recorded as skipped with its kind, so
-nothing goes missing silently; later issues back symlinks up for real.
+plan. Regular files, directories and symlinks (never followed) are backed up; anything else
+(FIFOs, sockets, devices) is recorded as skipped with its kind, never opened, so nothing goes
+missing silently. Names are any bytes: one that is not valid UTF-8 keeps its exact bytes in
+`raw_path` beside a readable rendering. Directories are opened one component at a time through
+descriptors, so neither depth nor path length (beyond PATH_MAX) is limited.
 """
 
 from __future__ import annotations
@@ -13,17 +16,56 @@ from pathlib import Path
 
 import attrs
 
+from ltoflow import paths
 from ltoflow.errors import UsageError
+from ltoflow.paths import DirFds
 
 
 @attrs.frozen
 class ScannedFile:
-    """A regular file as the scan saw it; `relative_path` uses '/' and is valid UTF-8."""
+    """A regular file as the scan saw it; `relative_path` uses '/' and is valid UTF-8.
+
+    `raw_path` holds the exact bytes only when they are not valid UTF-8 (`relative_path` is then
+    a readable rendering); `path_bytes` is the exact path either way.
+    """
 
     relative_path: str
     size: int
     mtime_ns: int
     mode: int
+    raw_path: bytes | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
+
+
+@attrs.frozen
+class ScannedDirectory:
+    """A directory under the source (not the source itself)."""
+
+    relative_path: str
+    mode: int
+    mtime_ns: int
+    raw_path: bytes | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
+
+
+@attrs.frozen
+class ScannedSymlink:
+    """A symbolic link, not followed: `target` is exactly what readlink returned."""
+
+    relative_path: str
+    target: bytes
+    mtime_ns: int
+    raw_path: bytes | None = None
+
+    @property
+    def path_bytes(self) -> bytes:
+        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
 
 
 @attrs.frozen
@@ -40,6 +82,8 @@ class ScanResult:
     root: Path
     files: tuple[ScannedFile, ...]
     skipped: tuple[SkippedEntry, ...]
+    directories: tuple[ScannedDirectory, ...] = ()
+    symlinks: tuple[ScannedSymlink, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -48,7 +92,6 @@ class ScanResult:
 
 def _kind(mode: int) -> str:
     for test, name in (
-        (stat.S_ISLNK, "symlink"),
         (stat.S_ISFIFO, "fifo"),
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISCHR, "character device"),
@@ -63,7 +106,7 @@ def scan_tree(root: Path) -> ScanResult:
     """Walk `root` without following symlinks and stat every entry.
 
     Raises UsageError when `root` is missing or not a directory. Unreadable directories and
-    non-regular files end up in `skipped`, never silently dropped.
+    entries of other kinds end up in `skipped`, never silently dropped.
     """
     root = root.absolute()
     if not root.exists():
@@ -71,48 +114,71 @@ def scan_tree(root: Path) -> ScanResult:
     if not root.is_dir():
         raise UsageError(f"source {root} is not a directory; --source takes a directory")
     files: list[tuple[bytes, ScannedFile]] = []
-    skipped: list[SkippedEntry] = []
-    root_b = os.fsencode(root)
+    dirs: list[tuple[bytes, ScannedDirectory]] = []
+    links: list[tuple[bytes, ScannedSymlink]] = []
+    skipped: list[tuple[bytes, SkippedEntry]] = []
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:  # the source itself: an empty backup would look like success
+        raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
+    fds = DirFds(root_fd)
     stack: list[bytes] = [b""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            with os.scandir(os.path.join(root_b, rel_dir) if rel_dir else root_b) as it:
-                entries = list(it)
-        except OSError as e:
-            if not rel_dir:  # the source itself: an empty backup would look like success
-                raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
-            skipped.append(
-                SkippedEntry(_display(rel_dir), "directory", f"cannot list: {e.strerror}")
-            )
-            continue
-        for entry in entries:
-            rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+    try:
+        while stack:
+            rel_dir = stack.pop()
             try:
-                st = entry.stat(follow_symlinks=False)
+                dir_fd = fds.open(paths.split(rel_dir))
+                with os.scandir(dir_fd) as it:
+                    entries = list(it)
             except OSError as e:
-                skipped.append(SkippedEntry(_display(rel), "unknown", f"cannot stat: {e.strerror}"))
+                if not rel_dir:
+                    raise UsageError(
+                        f"cannot list the source directory {root}: {e.strerror}") from e
+                skipped.append((rel_dir, SkippedEntry(
+                    paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")))
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(rel)
-                continue
-            try:
-                text = rel.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped.append(
-                    SkippedEntry(_display(rel), _kind(st.st_mode) if not stat.S_ISREG(st.st_mode)
-                                 else "file", "name is not valid UTF-8")
-                )
-                continue
-            if stat.S_ISREG(st.st_mode):
-                files.append((rel, ScannedFile(text, st.st_size, st.st_mtime_ns, st.st_mode)))
-            else:
-                skipped.append(SkippedEntry(text, _kind(st.st_mode), "not a regular file"))
-    files.sort(key=lambda pair: pair[0])
-    skipped.sort(key=lambda s: s.relative_path)
-    return ScanResult(root, tuple(f for _, f in files), tuple(skipped))
+            for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
+                name = os.fsencode(entry.name)
+                rel = rel_dir + b"/" + name if rel_dir else name
+                text, raw = path_fields(rel)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as e:
+                    skipped.append((rel, SkippedEntry(text, "unknown",
+                                                      f"cannot stat: {e.strerror}")))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
+                    stack.append(rel)
+                elif stat.S_ISLNK(st.st_mode):
+                    try:
+                        target = os.readlink(name, dir_fd=dir_fd)
+                    except OSError as e:
+                        skipped.append((rel, SkippedEntry(
+                            text, "symlink", f"cannot read the link: {e.strerror}")))
+                        continue
+                    links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
+                elif stat.S_ISREG(st.st_mode):
+                    files.append((rel, ScannedFile(text, st.st_size, st.st_mtime_ns, st.st_mode,
+                                                   raw)))
+                else:
+                    skipped.append((rel, SkippedEntry(
+                        text, _kind(st.st_mode), "not a regular file")))
+    finally:
+        fds.close()
+        os.close(root_fd)
+    return ScanResult(root, _by_path(files), _by_path(skipped), _by_path(dirs), _by_path(links))
 
 
-def _display(rel: bytes) -> str:
-    """A printable, JSON-safe rendering of a path that may not be UTF-8."""
-    return rel.decode("utf-8", errors="backslashreplace") or "."
+def path_fields(rel: bytes) -> tuple[str, bytes | None]:
+    """(`relative_path`, `raw_path`) of a record for the exact path `rel`."""
+    try:
+        return rel.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return paths.display(rel), rel
+
+
+def _by_path[T](pairs: list[tuple[bytes, T]]) -> tuple[T, ...]:
+    """The records sorted by the bytes of their path."""
+    pairs.sort(key=lambda pair: pair[0])
+    return tuple(record for _, record in pairs)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,9 @@ ids = st.uuids().map(str)
 sizes = st.integers(0, 2**53)
 paths = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
                 min_size=1, max_size=40)
+b64s = st.none() | st.binary(min_size=1, max_size=30).map(lambda b: base64.b64encode(b).decode())
+modes = st.integers(0, 0o177777)
+mtimes = st.integers(-(2**62), 2**62)
 
 catalogs = st.builds(
     Catalog,
@@ -30,8 +35,7 @@ catalogs = st.builds(
     containers=st.lists(st.builds(cat.ContainerEntry, ids, ids, ids, sizes, sizes, sizes,
                                   st.none() | hexes), max_size=3).map(tuple),
     source_files=st.lists(st.builds(cat.SourceFileEntry, ids, paths, paths, sizes, hexes,
-                                    st.text(max_size=32), st.integers(0, 0o177777),
-                                    st.none() | st.integers(-(2**62), 2**62)),
+                                    st.text(max_size=32), modes, st.none() | mtimes, b64s),
                           max_size=4).map(tuple),
     segments=st.lists(st.builds(cat.SegmentEntry, ids, ids, ids, sizes, sizes, sizes, hexes),
                       max_size=4).map(tuple),
@@ -39,6 +43,10 @@ catalogs = st.builds(
     max_container_size_bytes=st.none() | sizes,
     skipped=st.lists(st.builds(cat.SkippedEntry, paths, st.text(max_size=9),
                                st.text(max_size=30)), max_size=2).map(tuple),
+    directories=st.lists(st.builds(cat.DirectoryEntry, paths, modes, mtimes, b64s),
+                         max_size=3).map(tuple),
+    symlinks=st.lists(st.builds(cat.SymlinkEntry, paths, paths, mtimes, b64s, b64s),
+                      max_size=3).map(tuple),
 )
 
 
@@ -55,10 +63,9 @@ def test_catalog_round_trips_through_the_codec(c: Catalog) -> None:
 @given(catalogs)
 def test_catalog_is_one_record_per_line(c: Catalog) -> None:
     lines = b"".join(CODEC.encode(c)).splitlines()
-    records = len(c.tapes) + len(c.containers) + len(c.source_files) + len(c.segments) + len(
-        c.skipped
-    )
-    assert len(lines) == 1 + 5 + records  # head, one line per list, one per record
+    records = (len(c.tapes) + len(c.containers) + len(c.source_files) + len(c.segments)
+               + len(c.skipped) + len(c.directories) + len(c.symlinks))
+    assert len(lines) == 1 + 7 + records  # head, one line per list, one per record
 
 
 def seed_catalog_doc() -> dict[str, object]:
@@ -132,8 +139,6 @@ def test_seed_catalog_has_no_key_ltoflow_lacks(tmp_path: Path) -> None:
         "tapes": cat.TapeEntry, "containers": cat.ContainerEntry,
         "source_files": cat.SourceFileEntry, "segments": cat.SegmentEntry,
     }
-    import attrs
-
     for key, cls in fields.items():
         names = {a.name for a in attrs.fields(cls)}
         for record in doc[key]:  # type: ignore[attr-defined]
@@ -147,3 +152,31 @@ def test_file_ids_are_the_standard_uuid5(path: str) -> None:
     import uuid
 
     assert cat.file_id_for(path) == str(uuid.uuid5(uuid.NAMESPACE_DNS, path))
+
+
+def test_exact_bytes_key_appears_only_for_names_that_are_not_utf8() -> None:
+    plain = cat.SourceFileEntry("id", "é", "/r/é", 0, cat.EMPTY_SHA256, "m", 0o100644, 1)
+    odd = attrs.evolve(plain, relative_path="a\\xff", relative_path_b64="Yf8=")
+    assert "relative_path_b64" not in cat.converter.unstructure(plain)
+    assert cat.converter.unstructure(odd)["relative_path_b64"] == "Yf8="
+    assert (plain.path_bytes, odd.path_bytes) == ("é".encode(), b"a\xff")
+
+
+def test_damaged_base64_of_a_name_is_a_value_error() -> None:
+    d = cat.DirectoryEntry("x", 0o40755, 0, relative_path_b64="not base64!")
+    with pytest.raises(ValueError, match="base64 of 'x' is damaged"):
+        _ = d.path_bytes
+
+
+def test_file_id_of_exact_bytes_matches_the_utf8_id_and_differs_for_odd_names() -> None:
+    assert cat.file_id_for("dir/é") == cat.file_id_for("dir/é".encode())
+    assert cat.file_id_for(b"a\xff") != cat.file_id_for("a\\xff")  # its readable rendering
+
+
+def test_new_lists_come_after_the_seed_lists() -> None:
+    doc = seed_catalog_doc()
+    c = CODEC.decode(json.dumps(doc).encode(), source="seed")
+    assert (c.directories, c.symlinks) == ((), ())
+    keys = list(json.loads(b"".join(CODEC.encode(c))))
+    assert keys[-3:] == ["skipped", "directories", "symlinks"]
+    assert keys.index("segments") < keys.index("directories")

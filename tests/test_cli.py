@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -214,12 +215,12 @@ def test_skipped_entries_exit_with_warnings(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     write_tree(src, {"real.txt": 100})
-    (src / "link").symlink_to("real.txt")
+    os.mkfifo(src / "pipe")
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL)
     assert code == EXIT_WARNINGS
-    assert "skipped link (symlink)" in out
+    assert "skipped pipe (fifo)" in out
     doc = load_catalog_json(next((tmp_path / "t").iterdir()))
-    assert doc["skipped"] == [{"relative_path": "link", "kind": "symlink",
+    assert doc["skipped"] == [{"relative_path": "pipe", "kind": "fifo",
                                "reason": "not a regular file"}]
 
 

@@ -12,7 +12,13 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import JsonCatalogCodec
 from ltoflow.errors import BackupPlanError
 from ltoflow.plan import Hashes, Plan, build_catalog, catalog_measurer, make_plan
-from ltoflow.scan import ScannedFile, ScanResult
+from ltoflow.scan import (
+    ScannedDirectory,
+    ScannedFile,
+    ScannedSymlink,
+    ScanResult,
+    path_fields,
+)
 
 CODEC = JsonCatalogCodec()
 MEASURE = catalog_measurer(CODEC, "ltoflow test")
@@ -157,24 +163,45 @@ def test_reserve_covers_extra_files() -> None:
 
 
 names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00/"),
-                min_size=1, max_size=12)
+                min_size=1, max_size=12).map(str.encode) | st.binary(min_size=1, max_size=12).map(
+    lambda b: b.replace(b"/", b"_").replace(b"\x00", b"_"))
+
+
+tree_entries = st.lists(
+    st.tuples(names, st.integers(-(2**62), 2**62), st.integers(0, 0o177777), names),
+    max_size=6, unique_by=lambda t: t[0])
+
+
+def tree_of(files: list[tuple[bytes, int, int, int]],
+            entries: list[tuple[bytes, int, int, bytes]], root: str) -> ScanResult:
+    """A scan with files, directories and symlinks of any names, as scan_tree builds them."""
+    scanned = tuple(ScannedFile(*path_fields(name)[:1], size, mtime, mode,
+                                path_fields(name)[1]) for name, size, mtime, mode in files)
+    dirs = tuple(ScannedDirectory(path_fields(b"d/" + name)[0], mode, mtime,
+                                  path_fields(b"d/" + name)[1])
+                 for name, mtime, mode, _ in entries)
+    links = tuple(ScannedSymlink(path_fields(b"l/" + name)[0], target, mtime,
+                                 path_fields(b"l/" + name)[1])
+                  for name, mtime, _, target in entries)
+    return ScanResult(Path("/" + root.replace("\x00", "")), scanned, (), dirs, links)
 
 
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(st.tuples(names, st.integers(0, 40_000), st.integers(-(2**62), 2**62),
                        st.integers(0, 0o177777)), max_size=30, unique_by=lambda t: t[0]),
+    tree_entries,
     st.integers(2_000, 200_000),
     st.floats(0.01, 0.9),
     st.text(max_size=20),
 )
 def test_fast_json_sizer_equals_encoding_the_placeholder_catalog(
-    files: list[tuple[str, int, int, int]], capacity: int, share: float, root: str
+    files: list[tuple[bytes, int, int, int]], entries: list[tuple[bytes, int, int, bytes]],
+    capacity: int, share: float, root: str
 ) -> None:
     from ltoflow.plan import JsonPlanSizer
 
-    scanned = tuple(ScannedFile(name, size, mtime, mode) for name, size, mtime, mode in files)
-    scan = ScanResult(Path("/" + root.replace("\x00", "")), scanned, ())
+    scan = tree_of(files, entries, root)
     container = max(1, int(capacity * share))
     sizer = JsonPlanSizer(CODEC, "ltoflow test")
     try:
@@ -186,3 +213,38 @@ def test_fast_json_sizer_equals_encoding_the_placeholder_catalog(
     event(f"{len(plan.segments) // 10 * 10}+ segments")
     assert sizer(plan) == MEASURE(plan)
     assert sizer(plan) == MEASURE(plan)  # the cached file records stay right
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(names, st.integers(0, 40_000), st.integers(-(2**62), 2**62),
+                       st.integers(0, 0o177777)), max_size=20, unique_by=lambda t: t[0]),
+    tree_entries,
+    st.randoms(use_true_random=False),
+)
+def test_reserve_holds_the_real_catalog_of_odd_names_dirs_and_links(
+    files: list[tuple[bytes, int, int, int]], entries: list[tuple[bytes, int, int, bytes]],
+    rnd: random.Random,
+) -> None:
+    from ltoflow.plan import JsonPlanSizer
+
+    scan = tree_of(files, entries, "srv/\udcff".encode("utf-8", "surrogateescape").decode(
+        "utf-8", "surrogateescape"))
+    try:
+        plan = make_plan(scan, capacity_bytes=150_000, container_size_bytes=20_000,
+                         measure_catalog=JsonPlanSizer(CODEC, "ltoflow test"))
+    except BackupPlanError:
+        return
+
+    def hexes(n: int) -> list[str | None]:
+        return [rnd.randbytes(32).hex() for _ in range(n)]
+
+    h = Hashes(hexes(len(plan.segments)), hexes(len(plan.containers)), hexes(len(plan.files)))
+    real = build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
+                         created_at=cat.iso_utc(datetime.now(UTC)), created_by="ltoflow test")
+    data = b"".join(CODEC.encode(real))
+    assert len(data) + cat.SHA256_HEX_LEN <= plan.reserve_bytes
+    back = CODEC.decode(data, source="test")
+    assert [f.path_bytes for f in back.source_files] == [f.path_bytes for f in plan.files]
+    assert [s.target_bytes for s in back.symlinks] == [s.target for s in plan.symlinks]
+    assert [d.path_bytes for d in back.directories] == [d.path_bytes for d in plan.directories]

@@ -27,25 +27,78 @@ def test_scan_records_size_mtime_and_mode_without_reading(tmp_path: Path) -> Non
     assert (only.size, only.mtime_ns, only.mode) == (5, 1_600_000_000_123_456_789, 0o100640)
 
 
-def test_symlinks_and_fifos_are_skipped_with_their_kind_never_followed(tmp_path: Path) -> None:
+def test_symlinks_are_recorded_with_their_target_never_followed(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "f").write_bytes(b"x")
     (tmp_path / "loop").symlink_to(tmp_path)  # following it would never end
-    (tmp_path / "dirlink").symlink_to(tmp_path / "real")
-    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dirlink").symlink_to("real")
+    (tmp_path / "dangling").symlink_to("nowhere/at/all")
+    os.utime(tmp_path / "dirlink", ns=(1, 1_500_000_000_000_000_007), follow_symlinks=False)
     scan = scan_tree(tmp_path)
     assert [f.relative_path for f in scan.files] == ["real/f"]
-    assert {(s.relative_path, s.kind) for s in scan.skipped} == {
-        ("dirlink", "symlink"), ("loop", "symlink"), ("pipe", "fifo")}
+    assert [(s.relative_path, s.target) for s in scan.symlinks] == [
+        ("dangling", b"nowhere/at/all"), ("dirlink", b"real"), ("loop", os.fsencode(tmp_path))]
+    assert scan.symlinks[1].mtime_ns == 1_500_000_000_000_000_007
+    assert scan.skipped == ()
 
 
-def test_names_that_are_not_utf8_are_skipped_not_lost(tmp_path: Path) -> None:
-    os.close(os.open(os.path.join(os.fsencode(tmp_path), b"bad\xff"), os.O_CREAT | os.O_WRONLY))
+def test_fifos_are_skipped_with_their_kind_never_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")  # opening it for reading would block forever
     scan = scan_tree(tmp_path)
-    assert scan.files == ()
-    (skipped,) = scan.skipped
-    assert skipped.reason == "name is not valid UTF-8"
-    assert skipped.relative_path == "bad\\xff"
+    assert [(s.relative_path, s.kind, s.reason) for s in scan.skipped] == [
+        ("pipe", "fifo", "not a regular file")]
+
+
+def test_every_directory_is_recorded_with_mode_and_mtime(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"x")
+    (tmp_path / "empty").mkdir(mode=0o700)
+    os.utime(tmp_path / "a", ns=(1, 1_400_000_000_000_000_001))
+    scan = scan_tree(tmp_path)
+    assert [(d.relative_path, d.mode & 0o7777) for d in scan.directories] == [
+        ("a", 0o755 & ~_umask()), ("a/b", 0o755 & ~_umask()), ("empty", 0o700)]
+    assert scan.directories[0].mtime_ns == 1_400_000_000_000_000_001
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_names_that_are_not_utf8_keep_their_exact_bytes(tmp_path: Path) -> None:
+    root = os.fsencode(tmp_path)
+    os.mkdir(os.path.join(root, b"d\xfe\n"))  # noqa: PTH102 - bytes names, exactly
+    os.close(os.open(os.path.join(root, b"d\xfe\n", b"bad\xff"), os.O_CREAT | os.O_WRONLY))
+    os.symlink(b"t\x80", os.path.join(root, b"l\x80"))  # noqa: PTH211 - bytes names
+    scan = scan_tree(tmp_path)
+    (f,) = scan.files
+    assert (f.relative_path, f.path_bytes) == ("d\\xfe\n/bad\\xff", b"d\xfe\n/bad\xff")
+    assert [d.path_bytes for d in scan.directories] == [b"d\xfe\n"]
+    assert [(s.path_bytes, s.target) for s in scan.symlinks] == [(b"l\x80", b"t\x80")]
+    assert scan.skipped == ()
+
+
+def test_utf8_names_carry_no_raw_bytes(tmp_path: Path) -> None:
+    (tmp_path / "é").write_bytes(b"x")
+    (f,) = scan_tree(tmp_path).files
+    assert (f.relative_path, f.raw_path, f.path_bytes) == ("é", None, "é".encode())
+
+
+def test_a_tree_deeper_than_path_max_is_scanned(tmp_path: Path) -> None:
+    parts = [b"d" * 200 + b"%03d" % i for i in range(25)]  # > 5,000 bytes of path
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for p in parts:
+        os.mkdir(p, dir_fd=fd)
+        new = os.open(p, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(os.open(b"leaf", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    os.close(fd)
+    scan = scan_tree(tmp_path)
+    (f,) = scan.files
+    assert f.path_bytes == b"/".join([*parts, b"leaf"])
+    assert len(scan.directories) == len(parts)
 
 
 @pytest.mark.parametrize("make", ["missing", "file"])

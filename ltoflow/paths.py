@@ -1,0 +1,108 @@
+"""Paths as exact bytes, and directory descriptors for trees deeper than PATH_MAX.
+
+A name on disk is any bytes but '/' and NUL. The catalog keeps a readable rendering of every
+path as a JSON string and, only for names that are not valid UTF-8, the exact bytes beside it in
+base64. Source and target trees are walked one component at a time through directory
+descriptors opened with O_NOFOLLOW, so a path of any length works and no symlink is followed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+
+#: Directory descriptors one `DirFds` keeps open; the oldest are closed first.
+DIR_FD_LIMIT = 64
+#: Below this many bytes a full path is opened directly (one syscall, no descriptors to keep);
+#: PATH_MAX is 4096 on Linux.
+SHORT_PATH_BYTES = 4000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def display(raw: bytes) -> str:
+    """A readable, JSON-safe rendering of a path: UTF-8 as is, other bytes as `\\xNN`."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def b64_if_needed(raw: bytes) -> str | None:
+    """The base64 of `raw` when it is not valid UTF-8 (its rendering is then lossy), else None."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii")
+    return None
+
+
+def exact(text: str, b64: str | None) -> bytes:
+    """The exact bytes of a catalog path: its base64 when present, else its UTF-8 text.
+
+    Raises ValueError when the base64 is damaged.
+    """
+    if b64 is None:
+        return text.encode("utf-8", "surrogatepass")
+    try:
+        return base64.b64decode(b64, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"the base64 of {text!r} is damaged: {e}") from e
+
+
+def b64_size(n: int) -> int:
+    """Characters of the base64 of `n` bytes."""
+    return (n + 2) // 3 * 4
+
+
+def split(rel: bytes) -> tuple[bytes, ...]:
+    return tuple(rel.split(b"/")) if rel else ()
+
+
+class DirFds:
+    """Descriptors of the directories under `root_fd`, opened a component at a time.
+
+    No component is followed if it is a symlink (OSError ELOOP, or ENOTDIR for a file). With
+    `create`, missing directories are made (mode 0o755). At most DIR_FD_LIMIT descriptors stay
+    open besides the root, oldest closed first, so depth is not limited by the descriptor limit:
+    a walk that goes deeper one level at a time opens one directory a level. Not thread-safe.
+    """
+
+    def __init__(self, root_fd: int, *, create: bool = False) -> None:
+        self.root_fd = root_fd
+        self.create = create
+        self._fds: dict[tuple[bytes, ...], int] = {}
+
+    def open(self, parts: tuple[bytes, ...]) -> int:
+        """The descriptor of the directory `parts` (() is the root); owned by this object."""
+        if not parts:
+            return self.root_fd
+        fd = self._fds.get(parts)
+        if fd is not None:
+            return fd
+        n = len(parts) - 1
+        while n and parts[:n] not in self._fds:
+            n -= 1
+        fd = self._fds[parts[:n]] if n else self.root_fd
+        opened = -1
+        try:
+            for name in parts[n:]:
+                if self.create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                new = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                if opened >= 0:
+                    os.close(opened)  # intermediate levels are not kept: depth is unbounded
+                fd = opened = new
+        except BaseException:
+            if opened >= 0:
+                os.close(opened)
+            raise
+        while len(self._fds) >= DIR_FD_LIMIT:
+            os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[parts] = fd
+        return fd
+
+    def close(self) -> None:
+        """Close every descriptor but the root, which belongs to the caller."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
