@@ -7,6 +7,7 @@ raises BackupError subclasses.
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import orjson
 import trio
 
 from ltoflow import api
-from ltoflow.catalog import Catalog, split_files
+from ltoflow.catalog import Catalog, iso_from_ns, split_files
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.ltfs import LtfsDrive
 from ltoflow.drives.model import DEFAULT_BUFFER_BYTES as DEFAULT_DRIVE_BUFFER
@@ -38,6 +39,7 @@ from ltoflow.operator import (
     Operator,
     UnattendedOperator,
 )
+from ltoflow.paths import shown
 from ltoflow.plan import Plan, file_ids_of
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import RestorePlan, select
@@ -445,6 +447,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         _print_json({
             "dry_run": report.dry_run, "requested": report.requested,
             "restored": report.restored, "bytes_restored": report.bytes_restored,
+            "symlinks_restored": report.symlinks_restored,
+            "directories_restored": report.directories_restored,
             "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
             "tapes": list(report.tapes), "ok": report.ok,
             "problems": [attrs.asdict(p) for p in report.problems],
@@ -457,7 +461,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"FAILED {p.describe()}")
         rate = report.bytes_restored / report.seconds / 1e6 if report.seconds else 0.0
         print(f"Restored {report.restored} of {report.requested} file(s) "
-              f"({human_bytes(report.bytes_restored)}) into {target} from "
+              f"({human_bytes(report.bytes_restored)}), {report.symlinks_restored} symlink(s) "
+              f"and {report.directories_restored} directories into {target} from "
               f"{len(report.tapes)} tape(s) in {report.seconds:.1f} s ({rate:.0f} MB/s); "
               f"{len(report.problems)} failed.")
     return EXIT_OK if report.ok else EXIT_DAMAGED
@@ -477,8 +482,10 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def catalog_ls(catalog: Catalog, pattern: str | None, *, as_json: bool) -> int:
-    files, unmatched = select(catalog, [pattern] if pattern else [])
-    if unmatched:
+    """Files with size, time and tapes; then symlinks (`name -> target`) and directories
+    (`name/`), which hold no data."""
+    chosen = select(catalog, [pattern] if pattern else [])
+    if chosen.unmatched:
         raise UsageError(f"nothing in the catalog matches {pattern!r}")
     tape_of = {c.container_id: c.tape_id for c in catalog.containers}
     seq = {t.tape_id: t.sequence_number for t in catalog.tapes}
@@ -489,13 +496,26 @@ def catalog_ls(catalog: Catalog, pattern: str | None, *, as_json: bool) -> int:
         if t not in held:
             held.append(t)
     if as_json:
-        _print_json([{"relative_path": f.relative_path, "size_bytes": f.size_bytes,
-                      "modified_at": f.modified_at, "sha256": f.sha256,
-                      "tapes": tapes.get(f.file_id, [])} for f in files])
+        _print_json(
+            [{"kind": "file", "relative_path": f.relative_path, "size_bytes": f.size_bytes,
+              "modified_at": f.modified_at, "sha256": f.sha256,
+              "tapes": tapes.get(f.file_id, [])} for f in chosen.files]
+            + [{"kind": "symlink", "relative_path": s.relative_path, "target": s.target,
+                "modified_at": iso_from_ns(s.mtime_ns)} for s in chosen.symlinks]
+            + [{"kind": "directory", "relative_path": d.relative_path,
+                "unix_mode": f"{stat.S_IMODE(d.unix_mode):04o}",
+                "modified_at": iso_from_ns(d.mtime_ns)} for d in chosen.directories])
         return EXIT_OK
-    for f in files:
+    for f in chosen.files:
         on = ",".join(str(seq.get(t, "?")) for t in tapes.get(f.file_id, [])) or "-"
-        print(f"{f.size_bytes:>15,}  {f.modified_at[:19]}Z  tape {on:<6} {f.relative_path}")
+        print(f"{f.size_bytes:>15,}  {f.modified_at[:19]}Z  tape {on:<6} "
+              f"{shown(f.relative_path)}")
+    for link in chosen.symlinks:
+        print(f"{'symlink':>15}  {iso_from_ns(link.mtime_ns)[:19]}Z  {'':<11} "
+              f"{shown(link.relative_path)} -> {shown(link.target)}")
+    for d in chosen.directories:
+        print(f"{'dir ' + format(stat.S_IMODE(d.unix_mode), '04o'):>15}  "
+              f"{iso_from_ns(d.mtime_ns)[:19]}Z  {'':<11} {shown(d.relative_path)}/")
     return EXIT_OK
 
 
@@ -515,7 +535,8 @@ def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
         "source_root": catalog.source_root, "tapes": tapes,
         "containers": len(catalog.containers), "files": len(catalog.source_files),
         "bytes": catalog.total_bytes, "split_files": split, "files_split_across_tapes": across,
-        "skipped": len(catalog.skipped),
+        "skipped": len(catalog.skipped), "directories": len(catalog.directories),
+        "symlinks": len(catalog.symlinks),
     }
     if as_json:
         _print_json(doc)
@@ -524,7 +545,9 @@ def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
           f"{' by ' + catalog.created_by if catalog.created_by else ''}")
     print(f"  source {catalog.source_root}: {len(catalog.source_files)} file(s), "
           f"{human_bytes(catalog.total_bytes)}, {split} split ({across} across tapes), "
-          f"{len(catalog.skipped)} skipped")
+          f"{len(catalog.skipped)} skipped, {len(catalog.directories)} director"
+          f"{'y' if len(catalog.directories) == 1 else 'ies'}, "
+          f"{len(catalog.symlinks)} symlink(s)")
     print(f"  {len(catalog.tapes)} tape(s), {len(catalog.containers)} container(s):")
     for t in catalog.tapes:
         count, nbytes = per_tape[t.tape_id]

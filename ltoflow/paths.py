@@ -26,6 +26,11 @@ def display(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def shown(text: str) -> str:
+    """`text` for one line of output: control characters (a newline in a name) escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def b64_if_needed(raw: bytes) -> str | None:
     """The base64 of `raw` when it is not valid UTF-8 (its rendering is then lossy), else None."""
     try:
@@ -60,7 +65,8 @@ def split(rel: bytes) -> tuple[bytes, ...]:
 class DirFds:
     """Descriptors of the directories under `root_fd`, opened a component at a time.
 
-    No component is followed if it is a symlink (OSError ELOOP, or ENOTDIR for a file). With
+    No component is followed if it is a symlink (OSError ELOOP, or ENOTDIR for a file; its
+    `filename` is the relative path up to the component that failed). With
     `create`, missing directories are made (mode 0o755). At most DIR_FD_LIMIT descriptors stay
     open besides the root, oldest closed first, so depth is not limited by the descriptor limit:
     a walk that goes deeper one level at a time opens one directory a level. Not thread-safe.
@@ -83,8 +89,10 @@ class DirFds:
             n -= 1
         fd = self._fds[parts[:n]] if n else self.root_fd
         opened = -1
+        depth = n
         try:
             for name in parts[n:]:
+                depth += 1
                 if self.create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o755, dir_fd=fd)
@@ -92,6 +100,11 @@ class DirFds:
                 if opened >= 0:
                     os.close(opened)  # intermediate levels are not kept: depth is unbounded
                 fd = opened = new
+        except OSError as e:
+            e.filename = b"/".join(parts[:depth])  # the component that failed
+            if opened >= 0:
+                os.close(opened)
+            raise
         except BaseException:
             if opened >= 0:
                 os.close(opened)

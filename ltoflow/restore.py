@@ -4,30 +4,46 @@ Every file is written under a temporary name in its final directory and takes it
 only once each segment's and the whole file's SHA-256 match the catalog. Paths from the catalog
 are untrusted: absolute paths, `..`, and symlinks inside the target are refused, and every file
 is created relative to directory descriptors opened without following links, so nothing is ever
-written outside the target. Problems are reported per file and the rest goes on.
+written outside the target, and a path of any length works. Names are the catalog's exact bytes.
+Once the files are written, symlinks are created (never followed, not even those just made), and
+last the directories get their modes and mtimes, deepest first, so that writing into them does
+not change them and a read-only directory does not stop the restore of its contents. Problems
+are reported per entry and the rest goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import os
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
-from ltoflow.catalog import Catalog, ContainerEntry, SegmentEntry, SourceFileEntry, TapeEntry
+from ltoflow import paths
+from ltoflow.catalog import (
+    Catalog,
+    ContainerEntry,
+    DirectoryEntry,
+    SegmentEntry,
+    SourceFileEntry,
+    SymlinkEntry,
+    TapeEntry,
+)
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.engine import BufferLease, PipelineBuffer
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
+from ltoflow.paths import SHORT_PATH_BYTES, DirFds
 from ltoflow.progress import Note, NullReporter, Reporter
 from ltoflow.tapes import TapeHolder, check_member
 from ltoflow.units import MiB
@@ -36,7 +52,6 @@ from ltoflow.verify import READ_AHEAD, READ_CHUNK_BYTES, read_pool
 #: A gap between wanted ranges larger than this is skipped with a seek instead of read through.
 SEEK_GAP_BYTES = 64 * MiB
 TEMP_PREFIX = ".ltoflow-restore-"
-_MAX_DIR_FDS = 256
 
 
 @attrs.frozen
@@ -53,7 +68,7 @@ class _FileJob:
     """One file being restored; private to the restore writer."""
 
     entry: SourceFileEntry
-    parts: tuple[str, ...]
+    parts: tuple[bytes, ...]
     segments: list[SegmentEntry]
     remaining: int  # segments still to come
     fd: int = -1
@@ -82,8 +97,17 @@ class _Range:
 
 
 @attrs.frozen
+class _TreeJob:
+    """A symlink or directory to restore, with its checked path."""
+
+    entry: SymlinkEntry | DirectoryEntry
+    parts: tuple[bytes, ...]
+
+
+@attrs.frozen
 class RestorePlan:
-    """What a restore will do: the files, the tapes in order, the bytes to read."""
+    """What a restore will do: the files, the tapes in order, the bytes to read; then the
+    symlinks and the directories."""
 
     catalog: Catalog
     jobs: tuple[_FileJob, ...]
@@ -92,10 +116,14 @@ class RestorePlan:
     containers: dict[str, ContainerEntry]
     problems: tuple[FileProblem, ...]
     bytes_to_read: int
+    symlinks: tuple[_TreeJob, ...] = ()
+    directories: tuple[_TreeJob, ...] = ()
+    #: Selected files, whether they can be restored or not.
+    requested_files: int = 0
 
     @property
     def files(self) -> int:
-        return len(self.jobs) + len(self.problems)
+        return self.requested_files
 
 
 @attrs.frozen
@@ -108,6 +136,8 @@ class RestoreReport:
     problems: tuple[FileProblem, ...]
     bytes_to_read: int = 0
     dry_run: bool = False
+    symlinks_restored: int = 0
+    directories_restored: int = 0
 
     @property
     def ok(self) -> bool:
@@ -122,44 +152,74 @@ class RestoreReport:
                    plan.bytes_to_read, dry_run=True)
 
 
-def safe_parts(relative_path: str) -> tuple[str, ...] | None:
+def safe_parts(relative_path: bytes) -> tuple[bytes, ...] | None:
     """The path's components, or None when it could leave the target directory."""
-    if not relative_path or relative_path.startswith("/") or "\0" in relative_path:
+    if not relative_path or relative_path.startswith(b"/") or b"\0" in relative_path:
         return None
-    parts = tuple(relative_path.split("/"))
-    if any(p in ("", ".", "..") for p in parts):
+    parts = tuple(relative_path.split(b"/"))
+    if any(p in (b"", b".", b"..") for p in parts):
         return None
     return parts
 
 
-def select(catalog: Catalog, patterns: Sequence[str]) -> tuple[list[SourceFileEntry], list[str]]:
-    """Files matching any pattern (exact path, directory, or glob); and patterns matching none."""
+@attrs.frozen
+class Selection:
+    """What patterns select from a catalog, each list in catalog order."""
+
+    files: list[SourceFileEntry]
+    directories: list[DirectoryEntry]
+    symlinks: list[SymlinkEntry]
+    unmatched: list[str]  # patterns that match nothing
+
+
+def _exact(entry: SourceFileEntry | DirectoryEntry | SymlinkEntry) -> bytes:
+    """The exact path; a damaged base64 falls back to the text (plan_restore refuses it)."""
+    try:
+        return entry.path_bytes
+    except ValueError:
+        return entry.relative_path.encode()
+
+
+def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
+    """Entries matching any pattern (exact path, directory, or glob), and patterns matching
+    none. A pattern matches a path's exact bytes (as the shell passes an odd name) or its
+    readable rendering in the catalog."""
     if not patterns:
-        return list(catalog.source_files), []
-    chosen: dict[int, SourceFileEntry] = {}
-    unmatched: list[str] = []
+        return Selection(list(catalog.source_files), list(catalog.directories),
+                         list(catalog.symlinks), [])
+    tests: list[tuple[str, bytes, str, bytes]] = []
     for pattern in patterns:
         p = pattern.strip("/")
-        found = False
-        for f in catalog.source_files:
-            rel = f.relative_path
-            if rel == p or rel.startswith(p + "/") or fnmatch.fnmatchcase(rel, pattern):
-                chosen.setdefault(id(f), f)
-                found = True
-        if not found:
-            unmatched.append(pattern)
-    order = {id(f): n for n, f in enumerate(catalog.source_files)}
-    return sorted(chosen.values(), key=lambda f: order[id(f)]), unmatched
+        tests.append((p, os.fsencode(p), pattern, os.fsencode(pattern)))
+    found: set[int] = set()
+
+    def matches(entry: SourceFileEntry | DirectoryEntry | SymlinkEntry) -> bool:
+        text, raw = entry.relative_path, _exact(entry)
+        hit = False
+        for n, (p, pb, pattern, patb) in enumerate(tests):
+            if (raw == pb or raw.startswith(pb + b"/") or fnmatch.fnmatchcase(raw, patb)
+                    or text == p or text.startswith(p + "/")
+                    or fnmatch.fnmatchcase(text, pattern)):
+                found.add(n)
+                hit = True
+        return hit
+
+    files = [f for f in catalog.source_files if matches(f)]
+    dirs = [d for d in catalog.directories if matches(d)]
+    links = [s for s in catalog.symlinks if matches(s)]
+    unmatched = [pattern for n, pattern in enumerate(patterns) if n not in found]
+    return Selection(files, dirs, links, unmatched)
 
 
 def plan_restore(
     catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
 ) -> RestorePlan:
     """Check every selected file against the catalog and the target; order the reads."""
-    files, unmatched = select(catalog, patterns)
-    if unmatched:
+    chosen = select(catalog, patterns)
+    files = chosen.files
+    if chosen.unmatched:
         raise UsageError(
-            f"nothing in the catalog matches {', '.join(map(repr, unmatched))}; "
+            f"nothing in the catalog matches {', '.join(map(repr, chosen.unmatched))}; "
             "see `ltoflow catalog ls`"
         )
     containers = {c.container_id: c for c in catalog.containers}
@@ -178,7 +238,11 @@ def plan_restore(
     for f in catalog.source_files:
         id_counts[f.file_id] += 1
     for f in files:
-        parts = safe_parts(f.relative_path)
+        try:
+            parts = safe_parts(f.path_bytes)
+        except ValueError as e:
+            problems.append(FileProblem(f.relative_path, f"refused: {e}"))
+            continue
         if id_counts[f.file_id] > 1:
             problems.append(FileProblem(
                 f.relative_path, f"refused: its file_id {f.file_id} is shared with another "
@@ -203,6 +267,34 @@ def plan_restore(
             total += s.length_bytes
     for rs in ranges.values():
         rs.sort(key=lambda r: (r.start, r.end))
+    links: list[_TreeJob] = []
+    for link in chosen.symlinks:
+        try:
+            parts = safe_parts(link.path_bytes)
+            _ = link.target_bytes
+        except ValueError as e:
+            problems.append(FileProblem(link.relative_path, f"refused: {e}"))
+            continue
+        if parts is None:
+            problems.append(FileProblem(
+                link.relative_path, "refused: the path is absolute or leaves the target (..)"))
+        elif not overwrite and _exists(target, parts):
+            problems.append(FileProblem(
+                link.relative_path, "already exists in the target; use --overwrite to replace it"))
+        else:
+            links.append(_TreeJob(link, parts))
+    dirs: list[_TreeJob] = []
+    for d in chosen.directories:
+        try:
+            parts = safe_parts(d.path_bytes)
+        except ValueError as e:
+            problems.append(FileProblem(d.relative_path, f"refused: {e}"))
+            continue
+        if parts is None:
+            problems.append(FileProblem(
+                d.relative_path, "refused: the path is absolute or leaves the target (..)"))
+        else:
+            dirs.append(_TreeJob(d, parts))
     return RestorePlan(
         catalog=catalog,
         jobs=tuple(jobs),
@@ -211,6 +303,9 @@ def plan_restore(
         containers=containers,
         problems=tuple(problems),
         bytes_to_read=total,
+        symlinks=tuple(links),
+        directories=tuple(dirs),
+        requested_files=len(files),
     )
 
 
@@ -241,8 +336,23 @@ def _check_segments(
     return None
 
 
-def _exists(target: Path, parts: tuple[str, ...]) -> bool:
-    return os.path.lexists(os.path.join(target, *parts))
+def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
+    root = os.fsencode(target)
+    if len(root) + sum(len(p) + 1 for p in parts) < SHORT_PATH_BYTES:
+        return os.path.lexists(os.path.join(root, *parts))
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    dirs = DirFds(root_fd)
+    try:
+        os.lstat(parts[-1], dir_fd=dirs.open(parts[:-1]))
+    except OSError:
+        return False
+    finally:
+        dirs.close()
+        os.close(root_fd)
+    return True
 
 
 class _FileWriter:
@@ -256,44 +366,79 @@ class _FileWriter:
         self.jobs = jobs
         self.overwrite = overwrite
         self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._dirs: dict[tuple[str, ...], int] = {}
+        self._dirs = DirFds(self.root_fd, create=True)
         self._temps = 0
         self.restored = 0
         self.bytes = 0
+        self.symlinks = 0
+        self.directories = 0
         self.problems: list[FileProblem] = []
 
-    def close(self) -> None:
+    def _discard_unfinished(self) -> None:
         for job in self.jobs:
             if not (job.done or job.failed):
                 self.fail(job, "was not completed (the restore stopped before its data)")
             self._discard(job)  # whatever did not finish leaves nothing behind
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
+
+    def close(self) -> None:
+        self._discard_unfinished()
+        self._dirs.close()
         os.close(self.root_fd)
 
-    def _dir_fd(self, parts: tuple[str, ...]) -> int:
-        fd = self._dirs.get(parts)
-        if fd is not None:
-            return fd
-        if len(self._dirs) >= _MAX_DIR_FDS:
-            for old in self._dirs.values():
-                os.close(old)
-            self._dirs.clear()
-        parent = self.root_fd if not parts[:-1] else self._dir_fd(parts[:-1])
-        name = parts[-1]
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o755, dir_fd=parent)
+    def _dir_fd(self, parts: tuple[bytes, ...]) -> int:
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=parent)
+            return self._dirs.open(parts)
         except OSError as e:
-            where = "/".join(parts)
-            if e.errno in (40, 20):  # ELOOP: a symlink; ENOTDIR: a file is in the way
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink, or a file in the way
+                where = paths.display(e.filename if isinstance(e.filename, bytes)
+                                      else b"/".join(parts))
                 raise _Refused(f"{where} in the target is a symlink or not a directory") from e
             raise
-        self._dirs[parts] = fd
-        return fd
+
+    def finish_tree(self, links: Sequence[_TreeJob], dirs: Sequence[_TreeJob]) -> None:
+        """After the files: create the symlinks, then give directories their modes and
+        mtimes, deepest first (children before the directory that holds them)."""
+        self._discard_unfinished()
+        for job in links:
+            self._tree_guarded(job, partial(self._symlink, job))
+        for job in sorted(dirs, key=lambda j: len(j.parts), reverse=True):
+            self._tree_guarded(job, partial(self._directory, job))
+
+    def _symlink(self, job: _TreeJob) -> None:
+        link = job.entry
+        assert isinstance(link, SymlinkEntry)
+        parent = self._dir_fd(job.parts[:-1])
+        name = job.parts[-1]
+        try:
+            st = os.lstat(name, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        else:
+            if not self.overwrite:
+                raise _Refused("already exists in the target; use --overwrite to replace it")
+            if stat.S_ISDIR(st.st_mode):
+                raise _Refused("a directory of that name is in the target")
+            os.unlink(name, dir_fd=parent)
+        os.symlink(link.target_bytes, name, dir_fd=parent)
+        os.utime(name, ns=(link.mtime_ns, link.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        self.symlinks += 1
+
+    def _directory(self, job: _TreeJob) -> None:
+        d = job.entry
+        assert isinstance(d, DirectoryEntry)
+        fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
+        os.fchmod(fd, stat.S_IMODE(d.unix_mode))
+        os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
+        self.directories += 1
+
+    def _tree_guarded(self, job: _TreeJob, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except _Refused as e:
+            self.problems.append(FileProblem(job.entry.relative_path, f"refused: {e}"))
+        except OSError as e:
+            self.problems.append(FileProblem(job.entry.relative_path,
+                                             f"cannot restore it: {e.strerror}"))
 
     def fail(self, job: _FileJob, what: str) -> None:
         if not job.failed:
@@ -581,6 +726,7 @@ async def run_restore(
                 raise
             await holder.release()
         await holder.release()  # a tape read for the catalog and never needed
+        await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
     finally:
         await holder.release_after_error()  # a no-op unless something above failed
         await trio.to_thread.run_sync(writer.close)
@@ -592,6 +738,8 @@ async def run_restore(
         tapes=tuple(t.tape_id for t in plan.tapes),
         problems=(*plan.problems, *writer.problems),
         bytes_to_read=plan.bytes_to_read,
+        symlinks_restored=writer.symlinks,
+        directories_restored=writer.directories,
     )
 
 

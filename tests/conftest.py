@@ -92,3 +92,108 @@ class Raises:
             if not isinstance(err, self.kind) or not re.search(self.match, str(err)):
                 return False  # let the unexpected exception propagate
         return True
+
+
+#: A chain of directories whose path is over PATH_MAX (4096) bytes: 300 levels of 14 bytes.
+DEEP = [b"level-%03d-pad" % i for i in range(300)]
+
+
+def write_odd_tree(root: Path) -> None:
+    """A tree with what real trees hold: symlinks of every sort, empty and read-only
+    directories, names that are not UTF-8 (or hold a newline), a path over PATH_MAX, a FIFO.
+
+    Everything is made through directory descriptors, with exact bytes.
+    """
+    import os
+
+    root.mkdir(parents=True, exist_ok=True)
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def at(parts: list[bytes]) -> int:
+        fd = os.dup(top)
+        for p in parts:
+            new = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        return fd
+
+    def mkdir(parts: list[bytes], mode: int = 0o755) -> None:
+        fd = at(parts[:-1])
+        os.mkdir(parts[-1], mode, dir_fd=fd)
+        os.close(fd)
+
+    def write(parts: list[bytes], data: bytes, mode: int = 0o644) -> None:
+        fd = at(parts[:-1])
+        f = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, dir_fd=fd)
+        os.write(f, data)
+        os.fchmod(f, mode)
+        os.close(f)
+        os.close(fd)
+
+    def link(parts: list[bytes], target: bytes) -> None:
+        fd = at(parts[:-1])
+        os.symlink(target, parts[-1], dir_fd=fd)
+        os.close(fd)
+
+    mkdir([b"docs"])
+    write([b"docs", b"readme.txt"], b"hello\n")
+    mkdir([b"docs", b"empty"], 0o700)
+    mkdir([b"docs", b"locked"])
+    write([b"docs", b"locked", b"inside.txt"], b"kept\n", 0o400)
+    link([b"docs", b"to-readme"], b"readme.txt")
+    link([b"docs", b"to-parent-dir"], b"..")
+    link([b"docs", b"loop"], b"loop")
+    link([b"docs", b"dangling"], b"/nonexistent/\xff/target")
+    link([b"to-etc"], b"/etc")  # restoring it must not write into /etc
+    mkdir([b"odd-\xff\xfe"])
+    write([b"odd-\xff\xfe", b"caf\xe9.txt"], b"latin-1 name\n")
+    write([b"odd-\xff\xfe", b"new\nline"], b"newline name\n")
+    write([b"odd-\xff\xfe", b"back\\xffslash"], b"a name that looks like an escape\n")
+    link([b"odd-\xff\xfe", b"link-\x80"], b"target-\x81\n")
+    write([b"\xe9\xe9.bin"], bytes(range(256)) * 40)
+    for n in range(len(DEEP)):
+        mkdir(DEEP[: n + 1])
+    write([*DEEP, b"bottom-\xff.txt"], b"deep down\n")
+    link([*DEEP, b"up"], b"../" * 3)
+    os.mkfifo(b"pipe", dir_fd=top)
+    # Times last: writing inside a directory changes its mtime.
+    for n, parts in enumerate([[b"docs", b"locked"], [b"docs", b"empty"], [b"odd-\xff\xfe"],
+                               DEEP[:150], DEEP, [b"docs"]]):
+        fd = at(parts)
+        os.utime(fd, ns=(1, 1_500_000_000_000_000_001 + n * 10**9))
+        os.close(fd)
+    fd = at([b"docs"])
+    os.utime(b"to-readme", ns=(1, 1_400_000_000_000_000_003), dir_fd=fd, follow_symlinks=False)
+    os.close(fd)
+    fd = at([b"docs", b"locked"])
+    os.fchmod(fd, 0o555)  # no write permission: the restore must still fill it
+    os.close(fd)
+    os.close(top)
+
+
+def tree_snapshot(root: Path) -> dict[bytes, tuple[str, bytes, int, int]]:
+    """Every entry under `root` by exact path: (kind, content or link target, mode, mtime_ns).
+
+    Walks with directory descriptors (os.fwalk), so paths over PATH_MAX are fine; FIFOs and
+    the like are left out (a backup skips them).
+    """
+    import os
+    import stat
+
+    out: dict[bytes, tuple[str, bytes, int, int]] = {}
+    top = os.fsencode(root)
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        prefix = b"" if rel_dir == b"." else rel_dir + b"/"
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(name, dir_fd=dirfd)
+            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+            if stat.S_ISLNK(st.st_mode):
+                out[prefix + name] = ("symlink", os.readlink(name, dir_fd=dirfd), 0, mtime)
+            elif stat.S_ISDIR(st.st_mode):
+                out[prefix + name] = ("dir", b"", mode, mtime)
+            elif stat.S_ISREG(st.st_mode):
+                fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
+                with os.fdopen(fd, "rb") as f:
+                    out[prefix + name] = ("file", f.read(), mode, mtime)
+    return out

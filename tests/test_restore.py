@@ -16,7 +16,7 @@ from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, main
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.restore import TEMP_PREFIX, RestoreReport
 
-from .conftest import SEED_FIXTURE, Raises, write_tree
+from .conftest import SEED_FIXTURE, Raises, tree_snapshot, write_odd_tree, write_tree
 
 KB = 1000
 TREE = {
@@ -44,6 +44,12 @@ def backed_up(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Cat
     result = backup(config)
     assert len(result.tapes) >= 3
     return src, root / "tapes", result.catalog
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def tree_state(root: Path) -> dict[str, tuple[bytes, int, int]]:
@@ -188,9 +194,11 @@ def test_a_symlink_inside_the_target_is_never_followed(
     out.mkdir()
     (out / "case-1").symlink_to(outside)
     report = restore(tapes, out)
-    assert {p.relative_path for p in report.problems} == {"case-1/notes.txt", "case-1/video.bin"}
+    assert {p.relative_path for p in report.problems} == {
+        "case-1", "case-1/notes.txt", "case-1/video.bin"}  # the directory's mode is not set either
     assert all("symlink" in p.what for p in report.problems)
     assert list(outside.iterdir()) == []
+    assert (outside.stat().st_mode & 0o777) == 0o755 & ~_umask()
     assert (out / "case-2" / "ledger.csv").exists()
 
 
@@ -279,11 +287,13 @@ def test_cli_catalog_ls_and_show(backed_up: tuple[Path, Path, Catalog],
     _, tapes, catalog = backed_up
     assert main(["catalog", "--simulator", str(tapes), "ls", "case-1", "--json"]) == EXIT_OK
     rows = json.loads(capsys.readouterr().out)
-    assert [r["relative_path"] for r in rows] == ["case-1/notes.txt", "case-1/video.bin"]
+    assert [(r["kind"], r["relative_path"]) for r in rows] == [
+        ("file", "case-1/notes.txt"), ("file", "case-1/video.bin"), ("directory", "case-1")]
     assert len(rows[1]["tapes"]) >= 3
     assert main(["catalog", "--simulator", str(tapes), "show", "--json"]) == EXIT_OK
     doc = json.loads(capsys.readouterr().out)
     assert doc["files"] == len(TREE)
+    assert (doc["directories"], doc["symlinks"]) == (4, 0)
     assert doc["bytes"] == sum(TREE.values())
     assert doc["backup_set_id"] == catalog.backup_set_id
     assert main(["catalog", "--simulator", str(tapes), "ls"]) == EXIT_OK
@@ -359,3 +369,91 @@ async def test_an_unload_that_fails_after_a_clean_job_is_not_swallowed(
         await api.verify_async(components)
     with Raises(TapeNotLoadedError, match="do NOT eject"):
         await api.restore_async(components, tmp_path / "out", ["case-2/ledger.csv"])
+
+
+@pytest.fixture(scope="module")
+def odd_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Catalog]:
+    """The odd tree of conftest.write_odd_tree, backed up to the simulator."""
+    root = tmp_path_factory.mktemp("odd")
+    src = root / "src"
+    write_odd_tree(src)
+    config = BackupConfig(source_root=src, tapes_root=root / "tapes",
+                          tape_nominal_capacity_bytes=2_000 * KB,  # the deep paths' catalog
+                          max_container_size_bytes=100 * KB)
+    result = backup(config)
+    return src, root / "tapes", result.catalog
+
+
+def test_odd_tree_comes_back_exactly(odd_set: tuple[Path, Path, Catalog], tmp_path: Path) -> None:
+    src, tapes, catalog = odd_set
+    assert [(s.relative_path, s.kind) for s in catalog.skipped] == [("pipe", "fifo")]
+    report = restore(tapes, tmp_path / "out")
+    assert report.ok, report.problems
+    before = tree_snapshot(src)
+    assert tree_snapshot(tmp_path / "out") == before  # names, bytes, targets, modes, mtimes
+    assert report.symlinks_restored == sum(k == "symlink" for k, *_ in before.values())
+    assert report.directories_restored == sum(k == "dir" for k, *_ in before.values())
+    assert (tmp_path / "out" / "to-etc").readlink() == Path("/etc")
+    assert not (Path("/etc") / "readme.txt").exists()
+
+
+def test_odd_names_are_selected_by_their_exact_bytes_or_their_rendering(
+    odd_set: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    _, tapes, _ = odd_set
+    exact = os.fsdecode(b"odd-\xff\xfe/caf\xe9.txt")  # what the shell hands over
+    report = restore(tapes, tmp_path / "a", exact, "\\xe9\\xe9.bin")
+    assert report.ok
+    assert report.restored == 2
+    assert sorted(tree_snapshot(tmp_path / "a")) == [
+        b"odd-\xff\xfe", b"odd-\xff\xfe/caf\xe9.txt", b"\xe9\xe9.bin"]
+    report = restore(tapes, tmp_path / "b", "odd-\\xff\\xfe")  # as `catalog ls` shows it
+    assert report.ok
+    assert {p.rsplit(b"/", 1)[-1] for p in tree_snapshot(tmp_path / "b")} == {
+        b"odd-\xff\xfe", b"caf\xe9.txt", b"new\nline", b"back\\xffslash", b"link-\x80"}
+
+
+def test_deep_path_over_path_max_round_trips(odd_set: tuple[Path, Path, Catalog],
+                                             tmp_path: Path) -> None:
+    _, tapes, catalog = odd_set
+    (deep,) = [f for f in catalog.source_files if f.path_bytes.endswith(b"bottom-\xff.txt")]
+    assert len(deep.path_bytes) > 4096
+    report = restore(tapes, tmp_path / "out", os.fsdecode(deep.path_bytes))
+    assert report.ok
+    assert report.restored == 1
+    snap = tree_snapshot(tmp_path / "out")
+    assert snap[deep.path_bytes][1] == b"deep down\n"
+
+
+@pytest.mark.parametrize("with_file", [True, False])
+def test_restore_never_writes_through_a_symlink_it_just_made(
+    odd_set: tuple[Path, Path, Catalog], tmp_path: Path, with_file: bool
+) -> None:
+    """A hostile catalog: a link `esc` to a directory outside, and a directory (and a file)
+    below `esc`. Nothing may land outside."""
+    _, tapes, catalog = odd_set
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = attrs.evolve(catalog.symlinks[0], relative_path="esc", target=str(outside),
+                        relative_path_b64=None, target_b64=None)
+    f = catalog.source_files[0]
+    hostile_file = attrs.evolve(f, relative_path="esc/planted", relative_path_b64=None)
+    hostile_dir = attrs.evolve(catalog.directories[0], relative_path="esc/sub",
+                               relative_path_b64=None)
+    hostile = attrs.evolve(
+        catalog, symlinks=(link,), directories=(hostile_dir,),
+        source_files=(hostile_file,) if with_file else (),
+        segments=tuple(s for s in catalog.segments if s.file_id == f.file_id and with_file))
+    out = tmp_path / "out"
+    report = restore(tapes, out, catalog=hostile)
+    assert list(outside.iterdir()) == []
+    assert not report.ok
+    if with_file:  # the file came first and made `esc` a directory: the link is refused
+        assert (out / "esc" / "planted").is_file()
+        assert not (out / "esc").is_symlink()
+        assert [(p.relative_path, p.what) for p in report.problems] == [
+            ("esc", "refused: already exists in the target; use --overwrite to replace it")]
+    else:  # the link came first: the directory below it is refused, not made outside
+        assert (out / "esc").readlink() == outside
+        assert [(p.relative_path, p.what) for p in report.problems] == [
+            ("esc/sub", "refused: esc in the target is a symlink or not a directory")]
