@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import tree_snapshot, write_odd_tree
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ltoflow" / "recovery" / "restore.py"
 README = REPO / "ltoflow" / "recovery" / "README.txt"
@@ -565,3 +567,89 @@ def test_readme_is_plain_narrow_text_covering_every_catalog_field() -> None:
         assert f"  {field} " in text, field
     for tool in ("sha256sum", "iflag=skip_bytes,count_bytes", "tail -c +", "restore.py"):
         assert tool in text
+
+
+# ------------------------------------------------------------------------------- odd trees
+
+
+@pytest.fixture(scope="module")
+def odd_tapes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """conftest.write_odd_tree backed up by ltoflow: (source, tape roots in order)."""
+    from ltoflow import BackupConfig, backup
+
+    root = tmp_path_factory.mktemp("odd")
+    src = root / "src"
+    write_odd_tree(src)
+    result = backup(BackupConfig(source_root=src, tapes_root=root / "tapes",
+                                 tape_nominal_capacity_bytes=2_000_000,
+                                 max_container_size_bytes=4_000))
+    roots = [root / "tapes" / t.tape_id for t in result.catalog.tapes]
+    return src, roots
+
+
+def test_odd_tree_comes_back_exactly(python: str, odd_tapes: tuple[Path, list[Path]],
+                                     tmp_path: Path) -> None:
+    src, roots = odd_tapes
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *roots, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    before = tree_snapshot(src)
+    assert tree_snapshot(target) == before  # names, bytes, link targets, modes, mtimes
+    links = sum(kind == "symlink" for kind, *_ in before.values())
+    dirs = sum(kind == "dir" for kind, *_ in before.values())
+    assert f"restored {links} of {links} symbolic links and {dirs} of {dirs} directories; " \
+           "0 failed" in proc.stdout
+    again = run(python, "--target", target, *roots, cwd=tmp_path)  # a rerun keeps it all
+    assert again.returncode == 0, output(again)
+    assert tree_snapshot(target) == before
+
+
+def test_odd_names_are_selected_by_exact_bytes(python: str, odd_tapes: tuple[Path, list[Path]],
+                                               tmp_path: Path) -> None:
+    _, roots = odd_tapes
+    target = tmp_path / "out"
+    proc = subprocess.run(
+        [python, "-I", SCRIPT, "--target", target, "--only", b"odd-\xff\xfe/new\nline",
+         "--only", "\\xe9\\xe9.bin", *roots],
+        capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(tree_snapshot(target)) == [
+        b"odd-\xff\xfe", b"odd-\xff\xfe/new\nline", b"\xe9\xe9.bin"]
+
+
+def test_list_shows_links_and_directories(python: str, odd_tapes: tuple[Path, list[Path]],
+                                          tmp_path: Path) -> None:
+    _, roots = odd_tapes
+    proc = run(python, "--list", *roots, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert "symlink  docs/to-readme -> readme.txt" in proc.stdout
+    assert "symlink  odd-\\xff\\xfe/link-\\x80 -> target-\\x81\\n\n" in proc.stdout
+    assert "  odd-\\xff\\xfe/new\\nline  tapes: " in proc.stdout
+    assert "directory  docs/empty/" in proc.stdout
+
+
+def test_a_link_in_the_catalog_is_never_written_through(
+    python: str, odd_tapes: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A hostile catalog: link `esc` -> outside, then a directory and a file below it."""
+    _, roots = odd_tapes
+    tapes = tmp_path / "tapes"
+    copies = []
+    for r in roots:
+        shutil.copytree(r, tapes / r.name)
+        copies.append(tapes / r.name)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    doc = load_catalog(copies[0])
+    doc["symlinks"] = [{"relative_path": "esc", "target": str(outside), "mtime_ns": 0}]
+    doc["directories"] = [{"relative_path": "esc/sub", "unix_mode": 0o40755, "mtime_ns": 0}]
+    doc["source_files"] = [{**doc["source_files"][0], "relative_path": "esc/planted"}]
+    write_catalog(copies, doc, compact=True)
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *copies, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert list(outside.iterdir()) == []
+    assert "FAILED: esc: already exists in the target" in proc.stderr
+    assert "FAILED: esc/sub: " not in proc.stderr  # `esc` is a real directory, made for the file
+    assert (target / "esc" / "sub").is_dir()
+    assert not (target / "esc").is_symlink()

@@ -14,10 +14,18 @@ have; a file is restored only if every tape holding a piece of it is given.
 
 Exit status: 0 = every selected file was restored and verified, 1 = some files failed
 (each one is reported with the reason), 2 = usage error or no usable catalog.
+
+Symbolic links and directories in the catalog (newer catalogs) come back too: links are
+created (never followed), and directories get their permissions and times last, deepest
+first.  Names are restored with their exact bytes (`relative_path_b64` when a name is not
+UTF-8), and directories are walked one at a time through descriptors, so very long paths work.
 """
 
 import argparse
+import base64
+import binascii
 import calendar
+import errno
 import fnmatch
 import hashlib
 import io
@@ -26,7 +34,7 @@ import os
 import re
 import stat
 import sys
-from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 CHUNK = 8 * 1024 * 1024  # read and write in pieces of this size; never whole containers
 # Gaps between wanted segments up to this size are read through (keeps the tape streaming
@@ -43,6 +51,14 @@ ISO_RE = re.compile(
     r"\s*(Z|z|[+-]\d{2}:?\d{2})?$"
 )
 TEMP_PREFIX = ".ltoflow-restore-"
+DIR_FD_LIMIT = 64  # directory descriptors kept open; the oldest are closed first
+# Walk the target through directory descriptors (no PATH_MAX limit, no symlink followed) where
+# the OS supports it; elsewhere (Windows) by path, checking each component.
+HAVE_DIR_FD = (
+    all(f in os.supports_dir_fd for f in (os.open, os.mkdir, os.stat, os.unlink, os.rename))
+    and hasattr(os, "O_DIRECTORY")
+    and hasattr(os, "O_NOFOLLOW")
+)
 
 
 class UsageError(Exception):
@@ -87,6 +103,35 @@ def show(path: str) -> str:
     if all(ch.isprintable() for ch in path):
         return path
     return repr(path)[1:-1]
+
+
+def show_bytes(raw: bytes) -> str:
+    """Exact name bytes as they can be shown: bytes that are not UTF-8 as \\xNN, control
+    characters escaped (as the catalog's readable rendering shows them)."""
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        if "\udc80" <= ch <= "\udcff":
+            out.append("\\x%02x" % (ord(ch) - 0xDC00))
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out)
+
+
+def exact_path(rec: Dict[str, Any], key: str) -> Optional[bytes]:
+    """The exact bytes of a path: base64 in KEY_b64 when present (a name that is not UTF-8),
+    otherwise the UTF-8 of KEY.  None when neither is usable."""
+    b64 = rec.get(key + "_b64")
+    if isinstance(b64, str):
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    text = rec.get(key)
+    if not isinstance(text, str):
+        return None
+    return text.encode("utf-8", "surrogatepass")
 
 
 # --------------------------------------------------------------------------- catalog model
@@ -153,9 +198,9 @@ class Entry:
         "mtime_ns",
         "segments",
         "problem",
+        "raw",
         "components",
-        "final_path",
-        "tmp_path",
+        "tmp_name",
         "hasher",
         "hashed_upto",
         "remaining",
@@ -173,9 +218,9 @@ class Entry:
         self.mtime_ns: Optional[int] = None
         self.segments: List[Segment] = []
         self.problem: Optional[str] = None
-        self.components: List[str] = []
-        self.final_path = ""
-        self.tmp_path: Optional[str] = None
+        self.raw = b""  # the exact path bytes
+        self.components: List[bytes] = []
+        self.tmp_name: Optional[bytes] = None  # in the parent directory
         self.hasher: Optional[Any] = None  # hashlib object fed while segments arrive in order
         self.hashed_upto = 0
         self.remaining = 0
@@ -183,7 +228,28 @@ class Entry:
         self.already_present = False
 
     def name(self) -> str:
+        if self.raw:
+            return show_bytes(self.raw)
         return show(self.rel) if self.rel else "<file #%d without a usable path>" % self.index
+
+
+class TreeEntry:
+    """A symbolic link or a directory of the catalog (newer catalogs only)."""
+
+    __slots__ = ("kind", "rel", "raw", "target", "mode", "mtime_ns", "problem", "components")
+
+    def __init__(self, kind: str, rel: str) -> None:
+        self.kind = kind  # "symlink" or "directory"
+        self.rel = rel
+        self.raw = b""
+        self.target = b""
+        self.mode: Optional[int] = None
+        self.mtime_ns: Optional[int] = None
+        self.problem: Optional[str] = None
+        self.components: List[bytes] = []
+
+    def name(self) -> str:
+        return show_bytes(self.raw) if self.raw else show(self.rel) or "<unnamed %s>" % self.kind
 
 
 class Catalog:
@@ -191,6 +257,8 @@ class Catalog:
         self.backup_set_id = ""
         self.created_at = ""
         self.entries: List[Entry] = []
+        self.links: List[TreeEntry] = []
+        self.dirs: List[TreeEntry] = []
         self.containers: Dict[str, Container] = {}
         self.tape_seq: Dict[str, int] = {}
 
@@ -281,11 +349,16 @@ def parse_catalog(doc: Any) -> Catalog:
         rel = rec.get("relative_path")
         if isinstance(rel, str):
             entry.rel = rel
+        raw = exact_path(rec, "relative_path")
+        if raw is not None:
+            entry.raw = raw
         file_id = _str(rec, "file_id")
         size = _int(rec, "size_bytes")
         sha = _sha(rec, "sha256")
         if not isinstance(rel, str):
             entry.problem = "catalog record has no relative_path text"
+        elif raw is None:
+            entry.problem = "catalog record has a damaged relative_path_b64"
         elif file_id is None:
             entry.problem = "catalog record has no file_id"
         elif size is None or size < 0:
@@ -332,6 +405,33 @@ def parse_catalog(doc: Any) -> Catalog:
         entry.segments.append(
             Segment(seg_id, entry, cid, c_off, s_off, length, _sha(rec, "sha256"))
         )
+
+    for key, kind, out in (("symlinks", "symlink", cat.links), ("directories", "directory",
+                                                                 cat.dirs)):
+        raw_list = doc.get(key, [])
+        if not isinstance(raw_list, list):
+            warn("the catalog's '%s' is not a list; ignoring it" % key)
+            continue
+        for rec in raw_list:
+            if not isinstance(rec, dict):
+                continue
+            item = TreeEntry(kind, _str(rec, "relative_path") or "")
+            out.append(item)
+            path = exact_path(rec, "relative_path")
+            if path is None:
+                item.problem = "catalog record has no usable relative_path"
+                continue
+            item.raw = path
+            item.mtime_ns = _int(rec, "mtime_ns")
+            if kind == "symlink":
+                target = exact_path(rec, "target")
+                if target is None:
+                    item.problem = "catalog record has no usable link target"
+                else:
+                    item.target = target
+            else:
+                mode = _int(rec, "unix_mode")
+                item.mode = mode & 0o7777 if mode is not None and mode >= 0 else None
     return cat
 
 
@@ -431,18 +531,160 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
 # --------------------------------------------------------------------------- selection
 
 
-def selected(rel: str, patterns: List[str]) -> bool:
-    """True if the path, or one of its parent directories, matches one of the globs."""
+def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None) -> bool:
+    """True if the path, or one of its parent directories, matches one of the globs.
+
+    A glob matches the catalog's text of the path or, as the shell passes an odd name, the
+    exact bytes of it."""
     if not patterns:
         return True
     parts = rel.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    raw_parts = raw.split(b"/") if raw is not None else []
+    raw_prefixes = [b"/".join(raw_parts[: i + 1]) for i in range(len(raw_parts))]
     for pat in patterns:
         pat = pat.rstrip("/") or pat
         for prefix in prefixes:
             if prefix == pat or fnmatch.fnmatchcase(prefix, pat):
                 return True
+        if raw_prefixes:
+            try:
+                pat_b = os.fsencode(pat)
+            except UnicodeError:
+                continue
+            for raw_prefix in raw_prefixes:
+                if raw_prefix == pat_b or fnmatch.fnmatchcase(raw_prefix, pat_b):
+                    return True
     return False
+
+
+# --------------------------------------------------------------------------- the target tree
+
+
+Where = Union[int, bytes]  # a directory: an open descriptor, or a path (no dir_fd support)
+
+
+def at(where: Where, name: bytes) -> bytes:
+    return name if isinstance(where, int) else os.path.join(where, name)
+
+
+def dfd(where: Where) -> Optional[int]:
+    """The dir_fd argument for a name in WHERE."""
+    return where if isinstance(where, int) else None
+
+
+class Dirs:
+    """The directories under the target, reached one component at a time, never through a
+    symbolic link: a link (or a file) where a directory should be is refused with a Problem."""
+
+    def __init__(self, target: str) -> None:
+        self.target = os.fsencode(target)
+        self.root_fd = -1
+        if HAVE_DIR_FD:
+            self.root_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
+        self.fds: Dict[Tuple[bytes, ...], int] = {}
+        self.target_real = os.path.realpath(self.target)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def get(self, parts: Sequence[bytes], create: bool) -> Optional[Where]:
+        """The directory PARTS (a tuple of names) below the target; None when it does not
+        exist and CREATE is false.  Descriptors returned belong to this object."""
+        key = tuple(parts)
+        if not HAVE_DIR_FD:
+            return self._by_path(key, create)
+        if not key:
+            return self.root_fd
+        fd = self.fds.get(key)
+        if fd is not None:
+            return fd
+        n = len(key) - 1
+        while n and key[:n] not in self.fds:
+            n -= 1
+        fd = self.fds[key[:n]] if n else self.root_fd
+        opened = -1
+        try:
+            for i in range(n, len(key)):
+                name = key[i]
+                if create:
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    except OSError as exc:
+                        raise Problem(
+                            "cannot create directory %s: %s"
+                            % (show_bytes(b"/".join(key[: i + 1])), exc.strerror)
+                        ) from None
+                try:
+                    new = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if create:
+                        raise Problem(
+                            "directory %s vanished" % show_bytes(b"/".join(key[: i + 1]))
+                        ) from None
+                    return None
+                except OSError as exc:
+                    where = show_bytes(b"/".join(key[: i + 1]))
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise Problem(
+                            "parent %s in the target is a symbolic link or not a directory; "
+                            "refusing to follow it" % where
+                        ) from None
+                    raise Problem("cannot open %s: %s" % (where, exc.strerror)) from None
+                if opened >= 0:
+                    os.close(opened)  # intermediate levels are not kept: depth is unbounded
+                fd = opened = new
+        except BaseException:
+            if opened >= 0:
+                os.close(opened)
+            raise
+        while len(self.fds) >= DIR_FD_LIMIT:
+            os.close(self.fds.pop(next(iter(self.fds))))
+        self.fds[key] = fd
+        return fd
+
+    def _by_path(self, key: Tuple[bytes, ...], create: bool) -> Optional[bytes]:
+        current = self.target
+        for part in key:
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    os.mkdir(current)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise Problem(
+                        "cannot create directory %s: %s" % (show_bytes(current), exc.strerror)
+                    ) from None
+                st = os.lstat(current)
+            except OSError as exc:
+                raise Problem(
+                    "cannot inspect %s: %s" % (show_bytes(current), exc.strerror)
+                ) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise Problem(
+                    "parent %s in the target is a symbolic link; refusing to follow it"
+                    % show_bytes(current)
+                )
+            if not stat.S_ISDIR(st.st_mode):
+                raise Problem("parent %s in the target is not a directory" % show_bytes(current))
+        real = os.path.realpath(current)
+        if real != self.target_real and not real.startswith(
+            self.target_real.rstrip(os.sep.encode()) + os.sep.encode()
+        ):
+            raise Problem("parent %s resolves outside the target; refusing" % show_bytes(current))
+        return current
 
 
 # --------------------------------------------------------------------------- the restore
@@ -453,12 +695,15 @@ class Restorer:
         self.cat = cat
         self.roots = roots
         self.target = target
-        self.target_real = os.path.realpath(target)
+        self.dirs: Optional[Dirs] = None  # opened by run()
         self.overwrite = overwrite
         self.failed = 0
         self.restored = 0
         self.restored_bytes = 0
         self.already_present = 0
+        self.links_restored = 0
+        self.dirs_restored = 0
+        self.tree_failed = 0  # symlinks and directories
         self.missing_tapes: Dict[str, int] = {}
         self.tmp_counter = 0
         self._located: Dict[str, Optional[str]] = {}
@@ -478,12 +723,14 @@ class Restorer:
         print("FAILED: %s: %s" % (entry.name(), message), file=sys.stderr, flush=True)
 
     def _remove_tmp(self, entry: Entry) -> None:
-        if entry.tmp_path is not None:
+        if entry.tmp_name is not None:
             try:
-                os.unlink(entry.tmp_path)
-            except OSError:
+                parent = self.parent_dir(entry, create=False)
+                if parent is not None:
+                    os.unlink(at(parent, entry.tmp_name), dir_fd=dfd(parent))
+            except (OSError, Problem):
                 pass
-            entry.tmp_path = None
+            entry.tmp_name = None
 
     # ---- where things are
 
@@ -520,66 +767,36 @@ class Restorer:
 
     # ---- path safety
 
-    def check_path(self, entry: Entry) -> None:
-        rel = entry.rel
-        if not rel:
+    def check_path(self, entry: Union[Entry, TreeEntry]) -> None:
+        raw = entry.raw
+        if not raw:
             raise Problem("empty relative_path in the catalog; refusing it")
-        if "\0" in rel:
+        if b"\0" in raw:
             raise Problem("relative_path contains a NUL character; refusing it")
-        if rel.startswith("/") or os.path.isabs(rel):
+        if raw.startswith(b"/") or os.path.isabs(raw):
             raise Problem("relative_path is absolute; refusing to write outside the target")
-        parts = rel.split("/")
+        parts = raw.split(b"/")
         for part in parts:
-            if part in ("", ".", ".."):
+            if part in (b"", b".", b".."):
                 raise Problem(
                     "relative_path has an empty, '.' or '..' component; refusing to write "
                     "outside the target"
                 )
-            if (os.sep != "/" and os.sep in part) or (os.altsep and os.altsep in part):
+            if (os.sep != "/" and os.sep.encode() in part) or (
+                os.altsep and os.altsep.encode() in part
+            ):
                 raise Problem("relative_path has a path separator inside a name; refusing it")
-            if os.name == "nt" and ":" in part:
+            if os.name == "nt" and b":" in part:
                 raise Problem("relative_path has ':' in a name (not allowed on Windows)")
         entry.components = parts
-        entry.final_path = os.path.join(self.target, *parts)
 
-    def parent_dir(self, entry: Entry, create: bool) -> str:
-        """Walk (and optionally create) the parent directories inside the target.
+    def parent_dir(self, entry: Union[Entry, TreeEntry], create: bool) -> Optional[Where]:
+        """The parent directory inside the target (None: it does not exist yet).
 
         Refuses any parent that is a symlink or not a directory, so nothing can be
         written outside the target."""
-        current = self.target
-        for part in entry.components[:-1]:
-            current = os.path.join(current, part)
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                if not create:
-                    continue
-                try:
-                    os.mkdir(current)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise Problem(
-                        "cannot create directory %s: %s" % (show(current), exc.strerror)
-                    ) from None
-                st = os.lstat(current)
-            except OSError as exc:
-                raise Problem("cannot inspect %s: %s" % (show(current), exc.strerror)) from None
-            if stat.S_ISLNK(st.st_mode):
-                raise Problem(
-                    "parent %s in the target is a symbolic link; refusing to follow it"
-                    % show(current)
-                )
-            if not stat.S_ISDIR(st.st_mode):
-                raise Problem("parent %s in the target is not a directory" % show(current))
-        if create:
-            real = os.path.realpath(current)
-            if real != self.target_real and not real.startswith(
-                self.target_real.rstrip(os.sep) + os.sep
-            ):
-                raise Problem("parent %s resolves outside the target; refusing" % show(current))
-        return current
+        assert self.dirs is not None
+        return self.dirs.get(entry.components[:-1], create)
 
     # ---- planning
 
@@ -606,8 +823,12 @@ class Restorer:
         entry.segments = [s for s in segs if s.length > 0]
 
     def check_existing(self, entry: Entry) -> None:
+        parent = self.parent_dir(entry, create=False)
+        if parent is None:
+            return
+        name = entry.components[-1]
         try:
-            st = os.lstat(entry.final_path)
+            st = os.lstat(at(parent, name), dir_fd=dfd(parent))
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -617,7 +838,9 @@ class Restorer:
         if self.overwrite:
             return
         if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
-            if hash_file(entry.final_path) == entry.sha256:
+            flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(at(parent, name), flags, dir_fd=dfd(parent))
+            if hash_fd(fd) == entry.sha256:
                 entry.already_present = True
                 return
         raise Problem(
@@ -627,14 +850,14 @@ class Restorer:
 
     def plan(self, entries: List[Entry]) -> Dict[str, List[Segment]]:
         by_container: Dict[str, List[Segment]] = {}
-        seen_paths: Set[str] = set()
+        seen_paths: Set[bytes] = set()
         for entry in entries:
             if entry.problem is not None:
                 self.fail(entry, entry.problem)
                 continue
             try:
                 self.check_path(entry)
-                key = entry.final_path if os.name != "nt" else entry.final_path.lower()
+                key = entry.raw if os.name != "nt" else entry.raw.lower()
                 if key in seen_paths:
                     raise Problem("the same relative_path appears twice in the catalog")
                 seen_paths.add(key)
@@ -688,20 +911,23 @@ class Restorer:
 
     def open_tmp(self, entry: Entry) -> IO[bytes]:
         flags = os.O_WRONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-        if entry.tmp_path is not None:
-            return os.fdopen(os.open(entry.tmp_path, flags), "wb")
         parent = self.parent_dir(entry, create=True)
+        assert parent is not None
+        if entry.tmp_name is not None:
+            return os.fdopen(os.open(at(parent, entry.tmp_name), flags, dir_fd=dfd(parent)), "wb")
         for _ in range(100):
             self.tmp_counter += 1
-            name = "%s%d-%d.tmp" % (TEMP_PREFIX, os.getpid(), self.tmp_counter)
-            path = os.path.join(parent, name)
+            name = ("%s%d-%d.tmp" % (TEMP_PREFIX, os.getpid(), self.tmp_counter)).encode()
             try:
-                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(at(parent, name), flags | os.O_CREAT | os.O_EXCL, 0o600,
+                             dir_fd=dfd(parent))
             except FileExistsError:
                 continue
-            entry.tmp_path = path
+            entry.tmp_name = name
             return os.fdopen(fd, "wb")
-        raise Problem("cannot create a temporary file in %s" % show(parent))
+        raise Problem(
+            "cannot create a temporary file in %s" % show_bytes(b"/".join(entry.components[:-1]))
+        )
 
     def copy_segment(self, src: IO[bytes], seg: Segment, chash: Optional[Any]) -> None:
         entry = seg.entry
@@ -758,34 +984,57 @@ class Restorer:
     def finalize(self, entry: Entry) -> None:
         """Verify the whole file, set mode and mtime, and give it its final name."""
         try:
-            if entry.tmp_path is None:  # zero-byte file
+            if entry.tmp_name is None:  # zero-byte file
                 self.open_tmp(entry).close()
-            assert entry.tmp_path is not None
-            size = os.stat(entry.tmp_path).st_size
-            if size != entry.size:
-                raise Problem("restored %d bytes but the catalog says %d" % (size, entry.size))
-            if entry.hasher is not None and entry.hashed_upto == entry.size:
-                digest = entry.hasher.hexdigest()
-            else:
-                digest = hash_file(entry.tmp_path)
-            if digest != entry.sha256:
-                raise Problem(
-                    "whole-file SHA-256 mismatch (got %s, catalog says %s)" % (digest, entry.sha256)
-                )
-            os.chmod(entry.tmp_path, entry.mode if entry.mode is not None else self.default_mode)
-            if entry.mtime_ns is not None:
-                try:
-                    os.utime(entry.tmp_path, ns=(entry.mtime_ns, entry.mtime_ns))
-                except (OSError, OverflowError, ValueError) as exc:
-                    warn("%s: cannot set the modification time: %s" % (entry.name(), exc))
-            self.parent_dir(entry, create=True)
-            if os.path.lexists(entry.final_path):
-                if not self.overwrite or os.path.isdir(entry.final_path):
+            assert entry.tmp_name is not None
+            parent = self.parent_dir(entry, create=True)
+            assert parent is not None
+            tmp = at(parent, entry.tmp_name)
+            flags = os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(tmp, flags, dir_fd=dfd(parent))
+            try:
+                size = os.fstat(fd).st_size
+                if size != entry.size:
+                    raise Problem(
+                        "restored %d bytes but the catalog says %d" % (size, entry.size)
+                    )
+                if entry.hasher is not None and entry.hashed_upto == entry.size:
+                    digest = entry.hasher.hexdigest()
+                else:
+                    digest = hash_fd(os.dup(fd))
+                if digest != entry.sha256:
+                    raise Problem(
+                        "whole-file SHA-256 mismatch (got %s, catalog says %s)"
+                        % (digest, entry.sha256)
+                    )
+                mode = entry.mode if entry.mode is not None else self.default_mode
+                if os.chmod in os.supports_fd:
+                    os.chmod(fd, mode)
+                else:  # pragma: no cover - Windows
+                    os.chmod(tmp, mode)
+                if entry.mtime_ns is not None:
+                    try:
+                        if os.utime in os.supports_fd:
+                            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+                        else:  # pragma: no cover - Windows
+                            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
+                    except (OSError, OverflowError, ValueError) as exc:
+                        warn("%s: cannot set the modification time: %s" % (entry.name(), exc))
+            finally:
+                os.close(fd)
+            final = at(parent, entry.components[-1])
+            d = dfd(parent)
+            try:
+                st: Optional[os.stat_result] = os.lstat(final, dir_fd=d)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not self.overwrite or stat.S_ISDIR(st.st_mode):
                     raise Problem("appeared in the target during the restore; not overwritten")
-                os.replace(entry.tmp_path, entry.final_path)
+                os.replace(tmp, final, src_dir_fd=d, dst_dir_fd=d)
             else:
-                os.rename(entry.tmp_path, entry.final_path)
-            entry.tmp_path = None
+                os.rename(tmp, final, src_dir_fd=d, dst_dir_fd=d)
+            entry.tmp_name = None
         except Problem as exc:
             self.fail(entry, str(exc))
             return
@@ -873,7 +1122,8 @@ class Restorer:
                 except OSError:
                     pass
 
-    def run(self, entries: List[Entry]) -> None:
+    def run(self, entries: List[Entry], links: List[TreeEntry], dirs: List[TreeEntry]) -> None:
+        self.dirs = Dirs(self.target)
         by_container = self.plan(entries)
         order = sorted(by_container, key=self.container_order)
         for i, container_id in enumerate(order, 1):
@@ -883,10 +1133,90 @@ class Restorer:
         for entry in entries:
             if not entry.done:  # cannot happen; never claim success for a file by accident
                 self.fail(entry, "was not completely restored")
+        self.cleanup(entries)  # before the directories get their times
+        for link in links:
+            self.tree_guarded(link, self.make_link)
+        # Deepest first: a directory's contents are complete (and its children's times set)
+        # before its own permissions and time are set.
+        for d in sorted(dirs, key=lambda d: -d.raw.count(b"/")):
+            self.tree_guarded(d, self.set_directory)
+
+    def tree_guarded(self, item: TreeEntry, action: Any) -> None:
+        try:
+            if item.problem is not None:
+                raise Problem(item.problem)
+            self.check_path(item)
+            action(item)
+        except Problem as exc:
+            self.tree_failed += 1
+            print("FAILED: %s: %s" % (item.name(), exc), file=sys.stderr, flush=True)
+        except OSError as exc:
+            self.tree_failed += 1
+            print(
+                "FAILED: %s: cannot restore the %s: %s"
+                % (item.name(), item.kind, exc.strerror or exc),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def make_link(self, link: TreeEntry) -> None:
+        """Create the symbolic link (never following it), replacing a file only with
+        --overwrite."""
+        parent = self.parent_dir(link, create=True)
+        assert parent is not None
+        name, d = at(parent, link.components[-1]), dfd(parent)
+        try:
+            st: Optional[os.stat_result] = os.lstat(name, dir_fd=d)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=d) == link.target:
+                pass  # restored before: keep it
+            elif not self.overwrite:
+                raise Problem(
+                    "already exists in the target; not overwritten (use --overwrite to replace it)"
+                )
+            elif stat.S_ISDIR(st.st_mode):
+                raise Problem("a directory with this name exists in the target")
+            else:
+                os.unlink(name, dir_fd=d)
+                st = None
+        if st is None:
+            os.symlink(link.target, name, dir_fd=d)
+        if link.mtime_ns is not None and os.utime in os.supports_follow_symlinks:
+            try:
+                os.utime(name, ns=(link.mtime_ns, link.mtime_ns), dir_fd=d, follow_symlinks=False)
+            except (OSError, OverflowError, ValueError) as exc:
+                warn("%s: cannot set the link's modification time: %s" % (link.name(), exc))
+        self.links_restored += 1
+
+    def set_directory(self, d: TreeEntry) -> None:
+        """Create the directory if missing (empty ones too); set its permissions and time."""
+        assert self.dirs is not None
+        where = self.dirs.get(d.components, create=True)
+        assert where is not None
+        if isinstance(where, int):
+            if d.mode is not None:
+                os.chmod(where, d.mode)
+            if d.mtime_ns is not None:
+                os.utime(where, ns=(d.mtime_ns, d.mtime_ns))
+        else:  # pragma: no cover - no dir_fd support (Windows)
+            if d.mode is not None:
+                os.chmod(where, d.mode)
+            if d.mtime_ns is not None:
+                os.utime(where, ns=(d.mtime_ns, d.mtime_ns))
+        self.dirs_restored += 1
 
     def cleanup(self, entries: List[Entry]) -> None:
+        if self.dirs is None:
+            return
         for entry in entries:
             self._remove_tmp(entry)
+
+    def close(self) -> None:
+        if self.dirs is not None:
+            self.dirs.close()
+            self.dirs = None
 
 
 def skip_by_reading(src: IO[bytes], count: int, chash: Any) -> None:
@@ -896,6 +1226,18 @@ def skip_by_reading(src: IO[bytes], count: int, chash: Any) -> None:
             raise ReadProblem("container ended early")
         chash.update(buf)
         count -= len(buf)
+
+
+def hash_fd(fd: int) -> str:
+    """SHA-256 of an open file from its start; the descriptor is closed."""
+    h = hashlib.sha256()
+    with os.fdopen(fd, "rb") as f:
+        while True:
+            buf = f.read(CHUNK)
+            if not buf:
+                break
+            h.update(buf)
+    return h.hexdigest()
 
 
 def hash_file(path: str) -> str:
@@ -912,7 +1254,13 @@ def hash_file(path: str) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def list_files(cat: Catalog, entries: List[Entry], roots: List[str]) -> int:
+def list_files(
+    cat: Catalog,
+    entries: List[Entry],
+    roots: List[str],
+    links: Sequence[TreeEntry] = (),
+    dirs: Sequence[TreeEntry] = (),
+) -> int:
     restorer = Restorer(cat, roots, ".", overwrite=False)
     total = 0
     all_tapes: Set[str] = set()
@@ -938,7 +1286,13 @@ def list_files(cat: Catalog, entries: List[Entry], roots: List[str]) -> int:
             line += "  [not on the given roots: %s]" % ", ".join(missing)
         say(line)
         total += entry.size
+    for link in links:
+        say("%15s  %s -> %s" % ("symlink", link.name(), show_bytes(link.target)))
+    for d in dirs:
+        say("%15s  %s/" % ("directory", d.name()))
     say("%d files, %s bytes, on %d tape(s)" % (len(entries), "{:,}".format(total), len(all_tapes)))
+    if links or dirs:
+        say("%d symbolic links, %d directories" % (len(links), len(dirs)))
     return EXIT_OK
 
 
@@ -986,14 +1340,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("say where to restore with --target DIR (or use --list)")
     cat = load_catalog(roots, args.catalog, args.force_catalog)
     patterns: List[str] = list(args.only)
-    entries = [e for e in cat.entries if selected(e.rel, patterns)]
+    entries = [e for e in cat.entries if selected(e.rel, patterns, e.raw)]
+    links = [e for e in cat.links if selected(e.rel, patterns, e.raw)]
+    dirs = [e for e in cat.dirs if selected(e.rel, patterns, e.raw)]
+    everything: List[Union[Entry, TreeEntry]] = [*cat.entries, *cat.links, *cat.dirs]
     for pat in patterns:
-        if not any(selected(e.rel, [pat]) for e in cat.entries):
+        if not any(selected(e.rel, [pat], e.raw) for e in everything):
             warn("--only %s matches no file in the catalog" % pat)
-    if patterns and not entries:
+    if patterns and not (entries or links or dirs):
         raise UsageError("the --only patterns match no file in the catalog")
     if args.list:
-        return list_files(cat, entries, roots)
+        return list_files(cat, entries, roots, links, dirs)
 
     target: str = args.target
     if os.path.lexists(target) and not os.path.isdir(target):
@@ -1005,9 +1362,12 @@ def run(args: argparse.Namespace) -> int:
 
     restorer = Restorer(cat, roots, target, args.overwrite)
     try:
-        restorer.run(entries)
+        restorer.run(entries, links, dirs)
+    except OSError as exc:
+        raise UsageError("cannot open --target %s: %s" % (target, exc.strerror)) from None
     finally:
         restorer.cleanup(entries)
+        restorer.close()
 
     if restorer.missing_tapes:
         say("files needing tapes that were not given:")
@@ -1022,7 +1382,13 @@ def run(args: argparse.Namespace) -> int:
         "restored %d of %d files (%s bytes); %d failed"
         % (restorer.restored, len(entries), "{:,}".format(restorer.restored_bytes), restorer.failed)
     )
-    return EXIT_FAILED if restorer.failed else EXIT_OK
+    if links or dirs:
+        say(
+            "restored %d of %d symbolic links and %d of %d directories; %d failed"
+            % (restorer.links_restored, len(links), restorer.dirs_restored, len(dirs),
+               restorer.tree_failed)
+        )
+    return EXIT_FAILED if restorer.failed or restorer.tree_failed else EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
