@@ -28,7 +28,9 @@ def display(raw: bytes) -> str:
 
 def shown(text: str) -> str:
     """`text` for one line of output: control characters (a newline in a name) escaped."""
-    return text if text.isprintable() else repr(text)[1:-1]
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def b64_if_needed(raw: bytes) -> str | None:

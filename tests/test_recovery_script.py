@@ -653,3 +653,41 @@ def test_a_link_in_the_catalog_is_never_written_through(
     assert "FAILED: esc/sub: " not in proc.stderr  # `esc` is a real directory, made for the file
     assert (target / "esc" / "sub").is_dir()
     assert not (target / "esc").is_symlink()
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(),
+                    reason="needs root to run the script as an unprivileged user")
+def test_read_only_directory_does_not_stop_an_unprivileged_restore(
+    odd_tapes: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """As a normal user (root ignores permissions): docs/locked is r-x only, and its file must
+    still come back, since directory modes are set last, deepest first. The script is the copy
+    on the tape, run by the system's Python."""
+    import tempfile
+
+    src, roots = odd_tapes
+    nobody = 65534
+    work = Path(tempfile.mkdtemp(dir="/tmp", prefix="ltoflow-nobody-"))
+    try:
+        work.chmod(0o755)
+        copies = []
+        for r in roots:
+            shutil.copytree(r, work / r.name)
+            copies.append(work / r.name)
+        target = work / "out"
+        target.mkdir()
+        os.chown(target, nobody, nobody)
+        for _ in range(2):  # and a rerun into the finished tree keeps it all
+            proc = subprocess.run(
+                [SYSTEM_PYTHON, "-I", copies[0] / "recovery" / "restore.py", "--target", target,
+                 *copies],
+                capture_output=True, text=True, timeout=60, check=False, cwd=work,
+                user=nobody, group=nobody, extra_groups=[])
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert tree_snapshot(target) == tree_snapshot(src)
+        assert (target / "docs" / "locked").stat().st_mode & 0o777 == 0o555
+    finally:
+        shutil.rmtree(work)  # as root: read-only directories are no obstacle

@@ -457,3 +457,36 @@ def test_restore_never_writes_through_a_symlink_it_just_made(
         assert (out / "esc").readlink() == outside
         assert [(p.relative_path, p.what) for p in report.problems] == [
             ("esc/sub", "refused: esc in the target is a symlink or not a directory")]
+
+
+def test_a_second_restore_replaces_links_only_with_overwrite(
+    odd_set: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    src, tapes, _ = odd_set
+    out = tmp_path / "out"
+    assert restore(tapes, out, "docs").ok
+    (out / "docs" / "to-readme").unlink()
+    (out / "docs" / "to-readme").write_bytes(b"not a link")
+    again = restore(tapes, out, "docs/to-readme")
+    assert [(p.relative_path, p.what) for p in again.problems] == [
+        ("docs/to-readme", "already exists in the target; use --overwrite to replace it")]
+    assert restore(tapes, out, "docs", overwrite=True).ok
+    assert (out / "docs" / "to-readme").readlink() == Path("readme.txt")
+    want = {k: v for k, v in tree_snapshot(src).items() if k.startswith(b"docs")}
+    assert tree_snapshot(out) == want
+
+
+def test_cli_lists_links_and_directories_of_odd_names(
+    odd_set: tuple[Path, Path, Catalog], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, _ = odd_set
+    assert main(["catalog", "--simulator", str(tapes), "ls", "odd-\\xff\\xfe"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    ends = ["odd-\\xff\\xfe/back\\xffslash", "odd-\\xff\\xfe/caf\\xe9.txt",
+            "odd-\\xff\\xfe/new\\nline", "odd-\\xff\\xfe/link-\\x80 -> target-\\x81\\n",
+            "odd-\\xff\\xfe/"]
+    assert len(lines) == len(ends)
+    for line, end in zip(lines, ends, strict=True):
+        assert line.endswith(" " + end)
+    assert lines[3].lstrip().startswith("symlink")
+    assert lines[4].lstrip().startswith("dir 0755")
