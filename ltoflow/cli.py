@@ -40,7 +40,7 @@ from ltoflow.operator import (
     UnattendedOperator,
 )
 from ltoflow.paths import shown
-from ltoflow.plan import Plan, file_ids_of
+from ltoflow.plan import Plan, file_ids_of, source_root_text
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
@@ -354,6 +354,8 @@ def backup_summary(result: BackupResult, where: str,
         ],
         "containers": len(c.containers),
         "files": len(c.source_files),
+        "directories": len(c.directories),
+        "symlinks": len(c.symlinks),
         "bytes": result.source_bytes,
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.source_bytes / result.seconds / 1e6, 1) if result.seconds else 0,
@@ -376,7 +378,8 @@ def print_backup_summary(result: BackupResult, where: str,
     print(f"Backup complete. {len(result.tapes)} tape(s), {len(c.source_files)} file(s).")
     print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
-          f"{result.seconds:.1f} s ({rate:.0f} MB/s)")
+          f"{result.seconds:.1f} s ({rate:.0f} MB/s); {len(c.directories)} director"
+          f"{'y' if len(c.directories) == 1 else 'ies'}, {len(c.symlinks)} symlink(s)")
     for t in result.tapes:
         volume = f"volume {t.volume_serial}  " if t.volume_serial else ""
         print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers  "
@@ -609,12 +612,14 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     file_ids = file_ids_of(plan.files)
     return {
         "backup_set_id": set_id,
-        "source_root": str(plan.source_root),
+        "source_root": source_root_text(plan.source_root),
         "nominal_capacity_bytes": plan.capacity_bytes,
         "reserved_catalog_bytes": plan.reserve_bytes,
         "usable_capacity_bytes": plan.usable_bytes,
         "max_container_size_bytes": plan.container_size_bytes,
         "file_count": len(plan.files),
+        "directory_count": len(plan.directories),
+        "symlink_count": len(plan.symlinks),
         "total_bytes": plan.total_bytes,
         "tapes": [
             {"tape_id": tape_id[t.index], "sequence_number": t.index + 1,
@@ -649,7 +654,8 @@ def plan_document(plan: Plan) -> dict[str, Any]:
 
 def print_plan(plan: Plan) -> None:
     print(f"Plan for {plan.source_root}: {len(plan.files)} file(s), "
-          f"{human_bytes(plan.total_bytes)}")
+          f"{human_bytes(plan.total_bytes)}, {len(plan.directories)} director"
+          f"{'y' if len(plan.directories) == 1 else 'ies'}, {len(plan.symlinks)} symlink(s)")
     print(f"  tape: {human_bytes(plan.capacity_bytes)} nominal - "
           f"{human_bytes(plan.reserve_bytes)} catalog reserve = "
           f"{human_bytes(plan.usable_bytes)} usable; containers up to "

@@ -439,6 +439,9 @@ class _FileWriter:
         except OSError as e:
             self.problems.append(FileProblem(job.entry.relative_path,
                                              f"cannot restore it: {e.strerror}"))
+        except (OverflowError, ValueError) as e:  # a time or mode no system can hold
+            self.problems.append(FileProblem(job.entry.relative_path,
+                                             f"cannot restore its metadata: {e}"))
 
     def fail(self, job: _FileJob, what: str) -> None:
         if not job.failed:

@@ -284,3 +284,19 @@ def test_drive_sets_the_capacity_and_the_summary_shows_the_drive_model(
     assert tape["samples"]
     doc = load_catalog_json(next((tmp_path / "t").iterdir()))
     assert doc["tapes"][0]["nominal_capacity_bytes"] == 18 * 10**12  # type: ignore[index]
+
+
+def test_backup_and_plan_count_directories_and_symlinks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    write_tree(src, {"a/b/f.txt": 10})
+    (src / "a" / "link").symlink_to("b")
+    (src / "empty").mkdir()
+    code, out, _ = cli(capsys, "plan", "--source", src, *SMALL, "--json")
+    assert code == EXIT_OK
+    doc = json.loads(out)
+    assert (doc["file_count"], doc["directory_count"], doc["symlink_count"]) == (1, 3, 1)
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL)
+    assert code == EXIT_OK
+    assert "; 3 directories, 1 symlink(s)" in out
