@@ -113,61 +113,66 @@ def scan_tree(root: Path) -> ScanResult:
         raise UsageError(f"source directory {root} does not exist; check --source")
     if not root.is_dir():
         raise UsageError(f"source {root} is not a directory; --source takes a directory")
-    files: list[tuple[bytes, ScannedFile]] = []
-    dirs: list[tuple[bytes, ScannedDirectory]] = []
-    links: list[tuple[bytes, ScannedSymlink]] = []
-    skipped: list[tuple[bytes, SkippedEntry]] = []
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:  # the source itself: an empty backup would look like success
         raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
     fds = DirFds(root_fd)
-    stack: list[bytes] = [b""]
     try:
-        while stack:
-            rel_dir = stack.pop()
-            try:
-                dir_fd = fds.open(paths.split(rel_dir))
-                with os.scandir(dir_fd) as it:
-                    entries = list(it)
-            except OSError as e:
-                if not rel_dir:
-                    raise UsageError(
-                        f"cannot list the source directory {root}: {e.strerror}") from e
-                skipped.append((rel_dir, SkippedEntry(
-                    paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")))
-                continue
-            for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
-                name = os.fsencode(entry.name)
-                rel = rel_dir + b"/" + name if rel_dir else name
-                text, raw = path_fields(rel)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as e:
-                    skipped.append((rel, SkippedEntry(text, "unknown",
-                                                      f"cannot stat: {e.strerror}")))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
-                    stack.append(rel)
-                elif stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.readlink(name, dir_fd=dir_fd)
-                    except OSError as e:
-                        skipped.append((rel, SkippedEntry(
-                            text, "symlink", f"cannot read the link: {e.strerror}")))
-                        continue
-                    links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
-                elif stat.S_ISREG(st.st_mode):
-                    files.append((rel, ScannedFile(text, st.st_size, st.st_mtime_ns, st.st_mode,
-                                                   raw)))
-                else:
-                    skipped.append((rel, SkippedEntry(
-                        text, _kind(st.st_mode), "not a regular file")))
+        return _walk(root, fds)
     finally:
         fds.close()
         os.close(root_fd)
-    return ScanResult(root, _by_path(files), _by_path(skipped), _by_path(dirs), _by_path(links))
+
+
+def _walk(root: Path, fds: DirFds) -> ScanResult:
+    """The walk itself: directories depth first through `fds`, records sorted at the end."""
+    files: list[tuple[bytes, ScannedFile]] = []
+    dirs: list[tuple[bytes, ScannedDirectory]] = []
+    links: list[tuple[bytes, ScannedSymlink]] = []
+    skipped: list[SkippedEntry] = []
+    stack: list[bytes] = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            dir_fd = fds.open(paths.split(rel_dir))
+            with os.scandir(dir_fd) as it:
+                entries = list(it)
+        except OSError as e:
+            if not rel_dir:  # the source itself: an empty backup would look like success
+                raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
+            skipped.append(
+                SkippedEntry(paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")
+            )
+            continue
+        for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
+            name = os.fsencode(entry.name)
+            rel = rel_dir + b"/" + name if rel_dir else name
+            text, raw = path_fields(rel)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {e.strerror}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
+                stack.append(rel)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink(name, dir_fd=dir_fd)
+                except OSError as e:
+                    skipped.append(
+                        SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
+                    )
+                    continue
+                links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
+            elif stat.S_ISREG(st.st_mode):
+                files.append((rel, ScannedFile(text, st.st_size, st.st_mtime_ns, st.st_mode, raw)))
+            else:
+                skipped.append(SkippedEntry(text, _kind(st.st_mode), "not a regular file"))
+    skipped.sort(key=lambda s: s.relative_path.encode())  # they keep only the rendering
+    return ScanResult(root, _by_path(files), tuple(skipped), _by_path(dirs), _by_path(links))
 
 
 def path_fields(rel: bytes) -> tuple[str, bytes | None]:
