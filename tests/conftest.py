@@ -154,6 +154,7 @@ def write_odd_tree(root: Path) -> None:
     for n in range(len(DEEP)):
         mkdir(DEEP[: n + 1])
     write([*DEEP, b"bottom-\xff.txt"], b"deep down\n")
+    write([*DEEP[:295], b"big.bin"], random.Random(7).randbytes(150_000))  # split in segments
     link([*DEEP, b"up"], b"../" * 3)
     os.mkfifo(b"pipe", dir_fd=top)
     # Times last: writing inside a directory changes its mtime.
