@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,14 @@ def test_symlinks_are_recorded_with_their_target_never_followed(tmp_path: Path) 
     assert scan.skipped == ()
 
 
-def test_fifos_are_skipped_with_their_kind_never_opened(tmp_path: Path) -> None:
+def test_fifos_and_sockets_are_skipped_with_their_kind_never_opened(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe")  # opening it for reading would block forever
-    scan = scan_tree(tmp_path)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        scan = scan_tree(tmp_path)
     assert [(s.relative_path, s.kind, s.reason) for s in scan.skipped] == [
-        ("pipe", "fifo", "not a regular file")]
+        ("pipe", "fifo", "not a regular file"), ("sock", "socket", "not a regular file")]
+    assert (scan.files, scan.symlinks) == ((), ())
 
 
 def test_every_directory_is_recorded_with_mode_and_mtime(tmp_path: Path) -> None:
