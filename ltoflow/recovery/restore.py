@@ -1123,7 +1123,12 @@ class Restorer:
                     pass
 
     def run(self, entries: List[Entry], links: List[TreeEntry], dirs: List[TreeEntry]) -> None:
-        self.dirs = Dirs(self.target)
+        try:
+            self.dirs = Dirs(self.target)
+        except OSError as exc:
+            raise UsageError(
+                "cannot open --target %s: %s" % (self.target, exc.strerror or exc)
+            ) from None
         by_container = self.plan(entries)
         order = sorted(by_container, key=self.container_order)
         for i, container_id in enumerate(order, 1):
@@ -1363,8 +1368,6 @@ def run(args: argparse.Namespace) -> int:
     restorer = Restorer(cat, roots, target, args.overwrite)
     try:
         restorer.run(entries, links, dirs)
-    except OSError as exc:
-        raise UsageError("cannot open --target %s: %s" % (target, exc.strerror)) from None
     finally:
         restorer.cleanup(entries)
         restorer.close()
