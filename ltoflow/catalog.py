@@ -17,6 +17,7 @@ from typing import Protocol
 import attrs
 import cattrs
 import orjson
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from ltoflow.errors import CatalogReadError
 
@@ -129,11 +130,18 @@ class SegmentEntry:
 
 @attrs.frozen
 class SkippedEntry:
-    """ltoflow: something under the source that is not on tape, and why."""
+    """ltoflow: something under the source that is not on tape, and why.
+
+    A file that became unusable while it was being backed up (it vanished, could not be read,
+    or changed with --on-change=skip) keeps its `file_id`: its segments stay in the catalog
+    with the hashes of the bytes on tape (zeros from where it went wrong), so verify still
+    checks them, while restore never builds a file from them. The key is absent otherwise.
+    """
 
     relative_path: str
     kind: str
     reason: str
+    file_id: str | None = None
 
 
 @attrs.frozen
@@ -183,6 +191,11 @@ def split_files(catalog: Catalog) -> tuple[int, int]:
 
 
 converter = cattrs.Converter()
+# `file_id` is written only when there is one, so skipped special files keep the old shape.
+converter.register_unstructure_hook(
+    SkippedEntry,
+    make_dict_unstructure_fn(SkippedEntry, converter, file_id=override(omit_if_default=True)),
+)
 
 
 class CatalogCodec(Protocol):

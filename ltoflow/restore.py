@@ -22,7 +22,14 @@ from typing import Any
 import attrs
 import trio
 
-from ltoflow.catalog import Catalog, ContainerEntry, SegmentEntry, SourceFileEntry, TapeEntry
+from ltoflow.catalog import (
+    Catalog,
+    ContainerEntry,
+    SegmentEntry,
+    SkippedEntry,
+    SourceFileEntry,
+    TapeEntry,
+)
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.engine import BufferLease, PipelineBuffer
@@ -92,6 +99,8 @@ class RestorePlan:
     containers: dict[str, ContainerEntry]
     problems: tuple[FileProblem, ...]
     bytes_to_read: int
+    #: Entries the backup skipped that the patterns select: listed, never restored.
+    skipped: tuple[SkippedEntry, ...] = ()
 
     @property
     def files(self) -> int:
@@ -108,6 +117,8 @@ class RestoreReport:
     problems: tuple[FileProblem, ...]
     bytes_to_read: int = 0
     dry_run: bool = False
+    #: Selected entries the backup skipped (not on tape, or their bytes unusable): not restored.
+    skipped: tuple[SkippedEntry, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -119,7 +130,7 @@ class RestoreReport:
     def from_plan(cls, plan: RestorePlan) -> RestoreReport:
         """What a dry run reports: the plan, nothing restored."""
         return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
-                   plan.bytes_to_read, dry_run=True)
+                   plan.bytes_to_read, dry_run=True, skipped=plan.skipped)
 
 
 def safe_parts(relative_path: str) -> tuple[str, ...] | None:
@@ -152,11 +163,25 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> tuple[list[SourceFileEn
     return sorted(chosen.values(), key=lambda f: order[id(f)]), unmatched
 
 
+def _matches(relative_path: str, pattern: str) -> bool:
+    p = pattern.strip("/")
+    return (relative_path == p or relative_path.startswith(p + "/")
+            or fnmatch.fnmatchcase(relative_path, pattern))
+
+
+def select_skipped(catalog: Catalog, patterns: Sequence[str]) -> list[SkippedEntry]:
+    """The skipped entries that the patterns (all when none) select."""
+    return [s for s in catalog.skipped
+            if not patterns or any(_matches(s.relative_path, p) for p in patterns)]
+
+
 def plan_restore(
     catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
 ) -> RestorePlan:
     """Check every selected file against the catalog and the target; order the reads."""
     files, unmatched = select(catalog, patterns)
+    skipped = select_skipped(catalog, patterns)
+    unmatched = [p for p in unmatched if not any(_matches(s.relative_path, p) for s in skipped)]
     if unmatched:
         raise UsageError(
             f"nothing in the catalog matches {', '.join(map(repr, unmatched))}; "
@@ -211,6 +236,7 @@ def plan_restore(
         containers=containers,
         problems=tuple(problems),
         bytes_to_read=total,
+        skipped=tuple(skipped),
     )
 
 
@@ -592,6 +618,7 @@ async def run_restore(
         tapes=tuple(t.tape_id for t in plan.tapes),
         problems=(*plan.problems, *writer.problems),
         bytes_to_read=plan.bytes_to_read,
+        skipped=plan.skipped,
     )
 
 

@@ -193,6 +193,10 @@ class Catalog:
         self.entries: List[Entry] = []
         self.containers: Dict[str, Container] = {}
         self.tape_seq: Dict[str, int] = {}
+        # (relative_path, kind, reason) of what the backup skipped: never restored, only listed.
+        # A file that became unusable during the backup is here, not in source_files, so its
+        # segments (which may hold zeros) are never used.
+        self.skipped: List[Tuple[str, str, str]] = []
 
 
 def _int(rec: Dict[str, Any], key: str) -> Optional[int]:
@@ -254,6 +258,12 @@ def parse_catalog(doc: Any) -> Catalog:
     cat = Catalog()
     cat.backup_set_id = _str(doc, "backup_set_id") or ""
     cat.created_at = _str(doc, "created_at") or ""
+    skipped_raw = doc.get("skipped", [])
+    for rec in skipped_raw if isinstance(skipped_raw, list) else []:
+        if isinstance(rec, dict) and isinstance(rec.get("relative_path"), str):
+            cat.skipped.append(
+                (rec["relative_path"], _str(rec, "kind") or "?", _str(rec, "reason") or "")
+            )
     for rec in tapes_raw:
         if isinstance(rec, dict):
             tid, seq = _str(rec, "tape_id"), _int(rec, "sequence_number")
@@ -988,9 +998,16 @@ def run(args: argparse.Namespace) -> int:
     patterns: List[str] = list(args.only)
     entries = [e for e in cat.entries if selected(e.rel, patterns)]
     for pat in patterns:
-        if not any(selected(e.rel, [pat]) for e in cat.entries):
+        if not any(selected(e.rel, [pat]) for e in cat.entries) and not any(
+            selected(k[0], [pat]) for k in cat.skipped
+        ):
             warn("--only %s matches no file in the catalog" % pat)
+    skipped = [k for k in cat.skipped if selected(k[0], patterns)]
+    for rel, kind, reason in skipped:
+        say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
     if patterns and not entries:
+        if skipped:
+            return EXIT_OK
         raise UsageError("the --only patterns match no file in the catalog")
     if args.list:
         return list_files(cat, entries, roots)
