@@ -10,8 +10,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,14 @@ import trio
 
 from ltoflow import api
 from ltoflow import catalog as cat
+from ltoflow.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_WARNINGS,
+    SUMMARY_SKIPPED,
+    main,
+)
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.engine import BackupResult
 from ltoflow.errors import SourceFileChangedError, SourceReadError
@@ -32,7 +43,8 @@ from ltoflow.scan import ScannedFile, ScanResult, scan_tree
 from .conftest import Raises, load_catalog_json, rebuild_files, write_tree
 from .test_engine import KB, TREE, _TamperingDrive, config_for, run
 
-RECOVERY = Path(__file__).resolve().parent.parent / "ltoflow" / "recovery" / "restore.py"
+REPO = Path(__file__).resolve().parent.parent
+RECOVERY = REPO / "ltoflow" / "recovery" / "restore.py"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -403,3 +415,176 @@ def test_log_reporter_prints_a_warning_per_skipped_file() -> None:
     out = io.StringIO()
     LogReporter(out).event(FileSkipped("a/b.txt", "vanished: it was deleted after the scan"))
     assert out.getvalue() == "warning: skipping a/b.txt: vanished: it was deleted after the scan\n"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = ["--capacity-tb", "0.0000003", "--container-size-gb", "0.00005"]
+
+
+def test_strict_refuses_before_writing_anything(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"a/one.bin": 1_000})
+    os.mkfifo(src / "a" / "pipe")
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL,
+                       "--strict")
+    assert code == EXIT_FAILED
+    (line,) = err.splitlines()
+    assert "--strict: 1 entry" in line
+    assert "'a/pipe' (fifo: not a regular file)" in line
+    assert "nothing was written" in line
+    assert not sim.exists() or not any(sim.iterdir())
+
+
+def test_summary_counts_skipped_entries_and_names_the_first_few(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"a/one.bin": 1_000})
+    for i in range(SUMMARY_SKIPPED + 3):
+        os.mkfifo(src / f"pipe-{i:02d}")
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)
+    assert code == EXIT_WARNINGS
+    assert (f"{SUMMARY_SKIPPED + 3} entries skipped (listed in the catalog; see "
+            "`ltoflow catalog show`):") in out
+    assert out.count("  skipped pipe-") == SUMMARY_SKIPPED
+    assert "  ... and 3 more" in out
+    code, out, _ = cli(capsys, "catalog", "--simulator", sim, "show")
+    assert code == EXIT_OK
+    assert out.count("    pipe-") == SUMMARY_SKIPPED + 3
+
+
+def test_json_summary_and_log_carry_a_file_skipped_mid_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    on_read: Callable[[str, PreadvHook], None],
+) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"a/one.bin": 1_000, "b/two.bin": 2_000})
+
+    def fail(n: int, offset: int, buf: memoryview) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    on_read("b/two.bin", fail)
+    code, out, err = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL,
+                         "--json")
+    assert code == EXIT_WARNINGS
+    doc = json.loads(out)
+    assert doc["files"] == 1
+    assert doc["skipped"] == [{
+        "relative_path": "b/two.bin", "kind": "file",
+        "reason": "unreadable: read error: Input/output error",
+        "file_id": cat.file_id_for("b/two.bin"),
+    }]
+    code, out, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t2",
+                         *SMALL)
+    assert code == EXIT_WARNINGS
+    assert "warning: skipping b/two.bin: unreadable: read error: Input/output error" in err
+
+
+def test_on_change_takes_fail_or_skip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["backup", "--source", str(tmp_path), "--simulator", str(tmp_path / "t"),
+              *SMALL, "--on-change", "ignore"])
+    assert exit_.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "invalid choice: 'ignore'" in err
+
+
+# ----------------------------------------------------------------------------- as nobody
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+#: Root without the capabilities that let it read any file: the same permission checks as an
+#: ordinary user, for when nobody cannot run this venv's python (it lives under /root).
+ROOT_WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@attrs.frozen
+class Unprivileged:
+    prefix: list[str]
+    base: Path
+
+    def ltoflow(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, sys.executable, "-I", "-m", "ltoflow", *map(str, args)],
+            capture_output=True, text=True, check=False, timeout=120, cwd="/",
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[Unprivileged]:
+    """A way to run ltoflow without the right to read every file, and a directory it can
+    use; or a skip that says why there is none (we run as root, which reads mode-000 files)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop root's privileges")
+    why = []
+    for prefix in (NOBODY, ROOT_WITHOUT_DAC):
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import ltoflow, trio, orjson"],
+                               capture_output=True, text=True, check=False, timeout=60,
+                               env={"PYTHONPATH": str(REPO)})
+        if probe.returncode == 0:
+            break
+        why.append(f"{' '.join(prefix[1:])}: "
+                   f"{(probe.stderr.strip().splitlines() or ['?'])[-1]}")
+    else:
+        pytest.skip(f"cannot run {sys.executable} unprivileged ({'; '.join(why)})")
+    base = Path(tempfile.mkdtemp(prefix="ltoflow-unprivileged-", dir="/tmp"))
+    base.chmod(0o777)
+    try:
+        yield Unprivileged(prefix, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unreadable_file_is_skipped_for_an_unprivileged_user(unprivileged: Unprivileged) -> None:
+    src, sim = unprivileged.base / "src", unprivileged.base / "tapes"
+    write_tree(src, {"open.txt": 100, "locked.txt": 200})
+    for p in (src, *src.iterdir()):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (src / "locked.txt").chmod(0o000)
+    done = unprivileged.ltoflow("backup", "--source", src, "--simulator", sim, *SMALL, "--json")
+    assert done.returncode == EXIT_WARNINGS, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["files"] == 1
+    assert [(s["relative_path"], s["reason"]) for s in doc["skipped"]] == [
+        ("locked.txt", "permission denied: this user cannot read it")]
+    done = unprivileged.ltoflow("backup", "--source", src, "--simulator",
+                                unprivileged.base / "t2", *SMALL, "--strict")
+    assert done.returncode == EXIT_FAILED
+    assert "'locked.txt' (file: permission denied" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (unprivileged.base / "t2").exists()
+
+
+def test_file_made_unreadable_after_the_scan_is_skipped(unprivileged: Unprivileged) -> None:
+    """The scan saw it readable; by the time it is opened it is not: skipped, exit 4."""
+    src = unprivileged.base / "src"
+    write_tree(src, {"a.txt": 100, "b.txt": 200})
+    for p in (src, *src.iterdir()):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    script = (
+        "import os, sys, ltoflow.scan as s\n"
+        "real = s.scan_tree\n"
+        "def scan(root):\n"
+        "    r = real(root); os.chmod(os.path.join(root, 'b.txt'), 0); return r\n"
+        "s.scan_tree = scan\n"
+        "import ltoflow.api as a; a.scan_tree = scan\n"
+        "from ltoflow.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [*unprivileged.prefix, sys.executable, "-I", "-c", script, "backup", "--source",
+         str(src), "--simulator", str(unprivileged.base / "tapes"), *SMALL, "--json"],
+        capture_output=True, text=True, check=False, timeout=120, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert done.returncode == EXIT_WARNINGS, done.stderr
+    (skipped,) = json.loads(done.stdout)["skipped"]
+    assert skipped["relative_path"] == "b.txt"
+    assert skipped["reason"] == "unreadable: Permission denied"
