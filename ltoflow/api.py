@@ -75,7 +75,7 @@ class BackupConfig:
         *,
         capacity_tb: float | Decimal | str,
         container_size_gb: float | Decimal | str,
-        **kwargs: int | bool,
+        **kwargs: int | bool | str,
     ) -> BackupConfig:
         return cls(
             source_root=Path(source),
