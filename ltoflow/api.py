@@ -154,6 +154,9 @@ def check_nothing_skipped(plan: Plan) -> None:
 
 
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
+    if config.strict and config.on_change == "skip":
+        raise UsageError("--strict allows no skipped entries and --on-change=skip asks to skip "
+                         "changed files; give one of them")
     if config.tapes_root is not None and isinstance(components.drive, SimulatorDrive):
         await trio.to_thread.run_sync(check_simulator_is_free, config.tapes_root)
     plan = await trio.to_thread.run_sync(make_backup_plan, config, components.codec)

@@ -38,7 +38,7 @@ catalogs = st.builds(
     created_by=st.none() | st.text(max_size=20),
     max_container_size_bytes=st.none() | sizes,
     skipped=st.lists(st.builds(cat.SkippedEntry, paths, st.text(max_size=9),
-                               st.text(max_size=30)), max_size=2).map(tuple),
+                               st.text(max_size=30), st.none() | ids), max_size=2).map(tuple),
 )
 
 
@@ -147,3 +147,11 @@ def test_file_ids_are_the_standard_uuid5(path: str) -> None:
     import uuid
 
     assert cat.file_id_for(path) == str(uuid.uuid5(uuid.NAMESPACE_DNS, path))
+
+
+def test_skipped_entry_writes_file_id_only_when_it_has_one() -> None:
+    special = cat.converter.unstructure(cat.SkippedEntry("p", "fifo", "not a regular file"))
+    assert special == {"relative_path": "p", "kind": "fifo", "reason": "not a regular file"}
+    fid = cat.file_id_for("f")
+    failed = cat.converter.unstructure(cat.SkippedEntry("f", "file", "vanished", fid))
+    assert failed["file_id"] == fid

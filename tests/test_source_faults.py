@@ -588,3 +588,11 @@ def test_file_made_unreadable_after_the_scan_is_skipped(unprivileged: Unprivileg
     (skipped,) = json.loads(done.stdout)["skipped"]
     assert skipped["relative_path"] == "b.txt"
     assert skipped["reason"] == "unreadable: Permission denied"
+
+
+def test_strict_and_on_change_skip_contradict(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "backup", "--source", tmp_path, "--simulator", tmp_path / "t",
+                       *SMALL, "--strict", "--on-change", "skip")
+    assert code == EXIT_USAGE
+    assert "--strict allows no skipped entries" in err
