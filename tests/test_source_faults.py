@@ -34,8 +34,8 @@ from ltoflow.cli import (
 )
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.engine import BackupResult
-from ltoflow.errors import SourceFileChangedError, SourceReadError
-from ltoflow.hashing import MAX_REASON_BYTES, short_reason
+from ltoflow.errors import SourceFileChangedError, SourceFileVanishedError, SourceReadError
+from ltoflow.hashing import MAX_REASON_BYTES, FaultPolicy, short_reason
 from ltoflow.plan import Hashes, JsonPlanSizer, build_catalog
 from ltoflow.progress import FileSkipped, ListReporter, LogReporter
 from ltoflow.scan import ScannedFile, ScanResult, scan_tree
@@ -117,6 +117,27 @@ async def backup(config: api.BackupConfig, **overrides: object) -> tuple[BackupR
 
 def skipped_events(reporter: ListReporter) -> dict[str, str]:
     return {e.relative_path: e.reason for e in reporter.events if isinstance(e, FileSkipped)}
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+@pytest.mark.parametrize(
+    ("error", "default", "skip_changed", "strict"),
+    [
+        (SourceReadError("x", relative_path="p", what="Permission denied"), True, True, False),
+        (SourceFileVanishedError("p", "it was deleted after the scan"), True, True, False),
+        (SourceFileChangedError("p", "its size went from 1 to 2 bytes"), False, True, False),
+    ],
+    ids=["unreadable", "vanished", "changed"],
+)
+def test_policy_skips_unreadable_and_vanished_by_default_and_changed_on_request(
+    error: SourceFileChangedError | SourceReadError, default: bool, skip_changed: bool,
+    strict: bool,
+) -> None:
+    assert FaultPolicy().skips(error) is default
+    assert FaultPolicy(skip_changed=True).skips(error) is skip_changed
+    assert FaultPolicy(strict=True).skips(error) is strict
 
 
 # ----------------------------------------------------------------------------- the scan probe
