@@ -360,14 +360,17 @@ async def prehash_actor(
     done: trio.Event,
     counter: list[int],
     reporter: Reporter,
+    end_segment: int | None = None,
+    rehash: bool = False,
 ) -> None:
-    """Hash segments [start_segment, end) ahead of the writer, yielding to the reader.
+    """Hash segments [start_segment, end_segment) ahead of the writer, yielding to the reader.
 
     Computes the segment hashes, the hashes of containers on later tapes and the whole-file
-    hashes of every file that reaches a later tape, so tape 1's catalog can be complete.
+    hashes of every file that reaches a later tape, so tape 1's catalog can be complete. With
+    `rehash` the new hashes replace those known (see `_settle_later_tapes`).
     """
-    cursor = SourceCursor(plan, start_segment, len(plan.segments), faults=recorder.faults,
-                          domain=LATER_TAPES)
+    end = len(plan.segments) if end_segment is None else end_segment
+    cursor = SourceCursor(plan, start_segment, end, faults=recorder.faults, domain=LATER_TAPES)
     segments = SegmentHasher()
     buf = bytearray(PREHASH_CHUNK_BYTES)
 
@@ -382,7 +385,7 @@ async def prehash_actor(
             await pace.wait_healthy()
             seg_done, cont_done, file_done = await trio.to_thread.run_sync(step)
             for s, digest in seg_done:
-                recorder.segment(s, digest, written=False)
+                recorder.segment(s, digest, written=False, replace=rehash)
             _report_skips(recorder.faults, reporter)
             for c, digest in cont_done:
                 recorder.container(c, digest)
@@ -392,6 +395,40 @@ async def prehash_actor(
         counter[0] += cursor.bytes_read
         cursor.close()
     done.set()
+
+
+async def _settle_later_tapes(plan: Plan, recorder: HashRecorder, pace: PipelineBuffer,
+                              counter: list[int], reporter: Reporter) -> None:
+    """Before tape 1's catalog: give every unusable file zeros on the later tapes.
+
+    The prehasher may have hashed a file's later-tape bytes before tape 1's pass found it bad
+    (the file that spans tapes 1 and 2). Those bytes would have to be read again, unchanged,
+    when tape 2 is written; instead they become zeros and the containers that hold them are
+    hashed again. A file found bad while doing so gets the same treatment, until nothing moves.
+    """
+    if len(plan.tapes) < 2:
+        return
+    first_later = plan.tapes[1].containers.start
+    while containers := recorder.faults.zero_later_tapes(first_later):
+        for run in _runs(containers):
+            want_c, want_f = multi_segment_flags(plan, run, 0, 0)
+            await prehash_actor(
+                plan=plan, start_segment=plan.containers[run.start].segments.start,
+                end_segment=plan.containers[run.stop - 1].segments.stop, recorder=recorder,
+                hasher=AggregateHasher(plan, want_c, want_f), pace=pace, done=trio.Event(),
+                counter=counter, reporter=reporter, rehash=True,
+            )
+
+
+def _runs(indices: list[int]) -> list[range]:
+    """Sorted indices as runs of consecutive ones: [1, 2, 3, 7] -> [range(1, 4), range(7, 8)]."""
+    runs: list[range] = []
+    for i in indices:
+        if runs and runs[-1].stop == i:
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
 
 
 @attrs.frozen
@@ -625,6 +662,7 @@ async def run_backup(
                 if base is None:
                     state.phase = "hashing the later tapes"
                     await prehashed.wait()
+                    await _settle_later_tapes(plan, recorder, buffer, reads, reporter)
                     # Tape 1's catalog fixes every hash: from here on a file can no longer
                     # be skipped, and later tapes must get exactly the bytes hashed so far.
                     recorder.faults.freeze()

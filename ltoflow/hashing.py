@@ -122,6 +122,25 @@ class SourceFaults:
                 return self._cuts[domain].get(file_index, self.plan.files[file_index].size)
             return self._cuts[domain].setdefault(file_index, offset)
 
+    def zero_later_tapes(self, first_later_container: int) -> list[int]:
+        """Make every unusable file's later-tape bytes zeros, for all its later-tape segments;
+        return the containers whose bytes this changes (sorted), to be hashed again."""
+        plan = self.plan
+        changed: set[int] = set()
+        with self._lock:
+            cuts = self._cuts[LATER_TAPES]
+            for f in self.reasons:
+                later = [s for s in plan.segments_of(f)
+                         if plan.segments[s].container_index >= first_later_container]
+                if not later:
+                    continue
+                start = plan.segments[later[0]].source_offset
+                if cuts.get(f, plan.files[f].size) <= start:
+                    continue
+                cuts[f] = start
+                changed.update(plan.segments[s].container_index for s in later)
+        return sorted(changed)
+
     def freeze(self) -> None:
         """Tape 1's catalog is about to be built: from now on nothing can become unusable, and
         the later tapes' passes must give the bytes the prehasher hashed."""
@@ -391,7 +410,10 @@ class HashRecorder:
         self.faults = faults or SourceFaults(plan)
         self._written = bytearray(len(plan.segments))
 
-    def segment(self, index: int, digest: str, *, written: bool = True) -> None:
+    def segment(self, index: int, digest: str, *, written: bool = True,
+                replace: bool = False) -> None:
+        """Record a segment's hash from tape 1's write pass (`written`), the prehasher, or the
+        prehasher hashing again after a file became unusable (`replace`: the new hash wins)."""
         known = self.hashes.segments[index]
         if known is not None and known != digest:
             f = self.plan.segments[index].file_index
@@ -403,7 +425,7 @@ class HashRecorder:
                 )
             if self._written[index]:
                 return  # the bytes on tape keep their hash
-        if known is None or written:
+        if known is None or written or replace:
             self.hashes.segments[index] = digest
         if written:
             self._written[index] = 1
