@@ -296,7 +296,7 @@ class SourceCursor:
                 raise _read_failed(fd, f.relative_path, e) from e
             if n < len(view):
                 self._read_exact(fd, view[n:], n, file_index)
-            st = os.fstat(fd)
+            st = _fstat(fd, f.relative_path)
         finally:
             os.close(fd)
         _check_stat(f, st)
@@ -338,7 +338,7 @@ class SourceCursor:
         if fd < 0:
             return
         try:
-            st = os.fstat(fd)
+            st = _fstat(fd, self.plan.files[file_index].relative_path)
         finally:
             self.close()
         if file_index not in self.faults.reasons:
@@ -363,9 +363,19 @@ def _open_source(root: str, relative_path: str) -> int:
         ) from e
 
 
+def _fstat(fd: int, relative_path: str) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as e:
+        raise SourceReadError(
+            f"cannot stat source file {relative_path!r}: {e.strerror}; check the disk",
+            relative_path=relative_path, what=f"stat failed: {e.strerror}",
+        ) from e
+
+
 def _check_kind(fd: int, relative_path: str) -> None:
     """Raise SourceFileChangedError when `fd` is no longer a regular file (a FIFO, a device)."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not stat.S_ISREG(_fstat(fd, relative_path).st_mode):
         raise SourceFileChangedError(relative_path, "it is no longer a regular file")
 
 
