@@ -26,7 +26,8 @@ from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
 from ltoflow.engine import BackupResult, EngineSettings, run_backup
-from ltoflow.errors import SetExistsError, UsageError
+from ltoflow.errors import SetExistsError, SkippedEntriesError, UsageError
+from ltoflow.hashing import FaultPolicy
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
 from ltoflow.progress import NullReporter, Reporter
@@ -37,6 +38,9 @@ from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
 
 DEFAULT_BUFFER_BYTES = 256 * MiB
+ON_CHANGE = ("fail", "skip")
+#: How many skipped entries a --strict error names before it says "and N more".
+STRICT_NAMED = 5
 
 
 def created_by() -> str:
@@ -56,6 +60,12 @@ class BackupConfig:
     tapes_root: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     verify_after_write: bool = False
+    #: Any entry that would be skipped (unreadable, special file, ...) ends the job before
+    #: anything is written; files that fail while being read end it too.
+    strict: bool = False
+    #: A file that changes while it is backed up: "fail" ends the job, "skip" lists it as
+    #: skipped (its bytes on tape are marked unusable in the catalog).
+    on_change: str = attrs.field(default="fail", validator=attrs.validators.in_(ON_CHANGE))
 
     @classmethod
     def simulator(
@@ -65,7 +75,7 @@ class BackupConfig:
         *,
         capacity_tb: float | Decimal | str,
         container_size_gb: float | Decimal | str,
-        **kwargs: int | bool,
+        **kwargs: int | bool | str,
     ) -> BackupConfig:
         return cls(
             source_root=Path(source),
@@ -129,15 +139,35 @@ def check_simulator_is_free(root: Path) -> None:
         )
 
 
+def check_nothing_skipped(plan: Plan) -> None:
+    """--strict: raise SkippedEntriesError naming what the scan would skip."""
+    if not plan.skipped:
+        return
+    named = ", ".join(f"{s.relative_path!r} ({s.kind}: {s.reason})"
+                      for s in plan.skipped[:STRICT_NAMED])
+    more = len(plan.skipped) - STRICT_NAMED
+    raise SkippedEntriesError(
+        f"--strict: {len(plan.skipped)} entr{'y' if len(plan.skipped) == 1 else 'ies'} under "
+        f"{plan.source_root} would be skipped: {named}{f' and {more} more' if more > 0 else ''}"
+        "; nothing was written; fix them (or see `ltoflow plan`), or run without --strict"
+    )
+
+
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
+    if config.strict and config.on_change == "skip":
+        raise UsageError("--strict allows no skipped entries and --on-change=skip asks to skip "
+                         "changed files; give one of them")
     if config.tapes_root is not None and isinstance(components.drive, SimulatorDrive):
         await trio.to_thread.run_sync(check_simulator_is_free, config.tapes_root)
     plan = await trio.to_thread.run_sync(make_backup_plan, config, components.codec)
+    if config.strict:
+        check_nothing_skipped(plan)
     settings = EngineSettings(
         buffer_bytes=config.buffer_bytes,
         verify_after_write=config.verify_after_write,
         created_by=created_by(),
         extra_files=recovery.kit_files(),
+        faults=FaultPolicy(strict=config.strict, skip_changed=config.on_change == "skip"),
     )
     return await run_backup(
         plan,

@@ -143,11 +143,18 @@ class SegmentEntry:
 
 @attrs.frozen
 class SkippedEntry:
-    """ltoflow: something under the source that is not on tape, and why."""
+    """ltoflow: something under the source that is not on tape, and why.
+
+    A file that became unusable while it was being backed up (it vanished, could not be read,
+    or changed with --on-change=skip) keeps its `file_id`: its segments stay in the catalog
+    with the hashes of the bytes on tape (zeros from where it went wrong), so verify still
+    checks them, while restore never builds a file from them. The key is absent otherwise.
+    """
 
     relative_path: str
     kind: str
     reason: str
+    file_id: str | None = None
 
 
 @attrs.frozen
@@ -246,6 +253,11 @@ converter.register_unstructure_hook(
     SymlinkEntry,
     make_dict_unstructure_fn(SymlinkEntry, converter, relative_path_b64=_omit_none,
                              target_b64=_omit_none),
+)
+# `file_id` is written only when there is one, so skipped special files keep the old shape.
+converter.register_unstructure_hook(
+    SkippedEntry,
+    make_dict_unstructure_fn(SkippedEntry, converter, file_id=_omit_none),
 )
 
 

@@ -19,7 +19,7 @@ import orjson
 import trio
 
 from ltoflow import api
-from ltoflow.catalog import Catalog, iso_from_ns, split_files
+from ltoflow.catalog import Catalog, SkippedEntry, iso_from_ns, split_files
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.ltfs import LtfsDrive
 from ltoflow.drives.model import DEFAULT_BUFFER_BYTES as DEFAULT_DRIVE_BUFFER
@@ -53,11 +53,14 @@ EXIT_FAILED = 3
 EXIT_WARNINGS = 4
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+#: Skipped entries the backup summary names; `ltoflow catalog show` lists them all.
+SUMMARY_SKIPPED = 10
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_DAMAGED: "verification found damaged or missing data",
     EXIT_USAGE: "usage error: bad flags, missing source, impossible plan, occupied directory",
-    EXIT_FAILED: "the job failed (drive, tape, catalog, or a source file changed)",
+    EXIT_FAILED: "the job failed (drive, tape, catalog, a source file changed, or --strict "
+                 "found entries to skip)",
     EXIT_WARNINGS: "completed, but some entries were skipped (listed in the catalog)",
     EXIT_INTERNAL: "internal error (a bug: please report it with the --verbose output)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
@@ -166,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --throttle: write the drive's rate and buffer fill over time as JSON")
     b.add_argument("--verify", action="store_true",
                    help="read each tape back and check it before it is unloaded")
+    b.add_argument("--strict", action="store_true",
+                   help="fail (before writing anything) when any entry would be skipped: "
+                        "unreadable files, special files; a file that cannot be read later "
+                        "fails the job too")
+    b.add_argument("--on-change", choices=api.ON_CHANGE, default="fail",
+                   help="a source file that changes while it is backed up: fail the job "
+                        "(default) or skip it (listed as skipped; its bytes on tape are "
+                        "marked unusable in the catalog)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     b.add_argument("--verbose", action="store_true",
                    help="container lines above the live view, tracebacks with errors")
@@ -290,6 +301,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         max_container_size_bytes=args.container_size_gb,
         buffer_bytes=args.buffer_mb,
         verify_after_write=args.verify,
+        strict=args.strict,
+        on_change=args.on_change,
     )
     reporter = _reporter(args, quiet=args.quiet or args.json)
     drive = _drive(args, capacity=config.tape_nominal_capacity_bytes, throttle=throttle)
@@ -362,8 +375,7 @@ def backup_summary(result: BackupResult, where: str,
         "source_bytes_read": result.source_bytes_read,
         "split_files": split_files(c)[0],
         "files_split_across_tapes": split_files(c)[1],
-        "skipped": [{"relative_path": s.relative_path, "kind": s.kind, "reason": s.reason}
-                    for s in c.skipped],
+        "skipped": [_skipped_doc(s) for s in c.skipped],
         "verified": result.verified,
         "verify_problems": list(result.verify_problems),
         "catalog_sha256": result.catalog_sha256,
@@ -395,9 +407,21 @@ def print_backup_summary(result: BackupResult, where: str,
         print(f"  verified after writing: {state}")
         for p in result.verify_problems:
             print(f"  BAD {p}")
-    for s in c.skipped:
-        print(f"  skipped {s.relative_path} ({s.kind}): {s.reason}")
+    if c.skipped:
+        print(f"  {len(c.skipped)} entr{'y' if len(c.skipped) == 1 else 'ies'} skipped "
+              "(listed in the catalog; see `ltoflow catalog show`):")
+        for s in c.skipped[:SUMMARY_SKIPPED]:
+            print(f"  skipped {shown(s.relative_path)} ({s.kind}): {s.reason}")
+        if len(c.skipped) > SUMMARY_SKIPPED:
+            print(f"  ... and {len(c.skipped) - SUMMARY_SKIPPED} more")
     print(f"  {where}")
+
+
+def _skipped_doc(s: SkippedEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"relative_path": s.relative_path, "kind": s.kind, "reason": s.reason}
+    if s.file_id is not None:
+        doc["file_id"] = s.file_id
+    return doc
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -455,8 +479,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
             "tapes": list(report.tapes), "ok": report.ok,
             "problems": [attrs.asdict(p) for p in report.problems],
+            "skipped": [_skipped_doc(s) for s in report.skipped],
         })
-    elif report.dry_run:
+        return EXIT_OK if report.ok else EXIT_DAMAGED
+    for s in report.skipped:
+        print(f"SKIPPED {shown(s.relative_path)} ({s.kind}): not in the backup, {s.reason}")
+    if report.dry_run:
         for p in report.problems:
             print(f"WILL FAIL {p.describe()}")
     else:
@@ -540,6 +568,7 @@ def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
         "bytes": catalog.total_bytes, "split_files": split, "files_split_across_tapes": across,
         "skipped": len(catalog.skipped), "directories": len(catalog.directories),
         "symlinks": len(catalog.symlinks),
+        "skipped_entries": [_skipped_doc(s) for s in catalog.skipped],
     }
     if as_json:
         _print_json(doc)
@@ -556,6 +585,10 @@ def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
         count, nbytes = per_tape[t.tape_id]
         print(f"    tape {t.sequence_number}  {t.tape_id}  {count} container(s)  "
               f"{human_bytes(nbytes)}")
+    if catalog.skipped:
+        print(f"  {len(catalog.skipped)} skipped (not restorable):")
+        for s in catalog.skipped:
+            print(f"    {shown(s.relative_path)} ({s.kind}): {s.reason}")
     return EXIT_OK
 
 

@@ -33,11 +33,15 @@ from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, CatalogWriteError, TapeFullError
 from ltoflow.hashing import (
+    FIRST_TAPE,
+    LATER_TAPES,
     AggregateHasher,
+    FaultPolicy,
     HashRecorder,
     Piece,
     SegmentHasher,
     SourceCursor,
+    SourceFaults,
     multi_segment_flags,
 )
 from ltoflow.operator import Operator
@@ -45,6 +49,7 @@ from ltoflow.plan import Plan, Tape, build_catalog
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
+    FileSkipped,
     Note,
     Progress,
     Reporter,
@@ -218,15 +223,23 @@ async def segment_hash_actor(
     out: trio.MemorySendChannel[Chunk],
     *,
     recorder: HashRecorder,
+    reporter: Reporter,
 ) -> None:
-    """Hash every segment; a hash that differs from another pass's means the file changed."""
+    """Hash every segment; a hash that differs from another pass's means the file changed.
+    Reports the files that became unusable (skipped) as they are met."""
     hasher = SegmentHasher()
     with inp, out:
         async for chunk in inp:
             done = await trio.to_thread.run_sync(hasher.update, chunk.data, chunk.pieces)
             for segment, digest in done:
                 recorder.segment(segment, digest)
+            _report_skips(recorder.faults, reporter)
             await out.send(chunk)
+
+
+def _report_skips(faults: SourceFaults, reporter: Reporter) -> None:
+    for path, reason in faults.take_new():
+        reporter.event(FileSkipped(path, reason))
 
 
 async def aggregate_hash_actor(
@@ -346,13 +359,18 @@ async def prehash_actor(
     pace: PipelineBuffer,
     done: trio.Event,
     counter: list[int],
+    reporter: Reporter,
+    end_segment: int | None = None,
+    rehash: bool = False,
 ) -> None:
-    """Hash segments [start_segment, end) ahead of the writer, yielding to the reader.
+    """Hash segments [start_segment, end_segment) ahead of the writer, yielding to the reader.
 
     Computes the segment hashes, the hashes of containers on later tapes and the whole-file
-    hashes of every file that reaches a later tape, so tape 1's catalog can be complete.
+    hashes of every file that reaches a later tape, so tape 1's catalog can be complete. With
+    `rehash` the new hashes replace those known (see `_settle_later_tapes`).
     """
-    cursor = SourceCursor(plan, start_segment, len(plan.segments))
+    end = len(plan.segments) if end_segment is None else end_segment
+    cursor = SourceCursor(plan, start_segment, end, faults=recorder.faults, domain=LATER_TAPES)
     segments = SegmentHasher()
     buf = bytearray(PREHASH_CHUNK_BYTES)
 
@@ -367,7 +385,8 @@ async def prehash_actor(
             await pace.wait_healthy()
             seg_done, cont_done, file_done = await trio.to_thread.run_sync(step)
             for s, digest in seg_done:
-                recorder.segment(s, digest)
+                recorder.segment(s, digest, written=False, replace=rehash)
+            _report_skips(recorder.faults, reporter)
             for c, digest in cont_done:
                 recorder.container(c, digest)
             for f, digest in file_done:
@@ -376,6 +395,40 @@ async def prehash_actor(
         counter[0] += cursor.bytes_read
         cursor.close()
     done.set()
+
+
+async def _settle_later_tapes(plan: Plan, recorder: HashRecorder, pace: PipelineBuffer,
+                              counter: list[int], reporter: Reporter) -> None:
+    """Before tape 1's catalog: give every unusable file zeros on the later tapes.
+
+    The prehasher may have hashed a file's later-tape bytes before tape 1's pass found it bad
+    (the file that spans tapes 1 and 2). Those bytes would have to be read again, unchanged,
+    when tape 2 is written; instead they become zeros and the containers that hold them are
+    hashed again. A file found bad while doing so gets the same treatment, until nothing moves.
+    """
+    if len(plan.tapes) < 2:
+        return
+    first_later = plan.tapes[1].containers.start
+    while containers := recorder.faults.zero_later_tapes(first_later):
+        for run in _runs(containers):
+            want_c, want_f = multi_segment_flags(plan, run, 0, 0)
+            await prehash_actor(
+                plan=plan, start_segment=plan.containers[run.start].segments.start,
+                end_segment=plan.containers[run.stop - 1].segments.stop, recorder=recorder,
+                hasher=AggregateHasher(plan, want_c, want_f), pace=pace, done=trio.Event(),
+                counter=counter, reporter=reporter, rehash=True,
+            )
+
+
+def _runs(indices: list[int]) -> list[range]:
+    """Sorted indices as runs of consecutive ones: [1, 2, 3, 7] -> [range(1, 4), range(7, 8)]."""
+    runs: list[range] = []
+    for i in indices:
+        if runs and runs[-1].stop == i:
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
 
 
 @attrs.frozen
@@ -468,6 +521,8 @@ class EngineSettings:
     created_by: str = "ltoflow"
     #: Files written next to the catalog on every tape (the recovery kit): (path, bytes).
     extra_files: tuple[tuple[str, bytes], ...] = ()
+    #: What a source file that cannot be backed up does: skip it, or end the job.
+    faults: FaultPolicy = attrs.field(factory=FaultPolicy)
 
 
 async def write_catalog(
@@ -540,7 +595,7 @@ async def run_backup(
     set_id = set_id or str(uuid.uuid4())
     created_at = cat.iso_utc(clock.now())
     started = clock.monotonic()
-    recorder = HashRecorder(plan)
+    recorder = HashRecorder(plan, SourceFaults(plan, settings.faults))
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
     multi = len(plan.tapes) > 1
@@ -574,7 +629,7 @@ async def run_backup(
                 lambda: prehash_actor(
                     plan=plan, start_segment=start, recorder=recorder,
                     hasher=AggregateHasher(plan, want_c, want_f), pace=buffer,
-                    done=prehashed, counter=reads,
+                    done=prehashed, counter=reads, reporter=reporter,
                 )
             )
         else:
@@ -607,9 +662,14 @@ async def run_backup(
                 if base is None:
                     state.phase = "hashing the later tapes"
                     await prehashed.wait()
+                    await _settle_later_tapes(plan, recorder, buffer, reads, reporter)
+                    # Tape 1's catalog fixes every hash: from here on a file can no longer
+                    # be skipped, and later tapes must get exactly the bytes hashed so far.
+                    recorder.faults.freeze()
+                    _report_skips(recorder.faults, reporter)
                     base = build_catalog(
                         plan, recorder.complete(), set_id=set_id, created_at=created_at,
-                        created_by=settings.created_by,
+                        created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
@@ -678,7 +738,8 @@ async def _stream_tape(
     want_c, want_f = multi_segment_flags(
         plan, own_containers, first_file, min(prehash_file, last_file + 1)
     )
-    cursor = SourceCursor(plan, first_seg, end_seg)
+    cursor = SourceCursor(plan, first_seg, end_seg, faults=recorder.faults,
+                          domain=FIRST_TAPE if tape.index == 0 else LATER_TAPES)
     depth = buffer.count  # every chunk holds a pool buffer, so this never blocks the reader early
     to_seg, from_reader = trio.open_memory_channel[Chunk](depth)
     to_agg, from_seg = trio.open_memory_channel[Chunk](depth)
@@ -687,7 +748,8 @@ async def _stream_tape(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: read_actor(to_seg, cursor=cursor, buffer=buffer))
             nursery.start_soon(
-                lambda: segment_hash_actor(from_reader, to_agg, recorder=recorder)
+                lambda: segment_hash_actor(from_reader, to_agg, recorder=recorder,
+                                           reporter=reporter)
             )
             nursery.start_soon(
                 lambda: aggregate_hash_actor(

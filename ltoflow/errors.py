@@ -55,6 +55,11 @@ class SourceFileChangedError(BackupError):
             "stop whatever writes to it and run the backup again"
         )
         self.relative_path = relative_path
+        self.what = what
+
+
+class SourceFileVanishedError(SourceFileChangedError):
+    """A source file was deleted (or moved away) between the scan and the end of its read."""
 
 
 class TapeFullError(BackupError):
@@ -78,7 +83,16 @@ class SetExistsError(UsageError):
 
 
 class SourceReadError(BackupError):
-    """A source file could not be opened or read."""
+    """A source file could not be opened or read (permission denied, I/O error)."""
+
+    def __init__(self, message: str, *, relative_path: str = "", what: str = "") -> None:
+        super().__init__(message)
+        self.relative_path = relative_path
+        self.what = what or message
+
+
+class SkippedEntriesError(BackupError):
+    """`--strict`: the scan found entries that would be skipped, so nothing was written."""
 
 
 class DriveLostError(BackupError):

@@ -3,20 +3,171 @@
 `SourceCursor` is the one place that opens source files: the engine's reader and the prehasher
 both use it, so change detection (size, mtime, short reads) is the same for both. It runs in
 worker threads; one cursor is only ever used by one thread at a time.
+
+A file that cannot be backed up after all (unreadable, vanished, or changed with
+`--on-change=skip`) becomes *unusable* (`SourceFaults`): the plan's layout is fixed, so its bytes
+are still written, but as zeros from where the pass that found it stood, and from then on every
+pass gives zeros for its segments not yet written. The catalog then lists it as skipped, and its
+segments keep the hashes of the bytes really on tape.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
+import threading
 from typing import Any, NamedTuple
+
+import attrs
 
 from ltoflow import catalog as cat
 from ltoflow import paths
-from ltoflow.errors import SourceFileChangedError, SourceReadError
+from ltoflow.errors import SourceFileChangedError, SourceFileVanishedError, SourceReadError
 from ltoflow.paths import SHORT_PATH_BYTES, DirFds
 from ltoflow.plan import Hashes, Plan
 from ltoflow.scan import ScannedFile
+
+#: Which pass a cursor belongs to, for where an unusable file's zeros begin. Tape 1's bytes are
+#: hashed as they are written; the later tapes' bytes are hashed by the prehasher first, and
+#: their write passes must give the very same bytes.
+FIRST_TAPE = 0
+LATER_TAPES = 1
+#: A skip reason never exceeds this many bytes of JSON, so that moving a file from
+#: `source_files` to `skipped` always shrinks the catalog (its reserve is fixed before writing).
+MAX_REASON_BYTES = 96
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_ZEROS = bytes(1 << 20)
+_SourceError = SourceFileChangedError | SourceReadError
+_SOURCE_ERRORS = (SourceFileChangedError, SourceReadError)
+
+
+def short_reason(text: str) -> str:
+    """`text` cut to MAX_REASON_BYTES of JSON (no escapes: control characters become '?')."""
+    text = "".join(c if c.isprintable() and c not in '"\\' else "?" for c in text)
+    data = text.encode("utf-8")
+    if len(data) <= MAX_REASON_BYTES:
+        return text
+    return data[: MAX_REASON_BYTES - 3].decode("utf-8", errors="ignore") + "..."
+
+
+@attrs.frozen
+class FaultPolicy:
+    """What a source file that cannot be backed up does to the job.
+
+    Unreadable and vanished files are skipped unless `strict`; changed ones only with
+    `skip_changed` (`--on-change=skip`).
+    """
+
+    strict: bool = False
+    skip_changed: bool = False
+
+    def skips(self, error: _SourceError) -> bool:
+        if self.strict:
+            return False
+        if isinstance(error, SourceFileVanishedError | SourceReadError):
+            return True
+        return self.skip_changed
+
+
+def skip_reason(error: _SourceError) -> str:
+    if isinstance(error, SourceFileVanishedError):
+        return short_reason(f"vanished: {error.what}")
+    if isinstance(error, SourceReadError):
+        return short_reason(f"unreadable: {error.what}")
+    return short_reason(f"changed during the backup: {error.what}")
+
+
+class SourceFaults:
+    """The files that became unusable during the job, shared by every pass (thread-safe).
+
+    `fault` either raises the error (the policy says fail, or tape 1's catalog already holds
+    the file's hashes) or records the file as unusable. Each pass kind (FIRST_TAPE,
+    LATER_TAPES) remembers where its zeros begin for each unusable file.
+    """
+
+    def __init__(self, plan: Plan, policy: FaultPolicy | None = None) -> None:
+        self.plan = plan
+        self.policy = policy or FaultPolicy()
+        #: file index -> skip reason; read without the lock (a dict lookup is atomic).
+        self.reasons: dict[int, str] = {}
+        self._cuts: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._new: list[int] = []
+        self._lock = threading.Lock()
+        self.frozen = False
+
+    def fault(self, file_index: int, error: _SourceError, *, domain: int | None,
+              offset: int = 0) -> None:
+        """Record `file_index` as unusable, its zeros starting at `offset` for `domain`'s
+        passes, or raise `error` (translated once the catalog is frozen)."""
+        if self.frozen:
+            raise _too_late(error)
+        if not self.policy.skips(error):
+            raise error
+        with self._lock:
+            if file_index not in self.reasons:
+                self.reasons[file_index] = skip_reason(error)
+                self._new.append(file_index)
+            if domain is not None:
+                self._cuts[domain].setdefault(file_index, offset)
+
+    def cut(self, domain: int, file_index: int, offset: int) -> int | None:
+        """Where `domain`'s bytes of an unusable file turn to zeros (None: the file is usable).
+
+        The first time a pass meets a file another pass made unusable, its zeros start here.
+        """
+        if file_index not in self.reasons:
+            return None
+        with self._lock:
+            if self.frozen:
+                return self._cuts[domain].get(file_index, self.plan.files[file_index].size)
+            return self._cuts[domain].setdefault(file_index, offset)
+
+    def zero_later_tapes(self, first_later_container: int) -> list[int]:
+        """Make every unusable file's later-tape bytes zeros, for all its later-tape segments;
+        return the containers whose bytes this changes (sorted), to be hashed again."""
+        plan = self.plan
+        changed: set[int] = set()
+        with self._lock:
+            cuts = self._cuts[LATER_TAPES]
+            for f in self.reasons:
+                later = [s for s in plan.segments_of(f)
+                         if plan.segments[s].container_index >= first_later_container]
+                if not later:
+                    continue
+                start = plan.segments[later[0]].source_offset
+                if cuts.get(f, plan.files[f].size) <= start:
+                    continue
+                cuts[f] = start
+                changed.update(plan.segments[s].container_index for s in later)
+        return sorted(changed)
+
+    def freeze(self) -> None:
+        """Tape 1's catalog is about to be built: from now on nothing can become unusable, and
+        the later tapes' passes must give the bytes the prehasher hashed."""
+        with self._lock:
+            self.frozen = True
+
+    def take_new(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files made unusable since the last call, for the reporter."""
+        with self._lock:
+            new, self._new = self._new, []
+        return [(self.plan.files[f].relative_path, self.reasons[f]) for f in new]
+
+
+def _too_late(error: _SourceError) -> _SourceError:
+    why = "tape 1's catalog already holds its hashes, so it cannot be skipped now"
+    if isinstance(error, SourceReadError):
+        return SourceReadError(f"{error}; {why}", relative_path=error.relative_path,
+                               what=error.what)
+    return SourceFileChangedError(error.relative_path, f"{error.what}; {why}")
+
+
+def _zero(view: memoryview) -> None:
+    for start in range(0, len(view), len(_ZEROS)):
+        end = min(len(view), start + len(_ZEROS))
+        view[start:end] = _ZEROS[: end - start]
 
 
 class Piece(NamedTuple):
@@ -34,14 +185,21 @@ class Piece(NamedTuple):
 
 
 class SourceCursor:
-    """Reads segments [start, end) of `plan` in order, from the source files, into buffers."""
+    """Reads segments [start, end) of `plan` in order, from the source files, into buffers.
 
-    def __init__(self, plan: Plan, start: int, end: int) -> None:
+    `faults` is shared with the job's other passes; `domain` says which pass this is
+    (FIRST_TAPE or LATER_TAPES). Bytes of unusable files come out as zeros.
+    """
+
+    def __init__(self, plan: Plan, start: int, end: int, *, faults: SourceFaults | None = None,
+                 domain: int = FIRST_TAPE) -> None:
         self.plan = plan
         self.segment = start
         self.end = end
         self.done_in_segment = 0
         self.bytes_read = 0
+        self.faults = faults or SourceFaults(plan)
+        self.domain = domain
         self._root = os.fsencode(plan.source_root)
         self._fd = -1
         self._fd_file = -1
@@ -59,12 +217,14 @@ class SourceCursor:
     def fill(self, buf: memoryview, *, one_container: bool) -> tuple[list[Piece], int]:
         """Read as many of the next bytes as fit in `buf`; return the pieces and bytes used.
 
-        With `one_container` the chunk stops at the end of a container. Raises
-        SourceFileChangedError when a file no longer matches the scan, SourceReadError when it
-        cannot be read.
+        With `one_container` the chunk stops at the end of a container. A file that no longer
+        matches the scan or cannot be read goes to `faults`, which raises
+        SourceFileChangedError / SourceReadError unless the policy skips it; a skipped file's
+        bytes are zeros.
         """
         plan = self.plan
         segments, starts = plan.segments, plan.file_starts
+        reasons = self.faults.reasons
         pieces: list[Piece] = []
         pos = 0
         cap = len(buf)
@@ -75,17 +235,21 @@ class SourceCursor:
                 break
             f = seg.file_index
             if (self.done_in_segment == 0 and seg.length <= cap - pos and self._fd < 0
-                    and starts[f + 1] - starts[f] == 1):
+                    and starts[f + 1] - starts[f] == 1 and f not in reasons):
                 # The common case, a whole small file: open, read, check, close in one go.
-                self._read_whole(f, buf[pos:pos + seg.length])
+                view = buf[pos:pos + seg.length]
+                try:
+                    self._read_whole(f, view)
+                except _SOURCE_ERRORS as e:
+                    self.faults.fault(f, e, domain=self.domain, offset=0)
+                    _zero(view)
                 pieces.append(Piece(self.segment, pos, seg.length, True, True))
                 pos += seg.length
                 self.segment += 1
                 continue
-            fd = self._fd_for(seg.file_index)
             want = min(seg.length - self.done_in_segment, cap - pos)
             offset = seg.source_offset + self.done_in_segment
-            self._read_exact(fd, buf[pos:pos + want], offset, seg.file_index)
+            self._read_part(f, buf[pos:pos + want], offset)
             done = self.done_in_segment + want
             pieces.append(Piece(self.segment, pos, want, self.done_in_segment == 0,
                                 done == seg.length))
@@ -97,37 +261,48 @@ class SourceCursor:
                     plan.segments[self.segment].file_index if self.segment < self.end else -1
                 )
                 if next_file != seg.file_index:
-                    self._close_checked()
+                    try:
+                        self._close_checked()
+                    except _SOURCE_ERRORS as e:
+                        self.faults.fault(f, e, domain=self.domain,
+                                          offset=plan.files[f].size)
             else:
                 self.done_in_segment = done
         self.bytes_read += pos
         return pieces, pos
 
+    def _read_part(self, file_index: int, view: memoryview, offset: int) -> None:
+        """Bytes [offset, offset + len(view)) of a file: read, or zeros once it is unusable."""
+        cut = self.faults.cut(self.domain, file_index, offset)
+        real = len(view) if cut is None else max(0, min(len(view), cut - offset))
+        if real:
+            try:
+                self._read_exact(self._fd_for(file_index), view[:real], offset, file_index)
+            except _SOURCE_ERRORS as e:
+                self._close_file()
+                self.faults.fault(file_index, e, domain=self.domain, offset=offset)
+                real = 0
+        if real < len(view):
+            if self._fd_file == file_index:
+                self._close_file()
+            _zero(view[real:])
+
     def _read_whole(self, file_index: int, view: memoryview) -> None:
         """Read a whole file into `view` and check it against the scan, with as few steps as
         possible: this runs once per small file."""
         f = self.plan.files[file_index]
-        try:
-            fd = self._open(f)
-        except FileNotFoundError:
-            raise SourceFileChangedError(f.relative_path, "it was deleted after the scan") from None
-        except OSError as e:
-            raise SourceReadError(
-                f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
-                "permissions or move it out of the source tree"
-            ) from e
+        fd = self._open_source(f)
         try:
             try:
                 n = os.preadv(fd, [view], 0)
             except OSError as e:
-                raise SourceReadError(
-                    f"reading source file {f.relative_path!r} failed: {e.strerror}") from e
+                raise _read_failed(fd, f.relative_path, e) from e
             if n < len(view):
                 self._read_exact(fd, view[n:], n, file_index)
-            st = os.fstat(fd)
+            st = _fstat(fd, f.relative_path)
         finally:
             os.close(fd)
-        _check_stat(f, st.st_size, st.st_mtime_ns)
+        _check_stat(f, st)
 
     def close(self) -> None:
         """Close the file being read and any directories kept open."""
@@ -144,30 +319,62 @@ class SourceCursor:
             self._fd_file = -1
 
     def _open(self, f: ScannedFile) -> int:
-        """Open a source file by its exact bytes; a long path is opened through directory
-        descriptors, one component at a time (OSError as os.open raises it)."""
+        """Open a source file by its exact bytes with `_OPEN_FLAGS`; a long path is opened
+        through directory descriptors, one component at a time, none of them followed if it is
+        a symlink (OSError as os.open raises it; SourceFileChangedError when a directory on the
+        way was replaced by a symlink)."""
         rel = f.path_bytes
         if len(self._root) + len(rel) < SHORT_PATH_BYTES:
-            return os.open(self._root + b"/" + rel, os.O_RDONLY | os.O_CLOEXEC)
-        if self._dirs is None:
-            self._dirs = DirFds(os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            return os.open(self._root + b"/" + rel, _OPEN_FLAGS)
         parts = paths.split(rel)
-        return os.open(parts[-1], os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dirs.open(parts[:-1]))
+        try:
+            if self._dirs is None:
+                self._dirs = DirFds(
+                    os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            dir_fd = self._dirs.open(parts[:-1])
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
+                raise SourceFileChangedError(
+                    f.relative_path, "a directory on its path was replaced by a symbolic link"
+                ) from None
+            raise
+        return os.open(parts[-1], _OPEN_FLAGS, dir_fd=dir_fd)
+
+    def _is_symlink(self, rel: object) -> bool:
+        """Whether `rel` (bytes relative to the root, as DirFds names a component it could not
+        open) is now a symlink."""
+        if not isinstance(rel, bytes) or not rel or self._dirs is None:
+            return False
+        parts = paths.split(rel)
+        try:
+            st = os.lstat(parts[-1], dir_fd=self._dirs.open(parts[:-1]))
+        except OSError:
+            return False
+        return stat.S_ISLNK(st.st_mode)
+
+    def _open_source(self, f: ScannedFile) -> int:
+        """Open a source file for reading without following a symlink or blocking on a FIFO
+        that was swapped in for it (O_NONBLOCK changes nothing for a regular file)."""
+        try:
+            return self._open(f)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SourceFileVanishedError(
+                f.relative_path, "it was deleted after the scan") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SourceFileChangedError(
+                    f.relative_path, "it was replaced by a symbolic link") from None
+            raise SourceReadError(
+                f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
+                "permissions or move it out of the source tree",
+                relative_path=f.relative_path, what=e.strerror or str(e),
+            ) from e
 
     def _fd_for(self, file_index: int) -> int:
         if self._fd_file == file_index:
             return self._fd
         self._close_file()
-        rel = self.plan.files[file_index].relative_path
-        try:
-            self._fd = self._open(self.plan.files[file_index])
-        except FileNotFoundError:
-            raise SourceFileChangedError(rel, "it was deleted after the scan") from None
-        except OSError as e:
-            raise SourceReadError(
-                f"cannot read source file {rel!r}: {e.strerror}; fix its permissions or "
-                "move it out of the source tree"
-            ) from e
+        self._fd = self._open_source(self.plan.files[file_index])
         self._fd_file = file_index
         return self._fd
 
@@ -177,9 +384,10 @@ class SourceCursor:
                 n = os.preadv(fd, [view], offset)
             except OSError as e:
                 rel = self.plan.files[file_index].relative_path
-                raise SourceReadError(f"reading source file {rel!r} failed: {e.strerror}") from e
+                raise _read_failed(fd, rel, e) from e
             if n == 0:
                 f = self.plan.files[file_index]
+                _check_kind(fd, f.relative_path)
                 raise SourceFileChangedError(
                     f.relative_path, f"it is now shorter than the {f.size} bytes the scan saw"
                 )
@@ -187,41 +395,95 @@ class SourceCursor:
             offset += n
 
     def _close_checked(self) -> None:
-        """Close the current file after checking it still looks as the scan saw it."""
+        """Close the current file after checking it still looks as the scan saw it (a file
+        already unusable is not checked: its bytes are whatever the passes hashed)."""
         fd, file_index = self._fd, self._fd_file
         if fd < 0:
             return
         try:
-            st = os.fstat(fd)
+            st = _fstat(fd, self.plan.files[file_index].relative_path)
         finally:
             self._close_file()
-        _check_stat(self.plan.files[file_index], st.st_size, st.st_mtime_ns)
+        if file_index not in self.faults.reasons:
+            _check_stat(self.plan.files[file_index], st)
 
 
-def _check_stat(f: ScannedFile, size: int, mtime_ns: int) -> None:
-    """A file just read must still have the size and mtime the scan saw."""
-    if size != f.size:
+def _fstat(fd: int, relative_path: str) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as e:
+        raise SourceReadError(
+            f"cannot stat source file {relative_path!r}: {e.strerror}; check the disk",
+            relative_path=relative_path, what=f"stat failed: {e.strerror}",
+        ) from e
+
+
+def _check_kind(fd: int, relative_path: str) -> None:
+    """Raise SourceFileChangedError when `fd` is no longer a regular file (a FIFO, a device)."""
+    if not stat.S_ISREG(_fstat(fd, relative_path).st_mode):
+        raise SourceFileChangedError(relative_path, "it is no longer a regular file")
+
+
+def _read_failed(fd: int, relative_path: str, e: OSError) -> _SourceError:
+    """The error for a failed read: a file swapped for a FIFO or device, one deleted on a
+    network filesystem, or a real read error."""
+    _check_kind(fd, relative_path)
+    if e.errno == errno.ESTALE:
+        return SourceFileVanishedError(relative_path, "it was deleted while being read")
+    return SourceReadError(
+        f"reading source file {relative_path!r} failed: {e.strerror}; check the disk, or move "
+        "the file out of the source tree", relative_path=relative_path,
+        what=f"read error: {e.strerror}" if e.strerror else str(e),
+    )
+
+
+def _check_stat(f: ScannedFile, st: os.stat_result) -> None:
+    """A file just read must still be the regular file, of the size and mtime, the scan saw."""
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceFileChangedError(f.relative_path, "it is no longer a regular file")
+    if st.st_nlink == 0:
+        raise SourceFileVanishedError(f.relative_path, "it was deleted while being read")
+    if st.st_size != f.size:
         raise SourceFileChangedError(
-            f.relative_path, f"its size went from {f.size} to {size} bytes"
+            f.relative_path, f"its size went from {f.size} to {st.st_size} bytes"
         )
-    if mtime_ns != f.mtime_ns:
+    if st.st_mtime_ns != f.mtime_ns:
         raise SourceFileChangedError(f.relative_path, "it was modified while being read")
 
 
 class HashRecorder:
-    """Collects SHA-256s from every reader; a second, different value means the file changed."""
+    """Collects SHA-256s from every pass; a second, different value means the file changed.
 
-    def __init__(self, plan: Plan) -> None:
+    Tape 1's write pass (`written=True`) has the last word on tape 1's segments: when the
+    prehasher saw other bytes, the file changed and goes to `faults`, and the hash of the bytes
+    on tape stays. Once `faults` is frozen (tape 1's catalog), any difference is fatal.
+    """
+
+    def __init__(self, plan: Plan, faults: SourceFaults | None = None) -> None:
         self.plan = plan
         self.hashes = Hashes.for_plan(plan)
+        self.faults = faults or SourceFaults(plan)
+        self._written = bytearray(len(plan.segments))
 
-    def segment(self, index: int, digest: str) -> None:
+    def segment(self, index: int, digest: str, *, written: bool = True,
+                replace: bool = False) -> None:
+        """Record a segment's hash from tape 1's write pass (`written`), the prehasher, or the
+        prehasher hashing again after a file became unusable (`replace`: the new hash wins)."""
         known = self.hashes.segments[index]
-        if known is None:
+        if known is not None and known != digest:
+            f = self.plan.segments[index].file_index
+            if f not in self.faults.reasons or self.faults.frozen:
+                rel = self.plan.files[f].relative_path
+                self.faults.fault(
+                    f, SourceFileChangedError(rel, "its content differs between two reads"),
+                    domain=None,
+                )
+            if self._written[index]:
+                return  # the bytes on tape keep their hash
+        if known is None or written or replace:
             self.hashes.segments[index] = digest
-        elif known != digest:
-            rel = self.plan.files[self.plan.segments[index].file_index].relative_path
-            raise SourceFileChangedError(rel, "its content differs between two reads")
+        if written:
+            self._written[index] = 1
 
     def container(self, index: int, digest: str) -> None:
         self.hashes.containers[index] = digest
@@ -230,13 +492,18 @@ class HashRecorder:
         known = self.hashes.files[index]
         if known is None:
             self.hashes.files[index] = digest
-        elif known != digest:
-            raise SourceFileChangedError(
-                self.plan.files[index].relative_path, "its content differs between two reads"
+        elif known != digest and index not in self.faults.reasons:
+            self.faults.fault(
+                index, SourceFileChangedError(
+                    self.plan.files[index].relative_path, "its content differs between two reads"
+                ), domain=None,
             )
 
     def complete(self) -> Hashes:
-        """Fill the hashes that follow from others; raise ValueError if any is still missing."""
+        """Fill the hashes that follow from others; raise ValueError if any is still missing.
+
+        Unusable files need no whole-file hash: they leave `source_files`.
+        """
         plan, h = self.plan, self.hashes
         for c in plan.containers:
             if h.containers[c.index] is None and len(c.segments) == 1:
@@ -248,6 +515,8 @@ class HashRecorder:
                     h.files[i] = cat.EMPTY_SHA256
                 elif len(segs) == 1:
                     h.files[i] = h.segments[segs[0]]
+                elif i in self.faults.reasons:
+                    h.files[i] = cat.PLACEHOLDER_SHA256  # never written: it is skipped
         missing = h.missing()
         if missing:
             raise ValueError(f"{missing} hashes were never computed")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -266,12 +266,17 @@ def build_catalog(
     created_at: str,
     created_by: str,
     serial: str | None = None,
+    unusable: Mapping[int, str] | None = None,
 ) -> cat.Catalog:
     """The catalog of `plan`. Every hash must be known; ValueError names the first one missing.
 
     Tapes get `serial` as their volume serial: the placeholder when measuring, None for real
-    catalogs, which get their serials tape by tape (Catalog.with_serials).
+    catalogs, which get their serials tape by tape (Catalog.with_serials). `unusable` maps the
+    files that could not be backed up after all to a short reason: they move from
+    `source_files` to `skipped` (with their file_id), and their segments stay. Such a move
+    always makes the catalog smaller (the reason is bounded), so the reserve still holds.
     """
+    unusable = unusable or {}
     root = source_root_text(plan.source_root)
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
@@ -305,7 +310,7 @@ def build_catalog(
                 need(hashes.files[i], f.relative_path), cat.iso_from_ns(f.mtime_ns), f.mode,
                 f.mtime_ns, _b64(f.raw_path),
             )
-            for i, f in enumerate(plan.files)
+            for i, f in enumerate(plan.files) if i not in unusable
         ),
         segments=tuple(
             cat.SegmentEntry(
@@ -315,7 +320,14 @@ def build_catalog(
             )
             for n, s in enumerate(plan.segments)
         ),
-        skipped=tuple(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
+        skipped=tuple(sorted(
+            (
+                *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
+                *(cat.SkippedEntry(plan.files[i].relative_path, "file", reason, file_ids[i])
+                  for i, reason in unusable.items()),
+            ),
+            key=lambda s: s.relative_path.encode(),  # skipped entries keep only the rendering
+        )),
         directories=directory_entries(plan.directories),
         symlinks=symlink_entries(plan.symlinks),
     )

@@ -7,6 +7,7 @@ from typing import Any, Protocol, TextIO
 
 import attrs
 
+from ltoflow.paths import shown
 from ltoflow.units import human_bytes
 
 
@@ -77,8 +78,17 @@ class Note:
     text: str
 
 
+@attrs.frozen
+class FileSkipped:
+    """A source file that could not be backed up after all; it is listed in the catalog."""
+
+    relative_path: str
+    reason: str
+
+
 Event = (
-    TapeStarted | ContainerWritten | TapeFinished | CatalogWritten | TapeVerified | Note | Progress
+    TapeStarted | ContainerWritten | TapeFinished | CatalogWritten | TapeVerified | Note
+    | FileSkipped | Progress
 )
 
 
@@ -146,6 +156,8 @@ class LogReporter:
                 self._say(f"  verified {event.tape_id}: {event.containers} containers, {state}")
             case Note():
                 self._say(event.text)
+            case FileSkipped():
+                self._say(f"warning: skipping {shown(event.relative_path)}: {event.reason}")
             case _:
                 pass
 
@@ -183,7 +195,8 @@ class LiveReporter:
         match event:
             case Progress():
                 self._progress(event)
-            case TapeStarted() | TapeFinished() | CatalogWritten() | TapeVerified() | Note():
+            case (TapeStarted() | TapeFinished() | CatalogWritten() | TapeVerified() | Note()
+                  | FileSkipped()):
                 self._print(event)
             case ContainerWritten() if self.verbose:
                 self._print(event)

@@ -34,6 +34,7 @@ from ltoflow.catalog import (
     ContainerEntry,
     DirectoryEntry,
     SegmentEntry,
+    SkippedEntry,
     SourceFileEntry,
     SymlinkEntry,
     TapeEntry,
@@ -120,6 +121,8 @@ class RestorePlan:
     directories: tuple[_TreeJob, ...] = ()
     #: Selected files, whether they can be restored or not.
     requested_files: int = 0
+    #: Entries the backup skipped that the patterns select: listed, never restored.
+    skipped: tuple[SkippedEntry, ...] = ()
 
     @property
     def files(self) -> int:
@@ -138,6 +141,8 @@ class RestoreReport:
     dry_run: bool = False
     symlinks_restored: int = 0
     directories_restored: int = 0
+    #: Selected entries the backup skipped (not on tape, or their bytes unusable): not restored.
+    skipped: tuple[SkippedEntry, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -149,7 +154,7 @@ class RestoreReport:
     def from_plan(cls, plan: RestorePlan) -> RestoreReport:
         """What a dry run reports: the plan, nothing restored."""
         return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
-                   plan.bytes_to_read, dry_run=True)
+                   plan.bytes_to_read, dry_run=True, skipped=plan.skipped)
 
 
 def safe_parts(relative_path: bytes) -> tuple[bytes, ...] | None:
@@ -211,15 +216,35 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
     return Selection(files, dirs, links, unmatched)
 
 
+def _matches(relative_path: str, pattern: str) -> bool:
+    """A skipped entry keeps only the readable rendering of its path: a pattern matches it as
+    given or rendered the same way (the exact bytes of an odd name, as the shell passes it)."""
+    for pat in {pattern, paths.display(os.fsencode(pattern))}:
+        p = pat.strip("/")
+        if (relative_path == p or relative_path.startswith(p + "/")
+                or fnmatch.fnmatchcase(relative_path, pat)):
+            return True
+    return False
+
+
+def select_skipped(catalog: Catalog, patterns: Sequence[str]) -> list[SkippedEntry]:
+    """The skipped entries that the patterns (all when none) select."""
+    return [s for s in catalog.skipped
+            if not patterns or any(_matches(s.relative_path, p) for p in patterns)]
+
+
 def plan_restore(
     catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
 ) -> RestorePlan:
     """Check every selected file against the catalog and the target; order the reads."""
     chosen = select(catalog, patterns)
     files = chosen.files
-    if chosen.unmatched:
+    skipped = select_skipped(catalog, patterns)
+    unmatched = [p for p in chosen.unmatched
+                 if not any(_matches(s.relative_path, p) for s in skipped)]
+    if unmatched:
         raise UsageError(
-            f"nothing in the catalog matches {', '.join(map(repr, chosen.unmatched))}; "
+            f"nothing in the catalog matches {', '.join(map(repr, unmatched))}; "
             "see `ltoflow catalog ls`"
         )
     containers = {c.container_id: c for c in catalog.containers}
@@ -306,6 +331,7 @@ def plan_restore(
         symlinks=tuple(links),
         directories=tuple(dirs),
         requested_files=len(files),
+        skipped=tuple(skipped),
     )
 
 
@@ -743,6 +769,7 @@ async def run_restore(
         bytes_to_read=plan.bytes_to_read,
         symlinks_restored=writer.symlinks,
         directories_restored=writer.directories,
+        skipped=plan.skipped,
     )
 
 

@@ -78,6 +78,9 @@ class CatalogIndex:
 
     def __init__(self, catalog: Catalog) -> None:
         self.paths = {f.file_id: f.relative_path for f in catalog.source_files}
+        for k in catalog.skipped:  # a file skipped during the backup still has segments
+            if k.file_id is not None:
+                self.paths.setdefault(k.file_id, f"{k.relative_path} (skipped)")
         self.segments: dict[str, list[SegmentEntry]] = defaultdict(list)
         for s in catalog.segments:
             self.segments[s.container_id].append(s)

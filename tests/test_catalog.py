@@ -42,7 +42,7 @@ catalogs = st.builds(
     created_by=st.none() | st.text(max_size=20),
     max_container_size_bytes=st.none() | sizes,
     skipped=st.lists(st.builds(cat.SkippedEntry, paths, st.text(max_size=9),
-                               st.text(max_size=30)), max_size=2).map(tuple),
+                               st.text(max_size=30), st.none() | ids), max_size=2).map(tuple),
     directories=st.lists(st.builds(cat.DirectoryEntry, paths, modes, mtimes, b64s),
                          max_size=3).map(tuple),
     symlinks=st.lists(st.builds(cat.SymlinkEntry, paths, paths, mtimes, b64s, b64s),
@@ -180,3 +180,11 @@ def test_new_lists_come_after_the_seed_lists() -> None:
     keys = list(json.loads(b"".join(CODEC.encode(c))))
     assert keys[-3:] == ["skipped", "directories", "symlinks"]
     assert keys.index("segments") < keys.index("directories")
+
+
+def test_skipped_entry_writes_file_id_only_when_it_has_one() -> None:
+    special = cat.converter.unstructure(cat.SkippedEntry("p", "fifo", "not a regular file"))
+    assert special == {"relative_path": "p", "kind": "fifo", "reason": "not a regular file"}
+    fid = cat.file_id_for("f")
+    failed = cat.converter.unstructure(cat.SkippedEntry("f", "file", "vanished", fid))
+    assert failed["file_id"] == fid

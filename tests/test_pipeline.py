@@ -238,7 +238,8 @@ async def test_prehasher_waits_while_the_pipeline_runs_low(tmp_path: Path) -> No
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: prehash_actor(
             plan=plan, start_segment=0, recorder=recorder,
-            hasher=AggregateHasher(plan, want_c, want_f), pace=pace, done=done, counter=reads))
+            hasher=AggregateHasher(plan, want_c, want_f), pace=pace, done=done, counter=reads,
+            reporter=ListReporter()))
         await trio.testing.wait_all_tasks_blocked()
         assert recorder.hashes.segments == [None] * len(plan.segments), "paused while low"
         assert reads == [0]

@@ -261,6 +261,10 @@ class Catalog:
         self.dirs: List[TreeEntry] = []
         self.containers: Dict[str, Container] = {}
         self.tape_seq: Dict[str, int] = {}
+        # (relative_path, kind, reason) of what the backup skipped: never restored, only listed.
+        # A file that became unusable during the backup is here, not in source_files, so its
+        # segments (which may hold zeros) are never used.
+        self.skipped: List[Tuple[str, str, str]] = []
 
 
 def _int(rec: Dict[str, Any], key: str) -> Optional[int]:
@@ -322,6 +326,12 @@ def parse_catalog(doc: Any) -> Catalog:
     cat = Catalog()
     cat.backup_set_id = _str(doc, "backup_set_id") or ""
     cat.created_at = _str(doc, "created_at") or ""
+    skipped_raw = doc.get("skipped", [])
+    for rec in skipped_raw if isinstance(skipped_raw, list) else []:
+        if isinstance(rec, dict) and isinstance(rec.get("relative_path"), str):
+            cat.skipped.append(
+                (rec["relative_path"], _str(rec, "kind") or "?", _str(rec, "reason") or "")
+            )
     for rec in tapes_raw:
         if isinstance(rec, dict):
             tid, seq = _str(rec, "tape_id"), _int(rec, "sequence_number")
@@ -556,6 +566,21 @@ def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None) -> bool
                 if raw_prefix == pat_b or fnmatch.fnmatchcase(raw_prefix, pat_b):
                     return True
     return False
+
+
+def skipped_patterns(patterns: List[str]) -> List[str]:
+    """Patterns for skipped entries, which keep only the readable rendering of a path: each
+    pattern as given and, for an odd name the shell passes as exact bytes, rendered the same
+    way (bytes that are not UTF-8 as \\xNN)."""
+    out = list(patterns)
+    for pat in patterns:
+        try:
+            rendered = os.fsencode(pat).decode("utf-8", "backslashreplace")
+        except UnicodeError:
+            continue
+        if rendered != pat:
+            out.append(rendered)
+    return out
 
 
 # --------------------------------------------------------------------------- the target tree
@@ -1350,9 +1375,16 @@ def run(args: argparse.Namespace) -> int:
     dirs = [e for e in cat.dirs if selected(e.rel, patterns, e.raw)]
     everything: List[Union[Entry, TreeEntry]] = [*cat.entries, *cat.links, *cat.dirs]
     for pat in patterns:
-        if not any(selected(e.rel, [pat], e.raw) for e in everything):
+        if not any(selected(e.rel, [pat], e.raw) for e in everything) and not any(
+            selected(k[0], skipped_patterns([pat])) for k in cat.skipped
+        ):
             warn("--only %s matches no file in the catalog" % pat)
+    skipped = [k for k in cat.skipped if selected(k[0], skipped_patterns(patterns))]
+    for rel, kind, reason in skipped:
+        say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
     if patterns and not (entries or links or dirs):
+        if skipped:
+            return EXIT_OK
         raise UsageError("the --only patterns match no file in the catalog")
     if args.list:
         return list_files(cat, entries, roots, links, dirs)
