@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from ltoflow import catalog as cat
 from ltoflow.catalog import JsonCatalogCodec
 from ltoflow.errors import BackupPlanError
+from ltoflow.hashing import MAX_REASON_BYTES
 from ltoflow.plan import Hashes, Plan, build_catalog, catalog_measurer, make_plan
 from ltoflow.scan import (
     ScannedDirectory,
@@ -248,3 +249,15 @@ def test_reserve_holds_the_real_catalog_of_odd_names_dirs_and_links(
     assert [f.path_bytes for f in back.source_files] == [f.path_bytes for f in plan.files]
     assert [s.target_bytes for s in back.symlinks] == [s.target for s in plan.symlinks]
     assert [d.path_bytes for d in back.directories] == [d.path_bytes for d in plan.directories]
+    # Files that become unusable mid-backup move to `skipped` under their readable name, with
+    # the file_id of their exact bytes, and only ever shrink the catalog below the reserve.
+    unusable = {i: "u" * MAX_REASON_BYTES for i in range(len(plan.files))
+                if rnd.random() < 0.5}
+    moved = build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
+                          created_at=real.created_at, created_by="ltoflow test",
+                          unusable=unusable)
+    assert cat.encoded_size(CODEC, moved) <= len(data)
+    assert {(k.relative_path, k.file_id) for k in moved.skipped} == {
+        (plan.files[i].relative_path, cat.file_id_for(plan.files[i].path_bytes))
+        for i in unusable}
+    assert len(moved.source_files) == len(plan.files) - len(unusable)

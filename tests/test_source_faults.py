@@ -397,6 +397,134 @@ async def test_restore_and_recovery_script_never_build_a_skipped_file(
     assert (kit / "b" / "ledger.csv").read_bytes() == contents["b/ledger.csv"]
 
 
+# ----------------------------------------------------------------------------- odd names, deep
+
+
+ODD = b"odd-\xff\xfe.bin"
+
+
+async def test_unreadable_file_with_a_name_that_is_not_utf8_is_skipped_under_a_readable_name(
+    tmp_path: Path, on_read: Callable[[str, PreadvHook], None]
+) -> None:
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, {"ok.txt": 3_000})
+    write_tree(src, {os.fsdecode(ODD): 150 * KB})
+
+    def fail_late(n: int, offset: int, buf: memoryview) -> None:
+        if offset >= 64 * KB:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    on_read(os.fsdecode(ODD), fail_late)
+    result, reporter = await backup(config_for(src, sim))
+
+    (entry,) = result.catalog.skipped
+    assert (entry.relative_path, entry.kind) == ("odd-\\xff\\xfe.bin", "file")
+    assert entry.reason == "unreadable: read error: Input/output error"
+    assert entry.file_id == cat.file_id_for(ODD) != cat.file_id_for(entry.relative_path)
+    assert skipped_events(reporter) == {entry.relative_path: entry.reason}
+    doc: Any = load_catalog_json(tape_dirs(sim)[0])
+    assert [f["relative_path"] for f in doc["source_files"]] == ["ok.txt"]
+    assert sum(s["length_bytes"] for s in doc["segments"]
+               if s["file_id"] == entry.file_id) == 150 * KB
+    report = await api.verify_async(api.Components(drive=SimulatorDrive(sim)))
+    assert report.ok, [p.describe() for p in report.problems]
+    assert rebuild_files(sim, doc) == contents
+
+    # Asked for by its exact bytes (as a shell passes the name), it is listed, not restored.
+    components = api.Components(drive=SimulatorDrive(sim))
+    only = await api.restore_async(components, tmp_path / "only", [os.fsdecode(ODD)])
+    assert (only.requested, only.skipped) == (0, (entry,))
+    assert not (tmp_path / "only").exists() or not any((tmp_path / "only").iterdir())
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, "-I", str(RECOVERY), "--target", str(tmp_path / "kit"),
+             "--only", ODD, *map(str, tape_dirs(sim))],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert (b"skipped by the backup, not restored: odd-\\xff\\xfe.bin (file): unreadable"
+            in done.stdout)
+    assert not (tmp_path / "kit").exists()  # nothing else was asked for
+
+
+def _deep_fd(root: Path, parts: list[bytes]) -> tuple[int, Callable[[], None]]:
+    """The descriptor of the directory `root/parts...` (made if missing), and its closer."""
+    from ltoflow.paths import DirFds
+
+    dirs = DirFds(os.open(root, os.O_RDONLY | os.O_DIRECTORY), create=True)
+
+    def close() -> None:
+        dirs.close()
+        os.close(dirs.root_fd)
+
+    return dirs.open(tuple(parts)), close
+
+
+async def test_file_deeper_than_path_max_that_vanishes_is_skipped(tmp_path: Path) -> None:
+    from .conftest import DEEP
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, {"top.txt": 2_000})
+    kept, gone = os.urandom(100 * KB), os.urandom(100 * KB)
+    fd, close = _deep_fd(src, DEEP)
+    for name, data in ((b"gone.bin", gone), (b"kept.bin", kept)):
+        f = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(f, data)
+        os.close(f)
+    close()
+    deep = b"/".join(DEEP)
+    assert len(os.fsencode(src)) + len(deep) > 4096
+
+    def unlink() -> None:
+        fd, close = _deep_fd(src, DEEP)
+        os.unlink(b"gone.bin", dir_fd=fd)
+        close()
+
+    config = config_for(src, sim, capacity=2_000 * KB)  # the deep paths' catalog
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 1, unlink)
+    result, reporter = await backup(config, drive=drive)
+
+    (entry,) = result.catalog.skipped
+    assert entry.relative_path == os.fsdecode(deep + b"/gone.bin")
+    assert entry.reason == "vanished: it was deleted after the scan"
+    assert entry.file_id == cat.file_id_for(deep + b"/gone.bin")
+    assert skipped_events(reporter) == {entry.relative_path: entry.reason}
+    report = await api.verify_async(api.Components(drive=SimulatorDrive(sim)))
+    assert report.ok, [p.describe() for p in report.problems]
+    doc: Any = load_catalog_json(tape_dirs(sim)[0])
+    assert rebuild_files(sim, doc) == {**contents, os.fsdecode(deep + b"/kept.bin"): kept}
+
+
+async def test_deep_directory_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """Past PATH_MAX a file is opened through directory descriptors: a directory on its way
+    swapped for a symlink after the scan is noticed (never followed) and, with
+    --on-change=skip, the file is skipped."""
+    from .conftest import DEEP
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, {"top.txt": 2_000})
+    fd, close = _deep_fd(src, DEEP)
+    f = os.open(b"leaf.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(f, b"secret" * 1000)
+    os.close(f)
+    close()
+
+    def swap() -> None:
+        fd, close = _deep_fd(src, DEEP[:200])
+        os.rename(DEEP[200], b"moved", src_dir_fd=fd, dst_dir_fd=fd)
+        os.symlink(b"moved", DEEP[200], dir_fd=fd)
+        close()
+
+    config = attrs.evolve(config_for(src, sim, capacity=2_000 * KB), on_change="skip")
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 1, swap)
+    result, _ = await backup(config, drive=drive)
+    (entry,) = result.catalog.skipped
+    assert entry.relative_path.endswith("/leaf.bin")
+    assert entry.reason == ("changed during the backup: a directory on its path was replaced "
+                            "by a symbolic link")
+    doc: Any = load_catalog_json(tape_dirs(sim)[0])
+    assert rebuild_files(sim, doc) == contents
+
+
 # ----------------------------------------------------------------------------- catalog size
 
 
