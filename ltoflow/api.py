@@ -12,6 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from importlib import metadata
@@ -21,17 +22,18 @@ import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, iso_utc
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
 from ltoflow.engine import BackupResult, EngineSettings, run_backup
-from ltoflow.errors import SetExistsError, UsageError
+from ltoflow.errors import BackupError, SetExistsError, UsageError
+from ltoflow.journal import Journal, ResumeState, default_state_dir, job_key
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
 from ltoflow.progress import NullReporter, Reporter
 from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
-from ltoflow.scan import scan_tree
+from ltoflow.scan import ScanResult, scan_tree
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
@@ -56,6 +58,11 @@ class BackupConfig:
     tapes_root: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     verify_after_write: bool = False
+    #: Where the job journal lives (None: journal.default_state_dir()).
+    state_dir: Path | None = attrs.field(default=None,
+                                         converter=attrs.converters.optional(Path))
+    #: Continue the interrupted backup of this source onto this drive, from its journal.
+    resume: bool = False
 
     @classmethod
     def simulator(
@@ -102,7 +109,12 @@ def compose(
 
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
-    scan = scan_tree(config.source_root)
+    return plan_from_scan(scan_tree(config.source_root), config, codec)
+
+
+def plan_from_scan(scan: ScanResult, config: BackupConfig,
+                   codec: CatalogCodec | None = None) -> Plan:
+    """The plan of `scan` with `config`'s sizes (deterministic: a resume rebuilds it)."""
     codec = codec or JsonCatalogCodec()
     # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
     measure = (
@@ -129,10 +141,74 @@ def check_simulator_is_free(root: Path) -> None:
         )
 
 
+def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
+    """The journal of backing up `config.source_root` onto `drive` with `config`'s sizes."""
+    key = job_key(config.source_root, drive.describe(), config.tape_nominal_capacity_bytes,
+                  config.max_container_size_bytes)
+    return Journal(config.state_dir or default_state_dir(), key)
+
+
+def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
+                     clock: Clock) -> tuple[Plan, Journal, ResumeState | None, str, str]:
+    """The plan, the journal, what was done (when resuming), the set id and its date."""
+    journal = job_journal(config, drive)
+    where = f"{config.source_root} onto the {drive.describe()}"
+    if config.resume:
+        if not journal.exists():
+            raise UsageError(
+                f"there is no interrupted backup of {where} to resume (no journal "
+                f"{journal.path}); run without --resume to start a new one"
+            )
+        resume = journal.load(codec)
+        plan = plan_from_scan(resume.scan, config, codec)
+        if (len(plan.containers), len(plan.tapes)) != (
+                resume.planned_containers, resume.planned_tapes):
+            raise UsageError(
+                f"the interrupted backup {resume.set_id} was planned as "
+                f"{resume.planned_containers} containers on {resume.planned_tapes} tapes, "
+                f"this version of ltoflow plans it differently; start a new backup"
+            )
+        journal.reopen()
+        return plan, journal, resume, resume.set_id, resume.created_at
+    if journal.exists():
+        try:
+            what = journal.load(codec).describe()
+        except BackupError as e:
+            what = str(e)
+        raise UsageError(
+            f"an interrupted backup of {where} exists ({what}); continue it with --resume, "
+            f"or delete {journal.path} to start a new one"
+        )
+    if config.tapes_root is not None and isinstance(drive, SimulatorDrive):
+        check_simulator_is_free(config.tapes_root)
+    scan = scan_tree(config.source_root)
+    plan = plan_from_scan(scan, config, codec)
+    set_id, created_at = str(uuid.uuid4()), iso_utc(clock.now())
+    journal.begin(set_id=set_id, created_at=created_at, scan=scan,
+                  containers=len(plan.containers), tapes=len(plan.tapes))
+    return plan, journal, None, set_id, created_at
+
+
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
-    if config.tapes_root is not None and isinstance(components.drive, SimulatorDrive):
-        await trio.to_thread.run_sync(check_simulator_is_free, config.tapes_root)
-    plan = await trio.to_thread.run_sync(make_backup_plan, config, components.codec)
+    """Scan, plan and write the set, journaling progress; or, with `config.resume`, go on
+    with the interrupted one."""
+    plan, journal, resume, set_id, created_at = await trio.to_thread.run_sync(
+        _start_or_resume, config, components.drive, components.codec, components.clock,
+        abandon_on_cancel=True,  # a scan of millions of files must not hold up Ctrl-C
+    )
+    try:
+        return await _write_set(plan, config, components, journal, resume, set_id, created_at)
+    except BaseException:
+        if not journal.has_progress:  # nothing reached a tape: nothing to resume
+            journal.finish()
+        raise
+    finally:
+        journal.close()
+
+
+async def _write_set(plan: Plan, config: BackupConfig, components: Components,
+                     journal: Journal, resume: ResumeState | None, set_id: str,
+                     created_at: str) -> BackupResult:
     settings = EngineSettings(
         buffer_bytes=config.buffer_bytes,
         verify_after_write=config.verify_after_write,
@@ -147,6 +223,10 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
         codec=components.codec,
         reporter=components.reporter,
         settings=settings,
+        set_id=set_id,
+        created_at=created_at,
+        journal=journal,
+        resume=resume,
     )
 
 

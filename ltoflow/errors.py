@@ -83,3 +83,7 @@ class SourceReadError(BackupError):
 
 class DriveLostError(BackupError):
     """The drive (the LTFS mount) went away in the middle of the job."""
+
+
+class Interrupted(BackupError):
+    """The job was stopped by SIGINT or SIGTERM; a backup's journal keeps what is on tape."""

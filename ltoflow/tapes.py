@@ -103,6 +103,24 @@ async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
         )
 
 
+async def check_resumable(tape: LoadedTape, request: TapeRequest) -> None:
+    """For a resumed backup: the tape is blank, or holds only this set's files (containers, a
+    catalog maybe torn by the interruption): the one the interrupted job was writing."""
+    set_id = request.backup_set_id
+    foreign = [n for n in await tape.list_dir("data") if set_id not in n]
+    if foreign:
+        raise WrongTapeError(
+            f"{tape.label} holds data of another set ({foreign[0]}); insert "
+            f"{request.describe()} as the interrupted backup left it, or a blank tape"
+        )
+    head = await _catalog_head(tape)
+    if head is not None and _SET_ID_RE.search(head) and _owner(head) != set_id:
+        raise WrongTapeError(
+            f"{tape.label} holds backup set {_owner(head)}; insert {request.describe()} as "
+            "the interrupted backup left it, or a blank tape"
+        )
+
+
 async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
     """For reading: the tape must belong to the requested set (a damaged or unreadable catalog
     is let in, so that verify can report what exactly is wrong)."""
