@@ -680,8 +680,6 @@ async def run_backup(
                     replace=resume is not None,
                 )
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
-                if journal is not None:
-                    await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1])
                 if settings.verify_after_write:
                     state.phase = "verifying"
                     found = await verify_loaded_tape(loaded, catalog, request.tape_id,
@@ -701,6 +699,10 @@ async def run_backup(
                 raise
             state.phase = "unloading"
             await drive.unload()
+            # Only now: an unload (an LTFS unmount writes the index) that fails leaves the
+            # tape to be loaded again by a resume, which checks it and rewrites its catalog.
+            if journal is not None:
+                await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1])
         ticker.cancel()
 
     if catalog is None:  # every tape was done before: the job ended in the last unload

@@ -579,7 +579,7 @@ async def run_restore(
             except BaseException:
                 await holder.release_after_error()
                 raise
-            await holder.release()
+            await holder.release_or_warn(reporter)
         await holder.release()  # a tape read for the catalog and never needed
     finally:
         await holder.release_after_error()  # a no-op unless something above failed

@@ -17,6 +17,7 @@ from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, TapeNotLoadedError, TapeReadError, WrongTapeError
 from ltoflow.operator import Operator
+from ltoflow.progress import Note, Reporter
 
 #: Attempts at getting the right tape into the drive before the job gives up (the seed's 5).
 MAX_TAPE_ATTEMPTS = 5
@@ -173,6 +174,14 @@ class TapeHolder:
             self.loaded = self.tape_id = None
             with trio.CancelScope(shield=True):
                 await self.drive.unload()
+
+    async def release_or_warn(self, reporter: Reporter) -> None:
+        """Unload once a tape's work is done; an unload that fails is reported and the job goes
+        on (loading the next tape tells whether the drive still works)."""
+        try:
+            await self.release()
+        except BackupError as e:
+            reporter.event(Note(f"warning: {e}; going on with the next tape"))
 
     async def release_after_error(self) -> None:
         """Unload on the way out of an error; a failing unload must not replace that error."""
