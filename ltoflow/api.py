@@ -30,7 +30,14 @@ from ltoflow.engine import BackupResult, EngineSettings, run_backup
 from ltoflow.errors import BackupError, SetExistsError, UsageError
 from ltoflow.journal import Journal, ResumeState, default_state_dir, job_key
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
+from ltoflow.plan import (
+    SHA256_FILE_BYTES,
+    JsonPlanSizer,
+    Plan,
+    catalog_measurer,
+    make_plan,
+    with_tape_breaks,
+)
 from ltoflow.progress import NullReporter, Reporter
 from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
 from ltoflow.scan import ScanResult, scan_tree
@@ -112,20 +119,22 @@ def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) ->
     return plan_from_scan(scan_tree(config.source_root), config, codec)
 
 
+def _measure(codec: CatalogCodec) -> Callable[[Plan], int]:
+    # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
+    if type(codec) is JsonCatalogCodec:
+        return JsonPlanSizer(codec, created_by())
+    return catalog_measurer(codec, created_by())
+
+
 def plan_from_scan(scan: ScanResult, config: BackupConfig,
                    codec: CatalogCodec | None = None) -> Plan:
     """The plan of `scan` with `config`'s sizes (deterministic: a resume rebuilds it)."""
     codec = codec or JsonCatalogCodec()
-    # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
-    measure = (
-        JsonPlanSizer(codec, created_by()) if type(codec) is JsonCatalogCodec
-        else catalog_measurer(codec, created_by())
-    )
     return make_plan(
         scan,
         capacity_bytes=config.tape_nominal_capacity_bytes,
         container_size_bytes=config.max_container_size_bytes,
-        measure_catalog=measure,
+        measure_catalog=_measure(codec),
         extra_reserve_bytes=recovery.kit_size(),
     )
 
@@ -160,13 +169,19 @@ def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec
                 f"{journal.path}); run without --resume to start a new one"
             )
         resume = journal.load(codec)
-        plan = plan_from_scan(resume.scan, config, codec)
-        if (len(plan.containers), len(plan.tapes)) != (
+        planned = plan_from_scan(resume.scan, config, codec)
+        if (len(planned.containers), len(planned.tapes)) != (
                 resume.planned_containers, resume.planned_tapes):
             raise UsageError(
                 f"the interrupted backup {resume.set_id} was planned as "
                 f"{resume.planned_containers} containers on {resume.planned_tapes} tapes, "
                 f"this version of ltoflow plans it differently; start a new backup"
+            )
+        plan = with_tape_breaks(planned, resume.breaks)
+        if _measure(codec)(plan) + SHA256_FILE_BYTES + recovery.kit_size() > plan.reserve_bytes:
+            raise UsageError(  # the reserve has slack for many more tapes: a bug, not a user error
+                f"the catalog of set {resume.set_id} no longer fits its reserve after "
+                f"{len(resume.breaks)} early-filled tape(s); please report this"
             )
         journal.reopen()
         return plan, journal, resume, resume.set_id, resume.created_at

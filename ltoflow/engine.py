@@ -31,7 +31,13 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, CatalogWriteError, TapeFullError
+from ltoflow.errors import (
+    BackupError,
+    CatalogWriteError,
+    TapeFilledEarlyError,
+    TapeFullError,
+    leaves,
+)
 from ltoflow.hashing import (
     AggregateHasher,
     HashRecorder,
@@ -263,6 +269,7 @@ async def write_actor(
     first_container: int = 0,
     on_container: Callable[[int], Awaitable[None]] | None = None,
     replace: bool = False,
+    reserve: int = 0,
 ) -> None:
     """Write chunks to the tape, one file per container; give each buffer back once written.
 
@@ -271,7 +278,8 @@ async def write_actor(
     Chunks of containers before `first_container` (already on tape: a resumed job re-reads
     them only to hash a file that continues past them) are dropped. `on_container(index)` runs
     once a container is durable on tape. With `replace`, a container file an interrupted job
-    left behind is replaced.
+    left behind is replaced. A container that the tape has no room for (with `reserve` bytes
+    left for the catalog), by the space it reports or at ENOSPC, raises TapeFilledEarlyError.
     """
     writer = None
     started = 0.0
@@ -297,20 +305,29 @@ async def write_actor(
                     buffer.give_back(chunk.buffer, chunk.nbytes)
                     continue
                 cid = container_ids[chunk.container]
-                if chunk.first:
-                    size = plan.containers[chunk.container].size
-                    await _require_room(tape, tape_id, size, f"container {cid}")
-                    writer = await tape.open_write(f"data/{cid}", replace=replace)
-                    stats.current = cid
-                    started = trio.current_time()
-                assert writer is not None, "a container's first chunk always comes first"
-                await writer.write(chunk.data)
-                stats.bytes += chunk.nbytes
-                buffer.give_back(chunk.buffer, chunk.nbytes)
+                try:
+                    if chunk.first:
+                        size = plan.containers[chunk.container].size
+                        await _require_room(tape, tape_id, size + reserve,
+                                            f"container {cid} and the catalog",
+                                            container=chunk.container)
+                        writer = await tape.open_write(f"data/{cid}", replace=replace)
+                        stats.current = cid
+                        started = trio.current_time()
+                    assert writer is not None, "a container's first chunk always comes first"
+                    await writer.write(chunk.data)
+                    stats.bytes += chunk.nbytes
+                    buffer.give_back(chunk.buffer, chunk.nbytes)
+                    if chunk.last:
+                        await writer.close()
+                        writer = None
+                        await tape.sync()
+                except TapeFilledEarlyError:
+                    raise
+                except TapeFullError as e:  # ENOSPC: the medium is smaller than it said
+                    raise TapeFilledEarlyError(str(e), bytes_written=e.bytes_written,
+                                               container_index=chunk.container) from e
                 if chunk.last:
-                    await writer.close()
-                    writer = None
-                    await tape.sync()
                     stats.containers += 1
                     size = plan.containers[chunk.container].size
                     elapsed = trio.current_time() - started
@@ -329,15 +346,22 @@ async def write_actor(
                 await writer.abort()
 
 
-async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str) -> None:
-    """Refuse to start writing `what` when the tape, by its own count, has no room for it."""
+async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str, *,
+                        container: int | None = None) -> None:
+    """Refuse to start writing `what` when the tape, by its own count, has no room for it:
+    TapeFilledEarlyError when `what` is `container`, TapeFullError otherwise."""
     free = await tape.free_bytes()
     if free is not None and free < needed:
+        message = (f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough "
+                   f"for {what} ({human_bytes(needed)})")
+        written = getattr(tape, "bytes_written", 0)
+        if container is not None:
+            raise TapeFilledEarlyError(message, bytes_written=written,
+                                       container_index=container)
         raise TapeFullError(
-            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough for "
-            f"{what} ({human_bytes(needed)}): it holds less than its nominal capacity; give a "
-            "smaller --capacity-tb (what these cartridges really hold)",
-            bytes_written=getattr(tape, "bytes_written", 0),
+            f"{message}: it holds less than its nominal capacity; insert another tape, or "
+            "give a smaller --capacity-tb (what these cartridges really hold)",
+            bytes_written=written,
         )
 
 
@@ -585,9 +609,17 @@ async def run_backup(
     )
     buffer = PipelineBuffer(settings.buffer_bytes)
     state = JobState(plan.total_bytes, len(plan.tapes), buffer)
+    layout = len(resume.breaks) if resume is not None else 0  # tapes that filled early
     if resume is not None:
-        base = resume.catalog
         await trio.to_thread.run_sync(_seed_hashes, recorder, plan, resume, container_ids)
+        if resume.catalog is not None:
+            if _same_layout(resume.catalog, plan, tape_ids):
+                base = resume.catalog
+            else:  # a tape filled early since it was built: same hashes, new places
+                base = build_catalog(plan, recorder.complete(), set_id=set_id,
+                                     created_at=created_at, created_by=settings.created_by)
+                if journal is not None:
+                    await trio.to_thread.run_sync(journal.catalog_known, base, codec)
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -642,10 +674,16 @@ async def run_backup(
                     cat.CATALOG_JSON, cat.CATALOG_SHA256,
                     *(path for path, _ in settings.extra_files),
                 ])
+                first_size = plan.containers[first].size if first < tape.containers.stop else 0
                 await _require_room(loaded, request.tape_id,
-                                    todo + plan.reserve_bytes - leftovers,
-                                    "its share of the plan and the catalog (nothing written)"
-                                    if resume is None else "the rest of its share and the catalog")
+                                    first_size + plan.reserve_bytes - leftovers,
+                                    "even one container and the catalog (nothing written)")
+                free = await loaded.free_bytes()
+                if free is not None and free < todo + plan.reserve_bytes - leftovers:
+                    reporter.event(Note(
+                        f"tape {request.tape_id} reports {human_bytes(free)} free, less than "
+                        f"the {human_bytes(todo + plan.reserve_bytes)} planned for it: it will "
+                        "take what fits, and the rest goes to an extra tape"))
                 serials.append(_serial(loaded))
                 reporter.event(TapeStarted(request.tape_id, request.sequence_number,
                                            len(plan.tapes), todo, loaded.label))
@@ -653,12 +691,17 @@ async def run_backup(
                 state.phase = "writing"
                 state.done_bytes += tape.data_bytes - todo
                 t0 = trio.current_time()
-                stats = await _stream_tape(
-                    plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
-                    reporter, reads, prehash_file, state.writer, first=first,
-                    replay=base is None, on_container=journal_container,
-                    replace=resume is not None,
-                )
+                try:
+                    stats = await _stream_tape(
+                        plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
+                        reporter, reads, prehash_file, state.writer, first=first,
+                        replay=base is None, on_container=journal_container,
+                        replace=resume is not None,
+                    )
+                except* TapeFilledEarlyError as group:
+                    full = [e for e in leaves(group) if isinstance(e, TapeFilledEarlyError)]
+                    raise await _filled_early(full[0], tape, request.tape_id,
+                                              journal) from None
                 seconds = trio.current_time() - t0
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
@@ -702,11 +745,25 @@ async def run_backup(
             # Only now: an unload (an LTFS unmount writes the index) that fails leaves the
             # tape to be loaded again by a resume, which checks it and rewrites its catalog.
             if journal is not None:
-                await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1])
+                await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1],
+                                              layout)
+        assert base is not None
+        if resume is not None:
+            # Tapes written before a tape filled early carry a catalog that puts containers
+            # where they are not: give them the catalog of the set as it really is.
+            state.phase = "rewriting earlier catalogs"
+            for t in plan.tapes:
+                if resume.tape_layouts.get(t.index, layout) < layout:
+                    await _rewrite_catalog(
+                        TapeRequest(tape_ids[t.index], t.index + 1, set_id, len(plan.tapes)),
+                        base.with_serials(serials), drive=drive, operator=operator,
+                        codec=codec, limit=limit, settings=settings, reporter=reporter)
+                    if journal is not None:
+                        await trio.to_thread.run_sync(journal.tape_done, t.index,
+                                                      serials[t.index], layout)
         ticker.cancel()
 
     if catalog is None:  # every tape was done before: the job ended in the last unload
-        assert base is not None
         catalog = base.with_serials(serials)
     if journal is not None:
         await trio.to_thread.run_sync(journal.finish)
@@ -720,6 +777,47 @@ async def run_backup(
         verified=settings.verify_after_write,
         verify_problems=tuple(problems),
     )
+
+
+def _same_layout(catalog: Catalog, plan: Plan, tape_ids: Sequence[str]) -> bool:
+    """Whether `catalog` puts every container of `plan` on the tape the plan does."""
+    return len(catalog.tapes) == len(plan.tapes) and len(catalog.containers) == len(
+        plan.containers) and all(
+        entry.tape_id == tape_ids[c.tape_index]
+        for entry, c in zip(catalog.containers, plan.containers, strict=True)
+    )
+
+
+async def _filled_early(e: TapeFilledEarlyError, tape: Tape, tape_id: str,
+                        journal: Journal | None) -> TapeFullError:
+    """The error that ends a job whose tape filled early; records where a new tape starts."""
+    took = e.container_index - tape.containers.start
+    if took <= 0:
+        return TapeFullError(f"{e}; tape {tape_id} cannot take even its first container: "
+                             "insert another (blank) tape for it", bytes_written=e.bytes_written)
+    if journal is not None:
+        await trio.to_thread.run_sync(journal.tape_break, e.container_index)
+    return TapeFullError(
+        f"{e}; tape {tape_id} filled before its planned share: it holds {took} of its "
+        f"{len(tape.containers)} containers, the rest go to an extra tape (a resume asks for "
+        "this tape again to write its catalog, then for a blank one)",
+        bytes_written=e.bytes_written,
+    )
+
+
+async def _rewrite_catalog(request: TapeRequest, catalog: Catalog, *, drive: TapeDrive,
+                           operator: Operator, codec: CatalogCodec, limit: int,
+                           settings: EngineSettings, reporter: Reporter) -> None:
+    """Load a finished tape of this set and replace its catalog."""
+    loaded = await load_requested_tape(drive, operator, request, check_resumable)
+    try:
+        size, digest = await write_catalog(loaded, catalog, codec=codec, limit=limit,
+                                           extra_files=settings.extra_files, replace=True)
+    except BaseException:
+        await _unload_keeping_the_error(drive, reporter)
+        raise
+    reporter.event(CatalogWritten(request.tape_id, size, digest))
+    await drive.unload()
 
 
 def _container_done(recorder: HashRecorder, plan: Plan, index: int) -> ContainerDone:
@@ -808,6 +906,7 @@ async def _stream_tape(
     bytes are hashed (and checked against the journal) but not written again.
     """
     if first >= tape.containers.stop:
+        buffer.finish()  # nothing to read: the prehasher must not wait for this reader
         return stats
     first_seg = plan.containers[first].segments.start
     end_seg = plan.containers[tape.containers.stop - 1].segments.stop
@@ -846,6 +945,7 @@ async def _stream_tape(
                     from_agg, tape=loaded, tape_id=tape_id, container_ids=container_ids,
                     plan=plan, buffer=buffer, stats=stats, reporter=reporter,
                     first_container=first, on_container=on_container, replace=replace,
+                    reserve=plan.reserve_bytes,
                 )
             )
     finally:

@@ -5,7 +5,8 @@ state directory, named after a key of those settings:
 
 ```
 <key>.journal        JSON lines, each fsynced: begin, one line per container on tape (with its
-                     hashes), catalog (when the set's catalog is known), one line per tape done
+                     hashes), catalog (when the set's catalog is known), one line per tape done,
+                     a break where a tape filled before its planned share
 <key>.scan           the scan the plan was made from, so a resume rebuilds the very same plan
 <key>.catalog.json   the set's catalog, once built (tape 1 finished): later tapes reuse it
 ```
@@ -66,6 +67,10 @@ class ResumeState:
     scan: ScanResult
     containers: dict[int, ContainerDone] = attrs.field(factory=dict)
     tapes_done: dict[int, str | None] = attrs.field(factory=dict)  # index -> volume serial
+    #: Containers before which a tape filled early (a new tape starts there), in order.
+    breaks: list[int] = attrs.field(factory=list)
+    #: Tape index -> how many breaks its catalog knew: fewer than now means a stale layout.
+    tape_layouts: dict[int, int] = attrs.field(factory=dict)
     catalog: Catalog | None = None
     planned_containers: int = 0
     planned_tapes: int = 0
@@ -146,8 +151,14 @@ class Journal:
         _write_durably(self.catalog_path, codec.encode(catalog))
         self._append({"kind": "catalog"})
 
-    def tape_done(self, index: int, volume_serial: str | None) -> None:
-        self._append({"kind": "tape", "index": index, "volume_serial": volume_serial})
+    def tape_done(self, index: int, volume_serial: str | None, layout: int = 0) -> None:
+        """Tape `index` is unloaded with its catalog, which knew `layout` tape breaks."""
+        self._append({"kind": "tape", "index": index, "volume_serial": volume_serial,
+                      "layout": layout})
+
+    def tape_break(self, container: int) -> None:
+        """The tape being written filled early: a new tape starts at `container`."""
+        self._append({"kind": "break", "container": container})
 
     def finish(self) -> None:
         """The set is complete: the journal has nothing left to say."""
@@ -211,6 +222,9 @@ class Journal:
                                              source=str(self.catalog_path))
             elif kind == "tape":
                 state.tapes_done[rec["index"]] = rec["volume_serial"]
+                state.tape_layouts[rec["index"]] = rec.get("layout", 0)
+            elif kind == "break":
+                state.breaks.append(rec["container"])
         if state is None:
             raise UsageError(f"the job journal {self.path} has no beginning; start the "
                              "backup again without --resume")

@@ -265,3 +265,37 @@ def test_resume_rewrites_containers_missing_from_the_tape_it_is_given(
     (tape2 / "tape.json").unlink()
     assert main([*args, "--resume"]) == EXIT_OK
     assert_complete_set(tapes, contents)
+
+
+def test_tapes_that_hold_less_than_planned_fill_up_and_the_rest_goes_to_extra_tapes(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Every cartridge really holds 350 kB, not the 450 kB planned: each tape takes the
+    containers that fit with room for the catalog, the job stops and says so, and each resume
+    goes on with an extra tape. In the end every tape, including those written before a tape
+    filled early, carries the catalog of where everything really is."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+    from ltoflow.errors import TapeFullError
+
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    planned = len(the_plan(root).tapes)
+    messages: list[str] = []
+    for attempt in range(10):
+        config = BackupConfig(root, 450_000, 60_000, tapes_root=tapes, resume=attempt > 0)
+        drive = SimulatorDrive(tapes, 350_000)  # what the cartridges really hold
+        try:
+            result = api.backup(config, api.Components(drive=drive))
+            break
+        except* TapeFullError as group:
+            messages.append(str(group.exceptions[0]))
+    else:
+        pytest.fail("the backup never finished")
+    # Tape 1 filled early, and so did tape 2 after tape 1's catalog was written (which the
+    # final rewrite then corrected).
+    assert len(messages) >= 2, messages
+    assert all("filled before its planned share" in m for m in messages)
+    assert len(result.catalog.tapes) > planned
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
