@@ -373,7 +373,8 @@ def backup_summary(result: BackupResult, where: str,
              "sequence_number": t.sequence_number,
              "containers": t.containers, "data_bytes": t.data_bytes,
              "catalog_bytes": t.catalog_bytes, "seconds": round(t.seconds, 3),
-             "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3)}
+             "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3),
+             "earlier_containers": t.earlier_containers}
             for t in result.tapes
         ],
         "containers": len(c.containers),
@@ -395,15 +396,18 @@ def backup_summary(result: BackupResult, where: str,
 def print_backup_summary(result: BackupResult, where: str,
                          drive_stats: Sequence[TapeDriveStats] = ()) -> None:
     c = result.catalog
-    rate = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    written = sum(t.data_bytes for t in result.tapes)  # by this run (a resume did less)
+    rate = written / result.seconds / 1e6 if result.seconds else 0.0
     split, across = split_files(c)
-    print(f"Backup complete. {len(result.tapes)} tape(s), {len(c.source_files)} file(s).")
+    print(f"Backup complete. {len(c.tapes)} tape(s), {len(c.source_files)} file(s).")
     print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
           f"{result.seconds:.1f} s ({rate:.0f} MB/s)")
     for t in result.tapes:
         volume = f"volume {t.volume_serial}  " if t.volume_serial else ""
-        print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers  "
+        earlier = f" (+{t.earlier_containers} already on it)" if t.earlier_containers else ""
+        print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers"
+              f"{earlier}  "
               f"{human_bytes(t.data_bytes)}  catalog {human_bytes(t.catalog_bytes)}  "
               f"{t.seconds:.1f} s  writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
     for d in drive_stats:

@@ -427,6 +427,8 @@ class TapeSummary:
     stalls: int
     stall_seconds: float
     volume_serial: str | None = None
+    #: Containers already on this tape when a resumed job loaded it (not in `containers`).
+    earlier_containers: int = 0
 
 
 #: How often the progress display hears from the engine.
@@ -733,7 +735,7 @@ async def run_backup(
                 summaries.append(TapeSummary(
                     request.tape_id, loaded.label, request.sequence_number, stats.containers,
                     stats.bytes, catalog_size, seconds, stats.stalls, stats.stall_seconds,
-                    serials[-1],
+                    serials[-1], first - tape.containers.start,
                 ))
                 state.finish_tape(stats.bytes)
             except BaseException:
