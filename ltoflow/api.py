@@ -12,6 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from importlib import metadata
@@ -21,18 +22,26 @@ import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, iso_utc
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
 from ltoflow.engine import BackupResult, EngineSettings, run_backup
-from ltoflow.errors import SetExistsError, SkippedEntriesError, UsageError
+from ltoflow.errors import BackupError, SetExistsError, SkippedEntriesError, UsageError
 from ltoflow.hashing import FaultPolicy
+from ltoflow.journal import Journal, ResumeState, default_state_dir, job_key
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.plan import JsonPlanSizer, Plan, catalog_measurer, make_plan
+from ltoflow.plan import (
+    SHA256_FILE_BYTES,
+    JsonPlanSizer,
+    Plan,
+    catalog_measurer,
+    make_plan,
+    with_tape_breaks,
+)
 from ltoflow.progress import NullReporter, Reporter
 from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
-from ltoflow.scan import scan_tree
+from ltoflow.scan import ScanResult, scan_tree
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
@@ -66,6 +75,11 @@ class BackupConfig:
     #: A file that changes while it is backed up: "fail" ends the job, "skip" lists it as
     #: skipped (its bytes on tape are marked unusable in the catalog).
     on_change: str = attrs.field(default="fail", validator=attrs.validators.in_(ON_CHANGE))
+    #: Where the job journal lives (None: journal.default_state_dir()).
+    state_dir: Path | None = attrs.field(default=None,
+                                         converter=attrs.converters.optional(Path))
+    #: Continue the interrupted backup of this source onto this drive, from its journal.
+    resume: bool = False
 
     @classmethod
     def simulator(
@@ -112,18 +126,25 @@ def compose(
 
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
-    scan = scan_tree(config.source_root)
-    codec = codec or JsonCatalogCodec()
+    return plan_from_scan(scan_tree(config.source_root), config, codec)
+
+
+def _measure(codec: CatalogCodec) -> Callable[[Plan], int]:
     # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
-    measure = (
-        JsonPlanSizer(codec, created_by()) if type(codec) is JsonCatalogCodec
-        else catalog_measurer(codec, created_by())
-    )
+    if type(codec) is JsonCatalogCodec:
+        return JsonPlanSizer(codec, created_by())
+    return catalog_measurer(codec, created_by())
+
+
+def plan_from_scan(scan: ScanResult, config: BackupConfig,
+                   codec: CatalogCodec | None = None) -> Plan:
+    """The plan of `scan` with `config`'s sizes (deterministic: a resume rebuilds it)."""
+    codec = codec or JsonCatalogCodec()
     return make_plan(
         scan,
         capacity_bytes=config.tape_nominal_capacity_bytes,
         container_size_bytes=config.max_container_size_bytes,
-        measure_catalog=measure,
+        measure_catalog=_measure(codec),
         extra_reserve_bytes=recovery.kit_size(),
     )
 
@@ -153,15 +174,85 @@ def check_nothing_skipped(plan: Plan) -> None:
     )
 
 
+def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
+    """The journal of backing up `config.source_root` onto `drive` with `config`'s sizes."""
+    key = job_key(config.source_root, drive.describe(), config.tape_nominal_capacity_bytes,
+                  config.max_container_size_bytes)
+    return Journal(config.state_dir or default_state_dir(), key)
+
+
+def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
+                     clock: Clock) -> tuple[Plan, Journal, ResumeState | None, str, str]:
+    """The plan, the journal, what was done (when resuming), the set id and its date."""
+    journal = job_journal(config, drive)
+    where = f"{config.source_root} onto the {drive.describe()}"
+    if config.resume:
+        if not journal.exists():
+            raise UsageError(
+                f"there is no interrupted backup of {where} to resume (no journal "
+                f"{journal.path}); run without --resume to start a new one"
+            )
+        resume = journal.load(codec)
+        planned = plan_from_scan(resume.scan, config, codec)
+        if (len(planned.containers), len(planned.tapes)) != (
+                resume.planned_containers, resume.planned_tapes):
+            raise UsageError(
+                f"the interrupted backup {resume.set_id} was planned as "
+                f"{resume.planned_containers} containers on {resume.planned_tapes} tapes, "
+                f"this version of ltoflow plans it differently; start a new backup"
+            )
+        plan = with_tape_breaks(planned, resume.breaks)
+        if _measure(codec)(plan) + SHA256_FILE_BYTES + recovery.kit_size() > plan.reserve_bytes:
+            raise UsageError(  # the reserve has slack for many more tapes: a bug, not a user error
+                f"the catalog of set {resume.set_id} no longer fits its reserve after "
+                f"{len(resume.breaks)} early-filled tape(s); please report this"
+            )
+        journal.reopen()
+        return plan, journal, resume, resume.set_id, resume.created_at
+    if journal.exists():
+        try:
+            what = journal.load(codec).describe()
+        except BackupError as e:
+            what = str(e)
+        raise UsageError(
+            f"an interrupted backup of {where} exists ({what}); continue it with --resume, "
+            f"or delete {journal.path} to start a new one"
+        )
+    if config.tapes_root is not None and isinstance(drive, SimulatorDrive):
+        check_simulator_is_free(config.tapes_root)
+    scan = scan_tree(config.source_root)
+    plan = plan_from_scan(scan, config, codec)
+    if config.strict:
+        check_nothing_skipped(plan)
+    set_id, created_at = str(uuid.uuid4()), iso_utc(clock.now())
+    journal.begin(set_id=set_id, created_at=created_at, scan=scan,
+                  containers=len(plan.containers), tapes=len(plan.tapes))
+    return plan, journal, None, set_id, created_at
+
+
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
+    """Scan, plan and write the set, journaling progress; or, with `config.resume`, go on
+    with the interrupted one."""
     if config.strict and config.on_change == "skip":
         raise UsageError("--strict allows no skipped entries and --on-change=skip asks to skip "
                          "changed files; give one of them")
-    if config.tapes_root is not None and isinstance(components.drive, SimulatorDrive):
-        await trio.to_thread.run_sync(check_simulator_is_free, config.tapes_root)
-    plan = await trio.to_thread.run_sync(make_backup_plan, config, components.codec)
-    if config.strict:
-        check_nothing_skipped(plan)
+    plan, journal, resume, set_id, created_at = await trio.to_thread.run_sync(
+        _start_or_resume, config, components.drive, components.codec, components.clock,
+        abandon_on_cancel=True,  # a scan of millions of files must not hold up Ctrl-C
+    )
+    try:
+        return await _write_set(plan, config, components, journal, resume, set_id, created_at)
+    except BaseException:
+        if not journal.has_progress:  # nothing reached a tape: nothing to resume
+            journal.finish()
+        raise
+    finally:
+        journal.close()
+
+
+async def _write_set(plan: Plan, config: BackupConfig, components: Components,
+                     journal: Journal, resume: ResumeState | None, set_id: str,
+                     created_at: str) -> BackupResult:
     settings = EngineSettings(
         buffer_bytes=config.buffer_bytes,
         verify_after_write=config.verify_after_write,
@@ -177,6 +268,10 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
         codec=components.codec,
         reporter=components.reporter,
         settings=settings,
+        set_id=set_id,
+        created_at=created_at,
+        journal=journal,
+        resume=resume,
     )
 
 

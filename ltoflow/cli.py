@@ -7,10 +7,12 @@ raises BackupError subclasses.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import stat
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,7 +21,7 @@ import orjson
 import trio
 
 from ltoflow import api
-from ltoflow.catalog import Catalog, SkippedEntry, iso_from_ns, split_files
+from ltoflow.catalog import Catalog, JsonCatalogCodec, SkippedEntry, iso_from_ns, split_files
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.ltfs import LtfsDrive
 from ltoflow.drives.model import DEFAULT_BUFFER_BYTES as DEFAULT_DRIVE_BUFFER
@@ -31,7 +33,8 @@ from ltoflow.drives.simulator import (
     Throttle,
 )
 from ltoflow.engine import BackupResult
-from ltoflow.errors import BackupError, UsageError, leaves
+from ltoflow.errors import BackupError, Interrupted, UsageError, leaves
+from ltoflow.journal import Journal
 from ltoflow.operator import (
     CommandOperator,
     ConsolePromptOperator,
@@ -63,7 +66,7 @@ EXIT_CODES = {
                  "found entries to skip)",
     EXIT_WARNINGS: "completed, but some entries were skipped (listed in the catalog)",
     EXIT_INTERNAL: "internal error (a bug: please report it with the --verbose output)",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); a backup can go on with --resume",
 }
 
 
@@ -84,16 +87,18 @@ def _size(unit: int, flag: str) -> Any:
     return parse
 
 
-_FAULT_FLAGS = ("fail_on_write", "fail_on_read", "fail_on_load")
+_FAULT_FLAGS = ("fail_on_write", "fail_on_read", "fail_on_load", "fail_on_unload")
+_FAULT_BYTES = ("fail_after_bytes_written", "crash_after_bytes_written",
+                "interrupt_after_bytes_written")
 
 
 def _fault(text: str) -> tuple[str, str]:
     name, _, value = text.partition("=")
-    known = (*_FAULT_FLAGS, "fail_after_bytes_written", "failed_tape_ids", "error_message")
+    known = (*_FAULT_FLAGS, *_FAULT_BYTES, "failed_tape_ids", "error_message")
     if name not in known:
         raise argparse.ArgumentTypeError(f"unknown fault {name!r}; known: {', '.join(known)}")
-    if name == "fail_after_bytes_written" and not value.isdigit():
-        raise argparse.ArgumentTypeError("fail_after_bytes_written needs =N (bytes)")
+    if name in _FAULT_BYTES and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{name} needs =N (bytes)")
     return name, value
 
 
@@ -104,7 +109,7 @@ def _failures(items: Sequence[tuple[str, str]] | None) -> SimulatorFailureConfig
     for name, value in items:
         if name in _FAULT_FLAGS:
             kwargs[name] = True
-        elif name == "fail_after_bytes_written":
+        elif name in _FAULT_BYTES:
             kwargs[name] = int(value)
         elif name == "failed_tape_ids":
             kwargs[name] = frozenset(v for v in value.split(",") if v)
@@ -133,7 +138,7 @@ def _add_drive(p: argparse.ArgumentParser, *, write: bool) -> None:
                    help="never wait at a prompt: use --tape-change-command or fail clearly")
     p.add_argument("--sim-fault", metavar="NAME[=VALUE]", type=_fault, action="append",
                    help="simulator fault injection, repeatable: " + ", ".join(
-                       (*_FAULT_FLAGS, "fail_after_bytes_written=N", "failed_tape_ids=ID,...",
+                       (*_FAULT_FLAGS, *(f"{n}=N" for n in _FAULT_BYTES), "failed_tape_ids=ID,...",
                         "error_message=TEXT")) + (" (testing)" if write else ""))
 
 
@@ -177,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a source file that changes while it is backed up: fail the job "
                         "(default) or skip it (listed as skipped; its bytes on tape are "
                         "marked unusable in the catalog)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the interrupted backup of this source onto this drive "
+                        "(same flags), from its journal")
+    b.add_argument("--state-dir", metavar="DIR", type=Path,
+                   help="where the job journal lives (default $LTOFLOW_STATE_DIR, else "
+                        "$XDG_STATE_HOME/ltoflow, else ~/.local/state/ltoflow)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     b.add_argument("--verbose", action="store_true",
                    help="container lines above the live view, tracebacks with errors")
@@ -303,12 +314,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
         verify_after_write=args.verify,
         strict=args.strict,
         on_change=args.on_change,
+        state_dir=args.state_dir,
+        resume=args.resume,
     )
     reporter = _reporter(args, quiet=args.quiet or args.json)
     drive = _drive(args, capacity=config.tape_nominal_capacity_bytes, throttle=throttle)
     components = api.Components(drive=drive, operator=_operator(args), reporter=reporter)
+    journal = api.job_journal(config, drive)
     try:
-        result = trio.run(api.backup_async, config, components)
+        result = trio.run(run_interruptible, lambda: api.backup_async(config, components))
+    except* Interrupted as group:
+        if isinstance(reporter, LiveReporter):
+            reporter.close()
+        raise Interrupted(f"{group.exceptions[0]}; {_resume_hint(journal)}") from None
+    except* UsageError:
+        raise
+    except* BackupError as group:
+        if journal.exists():
+            hint = _resume_hint(journal)
+            for e in leaves(group):
+                e.add_note(hint)
+        raise
     finally:
         if isinstance(reporter, LiveReporter):
             reporter.close()
@@ -362,7 +388,8 @@ def backup_summary(result: BackupResult, where: str,
              "sequence_number": t.sequence_number,
              "containers": t.containers, "data_bytes": t.data_bytes,
              "catalog_bytes": t.catalog_bytes, "seconds": round(t.seconds, 3),
-             "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3)}
+             "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3),
+             "earlier_containers": t.earlier_containers}
             for t in result.tapes
         ],
         "containers": len(c.containers),
@@ -385,16 +412,19 @@ def backup_summary(result: BackupResult, where: str,
 def print_backup_summary(result: BackupResult, where: str,
                          drive_stats: Sequence[TapeDriveStats] = ()) -> None:
     c = result.catalog
-    rate = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    written = sum(t.data_bytes for t in result.tapes)  # by this run (a resume did less)
+    rate = written / result.seconds / 1e6 if result.seconds else 0.0
     split, across = split_files(c)
-    print(f"Backup complete. {len(result.tapes)} tape(s), {len(c.source_files)} file(s).")
+    print(f"Backup complete. {len(c.tapes)} tape(s), {len(c.source_files)} file(s).")
     print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
           f"{result.seconds:.1f} s ({rate:.0f} MB/s); {len(c.directories)} director"
           f"{'y' if len(c.directories) == 1 else 'ies'}, {len(c.symlinks)} symlink(s)")
     for t in result.tapes:
         volume = f"volume {t.volume_serial}  " if t.volume_serial else ""
-        print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers  "
+        earlier = f" (+{t.earlier_containers} already on it)" if t.earlier_containers else ""
+        print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers"
+              f"{earlier}  "
               f"{human_bytes(t.data_bytes)}  catalog {human_bytes(t.catalog_bytes)}  "
               f"{t.seconds:.1f} s  writer waited {t.stalls}x ({t.stall_seconds:.2f} s)")
     for d in drive_stats:
@@ -709,6 +739,56 @@ def print_plan(plan: Plan) -> None:
         print(f"  will skip {s.relative_path} ({s.kind}): {s.reason}")
 
 
+def _resume_hint(journal: Journal) -> str:
+    """One line on what is safe on tape and how to go on."""
+    if not journal.exists():
+        return "nothing was written to tape that a resume could use"
+    try:
+        done = journal.load(JsonCatalogCodec()).describe()
+    except BackupError:
+        done = "progress recorded"
+    return (f"{done}, all safe on tape; fix the cause and run the same command with "
+            "--resume to continue")
+
+
+def _abort_now() -> NoReturn:
+    print("ltoflow: aborted at once (second interrupt); the tape in the drive may hold a "
+          "half-written container: --resume rewrites it", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+async def run_interruptible[T](
+    job: Callable[[], Awaitable[T]], abort: Callable[[], None] = _abort_now
+) -> T:
+    """Run `job`; on SIGINT or SIGTERM cancel it cleanly (the container in flight is dropped,
+    the journal stays true, the tape is unloaded) and raise Interrupted; on a second signal
+    while that runs, call `abort` (exit at once)."""
+    got: list[int] = []
+    result: list[T] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if got:
+                        abort()
+                        continue
+                    got.append(signum)
+                    print(f"ltoflow: {signal.Signals(signum).name}: stopping cleanly "
+                          "(again to abort at once)", file=sys.stderr)
+                    scope.cancel()
+
+            nursery.start_soon(watch)
+            with scope:
+                result.append(await job())
+            nursery.cancel_scope.cancel()
+    if not result:
+        raise Interrupted(f"interrupted by {signal.Signals(got[0]).name}")
+    return result[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan,
@@ -718,15 +798,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = EXIT_INTERNAL
     try:
         code = commands[args.command](args)
+    except* Interrupted as group:
+        print(f"{prog}: {group.exceptions[0]}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except* KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except* BrokenPipeError:  # `ltoflow ... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        code = EXIT_OK
     except* BackupError as group:
         errors = leaves(group)
         for e in errors:
             print(f"{prog}: error: {e}", file=sys.stderr)
             if verbose:
                 traceback.print_exception(e)
+        notes = dict.fromkeys(n for e in errors for n in getattr(e, "__notes__", ()))
+        for note in notes:  # once each, after the errors
+            print(f"{prog}: {note}", file=sys.stderr)
         code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
     except* Exception as group:
         for e in leaves(group):

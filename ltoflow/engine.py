@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import attrs
@@ -31,7 +31,13 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, CatalogWriteError, TapeFullError
+from ltoflow.errors import (
+    BackupError,
+    CatalogWriteError,
+    TapeFilledEarlyError,
+    TapeFullError,
+    leaves,
+)
 from ltoflow.hashing import (
     FIRST_TAPE,
     LATER_TAPES,
@@ -44,6 +50,7 @@ from ltoflow.hashing import (
     SourceFaults,
     multi_segment_flags,
 )
+from ltoflow.journal import ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
 from ltoflow.plan import Plan, Tape, build_catalog
 from ltoflow.progress import (
@@ -57,7 +64,7 @@ from ltoflow.progress import (
     TapeStarted,
     TapeVerified,
 )
-from ltoflow.tapes import check_blank, load_requested_tape
+from ltoflow.tapes import check_blank, check_resumable, load_requested_tape
 from ltoflow.units import MiB, human_bytes
 
 #: Largest read: big enough that a thread hop (~0.1 ms) is noise, small enough to pipeline.
@@ -272,11 +279,20 @@ async def write_actor(
     buffer: PipelineBuffer,
     stats: WriterStats,
     reporter: Reporter,
+    first_container: int = 0,
+    on_container: Callable[[int], Awaitable[None]] | None = None,
+    replace: bool = False,
+    reserve: int = 0,
 ) -> None:
     """Write chunks to the tape, one file per container; give each buffer back once written.
 
     Waits for the buffer to reach its high-water mark before it starts and whenever it ran
     dry, and counts those waits as stalls. A container that fails part-way is aborted.
+    Chunks of containers before `first_container` (already on tape: a resumed job re-reads
+    them only to hash a file that continues past them) are dropped. `on_container(index)` runs
+    once a container is durable on tape. With `replace`, a container file an interrupted job
+    left behind is replaced. A container that the tape has no room for (with `reserve` bytes
+    left for the catalog), by the space it reports or at ENOSPC, raises TapeFilledEarlyError.
     """
     writer = None
     started = 0.0
@@ -298,24 +314,38 @@ async def write_actor(
                         stats.stall_seconds += trio.current_time() - t0
                 except trio.EndOfChannel:
                     break
+                if chunk.container < first_container:
+                    buffer.give_back(chunk.buffer, chunk.nbytes)
+                    continue
                 cid = container_ids[chunk.container]
-                if chunk.first:
-                    size = plan.containers[chunk.container].size
-                    await _require_room(tape, tape_id, size, f"container {cid}")
-                    writer = await tape.open_write(f"data/{cid}")
-                    stats.current = cid
-                    started = trio.current_time()
-                assert writer is not None, "a container's first chunk always comes first"
-                await writer.write(chunk.data)
-                stats.bytes += chunk.nbytes
-                buffer.give_back(chunk.buffer, chunk.nbytes)
+                try:
+                    if chunk.first:
+                        size = plan.containers[chunk.container].size
+                        await _require_room(tape, tape_id, size + reserve,
+                                            f"container {cid} and the catalog",
+                                            container=chunk.container)
+                        writer = await tape.open_write(f"data/{cid}", replace=replace)
+                        stats.current = cid
+                        started = trio.current_time()
+                    assert writer is not None, "a container's first chunk always comes first"
+                    await writer.write(chunk.data)
+                    stats.bytes += chunk.nbytes
+                    buffer.give_back(chunk.buffer, chunk.nbytes)
+                    if chunk.last:
+                        await writer.close()
+                        writer = None
+                        await tape.sync()
+                except TapeFilledEarlyError:
+                    raise
+                except TapeFullError as e:  # ENOSPC: the medium is smaller than it said
+                    raise TapeFilledEarlyError(str(e), bytes_written=e.bytes_written,
+                                               container_index=chunk.container) from e
                 if chunk.last:
-                    await writer.close()
-                    writer = None
-                    await tape.sync()
                     stats.containers += 1
                     size = plan.containers[chunk.container].size
                     elapsed = trio.current_time() - started
+                    if on_container is not None:
+                        await on_container(chunk.container)
                     reporter.event(ContainerWritten(tape_id, cid, size, elapsed))
         except BaseException:
             if writer is not None:
@@ -329,15 +359,22 @@ async def write_actor(
                 await writer.abort()
 
 
-async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str) -> None:
-    """Refuse to start writing `what` when the tape, by its own count, has no room for it."""
+async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str, *,
+                        container: int | None = None) -> None:
+    """Refuse to start writing `what` when the tape, by its own count, has no room for it:
+    TapeFilledEarlyError when `what` is `container`, TapeFullError otherwise."""
     free = await tape.free_bytes()
     if free is not None and free < needed:
+        message = (f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough "
+                   f"for {what} ({human_bytes(needed)})")
+        written = getattr(tape, "bytes_written", 0)
+        if container is not None:
+            raise TapeFilledEarlyError(message, bytes_written=written,
+                                       container_index=container)
         raise TapeFullError(
-            f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough for "
-            f"{what} ({human_bytes(needed)}): it holds less than its nominal capacity; give a "
-            "smaller --capacity-tb (what these cartridges really hold)",
-            bytes_written=getattr(tape, "bytes_written", 0),
+            f"{message}: it holds less than its nominal capacity; insert another tape, or "
+            "give a smaller --capacity-tb (what these cartridges really hold)",
+            bytes_written=written,
         )
 
 
@@ -443,6 +480,8 @@ class TapeSummary:
     stalls: int
     stall_seconds: float
     volume_serial: str | None = None
+    #: Containers already on this tape when a resumed job loaded it (not in `containers`).
+    earlier_containers: int = 0
 
 
 #: How often the progress display hears from the engine.
@@ -532,8 +571,11 @@ async def write_catalog(
     codec: CatalogCodec,
     limit: int,
     extra_files: Sequence[tuple[str, bytes]],
+    replace: bool = False,
 ) -> tuple[int, str]:
     """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
+
+    With `replace` (a resumed job), files an interrupted write left behind are replaced.
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
     catalog is larger than the reserve, `limit` bytes.
@@ -541,7 +583,7 @@ async def write_catalog(
     h = hashlib.sha256()
     size = 0
     try:
-        writer = await tape.open_write(cat.CATALOG_JSON)
+        writer = await tape.open_write(cat.CATALOG_JSON, replace=replace)
         try:
             chunks = codec.encode(catalog)
             while True:
@@ -563,7 +605,7 @@ async def write_catalog(
         await writer.close()
         digest = h.hexdigest()
         for path, data in ((cat.CATALOG_SHA256, digest.encode()), *extra_files):
-            w = await tape.open_write(path)
+            w = await tape.open_write(path, replace=replace)
             await w.write(data)
             await w.close()
         await tape.sync()
@@ -584,16 +626,24 @@ async def run_backup(
     reporter: Reporter,
     settings: EngineSettings,
     set_id: str | None = None,
+    created_at: str | None = None,
+    journal: Journal | None = None,
+    resume: ResumeState | None = None,
 ) -> BackupResult:
     """Write `plan` to tapes: each tape loaded once, filled, given the full catalog, unloaded.
 
+    With a `journal`, every container and tape that is durable on tape is recorded there, so
+    that a job stopped by anything (a fault, Ctrl-C, a crash) can be resumed: `resume` is what
+    the journal says was done, and the job goes on from the first container not on tape.
     Raises BackupError subclasses (SourceFileChangedError, TapeFullError, FileWriteError,
     CatalogWriteError, ...) and leaves the tape in the drive unloaded on the way out.
     """
     from ltoflow.verify import verify_loaded_tape  # verify imports the engine's helpers
 
+    if resume is not None:
+        set_id, created_at = resume.set_id, resume.created_at
     set_id = set_id or str(uuid.uuid4())
-    created_at = cat.iso_utc(clock.now())
+    created_at = created_at or cat.iso_utc(clock.now())
     started = clock.monotonic()
     recorder = HashRecorder(plan, SourceFaults(plan, settings.faults))
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
@@ -616,10 +666,26 @@ async def run_backup(
     )
     buffer = PipelineBuffer(settings.buffer_bytes)
     state = JobState(plan.total_bytes, len(plan.tapes), buffer)
+    layout = len(resume.breaks) if resume is not None else 0  # tapes that filled early
+    if resume is not None:
+        await trio.to_thread.run_sync(_seed_hashes, recorder, plan, resume, container_ids)
+        if resume.catalog is not None:
+            if _same_layout(resume.catalog, plan, tape_ids):
+                base = resume.catalog
+            else:  # a tape filled early since it was built: same hashes, new places
+                base = build_catalog(plan, recorder.complete(), set_id=set_id,
+                                     created_at=created_at, created_by=settings.created_by)
+                if journal is not None:
+                    await trio.to_thread.run_sync(journal.catalog_known, base, codec)
+
+    async def journal_container(index: int) -> None:
+        if journal is not None:
+            done = _container_done(recorder, plan, index)
+            await trio.to_thread.run_sync(journal.container_done, done)
 
     async with trio.open_nursery() as nursery:
         prehashed = trio.Event()
-        if multi:
+        if multi and base is None:
             start = plan.file_starts[prehash_file]
             want_c, want_f = multi_segment_flags(
                 plan, range(plan.tapes[1].containers.start, len(plan.containers)),
@@ -639,22 +705,60 @@ async def run_backup(
 
         for tape in plan.tapes:
             request = TapeRequest(tape_ids[tape.index], tape.index + 1, set_id, len(plan.tapes))
+            if resume is not None and tape.index in resume.tapes_done:
+                serials.append(resume.tapes_done[tape.index])
+                state.finish_tape(tape.data_bytes)
+                reporter.event(Note(f"tape {request.tape_id} was completed before the "
+                                    "interruption; not loaded again"))
+                continue
             state.begin(request, tape.data_bytes, "waiting for the tape")
-            loaded = await load_requested_tape(drive, operator, request, check_blank)
+            check = check_blank if resume is None else check_resumable
+            loaded = await load_requested_tape(drive, operator, request, check)
             try:
-                needed = tape.data_bytes + plan.reserve_bytes
-                await _require_room(loaded, request.tape_id, needed,
-                                    "its share of the plan and the catalog (nothing written)")
+                first = tape.containers.start
+                if resume is not None:
+                    first = await _first_missing(loaded, plan, tape, container_ids, resume)
+                    if first > tape.containers.start:
+                        reporter.event(Note(
+                            f"tape {request.tape_id}: {first - tape.containers.start} "
+                            "container(s) already on it; going on from "
+                            + (container_ids[first] if first < tape.containers.stop
+                               else "its catalog")))
+                todo = sum(plan.containers[c].size for c in range(first, tape.containers.stop))
+                # What an interrupted job left half-written is replaced, not added to.
+                leftovers = 0 if resume is None else await _sizes(loaded, [
+                    *(f"data/{container_ids[c]}" for c in range(first, tape.containers.stop)),
+                    cat.CATALOG_JSON, cat.CATALOG_SHA256,
+                    *(path for path, _ in settings.extra_files),
+                ])
+                first_size = plan.containers[first].size if first < tape.containers.stop else 0
+                await _require_room(loaded, request.tape_id,
+                                    first_size + plan.reserve_bytes - leftovers,
+                                    "even one container and the catalog (nothing written)")
+                free = await loaded.free_bytes()
+                if free is not None and free < todo + plan.reserve_bytes - leftovers:
+                    reporter.event(Note(
+                        f"tape {request.tape_id} reports {human_bytes(free)} free, less than "
+                        f"the {human_bytes(todo + plan.reserve_bytes)} planned for it: it will "
+                        "take what fits, and the rest goes to an extra tape"))
                 serials.append(_serial(loaded))
                 reporter.event(TapeStarted(request.tape_id, request.sequence_number,
-                                           len(plan.tapes), tape.data_bytes, loaded.label))
+                                           len(plan.tapes), todo, loaded.label))
                 buffer.begin_tape()
                 state.phase = "writing"
+                state.done_bytes += tape.data_bytes - todo
                 t0 = trio.current_time()
-                stats = await _stream_tape(
-                    plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
-                    reporter, reads, prehash_file, state.writer,
-                )
+                try:
+                    stats = await _stream_tape(
+                        plan, tape, loaded, request.tape_id, container_ids, recorder, buffer,
+                        reporter, reads, prehash_file, state.writer, first=first,
+                        replay=base is None, on_container=journal_container,
+                        replace=resume is not None,
+                    )
+                except* TapeFilledEarlyError as group:
+                    full = [e for e in leaves(group) if isinstance(e, TapeFilledEarlyError)]
+                    raise await _filled_early(full[0], tape, request.tape_id,
+                                              journal) from None
                 seconds = trio.current_time() - t0
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
@@ -671,11 +775,14 @@ async def run_backup(
                         plan, recorder.complete(), set_id=set_id, created_at=created_at,
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
+                    if journal is not None:
+                        await trio.to_thread.run_sync(journal.catalog_known, base, codec)
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
                 state.phase = "writing the catalog"
                 catalog_size, catalog_sha = await write_catalog(
-                    loaded, catalog, codec=codec, limit=limit, extra_files=settings.extra_files
+                    loaded, catalog, codec=codec, limit=limit, extra_files=settings.extra_files,
+                    replace=resume is not None,
                 )
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
@@ -688,7 +795,7 @@ async def run_backup(
                 summaries.append(TapeSummary(
                     request.tape_id, loaded.label, request.sequence_number, stats.containers,
                     stats.bytes, catalog_size, seconds, stats.stalls, stats.stall_seconds,
-                    serials[-1],
+                    serials[-1], first - tape.containers.start,
                 ))
                 state.finish_tape(stats.bytes)
             except BaseException:
@@ -697,9 +804,31 @@ async def run_backup(
                 raise
             state.phase = "unloading"
             await drive.unload()
+            # Only now: an unload (an LTFS unmount writes the index) that fails leaves the
+            # tape to be loaded again by a resume, which checks it and rewrites its catalog.
+            if journal is not None:
+                await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1],
+                                              layout)
+        assert base is not None
+        if resume is not None:
+            # Tapes written before a tape filled early carry a catalog that puts containers
+            # where they are not: give them the catalog of the set as it really is.
+            state.phase = "rewriting earlier catalogs"
+            for t in plan.tapes:
+                if resume.tape_layouts.get(t.index, layout) < layout:
+                    await _rewrite_catalog(
+                        TapeRequest(tape_ids[t.index], t.index + 1, set_id, len(plan.tapes)),
+                        base.with_serials(serials), drive=drive, operator=operator,
+                        codec=codec, limit=limit, settings=settings, reporter=reporter)
+                    if journal is not None:
+                        await trio.to_thread.run_sync(journal.tape_done, t.index,
+                                                      serials[t.index], layout)
         ticker.cancel()
 
-    assert catalog is not None
+    if catalog is None:  # every tape was done before: the job ended in the last unload
+        catalog = base.with_serials(serials)
+    if journal is not None:
+        await trio.to_thread.run_sync(journal.finish)
     return BackupResult(
         catalog=catalog,
         catalog_sha256=catalog_sha,
@@ -710,6 +839,107 @@ async def run_backup(
         verified=settings.verify_after_write,
         verify_problems=tuple(problems),
     )
+
+
+def _same_layout(catalog: Catalog, plan: Plan, tape_ids: Sequence[str]) -> bool:
+    """Whether `catalog` puts every container of `plan` on the tape the plan does."""
+    return len(catalog.tapes) == len(plan.tapes) and len(catalog.containers) == len(
+        plan.containers) and all(
+        entry.tape_id == tape_ids[c.tape_index]
+        for entry, c in zip(catalog.containers, plan.containers, strict=True)
+    )
+
+
+async def _filled_early(e: TapeFilledEarlyError, tape: Tape, tape_id: str,
+                        journal: Journal | None) -> TapeFullError:
+    """The error that ends a job whose tape filled early; records where a new tape starts."""
+    took = e.container_index - tape.containers.start
+    if took <= 0:
+        return TapeFullError(f"{e}; tape {tape_id} cannot take even its first container: "
+                             "insert another (blank) tape for it", bytes_written=e.bytes_written)
+    if journal is not None:
+        await trio.to_thread.run_sync(journal.tape_break, e.container_index)
+    return TapeFullError(
+        f"{e}; tape {tape_id} filled before its planned share: it holds {took} of its "
+        f"{len(tape.containers)} containers, the rest go to an extra tape (a resume asks for "
+        "this tape again to write its catalog, then for a blank one)",
+        bytes_written=e.bytes_written,
+    )
+
+
+async def _rewrite_catalog(request: TapeRequest, catalog: Catalog, *, drive: TapeDrive,
+                           operator: Operator, codec: CatalogCodec, limit: int,
+                           settings: EngineSettings, reporter: Reporter) -> None:
+    """Load a finished tape of this set and replace its catalog."""
+    loaded = await load_requested_tape(drive, operator, request, check_resumable)
+    try:
+        size, digest = await write_catalog(loaded, catalog, codec=codec, limit=limit,
+                                           extra_files=settings.extra_files, replace=True)
+    except BaseException:
+        await _unload_keeping_the_error(drive, reporter)
+        raise
+    reporter.event(CatalogWritten(request.tape_id, size, digest))
+    await drive.unload()
+
+
+def _container_done(recorder: HashRecorder, plan: Plan, index: int) -> ContainerDone:
+    """The hashes a journal keeps for container `index`: its own, its segments', and those of
+    the files that end in it (a resume does not read these bytes again)."""
+    h = recorder.hashes
+    c = plan.containers[index]
+    segs = tuple((s, d) for s in c.segments if (d := h.segments[s]) is not None)
+    files: list[tuple[int, str]] = []
+    for s in c.segments:
+        f = plan.segments[s].file_index
+        if plan.file_starts[f + 1] - 1 == s and (d := h.files[f]) is not None:
+            files.append((f, d))
+    return ContainerDone(index, h.containers[index], segs, tuple(files))
+
+
+def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
+                 container_ids: Sequence[str]) -> None:
+    """Give the recorder every hash the interrupted job already knew: a segment read again
+    must hash the same, or its file changed since."""
+    h = recorder.hashes
+    if resume.catalog is not None:
+        by_container = {c.container_id: c.sha256 for c in resume.catalog.containers}
+        for c in plan.containers:
+            h.containers[c.index] = by_container.get(container_ids[c.index])
+        file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+        files = {f.file_id: f.sha256 for f in resume.catalog.source_files}
+        for i, fid in enumerate(file_ids):
+            h.files[i] = files.get(fid)
+        segments = {s.segment_id: s.sha256 for s in resume.catalog.segments}
+        for n, s in enumerate(plan.segments):
+            h.segments[n] = segments.get(cat.segment_id_for(file_ids[s.file_index], s.part))
+    for done in resume.containers.values():
+        if done.index >= len(h.containers):
+            continue
+        h.containers[done.index] = h.containers[done.index] or done.sha256
+        for seg, digest in done.segments:
+            h.segments[seg] = digest
+        for f, digest in done.files:
+            h.files[f] = digest
+
+
+async def _sizes(loaded: LoadedTape, paths: Sequence[str]) -> int:
+    """Bytes of those of `paths` that exist on the tape."""
+    total = 0
+    for path in paths:
+        total += await loaded.size_of(path) or 0
+    return total
+
+
+async def _first_missing(loaded: LoadedTape, plan: Plan, tape: Tape,
+                         container_ids: Sequence[str], resume: ResumeState) -> int:
+    """The first container of `tape` that is not both journaled and whole on this tape."""
+    for c in tape.containers:
+        if c not in resume.containers:
+            return c
+        size = await loaded.size_of(f"data/{container_ids[c]}")
+        if size != plan.containers[c].size:
+            return c
+    return tape.containers.stop
 
 
 async def _stream_tape(
@@ -724,21 +954,38 @@ async def _stream_tape(
     reads: list[int],
     prehash_file: int,
     stats: WriterStats,
+    *,
+    first: int,
+    replay: bool,
+    on_container: Callable[[int], Awaitable[None]],
+    replace: bool,
 ) -> WriterStats:
-    """Run reader → hashers → writer over this tape's containers; return the writer's stats."""
-    if not tape.containers:
+    """Run reader → hashers → writer over this tape's containers from `first` on; return the
+    writer's stats.
+
+    With `replay`, a file that continues into container `first` from containers already on
+    tape is read from its start, so that its whole-file hash can be computed; those earlier
+    bytes are hashed (and checked against the journal) but not written again.
+    """
+    if first >= tape.containers.stop:
+        buffer.finish()  # nothing to read: the prehasher must not wait for this reader
         return stats
-    first_seg = plan.containers[tape.containers.start].segments.start
+    first_seg = plan.containers[first].segments.start
     end_seg = plan.containers[tape.containers.stop - 1].segments.stop
-    first_file = plan.segments[first_seg].file_index
     last_file = plan.segments[end_seg - 1].file_index
+    read_from = first_seg
+    if replay and first > tape.containers.start:
+        read_from = plan.file_starts[plan.segments[first_seg].file_index]
+    first_file = plan.segments[read_from].file_index
     # Whole-container and whole-file hashes this pass computes: only those the prehasher does
     # not, which leaves tape 1's containers and the files that lie wholly on tape 1.
-    own_containers = tape.containers if tape.index == 0 else range(0)
+    own_containers = range(first, tape.containers.stop) if tape.index == 0 else range(0)
     want_c, want_f = multi_segment_flags(
         plan, own_containers, first_file, min(prehash_file, last_file + 1)
     )
-    cursor = SourceCursor(plan, first_seg, end_seg, faults=recorder.faults,
+    if not replay:
+        want_f = bytearray(len(plan.files))  # every file hash is known already
+    cursor = SourceCursor(plan, read_from, end_seg, faults=recorder.faults,
                           domain=FIRST_TAPE if tape.index == 0 else LATER_TAPES)
     depth = buffer.count  # every chunk holds a pool buffer, so this never blocks the reader early
     to_seg, from_reader = trio.open_memory_channel[Chunk](depth)
@@ -761,12 +1008,15 @@ async def _stream_tape(
                 lambda: write_actor(
                     from_agg, tape=loaded, tape_id=tape_id, container_ids=container_ids,
                     plan=plan, buffer=buffer, stats=stats, reporter=reporter,
+                    first_container=first, on_container=on_container, replace=replace,
+                    reserve=plan.reserve_bytes,
                 )
             )
     finally:
         reads[0] += cursor.bytes_read
-    if stats.containers != len(tape.containers):  # pragma: no cover - a bug, not a user error
+    if stats.containers != tape.containers.stop - first:  # pragma: no cover - a bug
         raise RuntimeError(
-            f"tape {tape_id}: {stats.containers} of {len(tape.containers)} containers written"
+            f"tape {tape_id}: {stats.containers} of {tape.containers.stop - first} containers "
+            "written"
         )
     return stats

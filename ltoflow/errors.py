@@ -70,6 +70,14 @@ class TapeFullError(BackupError):
         self.bytes_written = bytes_written
 
 
+class TapeFilledEarlyError(TapeFullError):
+    """A tape filled before its planned share: container `container_index` did not fit."""
+
+    def __init__(self, message: str, *, bytes_written: int = 0, container_index: int) -> None:
+        super().__init__(message, bytes_written=bytes_written)
+        self.container_index = container_index
+
+
 class TapeNotLoadedError(BackupError):
     """A drive operation was attempted with no (usable) tape loaded."""
 
@@ -97,3 +105,7 @@ class SkippedEntriesError(BackupError):
 
 class DriveLostError(BackupError):
     """The drive (the LTFS mount) went away in the middle of the job."""
+
+
+class Interrupted(BackupError):
+    """The job was stopped by SIGINT or SIGTERM; a backup's journal keeps what is on tape."""

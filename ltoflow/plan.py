@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -228,6 +228,32 @@ def make_plan(
     raise BackupPlanError(  # pragma: no cover - the reserve only grows, so this needs a bug
         "the catalog reserve did not settle; please report this with the `ltoflow plan` output"
     )
+
+
+def with_tape_breaks(plan: Plan, breaks: Sequence[int]) -> Plan:
+    """`plan` with a new tape started at each container index in `breaks`.
+
+    A tape that fills before its planned share (its real capacity is below nominal) ends at
+    the container that did not fit; that container and the ones after it flow onto the next
+    tapes, as many whole ones as fit on each. Containers keep their bytes, segments and ids;
+    the tapes before the first break are unchanged.
+    """
+    if not breaks:
+        return plan
+    forced = set(breaks)
+    first_tape = plan.containers[min(breaks)].tape_index
+    start = plan.tapes[first_tape].containers.start
+    tapes = list(plan.tapes[:first_tape])
+    containers = list(plan.containers[:start])
+    used = 0
+    for c in plan.containers[start:]:
+        if c.index > start and (c.index in forced or used + c.size > plan.usable_bytes):
+            tapes.append(Tape(len(tapes), range(start, c.index), used))
+            start, used = c.index, 0
+        containers.append(attrs.evolve(c, tape_index=len(tapes), tape_offset=used))
+        used += c.size
+    tapes.append(Tape(len(tapes), range(start, len(plan.containers)), used))
+    return attrs.evolve(plan, containers=tuple(containers), tapes=tuple(tapes))
 
 
 #: Same width as a real set id, for measuring.

@@ -753,7 +753,7 @@ async def run_restore(
             except BaseException:
                 await holder.release_after_error()
                 raise
-            await holder.release()
+            await holder.release_or_warn(reporter)
         await holder.release()  # a tape read for the catalog and never needed
         await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
     finally:

@@ -17,6 +17,7 @@ from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, TapeNotLoadedError, TapeReadError, WrongTapeError
 from ltoflow.operator import Operator
+from ltoflow.progress import Note, Reporter
 
 #: Attempts at getting the right tape into the drive before the job gives up (the seed's 5).
 MAX_TAPE_ATTEMPTS = 5
@@ -103,6 +104,24 @@ async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
         )
 
 
+async def check_resumable(tape: LoadedTape, request: TapeRequest) -> None:
+    """For a resumed backup: the tape is blank, or holds only this set's files (containers, a
+    catalog maybe torn by the interruption): the one the interrupted job was writing."""
+    set_id = request.backup_set_id
+    foreign = [n for n in await tape.list_dir("data") if set_id not in n]
+    if foreign:
+        raise WrongTapeError(
+            f"{tape.label} holds data of another set ({foreign[0]}); insert "
+            f"{request.describe()} as the interrupted backup left it, or a blank tape"
+        )
+    head = await _catalog_head(tape)
+    if head is not None and _SET_ID_RE.search(head) and _owner(head) != set_id:
+        raise WrongTapeError(
+            f"{tape.label} holds backup set {_owner(head)}; insert {request.describe()} as "
+            "the interrupted backup left it, or a blank tape"
+        )
+
+
 async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
     """For reading: the tape must belong to the requested set (a damaged or unreadable catalog
     is let in, so that verify can report what exactly is wrong)."""
@@ -155,6 +174,14 @@ class TapeHolder:
             self.loaded = self.tape_id = None
             with trio.CancelScope(shield=True):
                 await self.drive.unload()
+
+    async def release_or_warn(self, reporter: Reporter) -> None:
+        """Unload once a tape's work is done; an unload that fails is reported and the job goes
+        on (loading the next tape tells whether the drive still works)."""
+        try:
+            await self.release()
+        except BackupError as e:
+            reporter.event(Note(f"warning: {e}; going on with the next tape"))
 
     async def release_after_error(self) -> None:
         """Unload on the way out of an error; a failing unload must not replace that error."""

@@ -406,7 +406,7 @@ async def verify_set(
             except BaseException:
                 await holder.release_after_error()
                 raise
-            await holder.release()
+            await holder.release_or_warn(reporter)
             tapes_checked += 1
             problems.extend(bad)
             reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),

@@ -16,6 +16,14 @@ pytest_plugins = ["tests.fakes.fixtures"]
 SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own job-journal directory, never the user's."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("LTOFLOW_STATE_DIR", str(path))
+    return path
+
+
 def write_tree(root: Path, sizes: dict[str, int], *, seed: int = 1) -> dict[str, bytes]:
     """Create files of the given sizes with seeded random bytes; return their contents."""
     rng = random.Random(seed)

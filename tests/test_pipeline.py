@@ -89,7 +89,7 @@ class MemoryTape:
         prefix = path.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in self.files if p.startswith(prefix))
 
-    async def open_write(self, path: str) -> MemoryWriter:
+    async def open_write(self, path: str, *, replace: bool = False) -> MemoryWriter:
         self.files[path] = b""
         return MemoryWriter(self, path)
 

@@ -12,7 +12,14 @@ from ltoflow import catalog as cat
 from ltoflow.catalog import JsonCatalogCodec
 from ltoflow.errors import BackupPlanError
 from ltoflow.hashing import MAX_REASON_BYTES
-from ltoflow.plan import Hashes, Plan, build_catalog, catalog_measurer, make_plan
+from ltoflow.plan import (
+    Hashes,
+    Plan,
+    build_catalog,
+    catalog_measurer,
+    make_plan,
+    with_tape_breaks,
+)
 from ltoflow.scan import (
     ScannedDirectory,
     ScannedFile,
@@ -99,6 +106,41 @@ def test_containers_and_tapes_respect_their_limits(p: PlanInput) -> None:
     # Tapes are filled before the next one starts: only the last may have room left.
     for t in plan.tapes[:-1]:
         assert t.data_bytes == plan.usable_bytes
+
+
+@settings(max_examples=150, deadline=None)
+@given(plans, st.randoms(use_true_random=False))
+def test_tape_breaks_move_containers_whole_onto_later_tapes(p: PlanInput,
+                                                            rnd: random.Random) -> None:
+    """A tape that filled early ends at the break; containers keep their bytes and order,
+    every tape still fits, and the tapes before the first break are untouched."""
+    plan = _plan_or_none(*p)
+    if plan is None or len(plan.containers) < 2:
+        return
+    breaks = sorted(rnd.sample(range(1, len(plan.containers)),
+                               rnd.randint(1, min(3, len(plan.containers) - 1))))
+    moved = with_tape_breaks(plan, breaks)
+    assert with_tape_breaks(plan, []) is plan
+    assert moved.segments == plan.segments
+    assert [(c.index, c.size, c.segments) for c in moved.containers] == [
+        (c.index, c.size, c.segments) for c in plan.containers]
+    starts = {t.containers.start for t in moved.tapes}
+    assert set(breaks) <= starts
+    assert moved.tapes[: plan.containers[breaks[0]].tape_index] == plan.tapes[
+        : plan.containers[breaks[0]].tape_index]
+    assert len(moved.tapes) <= len(plan.tapes) + len(breaks)
+    next_start = 0
+    for t in moved.tapes:
+        assert t.containers.start == next_start
+        next_start = t.containers.stop
+        assert 0 < t.data_bytes <= plan.usable_bytes
+        offset = 0
+        for ci in t.containers:
+            assert (moved.containers[ci].tape_index, moved.containers[ci].tape_offset) == (
+                t.index, offset)
+            offset += moved.containers[ci].size
+        assert offset == t.data_bytes
+    assert next_start == len(plan.containers)
 
 
 @settings(max_examples=60, deadline=None)

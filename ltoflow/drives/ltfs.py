@@ -304,12 +304,14 @@ class LtfsTape:
 
         return await self._io("reading the free space", free)
 
-    async def open_write(self, path: str) -> LtfsWriter:
+    async def open_write(self, path: str, *, replace: bool = False) -> LtfsWriter:
         target = self.root / path
+        # LTFS never overwrites in place: a replaced file's old blocks stay on the medium.
+        mode = os.O_TRUNC if replace else os.O_EXCL
 
         def _open() -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            return os.open(target, os.O_WRONLY | os.O_CREAT | mode | os.O_CLOEXEC, 0o644)
 
         return LtfsWriter(self, path, await self._io(f"creating {path}", _open))
 

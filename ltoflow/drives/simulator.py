@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 from collections.abc import Buffer
 from pathlib import Path
 from typing import BinaryIO
@@ -56,9 +57,18 @@ class SimulatorFailureConfig:
     fail_after_bytes_written: int | None = None
     failed_tape_ids: frozenset[str] = frozenset()
     error_message: str = "injected simulator failure"
+    #: ltoflow, for tests of interruption: the process kills itself with SIGKILL (a crash, a
+    #: power loss) or sends itself SIGINT (Ctrl-C) once a tape would hold more than N bytes.
+    crash_after_bytes_written: int | None = None
+    #: ltoflow: FileWriteError from every unload (the tape still leaves the drive).
+    fail_on_unload: bool = False
+    interrupt_after_bytes_written: int | None = None
 
     def applies_to(self, tape_id: str) -> bool:
-        return not self.failed_tape_ids or tape_id in self.failed_tape_ids
+        """Whether faults hit `tape_id`: every tape when `failed_tape_ids` is empty; an entry
+        is a tape id, or a sequence number ("2") for tests that cannot know the set id."""
+        ids = self.failed_tape_ids
+        return not ids or tape_id in ids or tape_id.rsplit("-", 1)[-1].lstrip("0") in ids
 
 
 @attrs.define
@@ -156,7 +166,14 @@ class SimulatorDrive:
         except (OSError, ValueError) as e:
             raise TapeNotLoadedError(f"tape {tape_id}: cannot read its {TAPE_JSON}: {e}") from e
         capacity = doc.get("capacity_bytes", self.capacity_bytes)
-        return _TapeState(tape_id, tape_root, capacity, int(doc.get("bytes_written", 0)))
+        # A crash can leave bytes on the tape that its tape.json has not counted yet.
+        on_disk = sum(
+            e.stat().st_size
+            for sub in ("data", "catalog", "recovery") if (tape_root / sub).is_dir()
+            for e in os.scandir(tape_root / sub) if e.is_file()
+        )
+        written = max(int(doc.get("bytes_written", 0)), on_disk)
+        return _TapeState(tape_id, tape_root, capacity, written)
 
     async def unload(self) -> None:
         tape, self._loaded = self._loaded, None
@@ -165,6 +182,10 @@ class SimulatorDrive:
                 await tape.model.flush()
             self.drive_stats.append(TapeDriveStats(
                 tape.tape_id, tape.model.statistics(), tuple(tape.model.timeline())))
+        f = self.failures
+        if tape is not None and f.fail_on_unload and f.applies_to(tape.tape_id):
+            raise FileWriteError(f"{f.error_message}: tape {tape.tape_id} did not unload "
+                                 "cleanly")
 
     async def inventory(self) -> list[str]:
         return await trio.to_thread.run_sync(list_simulated_tapes, self.root)
@@ -187,6 +208,7 @@ class SimulatorTape:
         self._state = state
         self._failures = failures
         self._fail = failures.applies_to(state.tape_id)
+        self._interrupted = False
         self.model = model
         self.discard = discard
 
@@ -213,7 +235,7 @@ class SimulatorTape:
     def _path(self, path: str) -> Path:
         return self._state.root / path
 
-    async def open_write(self, path: str) -> SimulatorWriter:
+    async def open_write(self, path: str, *, replace: bool = False) -> SimulatorWriter:
         if self._fail and self._failures.fail_on_write:
             raise FileWriteError(
                 f"{self._failures.error_message}: cannot write {path} on tape {self.tape_id}"
@@ -224,6 +246,12 @@ class SimulatorTape:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not (self._state.root / TAPE_JSON).exists():
                 self._state.save()
+            if replace and target.exists():
+                # The simulator gives a replaced file's bytes back, as its directory does; a
+                # real LTFS tape does not, which the LTFS drive's reserve covers.
+                self._state.bytes_written -= min(self._state.bytes_written,
+                                                 target.stat().st_size)
+                target.unlink()
             return open(target, "xb", buffering=0)  # append-only medium: never overwrite
 
         try:
@@ -291,6 +319,14 @@ class SimulatorTape:
         """Charge `n` more bytes to this tape, or raise TapeFullError if they do not fit."""
         st = self._state
         after = st.bytes_written + n
+        f = self._failures
+        if self._fail and f.crash_after_bytes_written is not None and (
+                after > f.crash_after_bytes_written):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._fail and f.interrupt_after_bytes_written is not None and (
+                after > f.interrupt_after_bytes_written) and not self._interrupted:
+            self._interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)
         limit = self._failures.fail_after_bytes_written
         if self._fail and limit is not None and after > limit:
             raise TapeFullError(
@@ -312,6 +348,7 @@ class SimulatorWriter:
         self._tape = tape
         self._path = path
         self._fh = fh
+        self._written = 0
 
     async def write(self, data: Buffer) -> None:
         tape = self._tape
@@ -322,6 +359,7 @@ class SimulatorWriter:
             )
         view = memoryview(data)
         tape._account(view.nbytes, self._path)
+        self._written += view.nbytes
         if tape.model is not None:
             await tape.model.accept(view.nbytes)
         if tape.discard and self._path.startswith("data/"):
@@ -347,9 +385,12 @@ class SimulatorWriter:
         await trio.to_thread.run_sync(self._tape._state.save)
 
     async def abort(self) -> None:
-        """Drop a partial file. Its bytes stay charged: on a real tape they are still there."""
+        """Drop a partial file, and give its bytes back as the simulator's directory does (on
+        a real LTFS tape they stay used: the LTFS drive keeps a reserve for that)."""
         self._fh.close()
         target = self._tape._path(self._path)
+        state = self._tape._state
+        state.bytes_written -= min(state.bytes_written, self._written)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
             await trio.to_thread.run_sync(self._tape._state.save)

@@ -1,0 +1,231 @@
+"""The backup journal: what a crash, a fault or Ctrl-C leaves behind so `--resume` can continue.
+
+A job (one source onto one drive, with one capacity and container size) has three files in the
+state directory, named after a key of those settings:
+
+```
+<key>.journal        JSON lines, each fsynced: begin, one line per container on tape (with its
+                     hashes), catalog (when the set's catalog is known), one line per tape done,
+                     a break where a tape filled before its planned share
+<key>.scan           the scan the plan was made from, so a resume rebuilds the very same plan
+<key>.catalog.json   the set's catalog, once built (tape 1 finished): later tapes reuse it
+```
+Every line is written and fsynced after the thing it records is durable on tape, so the journal
+never claims more than the tapes hold; a line torn by a crash is ignored. The files are removed
+when the backup finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+from ltoflow.catalog import Catalog, CatalogCodec
+from ltoflow.errors import UsageError
+from ltoflow.scan import ScanResult
+
+JOURNAL_VERSION = 1
+#: Set by tests and by operators who keep state next to the job, not in their home directory.
+STATE_DIR_ENV = "LTOFLOW_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """$LTOFLOW_STATE_DIR, else $XDG_STATE_HOME/ltoflow, else ~/.local/state/ltoflow."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    base = os.environ.get("XDG_STATE_HOME")
+    return (Path(base) if base else Path("~/.local/state").expanduser()) / "ltoflow"
+
+
+def job_key(source_root: Path, target: str, capacity_bytes: int, container_bytes: int) -> str:
+    """Names the job: the same source, drive target and sizes give the same key."""
+    text = f"{source_root.absolute()}\0{target}\0{capacity_bytes}\0{container_bytes}"
+    return "job-" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+@attrs.frozen
+class ContainerDone:
+    index: int
+    sha256: str | None
+    segments: tuple[tuple[int, str], ...]
+    files: tuple[tuple[int, str], ...]
+
+
+@attrs.define
+class ResumeState:
+    """What an interrupted job got done, as its journal tells it."""
+
+    set_id: str
+    created_at: str
+    scan: ScanResult
+    containers: dict[int, ContainerDone] = attrs.field(factory=dict)
+    tapes_done: dict[int, str | None] = attrs.field(factory=dict)  # index -> volume serial
+    #: Containers before which a tape filled early (a new tape starts there), in order.
+    breaks: list[int] = attrs.field(factory=list)
+    #: Tape index -> how many breaks its catalog knew: fewer than now means a stale layout.
+    tape_layouts: dict[int, int] = attrs.field(factory=dict)
+    catalog: Catalog | None = None
+    planned_containers: int = 0
+    planned_tapes: int = 0
+
+    def done_prefix(self) -> int:
+        """Containers 0..n-1 are all on tape (the journal records them in order)."""
+        n = 0
+        while n in self.containers:
+            n += 1
+        return n
+
+    def describe(self) -> str:
+        return (f"set {self.set_id}: {self.done_prefix()} of {self.planned_containers} "
+                f"containers and {len(self.tapes_done)} of {self.planned_tapes} tapes done")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, chunks: Iterator[bytes] | Sequence[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+class Journal:
+    """Appends fsynced lines to one job's journal. Its methods block: call them in a thread."""
+
+    def __init__(self, state_dir: Path, key: str) -> None:
+        self.state_dir = state_dir
+        self.key = key
+        self.path = state_dir / f"{key}.journal"
+        self.scan_path = state_dir / f"{key}.scan"
+        self.catalog_path = state_dir / f"{key}.catalog.json"
+        self._fd = -1
+        #: Whether anything durable on tape is recorded (else a failed job leaves no journal).
+        self.has_progress = False
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def begin(self, *, set_id: str, created_at: str, scan: ScanResult,
+              containers: int, tapes: int) -> None:
+        """Start a new journal (the scan first, so a journal always has its scan)."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _write_durably(self.scan_path, [pickle.dumps(scan, protocol=5)])
+        except OSError as e:
+            raise UsageError(
+                f"cannot write the job journal in {self.state_dir}: {e.strerror}; give a "
+                "writable --state-dir"
+            ) from e
+        self._append({"kind": "begin", "version": JOURNAL_VERSION, "set_id": set_id,
+                      "created_at": created_at, "source_root": str(scan.root),
+                      "containers": containers, "tapes": tapes}, create=True)
+
+    def reopen(self) -> None:
+        """Append to the existing journal (a resumed job)."""
+        self.has_progress = True
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def container_done(self, done: ContainerDone) -> None:
+        self._append({"kind": "container", "index": done.index, "sha256": done.sha256,
+                      "segments": done.segments, "files": done.files})
+
+    def catalog_known(self, catalog: Catalog, codec: CatalogCodec) -> None:
+        """Keep the set's catalog: a resume past tape 1 writes this very catalog again."""
+        _write_durably(self.catalog_path, codec.encode(catalog))
+        self._append({"kind": "catalog"})
+
+    def tape_done(self, index: int, volume_serial: str | None, layout: int = 0) -> None:
+        """Tape `index` is unloaded with its catalog, which knew `layout` tape breaks."""
+        self._append({"kind": "tape", "index": index, "volume_serial": volume_serial,
+                      "layout": layout})
+
+    def tape_break(self, container: int) -> None:
+        """The tape being written filled early: a new tape starts at `container`."""
+        self._append({"kind": "break", "container": container})
+
+    def finish(self) -> None:
+        """The set is complete: the journal has nothing left to say."""
+        self.close()
+        for p in (self.path, self.scan_path, self.catalog_path):
+            p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _append(self, record: dict[str, Any], *, create: bool = False) -> None:
+        if create:
+            self.close()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                               | os.O_CLOEXEC, 0o600)
+            _fsync_dir(self.state_dir)
+        self.has_progress = self.has_progress or not create
+        line = orjson.dumps(record) + b"\n"
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+
+    def load(self, codec: CatalogCodec) -> ResumeState:
+        """What the journal says was done; raises UsageError when it cannot be used."""
+        try:
+            data = self.path.read_bytes()
+            scan = pickle.loads(self.scan_path.read_bytes())
+        except FileNotFoundError as e:
+            raise UsageError(f"the job journal is incomplete ({e.filename} is missing); "
+                             "start the backup again without --resume") from e
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise UsageError(f"cannot read the job journal {self.path}: {e}; start the "
+                             "backup again without --resume") from e
+        state: ResumeState | None = None
+        for raw in data.split(b"\n"):
+            try:
+                rec = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by the crash: it recorded nothing that is sure
+            kind = rec.get("kind")
+            if kind == "begin":
+                if rec.get("version") != JOURNAL_VERSION:
+                    raise UsageError(f"the job journal {self.path} was written by another "
+                                     "version of ltoflow; start the backup again")
+                state = ResumeState(rec["set_id"], rec["created_at"], scan,
+                                    planned_containers=rec["containers"],
+                                    planned_tapes=rec["tapes"])
+            elif state is None:
+                break
+            elif kind == "container":
+                state.containers[rec["index"]] = ContainerDone(
+                    rec["index"], rec["sha256"],
+                    tuple((i, h) for i, h in rec["segments"]),
+                    tuple((i, h) for i, h in rec["files"]),
+                )
+            elif kind == "catalog":
+                state.catalog = codec.decode(self.catalog_path.read_bytes(),
+                                             source=str(self.catalog_path))
+            elif kind == "tape":
+                state.tapes_done[rec["index"]] = rec["volume_serial"]
+                state.tape_layouts[rec["index"]] = rec.get("layout", 0)
+            elif kind == "break":
+                state.breaks.append(rec["container"])
+        if state is None:
+            raise UsageError(f"the job journal {self.path} has no beginning; start the "
+                             "backup again without --resume")
+        return state

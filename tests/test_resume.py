@@ -1,0 +1,301 @@
+"""Interrupted backups: the journal, --resume, Ctrl-C and SIGTERM, and kill -9 at any moment.
+
+The kill and Ctrl-C tests run the real command in a subprocess; the simulator's
+`crash_after_bytes_written` / `interrupt_after_bytes_written` faults make the process kill or
+interrupt itself at an exact byte of a tape, so no test waits on a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from ltoflow.api import BackupConfig, make_backup_plan
+from ltoflow.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main, run_interruptible
+from ltoflow.errors import Interrupted
+from ltoflow.plan import Plan
+
+from .conftest import load_catalog_json, rebuild_files, write_tree
+
+# 1 MB over three 450 kB tapes in 60 kB containers; big files cross containers and tapes.
+TREE = {
+    "a/big-1.bin": 230_000, "a/doc.txt": 3_000, "a/small-2.bin": 40_000,
+    "b/big-2.bin": 310_000, "b/c/deep.bin": 75_000, "b/empty": 0,
+    "c/x.bin": 120_000, "c/y.bin": 190_000, "c/z.bin": 31_000,
+}
+SIZES = ["--capacity-tb", "0.00000045", "--container-size-gb", "0.00006"]
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    contents = write_tree(tmp_path / "src", TREE)
+    return tmp_path / "src", contents
+
+
+def the_plan(src: Path) -> Plan:
+    plan = make_backup_plan(BackupConfig(src, 450_000, 60_000))
+    assert len(plan.tapes) == 3, "the tree is meant to fill three tapes"
+    return plan
+
+
+def ltoflow(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ltoflow", *(str(a) for a in args)],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False,
+    )
+
+
+def backup_args(src: Path, tapes: Path, *extra: str) -> list[str | Path]:
+    return ["backup", "--source", src, "--simulator", tapes, *SIZES, "--quiet", *extra]
+
+
+def assert_complete_set(tapes: Path, contents: dict[str, bytes]) -> None:
+    """Every tape holds the same catalog, and every file rebuilds from it byte for byte."""
+    roots = sorted(p for p in tapes.iterdir() if p.is_dir())
+    docs = [load_catalog_json(r) for r in roots]
+    assert len(docs) == len(docs[0]["tapes"])  # type: ignore[arg-type]
+    for doc in docs[1:]:
+        for d in (doc, docs[0]):
+            for t in d["tapes"]:  # type: ignore[attr-defined]
+                t["volume_serial"] = None
+        assert doc == docs[0]
+    assert rebuild_files(tapes, docs[0]) == contents
+    # Nothing on any tape that the catalog does not describe (no half-written leftovers).
+    listed = {(c["tape_id"], c["container_id"]) for c in docs[0]["containers"]}  # type: ignore[attr-defined]
+    on_tapes = {(r.name, f.name) for r in roots for f in (r / "data").iterdir()}
+    assert on_tapes == listed
+
+
+def crash_points(plan: Plan) -> dict[str, tuple[int, str]]:
+    """Byte offsets (on one tape) where the backup is killed, by what is going on there."""
+    t1, t2, t3 = plan.tapes
+    c = plan.containers
+    first_two = c[t1.containers[0]].size + c[t1.containers[1]].size
+    return {
+        "tape 1, between containers 2 and 3": (first_two, "1"),
+        "tape 1, mid-container 2": (c[0].size + c[1].size // 2, "1"),
+        "tape 1, catalog write": (t1.data_bytes + 1_000, "1"),
+        "tape 2, first container": (c[t2.containers[0]].size // 3, "2"),
+        "tape 2, mid-container 3": (sum(c[i].size for i in t2.containers[:2]) + 7, "2"),
+        "tape 3, catalog write": (t3.data_bytes + 20, "3"),
+    }
+
+
+@pytest.mark.parametrize("moment", [
+    "tape 1, between containers 2 and 3", "tape 1, mid-container 2", "tape 1, catalog write",
+    "tape 2, first container", "tape 2, mid-container 3", "tape 3, catalog write",
+])
+def test_kill_9_at_any_moment_then_resume_gives_the_whole_set(
+    moment: str, src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    root, contents = src
+    at, tape = crash_points(the_plan(root))[moment]
+    tapes = tmp_path / "tapes"
+    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault", f"crash_after_bytes_written={at}",
+                                   "--sim-fault", f"failed_tape_ids={tape}"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+
+    resumed = ltoflow(*backup_args(root, tapes, "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+
+
+def test_resume_after_a_crash_during_the_resume(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    root, contents = src
+    plan = the_plan(root)
+    tapes = tmp_path / "tapes"
+    first = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                 f"crash_after_bytes_written={plan.containers[1].size}"))
+    assert first.returncode == -signal.SIGKILL
+    again = ltoflow(*backup_args(root, tapes, "--resume", "--sim-fault",
+                                 "crash_after_bytes_written=150000", "--sim-fault",
+                                 "failed_tape_ids=2"))
+    assert again.returncode == -signal.SIGKILL
+    assert ltoflow(*backup_args(root, tapes, "--resume")).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path
+) -> None:
+    root, contents = src
+    plan = the_plan(root)
+    tapes = tmp_path / "tapes"
+    mid_third = sum(c.size for c in plan.containers[:2]) + 1_000
+    stopped = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                   f"interrupt_after_bytes_written={mid_third}"))
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert "2 of" in last, stopped.stderr
+    assert "--resume" in last
+    # The container in flight was dropped; the two before it are on tape and in the journal.
+    (tape1,) = tapes.iterdir()
+    assert sorted(f.name[-5:] for f in (tape1 / "data").iterdir()) == ["00001", "00002"]
+    journal = next(state_dir.glob("*.journal")).read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in journal] == ["begin", "container", "container"]
+
+    assert ltoflow(*backup_args(root, tapes, "--resume")).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+    assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
+
+
+async def test_sigterm_cancels_the_job_and_raises_interrupted() -> None:
+    started = trio.Event()
+
+    async def job() -> int:
+        started.set()
+        await trio.sleep_forever()
+        return 0  # pragma: no cover - never gets here
+
+    async with trio.open_nursery() as nursery:
+        async def send() -> None:
+            await started.wait()
+            signal.raise_signal(signal.SIGTERM)
+        nursery.start_soon(send)
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            await run_interruptible(job, abort=lambda: None)
+
+
+async def test_second_ctrl_c_aborts_at_once_while_cleanup_runs() -> None:
+    aborted = trio.Event()
+    cleanup_started = trio.Event()
+
+    async def job() -> str:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):  # a long, shielded cleanup (an unmount)
+                cleanup_started.set()
+                await aborted.wait()
+        return "not reached"  # pragma: no cover
+
+    async def press_twice() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        signal.raise_signal(signal.SIGINT)
+        await cleanup_started.wait()
+        signal.raise_signal(signal.SIGINT)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(press_twice)
+        with pytest.raises(Interrupted, match="SIGINT"):
+            await run_interruptible(job, abort=aborted.set)
+    assert aborted.is_set()
+
+
+def test_a_new_backup_is_refused_while_an_interrupted_one_waits(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = src
+    tapes = tmp_path / "tapes"
+    args = [str(a) for a in backup_args(root, tapes)]
+    assert main([*args, "--sim-fault", "fail_after_bytes_written=100000"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "1 of" in err
+    assert "--resume" in err.splitlines()[-1]
+
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "an interrupted backup" in err
+    assert "--resume" in err
+
+    assert main([*args, "--resume"]) == EXIT_OK
+
+
+def test_resume_without_an_interrupted_backup_says_so(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = src
+    code = main([str(a) for a in backup_args(root, tmp_path / "tapes", "--resume")])
+    assert code == EXIT_USAGE
+    assert "no interrupted backup" in capsys.readouterr().err
+
+
+def test_a_failure_before_any_tape_is_written_leaves_nothing_to_resume(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = src
+    args = [str(a) for a in backup_args(root, tmp_path / "tapes")]
+    assert main([*args, "--sim-fault", "fail_on_load"]) == EXIT_FAILED
+    assert not list(state_dir.iterdir())
+    capsys.readouterr()
+    assert main(args) == EXIT_OK
+
+
+def test_resume_detects_a_file_changed_since_the_interruption(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = src
+    args = [str(a) for a in backup_args(root, tmp_path / "tapes")]
+    assert main([*args, "--sim-fault", "fail_after_bytes_written=100000"]) == EXIT_FAILED
+    late = root / "c" / "y.bin"  # on tape 2 or 3: not written yet
+    late.write_bytes(b"x" * len(late.read_bytes()))
+    os.utime(late, ns=(1, 1))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "c/y.bin" in err
+    assert "Traceback" not in err
+
+
+def test_resume_rewrites_containers_missing_from_the_tape_it_is_given(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The operator lost the half-written tape and gives a blank one: it is written whole."""
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    args = [str(a) for a in backup_args(root, tapes)]
+    assert main([*args, "--sim-fault", "fail_after_bytes_written=150000",
+                 "--sim-fault", "failed_tape_ids=2"]) == EXIT_FAILED
+    (tape2,) = [p for p in tapes.iterdir() if p.name.endswith("-002")]
+    for f in (tape2 / "data").iterdir():
+        f.unlink()
+    (tape2 / "tape.json").unlink()
+    assert main([*args, "--resume"]) == EXIT_OK
+    assert_complete_set(tapes, contents)
+
+
+def test_tapes_that_hold_less_than_planned_fill_up_and_the_rest_goes_to_extra_tapes(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Every cartridge really holds 350 kB, not the 450 kB planned: each tape takes the
+    containers that fit with room for the catalog, the job stops and says so, and each resume
+    goes on with an extra tape. In the end every tape, including those written before a tape
+    filled early, carries the catalog of where everything really is."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+    from ltoflow.errors import TapeFullError
+
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    planned = len(the_plan(root).tapes)
+    messages: list[str] = []
+    for attempt in range(10):
+        config = BackupConfig(root, 450_000, 60_000, tapes_root=tapes, resume=attempt > 0)
+        drive = SimulatorDrive(tapes, 350_000)  # what the cartridges really hold
+        try:
+            result = api.backup(config, api.Components(drive=drive))
+            break
+        except* TapeFullError as group:
+            messages.append(str(group.exceptions[0]))
+    else:
+        pytest.fail("the backup never finished")
+    # Tape 1 filled early, and so did tape 2 after tape 1's catalog was written (which the
+    # final rewrite then corrected).
+    assert len(messages) >= 2, messages
+    assert all("filled before its planned share" in m for m in messages)
+    assert len(result.catalog.tapes) > planned
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
