@@ -23,6 +23,7 @@ import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -674,9 +675,11 @@ async def run_backup(
                 base = resume.catalog
             else:  # a tape filled early since it was built: same hashes, new places
                 base = build_catalog(plan, recorder.complete(), set_id=set_id,
-                                     created_at=created_at, created_by=settings.created_by)
+                                     created_at=created_at, created_by=settings.created_by,
+                                     unusable=recorder.faults.reasons)
                 if journal is not None:
-                    await trio.to_thread.run_sync(journal.catalog_known, base, codec)
+                    await trio.to_thread.run_sync(journal.catalog_known, base, codec,
+                                                  _faults_of(recorder))
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -776,7 +779,8 @@ async def run_backup(
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
                     if journal is not None:
-                        await trio.to_thread.run_sync(journal.catalog_known, base, codec)
+                        await trio.to_thread.run_sync(journal.catalog_known, base, codec,
+                                                      _faults_of(recorder))
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
                 state.phase = "writing the catalog"
@@ -893,7 +897,11 @@ def _container_done(recorder: HashRecorder, plan: Plan, index: int) -> Container
         f = plan.segments[s].file_index
         if plan.file_starts[f + 1] - 1 == s and (d := h.files[f]) is not None:
             files.append((f, d))
-    return ContainerDone(index, h.containers[index], segs, tuple(files))
+    return ContainerDone(index, h.containers[index], segs, tuple(files), _faults_of(recorder))
+
+
+def _faults_of(recorder: HashRecorder) -> dict[str, Any] | None:
+    return recorder.faults.snapshot() if recorder.faults.reasons else None
 
 
 def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
@@ -901,7 +909,10 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
     """Give the recorder every hash the interrupted job already knew: a segment read again
     must hash the same, or its file changed since."""
     h = recorder.hashes
+    if resume.faults is not None:  # files found unusable keep their zeros where they had them
+        recorder.faults.restore(resume.faults)
     if resume.catalog is not None:
+        recorder.faults.freeze()  # as when that catalog was built
         by_container = {c.container_id: c.sha256 for c in resume.catalog.containers}
         for c in plan.containers:
             h.containers[c.index] = by_container.get(container_ids[c.index])
@@ -917,7 +928,7 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
             continue
         h.containers[done.index] = h.containers[done.index] or done.sha256
         for seg, digest in done.segments:
-            h.segments[seg] = digest
+            recorder.seed_written(seg, digest)
         for f, digest in done.files:
             h.files[f] = digest
 
@@ -974,8 +985,9 @@ async def _stream_tape(
     end_seg = plan.containers[tape.containers.stop - 1].segments.stop
     last_file = plan.segments[end_seg - 1].file_index
     read_from = first_seg
-    if replay and first > tape.containers.start:
-        read_from = plan.file_starts[plan.segments[first_seg].file_index]
+    straddling = plan.segments[first_seg].file_index
+    if replay and first > tape.containers.start and straddling not in recorder.faults.reasons:
+        read_from = plan.file_starts[straddling]  # an unusable file needs no whole-file hash
     first_file = plan.segments[read_from].file_index
     # Whole-container and whole-file hashes this pass computes: only those the prehasher does
     # not, which leaves tape 1's containers and the files that lie wholly on tape 1.

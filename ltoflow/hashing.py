@@ -149,6 +149,21 @@ class SourceFaults:
         with self._lock:
             self.frozen = True
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a resumed job needs to give unusable files the same bytes (JSON-able)."""
+        with self._lock:
+            return {"reasons": {str(f): r for f, r in self.reasons.items()},
+                    "cuts": [{str(f): o for f, o in cuts.items()} for cuts in self._cuts],
+                    "frozen": self.frozen}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Take over what an interrupted job knew (see `snapshot`)."""
+        with self._lock:
+            self.reasons = {int(f): r for f, r in snapshot["reasons"].items()}
+            first, later = ({int(f): o for f, o in c.items()} for c in snapshot["cuts"])
+            self._cuts = (first, later)
+            self.frozen = bool(snapshot["frozen"])
+
     def take_new(self) -> list[tuple[str, str]]:
         """(path, reason) of the files made unusable since the last call, for the reporter."""
         with self._lock:
@@ -484,6 +499,11 @@ class HashRecorder:
             self.hashes.segments[index] = digest
         if written:
             self._written[index] = 1
+
+    def seed_written(self, index: int, digest: str) -> None:
+        """A segment an interrupted job put on tape: its hash is that of the bytes on tape."""
+        self.hashes.segments[index] = digest
+        self._written[index] = 1
 
     def container(self, index: int, digest: str) -> None:
         self.hashes.containers[index] = digest

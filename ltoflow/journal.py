@@ -56,6 +56,8 @@ class ContainerDone:
     sha256: str | None
     segments: tuple[tuple[int, str], ...]
     files: tuple[tuple[int, str], ...]
+    #: The job's unusable files so far (hashing.SourceFaults.snapshot), when there are any.
+    faults: dict[str, Any] | None = None
 
 
 @attrs.define
@@ -72,6 +74,8 @@ class ResumeState:
     #: Tape index -> how many breaks its catalog knew: fewer than now means a stale layout.
     tape_layouts: dict[int, int] = attrs.field(factory=dict)
     catalog: Catalog | None = None
+    #: The latest SourceFaults.snapshot the journal holds (None: no file was skipped).
+    faults: dict[str, Any] | None = None
     planned_containers: int = 0
     planned_tapes: int = 0
 
@@ -143,13 +147,19 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def container_done(self, done: ContainerDone) -> None:
-        self._append({"kind": "container", "index": done.index, "sha256": done.sha256,
-                      "segments": done.segments, "files": done.files})
+        record: dict[str, Any] = {"kind": "container", "index": done.index,
+                                  "sha256": done.sha256, "segments": done.segments,
+                                  "files": done.files}
+        if done.faults is not None:
+            record["faults"] = done.faults
+        self._append(record)
 
-    def catalog_known(self, catalog: Catalog, codec: CatalogCodec) -> None:
-        """Keep the set's catalog: a resume past tape 1 writes this very catalog again."""
+    def catalog_known(self, catalog: Catalog, codec: CatalogCodec,
+                      faults: dict[str, Any] | None = None) -> None:
+        """Keep the set's catalog (a resume past tape 1 writes this very catalog again), and
+        the unusable files as they were when it was built."""
         _write_durably(self.catalog_path, codec.encode(catalog))
-        self._append({"kind": "catalog"})
+        self._append({"kind": "catalog", "faults": faults})
 
     def tape_done(self, index: int, volume_serial: str | None, layout: int = 0) -> None:
         """Tape `index` is unloaded with its catalog, which knew `layout` tape breaks."""
@@ -216,10 +226,13 @@ class Journal:
                     rec["index"], rec["sha256"],
                     tuple((i, h) for i, h in rec["segments"]),
                     tuple((i, h) for i, h in rec["files"]),
+                    rec.get("faults"),
                 )
+                state.faults = rec.get("faults", state.faults)
             elif kind == "catalog":
                 state.catalog = codec.decode(self.catalog_path.read_bytes(),
                                              source=str(self.catalog_path))
+                state.faults = rec.get("faults") or state.faults
             elif kind == "tape":
                 state.tapes_done[rec["index"]] = rec["volume_serial"]
                 state.tape_layouts[rec["index"]] = rec.get("layout", 0)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,3 +209,27 @@ def tree_snapshot(root: Path) -> dict[bytes, tuple[str, bytes, int, int]]:
                 with os.fdopen(fd, "rb") as f:
                     out[prefix + name] = ("file", f.read(), mode, mtime)
     return out
+
+
+#: on_read's hook: (call number, offset, buffer) before each read of the file.
+PreadvHook = Callable[[int, int, memoryview], None]
+
+
+@pytest.fixture
+def on_read(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, PreadvHook], None]:
+    """`on_read("a/x", hook)`: hook(call_number, offset, buffer) runs before each read of a
+    file whose path ends in "a/x"; it may raise OSError or change the file."""
+    real = os.preadv
+    hooks: dict[str, PreadvHook] = {}
+    calls: dict[str, int] = {}
+
+    def preadv(fd: int, buffers: list[Any], offset: int, *rest: int) -> int:
+        path = str(Path(f"/proc/self/fd/{fd}").readlink())
+        for suffix, hook in hooks.items():
+            if path.endswith("/" + suffix):
+                calls[suffix] = calls.get(suffix, 0) + 1
+                hook(calls[suffix], offset, buffers[0])
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return hooks.__setitem__

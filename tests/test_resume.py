@@ -7,13 +7,16 @@ interrupt itself at an exact byte of a tape, so no test waits on a timer.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -22,7 +25,7 @@ from ltoflow.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from ltoflow.errors import Interrupted
 from ltoflow.plan import Plan
 
-from .conftest import load_catalog_json, rebuild_files, write_tree
+from .conftest import PreadvHook, Raises, load_catalog_json, rebuild_files, write_tree
 
 # 1 MB over three 450 kB tapes in 60 kB containers; big files cross containers and tapes.
 TREE = {
@@ -299,3 +302,37 @@ def test_tapes_that_hold_less_than_planned_fill_up_and_the_rest_goes_to_extra_ta
     assert len(result.catalog.tapes) > planned
     assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
     assert_complete_set(tapes, contents)
+
+
+async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume(
+    tmp_path: Path, on_read: Callable[[str, PreadvHook], None]
+) -> None:
+    """a/big-1.bin fails to read part-way (zeros on tape from there), then tape 1 fills early;
+    the resumed job, where the file reads fine again, must still treat it as skipped: its
+    bytes on tape are zeros, and a whole-file hash of it would describe bytes nobody wrote."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+    from ltoflow.errors import TapeFullError
+
+    from .test_source_faults import check_invariants
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, TREE)
+
+    def fail_late(n: int, offset: int, buf: memoryview) -> None:
+        if offset >= 100_000:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    on_read("a/big-1.bin", fail_late)
+    config = BackupConfig(src, 450_000, 60_000, tapes_root=sim)
+    faults = SimulatorFailureConfig(fail_after_bytes_written=3 * 60_000 + 5,
+                                    failed_tape_ids=frozenset({"1"}))
+    with Raises(TapeFullError, match="filled before its planned share"):
+        await api.backup_async(config, api.Components(drive=SimulatorDrive(sim, 450_000, faults)))
+    on_read("a/big-1.bin", lambda n, offset, buf: None)  # readable again
+
+    result = await api.backup_async(attrs.evolve(config, resume=True),
+                                    api.Components(drive=SimulatorDrive(sim, 450_000)))
+    await check_invariants(sim, result, contents, {"a/big-1.bin"})
+    (entry,) = result.catalog.skipped
+    assert "Input/output error" in entry.reason

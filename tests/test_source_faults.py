@@ -40,7 +40,7 @@ from ltoflow.plan import Hashes, JsonPlanSizer, build_catalog
 from ltoflow.progress import FileSkipped, ListReporter, LogReporter
 from ltoflow.scan import ScannedFile, ScanResult, scan_tree
 
-from .conftest import Raises, load_catalog_json, rebuild_files, write_tree
+from .conftest import PreadvHook, Raises, load_catalog_json, rebuild_files, write_tree
 from .test_engine import KB, TREE, _TamperingDrive, config_for, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,29 +48,6 @@ RECOVERY = REPO / "ltoflow" / "recovery" / "restore.py"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-PreadvHook = Callable[[int, int, memoryview], None]
-
-
-@pytest.fixture
-def on_read(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, PreadvHook], None]:
-    """`on_read("a/x", hook)`: hook(call_number, offset, buffer) runs before each read of a
-    file whose path ends in "a/x"; it may raise OSError or change the file."""
-    real = os.preadv
-    hooks: dict[str, PreadvHook] = {}
-    calls: dict[str, int] = {}
-
-    def preadv(fd: int, buffers: list[Any], offset: int, *rest: int) -> int:
-        path = str(Path(f"/proc/self/fd/{fd}").readlink())
-        for suffix, hook in hooks.items():
-            if path.endswith("/" + suffix):
-                calls[suffix] = calls.get(suffix, 0) + 1
-                hook(calls[suffix], offset, buffers[0])
-        return real(fd, buffers, offset, *rest)
-
-    monkeypatch.setattr(os, "preadv", preadv)
-    return hooks.__setitem__
 
 
 def tape_dirs(sim: Path) -> list[Path]:
