@@ -15,7 +15,7 @@ demo:
     rm -rf {{demo_dir}}
     python -m ltoflow.sample {{demo_dir}}/records
     ltoflow plan --source {{demo_dir}}/records --capacity-tb {{demo_capacity_tb}} --container-size-gb {{demo_container_gb}}
-    ltoflow backup --source {{demo_dir}}/records --simulator {{demo_dir}}/tapes --capacity-tb {{demo_capacity_tb}} --container-size-gb {{demo_container_gb}} --verify
+    ltoflow backup --source {{demo_dir}}/records --simulator {{demo_dir}}/tapes --capacity-tb {{demo_capacity_tb}} --container-size-gb {{demo_container_gb}} --verify --state-dir {{demo_dir}}/state
     ltoflow verify --simulator {{demo_dir}}/tapes
     @echo
     @echo "Sample records: $(pwd)/{{demo_dir}}/records"
