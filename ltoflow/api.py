@@ -12,6 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -25,7 +26,12 @@ from ltoflow import recovery
 from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, iso_utc
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
-from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
+from ltoflow.drives.simulator import (
+    TAPE_JSON,
+    SimulatorDrive,
+    SimulatorFailureConfig,
+    list_simulated_tapes,
+)
 from ltoflow.engine import BackupResult, EngineSettings, run_backup
 from ltoflow.errors import BackupError, SetExistsError, SkippedEntriesError, UsageError
 from ltoflow.hashing import FaultPolicy
@@ -150,8 +156,18 @@ def plan_from_scan(scan: ScanResult, config: BackupConfig,
 
 
 def check_simulator_is_free(root: Path) -> None:
-    """Refuse a simulator directory that already holds a backup set."""
-    tapes = list_simulated_tapes(root)
+    """Refuse a simulator directory that already holds a backup set.
+
+    A tape directory with no file but its tape.json (a job stopped inside its first
+    container, before anything was kept) is a blank tape: it is removed, not refused.
+    """
+    tapes = []
+    for name in list_simulated_tapes(root):
+        files = [p for p in (root / name).rglob("*") if p.is_file()]
+        if all(p.name == TAPE_JSON for p in files):
+            shutil.rmtree(root / name)
+        else:
+            tapes.append(name)
     if tapes:
         set_id = tapes[0].removeprefix("TAPE-").rsplit("-", 1)[0]
         raise SetExistsError(

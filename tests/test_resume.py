@@ -225,13 +225,16 @@ def test_resume_without_an_interrupted_backup_says_so(
     assert "no interrupted backup" in capsys.readouterr().err
 
 
-def test_a_failure_before_any_tape_is_written_leaves_nothing_to_resume(
-    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
+@pytest.mark.parametrize("fault", ["fail_on_load", "fail_after_bytes_written=1000"])
+def test_a_failure_before_any_container_is_on_tape_leaves_nothing_to_resume(
+    fault: str, src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
     capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Nothing to resume: no journal, and the same command starts afresh (in the same
+    simulator directory, whose tape got nothing but a dropped first container)."""
     root, _ = src
     args = [str(a) for a in backup_args(root, tmp_path / "tapes")]
-    assert main([*args, "--sim-fault", "fail_on_load"]) == EXIT_FAILED
+    assert main([*args, "--sim-fault", fault]) == EXIT_FAILED
     assert not list(state_dir.iterdir())
     capsys.readouterr()
     assert main(args) == EXIT_OK
