@@ -45,7 +45,7 @@ from ltoflow.operator import (
 from ltoflow.paths import shown
 from ltoflow.plan import Plan, file_ids_of, source_root_text
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
-from ltoflow.restore import RestorePlan, select
+from ltoflow.restore import TEMP_PREFIX, RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
 from ltoflow.verify import VerifyReport, load_catalog_file
 
@@ -459,7 +459,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         drive=_drive(args, must_exist=True), operator=_operator(args),
         reporter=LogReporter(verbose=args.verbose, quiet=args.json),
     )
-    report = trio.run(api.verify_async, components)
+    report = trio.run(run_interruptible, lambda: api.verify_async(components),
+                      _abort_now("the tape in the drive was not unloaded"))
     if args.json:
         _print_json(verify_summary(report))
     else:
@@ -497,9 +498,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
               file=out, flush=True)
         return not args.dry_run
 
-    report = trio.run(lambda: api.restore_async(
+    report = trio.run(run_interruptible, lambda: api.restore_async(
         components, target, args.patterns, catalog=given, overwrite=args.overwrite,
-        before=announce))
+        before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
+                                     "target, and the tape in the drive was not unloaded"))
     if args.json:
         _print_json({
             "dry_run": report.dry_run, "requested": report.requested,
@@ -751,15 +753,21 @@ def _resume_hint(journal: Journal) -> str:
             "--resume to continue")
 
 
-def _abort_now() -> NoReturn:
-    print("ltoflow: aborted at once (second interrupt); the tape in the drive may hold a "
-          "half-written container: --resume rewrites it", file=sys.stderr)
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)
+def _abort_now(left: str) -> Callable[[], None]:
+    """Exit at once, saying what may be `left` behind."""
+    def abort() -> NoReturn:
+        print(f"ltoflow: aborted at once (second interrupt); {left}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return abort
+
+
+_ABORT_BACKUP = _abort_now("the tape in the drive may hold a half-written container and "
+                           "was not unloaded cleanly; --resume rewrites the container")
 
 
 async def run_interruptible[T](
-    job: Callable[[], Awaitable[T]], abort: Callable[[], None] = _abort_now
+    job: Callable[[], Awaitable[T]], abort: Callable[[], None] = _ABORT_BACKUP
 ) -> T:
     """Run `job`; on SIGINT or SIGTERM cancel it cleanly (the container in flight is dropped,
     the journal stays true, the tape is unloaded) and raise Interrupted; on a second signal

@@ -758,7 +758,8 @@ async def run_restore(
         await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
     finally:
         await holder.release_after_error()  # a no-op unless something above failed
-        await trio.to_thread.run_sync(writer.close)
+        with trio.CancelScope(shield=True):  # Ctrl-C too: no temporary file stays behind
+            await trio.to_thread.run_sync(writer.close)
     return RestoreReport(
         requested=plan.files,
         restored=writer.restored,

@@ -339,3 +339,33 @@ async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume
     await check_invariants(sim, result, contents, {"a/big-1.bin"})
     (entry,) = result.catalog.skipped
     assert "Input/output error" in entry.reason
+
+
+async def test_ctrl_c_during_a_restore_leaves_whole_files_and_no_temporary_ones(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+    from ltoflow.progress import Event, Note
+    from ltoflow.restore import TEMP_PREFIX
+
+    root, contents = src
+    tapes, target = tmp_path / "tapes", tmp_path / "out"
+    await api.backup_async(BackupConfig(root, 450_000, 60_000, tapes_root=tapes),
+                           api.Components(drive=SimulatorDrive(tapes, 450_000)))
+
+    class CtrlCAfterTapeOne:
+        def event(self, event: Event) -> None:
+            if isinstance(event, Note) and event.text.startswith("tape 1 "):
+                signal.raise_signal(signal.SIGINT)
+
+    components = api.Components(drive=SimulatorDrive(tapes), reporter=CtrlCAfterTapeOne())
+    with pytest.raises(Interrupted):
+        await run_interruptible(lambda: api.restore_async(components, target),
+                                abort=lambda: None)
+    files = {p.relative_to(target).as_posix(): p for p in target.rglob("*") if p.is_file()}
+    assert not [p for p in files if Path(p).name.startswith(TEMP_PREFIX)]
+    assert files, "tape 1's files were restored before the interrupt"
+    assert len(files) < len(contents)
+    for rel, path in files.items():
+        assert path.read_bytes() == contents[rel]
