@@ -53,7 +53,7 @@ from ltoflow.hashing import (
 )
 from ltoflow.journal import ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
-from ltoflow.plan import Plan, Tape, build_catalog
+from ltoflow.plan import Plan, Tape, build_catalog, file_ids_of
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
@@ -727,6 +727,12 @@ async def run_backup(
                             "container(s) already on it; going on from "
                             + (container_ids[first] if first < tape.containers.stop
                                else "its catalog")))
+                if first < tape.containers.stop:
+                    # What is written again gets the hashes of what is written now (they must
+                    # still match those known, or the file changed since).
+                    last = plan.containers[tape.containers.stop - 1]
+                    recorder.forget_written(range(plan.containers[first].segments.start,
+                                                  last.segments.stop))
                 todo = sum(plan.containers[c].size for c in range(first, tape.containers.stop))
                 # What an interrupted job left half-written is replaced, not added to.
                 leftovers = 0 if resume is None else await _sizes(loaded, [
@@ -916,7 +922,7 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
         by_container = {c.container_id: c.sha256 for c in resume.catalog.containers}
         for c in plan.containers:
             h.containers[c.index] = by_container.get(container_ids[c.index])
-        file_ids = [cat.file_id_for(f.relative_path) for f in plan.files]
+        file_ids = file_ids_of(plan.files)  # from the exact path bytes, as the catalog's
         files = {f.file_id: f.sha256 for f in resume.catalog.source_files}
         for i, fid in enumerate(file_ids):
             h.files[i] = files.get(fid)

@@ -500,6 +500,12 @@ class HashRecorder:
         if written:
             self._written[index] = 1
 
+    def forget_written(self, segments: range) -> None:
+        """These segments are about to be written again (a resume rewrites them): the hashes
+        known stay for comparison, and the bytes written now have the last word."""
+        for s in segments:
+            self._written[s] = 0
+
     def seed_written(self, index: int, digest: str) -> None:
         """A segment an interrupted job put on tape: its hash is that of the bytes on tape."""
         self.hashes.segments[index] = digest

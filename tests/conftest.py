@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -66,7 +67,10 @@ def rebuild_files(sim_root: Path, doc: dict[str, object]) -> dict[str, bytes]:
             assert int(s["source_offset"]) == len(data)
             data += part
         assert hashlib.sha256(data).hexdigest() == f["sha256"]
-        out[f["relative_path"]] = bytes(data)
+        # Keyed as write_tree names files: a name that is not UTF-8 by its exact bytes.
+        exact = f.get("relative_path_b64")
+        key = os.fsdecode(base64.b64decode(exact)) if exact else f["relative_path"]
+        out[key] = bytes(data)
     return out
 
 

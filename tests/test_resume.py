@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,15 @@ import pytest
 import trio
 
 from ltoflow.api import BackupConfig, make_backup_plan
-from ltoflow.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main, run_interruptible
+from ltoflow.cli import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_WARNINGS,
+    main,
+    run_interruptible,
+)
 from ltoflow.errors import Interrupted
 from ltoflow.plan import Plan
 
@@ -32,6 +41,7 @@ TREE = {
     "a/big-1.bin": 230_000, "a/doc.txt": 3_000, "a/small-2.bin": 40_000,
     "b/big-2.bin": 310_000, "b/c/deep.bin": 75_000, "b/empty": 0,
     "c/x.bin": 120_000, "c/y.bin": 190_000, "c/z.bin": 31_000,
+    "c/\udcff-odd.bin": 45_000,  # a name that is not UTF-8 (b"c/\xff-odd.bin")
 }
 SIZES = ["--capacity-tb", "0.00000045", "--container-size-gb", "0.00006"]
 
@@ -256,6 +266,55 @@ def test_resume_detects_a_file_changed_since_the_interruption(
     assert "Traceback" not in err
 
 
+def test_resume_catches_a_file_changed_in_place_since_its_hashes_went_on_tape(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The file (a name that is not UTF-8, on tape 3) is rewritten with the same size and
+    mtime after tape 1's catalog recorded its hashes: the resumed job must refuse it, not write
+    bytes the catalog does not describe."""
+    root, _ = src
+    odd = root / "c" / "\udcff-odd.bin"
+    plan = the_plan(root)
+    assert plan.containers[plan.segments[plan.file_starts[-2]].container_index].tape_index == 2
+    tapes = tmp_path / "tapes"
+    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault", "crash_after_bytes_written=1000",
+                                   "--sim-fault", "failed_tape_ids=2"))
+    assert crashed.returncode == -signal.SIGKILL
+    st = odd.stat()
+    odd.write_bytes(b"\0" * st.st_size)
+    os.utime(odd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for flags in ([], ["--on-change", "skip"]):  # too late to skip: tape 1's catalog holds it
+        resumed = ltoflow(*backup_args(root, tapes, "--resume", *flags))
+        assert resumed.returncode == EXIT_FAILED, resumed.stderr
+        assert "\\xff-odd.bin" in resumed.stderr
+        assert "content differs" in resumed.stderr
+
+
+def test_resume_on_a_blank_tape_records_what_it_writes_now(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tape 1 is lost after two containers and a file in them changed (same mtime): with
+    --on-change=skip the resumed job writes tape 1 afresh and skips the file, and every
+    segment hash in the catalog is that of the bytes now on tape."""
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    args = [str(a) for a in backup_args(root, tapes, "--on-change", "skip")]
+    assert main([*args, "--sim-fault", "fail_after_bytes_written=150000"]) == EXIT_FAILED
+    (tape1,) = [p for p in tapes.iterdir() if p.name.endswith("-001")]
+    shutil.rmtree(tape1)  # lost: a blank tape goes in its place
+    big = root / "a" / "big-1.bin"
+    st = big.stat()
+    big.write_bytes(b"\1" * st.st_size)
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == EXIT_WARNINGS
+    assert "a/big-1.bin" in capsys.readouterr().out
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    del contents["a/big-1.bin"]
+    doc = load_catalog_json(sorted(tapes.iterdir())[0])
+    assert rebuild_files(tapes, doc) == contents
+
+
 def test_resume_rewrites_containers_missing_from_the_tape_it_is_given(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
@@ -320,7 +379,7 @@ async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume
     from .test_source_faults import check_invariants
 
     src, sim = tmp_path / "src", tmp_path / "tapes"
-    contents = write_tree(src, TREE)
+    contents = write_tree(src, {k: v for k, v in TREE.items() if k.isascii()})
 
     def fail_late(n: int, offset: int, buf: memoryview) -> None:
         if offset >= 100_000:
