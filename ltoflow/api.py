@@ -197,9 +197,22 @@ def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
     return Journal(config.state_dir or default_state_dir(), key)
 
 
-def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
-                     clock: Clock) -> tuple[Plan, Journal, ResumeState | None, str, str]:
-    """The plan, the journal, what was done (when resuming), the set id and its date."""
+@attrs.frozen
+class _Job:
+    """A backup about to be written: its plan and journal, and what was done (a resume)."""
+
+    plan: Plan
+    journal: Journal
+    resume: ResumeState | None
+    set_id: str
+    created_at: str
+    scan: ScanResult
+
+
+def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
+             clock: Clock) -> _Job:
+    """Scan and plan, or read the journal of the job to resume. Writes nothing, so it can be
+    abandoned (Ctrl-C during the scan of millions of files)."""
     journal = job_journal(config, drive)
     where = f"{config.source_root} onto the {drive.describe()}"
     if config.resume:
@@ -223,9 +236,8 @@ def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec
                 f"the catalog of set {resume.set_id} no longer fits its reserve after "
                 f"{len(resume.breaks)} early-filled tape(s); please report this"
             )
-        journal.reopen()
-        return plan, journal, resume, resume.set_id, resume.created_at
-    if journal.exists():
+        return _Job(plan, journal, resume, resume.set_id, resume.created_at, resume.scan)
+    if journal.exists() and not journal.is_stale():
         try:
             what = journal.load(codec).describe()
         except BackupError as e:
@@ -240,10 +252,18 @@ def _start_or_resume(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec
     plan = plan_from_scan(scan, config, codec)
     if config.strict:
         check_nothing_skipped(plan)
-    set_id, created_at = str(uuid.uuid4()), iso_utc(clock.now())
-    journal.begin(set_id=set_id, created_at=created_at, scan=scan,
-                  containers=len(plan.containers), tapes=len(plan.tapes))
-    return plan, journal, None, set_id, created_at
+    return _Job(plan, journal, None, str(uuid.uuid4()), iso_utc(clock.now()), scan)
+
+
+def _claim(job: _Job) -> None:
+    """Open the journal for this run: take over the interrupted job's, or start one."""
+    if job.resume is not None:
+        job.journal.reopen()
+        return
+    if job.journal.exists():  # stale (see _prepare): nobody is writing it
+        job.journal.finish()
+    job.journal.begin(set_id=job.set_id, created_at=job.created_at, scan=job.scan,
+                      containers=len(job.plan.containers), tapes=len(job.plan.tapes))
 
 
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
@@ -252,10 +272,13 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
     if config.strict and config.on_change == "skip":
         raise UsageError("--strict allows no skipped entries and --on-change=skip asks to skip "
                          "changed files; give one of them")
-    plan, journal, resume, set_id, created_at = await trio.to_thread.run_sync(
-        _start_or_resume, config, components.drive, components.codec, components.clock,
+    job = await trio.to_thread.run_sync(
+        _prepare, config, components.drive, components.codec, components.clock,
         abandon_on_cancel=True,  # a scan of millions of files must not hold up Ctrl-C
     )
+    await trio.to_thread.run_sync(_claim, job)
+    plan, journal, resume, set_id, created_at = (job.plan, job.journal, job.resume, job.set_id,
+                                                 job.created_at)
     try:
         return await _write_set(plan, config, components, journal, resume, set_id, created_at)
     except BaseException:

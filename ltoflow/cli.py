@@ -33,7 +33,13 @@ from ltoflow.drives.simulator import (
     Throttle,
 )
 from ltoflow.engine import BackupResult
-from ltoflow.errors import BackupError, Interrupted, UsageError, leaves
+from ltoflow.errors import (
+    BackupError,
+    Interrupted,
+    SourceFileChangedError,
+    UsageError,
+    leaves,
+)
 from ltoflow.journal import Journal
 from ltoflow.operator import (
     CommandOperator,
@@ -331,8 +337,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise
     except* BackupError as group:
         if journal.exists():
-            hint = _resume_hint(journal)
-            for e in leaves(group):
+            errors = leaves(group)
+            changed = [e for e in errors if isinstance(e, SourceFileChangedError)]
+            hint = _resume_hint(journal, changed[0].relative_path if changed else None)
+            for e in errors:
                 e.add_note(hint)
         raise
     finally:
@@ -741,14 +749,20 @@ def print_plan(plan: Plan) -> None:
         print(f"  will skip {s.relative_path} ({s.kind}): {s.reason}")
 
 
-def _resume_hint(journal: Journal) -> str:
-    """One line on what is safe on tape and how to go on."""
+def _resume_hint(journal: Journal, changed: str | None = None) -> str:
+    """One line on what is safe on tape and how to go on (when `changed` names a source file
+    that changed, a resume only helps if it is put back)."""
     if not journal.exists():
         return "nothing was written to tape that a resume could use"
     try:
         done = journal.load(JsonCatalogCodec()).describe()
-    except BackupError:
+    except (BackupError, OSError):
         done = "progress recorded"
+    if changed is not None:
+        return (f"{done}, all safe on tape; --resume can finish this set only with "
+                f"{shown(changed)} as it was when scanned (or, before tape 1's catalog "
+                f"is written, with --on-change=skip); to back up its new content, delete "
+                f"{journal.path} and start again on blank tapes")
     return (f"{done}, all safe on tape; fix the cause and run the same command with "
             "--resume to continue")
 

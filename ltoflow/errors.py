@@ -107,5 +107,9 @@ class DriveLostError(BackupError):
     """The drive (the LTFS mount) went away in the middle of the job."""
 
 
+class JournalError(BackupError):
+    """The job journal (the record that makes --resume possible) cannot be written or read."""
+
+
 class Interrupted(BackupError):
     """The job was stopped by SIGINT or SIGTERM; a backup's journal keeps what is on tape."""

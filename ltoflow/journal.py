@@ -17,10 +17,11 @@ when the backup finishes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import attrs
 import orjson
 
 from ltoflow.catalog import Catalog, CatalogCodec
-from ltoflow.errors import UsageError
+from ltoflow.errors import JournalError, UsageError
 from ltoflow.scan import ScanResult
 
 JOURNAL_VERSION = 1
@@ -91,6 +92,15 @@ class ResumeState:
                 f"containers and {len(self.tapes_done)} of {self.planned_tapes} tapes done")
 
 
+def _try_lock(fd: int) -> bool:
+    """Take the journal's lock for this process; False when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -126,25 +136,61 @@ class Journal:
     def exists(self) -> bool:
         return self.path.exists()
 
+    def is_stale(self) -> bool:
+        """A journal with no beginning that nobody is writing: a job died while creating it."""
+        try:
+            with open(self.path, "rb") as fh:
+                if not _try_lock(fh.fileno()):
+                    return False  # a running job's
+                first = fh.readline()
+        except FileNotFoundError:
+            return False
+        return not (first.startswith(b'{"kind":"begin"') and first.endswith(b"\n"))
+
     def begin(self, *, set_id: str, created_at: str, scan: ScanResult,
               containers: int, tapes: int) -> None:
-        """Start a new journal (the scan first, so a journal always has its scan)."""
+        """Start a new journal: claimed (created exclusively and locked) first, then the
+        scan, then its first line, so a journal with a beginning always has its scan."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            _write_durably(self.scan_path, [pickle.dumps(scan, protocol=5)])
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                         | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise UsageError(f"another backup of this source onto this drive has just started "
+                             f"(journal {self.path}); let it finish") from None
         except OSError as e:
-            raise UsageError(
-                f"cannot write the job journal in {self.state_dir}: {e.strerror}; give a "
-                "writable --state-dir"
-            ) from e
+            raise UsageError(f"cannot create the job journal {self.path}: {e.strerror}; give "
+                             "a writable --state-dir") from e
+        self._fd = fd
+        _try_lock(fd)
+        self._io(lambda: _fsync_dir(self.state_dir))
+        self._io(lambda: _write_durably(self.scan_path, [pickle.dumps(scan, protocol=5)]))
         self._append({"kind": "begin", "version": JOURNAL_VERSION, "set_id": set_id,
                       "created_at": created_at, "source_root": str(scan.root),
-                      "containers": containers, "tapes": tapes}, create=True)
+                      "containers": containers, "tapes": tapes})
+        self.has_progress = False
 
     def reopen(self) -> None:
-        """Append to the existing journal (a resumed job)."""
+        """Append to the existing journal (a resumed job). A line a crash left half-written
+        is cut off first, so that the next record starts on a line of its own."""
         self.has_progress = True
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except OSError as e:
+            raise UsageError(f"cannot open the job journal {self.path}: {e.strerror}") from e
+        if not _try_lock(self._fd):
+            self.close()
+            raise UsageError(f"another ltoflow is running this backup (its journal {self.path} "
+                             "is locked); let it finish, or stop it first")
+
+        def cut_torn_tail() -> None:
+            data = self.path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                os.ftruncate(self._fd, keep)
+                os.fsync(self._fd)
+
+        self._io(cut_torn_tail)
 
     def container_done(self, done: ContainerDone) -> None:
         record: dict[str, Any] = {"kind": "container", "index": done.index,
@@ -158,7 +204,7 @@ class Journal:
                       faults: dict[str, Any] | None = None) -> None:
         """Keep the set's catalog (a resume past tape 1 writes this very catalog again), and
         the unusable files as they were when it was built."""
-        _write_durably(self.catalog_path, codec.encode(catalog))
+        self._io(lambda: _write_durably(self.catalog_path, codec.encode(catalog)))
         self._append({"kind": "catalog", "faults": faults})
 
     def tape_done(self, index: int, volume_serial: str | None, layout: int = 0) -> None:
@@ -181,18 +227,29 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def _append(self, record: dict[str, Any], *, create: bool = False) -> None:
-        if create:
-            self.close()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-                               | os.O_CLOEXEC, 0o600)
-            _fsync_dir(self.state_dir)
-        self.has_progress = self.has_progress or not create
+    def _append(self, record: dict[str, Any]) -> None:
+        self.has_progress = True
         line = orjson.dumps(record) + b"\n"
-        view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+
+        def write() -> None:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+
+        self._io(write)
+
+    def _io(self, action: Callable[[], None]) -> None:
+        """Run a write to the state directory; an OSError becomes a JournalError that says
+        what is safe and what to do."""
+        try:
+            action()
+        except OSError as e:
+            raise JournalError(
+                f"cannot write the job journal in {self.state_dir}: {e.strerror}; what it "
+                "recorded before is safe: make room there (or repair it) and run the same "
+                "command with --resume"
+            ) from e
 
     def load(self, codec: CatalogCodec) -> ResumeState:
         """What the journal says was done; raises UsageError when it cannot be used."""
@@ -230,8 +287,15 @@ class Journal:
                 )
                 state.faults = rec.get("faults", state.faults)
             elif kind == "catalog":
-                state.catalog = codec.decode(self.catalog_path.read_bytes(),
-                                             source=str(self.catalog_path))
+                try:
+                    data = self.catalog_path.read_bytes()
+                except OSError as e:
+                    raise UsageError(
+                        f"the job journal's copy of the catalog {self.catalog_path} cannot be "
+                        f"read ({e.strerror}); copy catalog/catalog.json from tape 1 of the set "
+                        "there, or start the backup again without --resume"
+                    ) from e
+                state.catalog = codec.decode(data, source=str(self.catalog_path))
                 state.faults = rec.get("faults") or state.faults
             elif kind == "tape":
                 state.tapes_done[rec["index"]] = rec["volume_serial"]

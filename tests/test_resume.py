@@ -288,6 +288,7 @@ def test_resume_catches_a_file_changed_in_place_since_its_hashes_went_on_tape(
         assert resumed.returncode == EXIT_FAILED, resumed.stderr
         assert "\\xff-odd.bin" in resumed.stderr
         assert "content differs" in resumed.stderr
+        assert "only with c/\\xff-odd.bin as it was when scanned" in resumed.stderr
 
 
 def test_resume_on_a_blank_tape_records_what_it_writes_now(

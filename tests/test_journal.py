@@ -1,0 +1,89 @@
+"""The job journal: durable lines, torn tails, one writer at a time, errors a user can act on."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from ltoflow.catalog import JsonCatalogCodec
+from ltoflow.cli import EXIT_OK, EXIT_USAGE, main
+from ltoflow.errors import JournalError, UsageError
+from ltoflow.journal import ContainerDone, Journal
+from ltoflow.scan import scan_tree
+
+from .conftest import write_tree
+
+CODEC = JsonCatalogCodec()
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    write_tree(tmp_path / "src", {"a": 10})
+    j = Journal(tmp_path / "state", "job-test")
+    j.begin(set_id="set-1", created_at="2026-11-26T00:00:00.000000+00:00",
+            scan=scan_tree(tmp_path / "src"), containers=3, tapes=1)
+    return j
+
+
+def done(index: int) -> ContainerDone:
+    return ContainerDone(index, "c" * 64, ((index, "s" * 64),), ())
+
+
+def test_a_line_torn_by_a_crash_is_cut_off_before_the_next_record(journal: Journal) -> None:
+    journal.container_done(done(0))
+    journal.close()
+    with open(journal.path, "ab") as fh:  # power lost in the middle of container 1's line
+        fh.write(b'{"kind":"container","index":1,"sha')
+    resumed = Journal(journal.state_dir, journal.key)
+    assert sorted(resumed.load(CODEC).containers) == [0]
+    resumed.reopen()
+    resumed.container_done(done(1))
+    resumed.container_done(done(2))
+    resumed.close()
+    assert sorted(Journal(journal.state_dir, journal.key).load(CODEC).containers) == [0, 1, 2]
+
+
+def test_only_one_process_writes_a_journal(journal: Journal) -> None:
+    other = Journal(journal.state_dir, journal.key)
+    with pytest.raises(UsageError, match="another ltoflow is running this backup"):
+        other.reopen()
+    journal.close()
+    other.reopen()  # free once the first one let go
+    other.close()
+
+
+def test_a_journal_that_cannot_be_written_says_what_is_safe(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(JournalError, match=r"No space left on device; what it recorded before "
+                                           r"is safe: .* --resume"):
+        journal.container_done(done(0))
+
+
+def test_a_journal_left_without_a_beginning_does_not_block_a_new_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job killed while it created its journal left one with no first line: nothing to
+    resume, and a new backup goes ahead."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+
+    write_tree(tmp_path / "src", {"a": 1000})
+    src, tapes = tmp_path / "src", tmp_path / "tapes"
+    config = api.BackupConfig(src, 100_000_000, 10_000, tapes_root=tapes)
+    stale = api.job_journal(config, SimulatorDrive(tapes)).path
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b'{"kind":"beg')
+    args = ["backup", "--source", str(src), "--simulator", str(tapes),
+            "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
+    assert main([*args, "--resume"]) == EXIT_USAGE
+    assert "start the backup again without --resume" in capsys.readouterr().err
+    assert main(args) == EXIT_OK
+    assert not stale.exists()
