@@ -65,7 +65,7 @@ from ltoflow.progress import (
     TapeStarted,
     TapeVerified,
 )
-from ltoflow.tapes import check_blank, check_resumable, load_requested_tape
+from ltoflow.tapes import Check, check_blank, check_resumable, load_requested_tape
 from ltoflow.units import MiB, human_bytes
 
 #: Largest read: big enough that a thread hop (~0.1 ms) is noise, small enough to pipeline.
@@ -293,7 +293,8 @@ async def write_actor(
     them only to hash a file that continues past them) are dropped. `on_container(index)` runs
     once a container is durable on tape. With `replace`, a container file an interrupted job
     left behind is replaced. A container that the tape has no room for (with `reserve` bytes
-    left for the catalog), by the space it reports or at ENOSPC, raises TapeFilledEarlyError.
+    left for the catalog), by the space it reports, raises TapeFilledEarlyError; ENOSPC in the
+    middle of one is a TapeFullError (that tape has no room left for its catalog).
     """
     writer = None
     started = 0.0
@@ -319,28 +320,22 @@ async def write_actor(
                     buffer.give_back(chunk.buffer, chunk.nbytes)
                     continue
                 cid = container_ids[chunk.container]
-                try:
-                    if chunk.first:
-                        size = plan.containers[chunk.container].size
-                        await _require_room(tape, tape_id, size + reserve,
-                                            f"container {cid} and the catalog",
-                                            container=chunk.container)
-                        writer = await tape.open_write(f"data/{cid}", replace=replace)
-                        stats.current = cid
-                        started = trio.current_time()
-                    assert writer is not None, "a container's first chunk always comes first"
-                    await writer.write(chunk.data)
-                    stats.bytes += chunk.nbytes
-                    buffer.give_back(chunk.buffer, chunk.nbytes)
-                    if chunk.last:
-                        await writer.close()
-                        writer = None
-                        await tape.sync()
-                except TapeFilledEarlyError:
-                    raise
-                except TapeFullError as e:  # ENOSPC: the medium is smaller than it said
-                    raise TapeFilledEarlyError(str(e), bytes_written=e.bytes_written,
-                                               container_index=chunk.container) from e
+                if chunk.first:
+                    size = plan.containers[chunk.container].size
+                    await _require_room(tape, tape_id, size + reserve,
+                                        f"container {cid} and the catalog",
+                                        container=chunk.container)
+                    writer = await tape.open_write(f"data/{cid}", replace=replace)
+                    stats.current = cid
+                    started = trio.current_time()
+                assert writer is not None, "a container's first chunk always comes first"
+                await writer.write(chunk.data)
+                stats.bytes += chunk.nbytes
+                buffer.give_back(chunk.buffer, chunk.nbytes)
+                if chunk.last:
+                    await writer.close()
+                    writer = None
+                    await tape.sync()
                 if chunk.last:
                     stats.containers += 1
                     size = plan.containers[chunk.container].size
@@ -668,6 +663,8 @@ async def run_backup(
     buffer = PipelineBuffer(settings.buffer_bytes)
     state = JobState(plan.total_bytes, len(plan.tapes), buffer)
     layout = len(resume.breaks) if resume is not None else 0  # tapes that filled early
+    done_ids = set() if resume is None else {container_ids[c] for c in resume.containers
+                                             if c < len(container_ids)}
     if resume is not None:
         await trio.to_thread.run_sync(_seed_hashes, recorder, plan, resume, container_ids)
         if resume.catalog is not None:
@@ -715,7 +712,10 @@ async def run_backup(
                                     "interruption; not loaded again"))
                 continue
             state.begin(request, tape.data_bytes, "waiting for the tape")
-            check = check_blank if resume is None else check_resumable
+            check: Check = check_blank
+            if resume is not None:
+                ours = {container_ids[c] for c in tape.containers}
+                check = partial(check_resumable, others=frozenset(done_ids - ours))
             loaded = await load_requested_tape(drive, operator, request, check)
             try:
                 first = tape.containers.start
@@ -768,6 +768,16 @@ async def run_backup(
                     full = [e for e in leaves(group) if isinstance(e, TapeFilledEarlyError)]
                     raise await _filled_early(full[0], tape, request.tape_id,
                                               journal) from None
+                except* TapeFullError as group:
+                    # ENOSPC in mid-container: the medium ran out before the drive said so,
+                    # and nothing is left for this tape's catalog.
+                    first_error = leaves(group)[0]
+                    raise TapeFullError(
+                        f"{first_error}; tape {request.tape_id} is full with no room left for "
+                        "its catalog: put a blank tape in its place (a resume writes its "
+                        "containers again)",
+                        bytes_written=getattr(first_error, "bytes_written", 0),
+                    ) from None
                 seconds = trio.current_time() - t0
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
@@ -826,10 +836,13 @@ async def run_backup(
             state.phase = "rewriting earlier catalogs"
             for t in plan.tapes:
                 if resume.tape_layouts.get(t.index, layout) < layout:
+                    holds = frozenset(container_ids[c] for c in t.containers)
                     await _rewrite_catalog(
                         TapeRequest(tape_ids[t.index], t.index + 1, set_id, len(plan.tapes)),
                         base.with_serials(serials), drive=drive, operator=operator,
-                        codec=codec, limit=limit, settings=settings, reporter=reporter)
+                        codec=codec, limit=limit, settings=settings, reporter=reporter,
+                        check=partial(check_resumable, others=frozenset(done_ids - holds),
+                                      needs=holds))
                     if journal is not None:
                         await trio.to_thread.run_sync(journal.tape_done, t.index,
                                                       serials[t.index], layout)
@@ -879,9 +892,10 @@ async def _filled_early(e: TapeFilledEarlyError, tape: Tape, tape_id: str,
 
 async def _rewrite_catalog(request: TapeRequest, catalog: Catalog, *, drive: TapeDrive,
                            operator: Operator, codec: CatalogCodec, limit: int,
-                           settings: EngineSettings, reporter: Reporter) -> None:
-    """Load a finished tape of this set and replace its catalog."""
-    loaded = await load_requested_tape(drive, operator, request, check_resumable)
+                           settings: EngineSettings, reporter: Reporter, check: Check) -> None:
+    """Load a finished tape of this set (`check` makes sure it is that one) and replace its
+    catalog."""
+    loaded = await load_requested_tape(drive, operator, request, check)
     try:
         size, digest = await write_catalog(loaded, catalog, codec=codec, limit=limit,
                                            extra_files=settings.extra_files, replace=True)

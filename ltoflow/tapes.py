@@ -104,15 +104,35 @@ async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
         )
 
 
-async def check_resumable(tape: LoadedTape, request: TapeRequest) -> None:
+async def check_resumable(tape: LoadedTape, request: TapeRequest, *,
+                          others: frozenset[str] = frozenset(),
+                          needs: frozenset[str] = frozenset()) -> None:
     """For a resumed backup: the tape is blank, or holds only this set's files (containers, a
-    catalog maybe torn by the interruption): the one the interrupted job was writing."""
+    catalog maybe torn by the interruption): the one the interrupted job was writing.
+
+    `others` are containers on tape that belong on other tapes of the set: a tape holding one
+    is another tape of the set. `needs` are containers this tape must hold (a finished tape
+    loaded again for its catalog: a blank or other tape in its place would get the catalog).
+    """
     set_id = request.backup_set_id
-    foreign = [n for n in await tape.list_dir("data") if set_id not in n]
+    names = await tape.list_dir("data")
+    foreign = [n for n in names if set_id not in n]
     if foreign:
         raise WrongTapeError(
             f"{tape.label} holds data of another set ({foreign[0]}); insert "
             f"{request.describe()} as the interrupted backup left it, or a blank tape"
+        )
+    elsewhere = sorted(others.intersection(names))
+    if elsewhere:
+        raise WrongTapeError(
+            f"{tape.label} is another tape of this set (it holds {elsewhere[0]}); insert "
+            f"{request.describe()}"
+        )
+    missing = sorted(needs.difference(names))
+    if missing:
+        raise WrongTapeError(
+            f"{tape.label} lacks {missing[0]}, which {request.describe()} holds; insert that "
+            "tape: its catalog is to be replaced"
         )
     head = await _catalog_head(tape)
     if head is not None and _SET_ID_RE.search(head) and _owner(head) != set_id:

@@ -390,7 +390,7 @@ async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume
     config = BackupConfig(src, 450_000, 60_000, tapes_root=sim)
     faults = SimulatorFailureConfig(fail_after_bytes_written=3 * 60_000 + 5,
                                     failed_tape_ids=frozenset({"1"}))
-    with Raises(TapeFullError, match="filled before its planned share"):
+    with Raises(TapeFullError, match="no room left for its catalog"):
         await api.backup_async(config, api.Components(drive=SimulatorDrive(sim, 450_000, faults)))
     on_read("a/big-1.bin", lambda n, offset, buf: None)  # readable again
 
@@ -429,3 +429,22 @@ async def test_ctrl_c_during_a_restore_leaves_whole_files_and_no_temporary_ones(
     assert len(files) < len(contents)
     for rel, path in files.items():
         assert path.read_bytes() == contents[rel]
+
+
+def test_a_tape_that_runs_out_mid_container_is_replaced_by_a_blank_one(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC in mid-container: that tape has no room for its catalog. Put back, it fails
+    the same way; a blank tape in its place gets all its containers again."""
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    args = [str(a) for a in backup_args(root, tapes)]
+    full = ["--sim-fault", "fail_after_bytes_written=150000", "--sim-fault", "failed_tape_ids=1"]
+    assert main([*args, *full]) == EXIT_FAILED
+    assert "put a blank tape in its place" in capsys.readouterr().err
+    assert main([*args, "--resume", *full]) == EXIT_FAILED  # the same full tape again
+    assert "put a blank tape in its place" in capsys.readouterr().err
+    (tape1,) = [p for p in tapes.iterdir() if p.name.endswith("-001")]
+    shutil.rmtree(tape1)  # a blank tape in its place
+    assert main([*args, "--resume"]) == EXIT_OK
+    assert_complete_set(tapes, contents)

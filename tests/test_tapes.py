@@ -151,3 +151,32 @@ async def test_reading_refuses_another_tape_of_the_same_set_by_its_serial(tmp_pa
         await check_member(tape, wanted)
     await check_member(tape, TapeRequest("TAPE-s-002", 2, "s", purpose="read",
                                          volume_serial="VOL002L9"))
+
+
+async def test_a_resumed_backup_accepts_only_the_tape_it_left_or_a_blank_one(
+    tmp_path: Path,
+) -> None:
+    from ltoflow.tapes import check_resumable
+
+    request = TapeRequest("TAPE-s1-001", 1, "s1", 3)
+    drive = SimulatorDrive(tmp_path, 10_000)
+
+    async def tape_with(*names: str) -> LoadedTape:
+        await drive.unload()
+        for n in names:
+            (tmp_path / "TAPE-s1-001" / "data").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "TAPE-s1-001" / "data" / n).write_bytes(b"x")
+        return await drive.load(request)
+
+    ours, theirs = frozenset({"CNT-s1-00001", "CNT-s1-00002"}), frozenset({"CNT-s1-00003"})
+    await check_resumable(await tape_with(), request, others=theirs)  # blank
+    await check_resumable(await tape_with("CNT-s1-00001"), request, others=theirs)
+    with pytest.raises(WrongTapeError, match=r"another tape of this set .*CNT-s1-00003"):
+        await check_resumable(await tape_with("CNT-s1-00003"), request, others=theirs)
+    (tmp_path / "TAPE-s1-001" / "data" / "CNT-s1-00003").unlink()
+    # Loaded again to replace its catalog, it must hold its containers: a blank one would not.
+    with pytest.raises(WrongTapeError, match="lacks CNT-s1-00002"):
+        await check_resumable(await tape_with(), request, others=theirs, needs=ours)
+    await check_resumable(await tape_with("CNT-s1-00002"), request, others=theirs, needs=ours)
+    with pytest.raises(WrongTapeError, match="another set"):
+        await check_resumable(await tape_with("CNT-other-00001"), request)
