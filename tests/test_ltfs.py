@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from ltoflow import api
-from ltoflow.cli import EXIT_OK, main
+from ltoflow.cli import EXIT_FAILED, EXIT_OK, main
 from ltoflow.drives import TapeRequest
 from ltoflow.drives.ltfs import LtfsDrive, mount_is_ltfs
 from ltoflow.errors import DriveLostError, TapeFullError, TapeNotLoadedError
@@ -227,6 +228,45 @@ def test_cli_three_tapes_through_a_library_then_verify_and_restore(
     assert main(["verify", *drive_args]) == EXIT_OK
     assert "3 of 3 tape(s)" in capsys.readouterr().out
 
+    assert main(["restore", *drive_args, "--target", str(tmp_path / "out")]) == EXIT_OK
+    got = {str(p.relative_to(tmp_path / "out")): p.read_bytes()
+           for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert got == contents
+
+
+def test_cli_resume_through_a_library_after_a_cartridge_fills_early(
+    fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cartridge 2 really holds 1.3 MiB of the 2 MB planned: the backup stops before the
+    container that would leave no room for its catalog; the resume writes cartridge 2's
+    catalog, goes on with an extra cartridge, and replaces cartridge 1's catalog, so all four
+    say where everything is; verify and restore then read the set through the library."""
+    for n, capacity in ((1, 64 * MiB), (2, 13 * MiB // 10), (3, 64 * MiB), (4, 64 * MiB)):
+        fake_ltfs.cartridge(f"t{n}", capacity_bytes=capacity, serial=f"LIB00{n}L9")
+    dev = tmp_path / "nst0"
+    dev.symlink_to(fake_ltfs.drives_dir / "t1")
+    load = (f'ln -sfn {fake_ltfs.drives_dir}/t$LTOFLOW_TAPE_SEQ {dev} && '
+            f'mt -f {dev} load')
+    contents = write_tree(tmp_path / "src", {f"case/{i:02d}.bin": 1_000_000 for i in range(5)})
+    drive_args = ["--device", str(dev), "--mount-point", str(fake_ltfs.mount_point),
+                  "--tape-change-command", load, "--yes"]
+    backup = ["backup", "--source", str(tmp_path / "src"), *drive_args,
+              "--capacity-tb", "0.000002", "--container-size-gb", "0.0005", "--quiet"]
+    assert main(backup) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert re.search(r"TAPE-\S+-002 filled before its planned share: it holds 1 of its 4", err)
+    assert "--resume" in err.splitlines()[-1]
+
+    assert main([*backup, "--resume", "--json"]) == EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert [t["volume_serial"] for t in doc["tapes"]] == ["LIB002L9", "LIB003L9", "LIB004L9"]
+    catalogs = {fake_ltfs.tape_files(fake_ltfs.drives_dir / f"t{n}")["catalog/catalog.json"]
+                for n in (1, 2, 3, 4)}
+    assert len({json.dumps({**json.loads(c), "tapes": None}) for c in catalogs}) == 1
+    assert not any(fake_ltfs.is_corrupted(fake_ltfs.drives_dir / f"t{n}") for n in (1, 2, 3, 4))
+
+    assert main(["verify", *drive_args]) == EXIT_OK
+    assert "4 of 4 tape(s)" in capsys.readouterr().out
     assert main(["restore", *drive_args, "--target", str(tmp_path / "out")]) == EXIT_OK
     got = {str(p.relative_to(tmp_path / "out")): p.read_bytes()
            for p in (tmp_path / "out").rglob("*") if p.is_file()}
