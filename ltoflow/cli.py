@@ -94,8 +94,8 @@ def _size(unit: int, flag: str) -> Any:
 
 
 _FAULT_FLAGS = ("fail_on_write", "fail_on_read", "fail_on_load", "fail_on_unload")
-_FAULT_BYTES = ("fail_after_bytes_written", "crash_after_bytes_written",
-                "interrupt_after_bytes_written")
+_FAULT_BYTES = ("fail_after_bytes_written", "fail_write_after_bytes",
+                "crash_after_bytes_written", "interrupt_after_bytes_written")
 
 
 def _fault(text: str) -> tuple[str, str]:

@@ -55,8 +55,11 @@ def backup_faults(src: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "load": (["fail_on_load", "failed_tape_ids=2"], "did not load"),
         "container write (open)": (["fail_on_write", "failed_tape_ids=2"], "cannot write data/"),
-        "container write (mid-container)": (
-            [f"fail_after_bytes_written={mid}", "failed_tape_ids=1"], "is full"),
+        "container write (mid-container I/O error)": (
+            [f"fail_write_after_bytes={mid}", "failed_tape_ids=1"], "failed after"),
+        "container write (mid-container, tape full)": (
+            [f"fail_after_bytes_written={mid}", "failed_tape_ids=1"],
+            "no room left for its catalog"),
         "catalog write": ([f"fail_after_bytes_written={t1.data_bytes + 100}",
                            "failed_tape_ids=1"], "could not write the catalog"),
         "unload": (["fail_on_unload", "failed_tape_ids=1"], "did not unload"),
@@ -64,7 +67,9 @@ def backup_faults(src: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("point", ["load", "container write (open)",
-                                   "container write (mid-container)", "catalog write", "unload"])
+                                   "container write (mid-container I/O error)",
+                                   "container write (mid-container, tape full)", "catalog write",
+                                   "unload"])
 def test_backup_fault_gives_a_clear_error_and_a_resumable_set(
     point: str, src: tuple[Path, dict[str, bytes]], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

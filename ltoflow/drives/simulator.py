@@ -62,6 +62,9 @@ class SimulatorFailureConfig:
     crash_after_bytes_written: int | None = None
     #: ltoflow: FileWriteError from every unload (the tape still leaves the drive).
     fail_on_unload: bool = False
+    #: ltoflow: FileWriteError (an I/O error, not a full tape) once a tape would hold more
+    #: than N bytes: a write that fails in the middle of a container.
+    fail_write_after_bytes: int | None = None
     interrupt_after_bytes_written: int | None = None
 
     def applies_to(self, tape_id: str) -> bool:
@@ -327,6 +330,10 @@ class SimulatorTape:
                 after > f.interrupt_after_bytes_written) and not self._interrupted:
             self._interrupted = True
             os.kill(os.getpid(), signal.SIGINT)
+        if self._fail and f.fail_write_after_bytes is not None and (
+                after > f.fail_write_after_bytes):
+            raise FileWriteError(f"{f.error_message}: write to {path} on tape {st.tape_id} "
+                                 f"failed after {human_bytes(st.bytes_written)}")
         limit = self._failures.fail_after_bytes_written
         if self._fail and limit is not None and after > limit:
             raise TapeFullError(
