@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from importlib import metadata
 from pathlib import Path
 
 import attrs
@@ -40,6 +39,9 @@ DEFAULT_BUFFER_BYTES = 256 * MiB
 
 
 def created_by() -> str:
+    # Imported here: importlib.metadata costs 50 ms at start-up, which every command would pay.
+    from importlib import metadata
+
     try:
         return f"ltoflow {metadata.version('ltoflow')}"
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
