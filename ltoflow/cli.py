@@ -255,7 +255,10 @@ def _where(args: argparse.Namespace) -> str:
 
 
 def _print_json(doc: object) -> None:
-    sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    # Two writes, not `dumps(...) + b"\n"`: a million-file plan's JSON is ~300 MB, and the
+    # concatenation would hold it twice.
+    sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
 
 

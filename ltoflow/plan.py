@@ -11,8 +11,9 @@ is measured and the layout redone until the reserve holds it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import attrs
 
@@ -40,6 +41,73 @@ class Segment:
     length: int
 
 
+class SegmentTable(Sequence[Segment]):
+    """The plan's segments as columns of machine integers: 48 bytes a segment, where a Segment
+    object with its ints takes about 190, and a million-file plan has a million segments.
+
+    Reads as a sequence of Segment (built on access); code that walks many segments can read
+    the columns directly (`table.length[i]`).
+    """
+
+    __slots__ = (
+        "container_index",
+        "container_offset",
+        "file_index",
+        "length",
+        "part",
+        "source_offset",
+    )
+
+    def __init__(self) -> None:
+        self.file_index = array("q")
+        self.part = array("q")
+        self.container_index = array("q")
+        self.container_offset = array("q")
+        self.source_offset = array("q")
+        self.length = array("q")
+
+    def _columns(self) -> tuple[array[int], ...]:
+        return (self.file_index, self.part, self.container_index, self.container_offset,
+                self.source_offset, self.length)
+
+    def append(self, file_index: int, part: int, container_index: int, container_offset: int,
+               source_offset: int, length: int) -> None:
+        self.file_index.append(file_index)
+        self.part.append(part)
+        self.container_index.append(container_index)
+        self.container_offset.append(container_offset)
+        self.source_offset.append(source_offset)
+        self.length.append(length)
+
+    def __len__(self) -> int:
+        return len(self.file_index)
+
+    @overload
+    def __getitem__(self, i: int) -> Segment: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Segment]: ...
+
+    def __getitem__(self, i: int | slice) -> Segment | list[Segment]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return Segment(self.file_index[i], self.part[i], self.container_index[i],
+                       self.container_offset[i], self.source_offset[i], self.length[i])
+
+    def __iter__(self) -> Iterator[Segment]:
+        return map(Segment, *self._columns())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SegmentTable):
+            return self._columns() == other._columns()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable while the layout builds it
+
+    def __repr__(self) -> str:
+        return f"SegmentTable({len(self)} segments)"
+
+
 @attrs.frozen
 class Container:
     index: int  # 0-based; the catalog's sequence_number is index + 1
@@ -61,7 +129,7 @@ class Plan:
     source_root: Path
     files: tuple[ScannedFile, ...]
     skipped: tuple[SkippedEntry, ...]
-    segments: tuple[Segment, ...]
+    segments: SegmentTable
     containers: tuple[Container, ...]
     tapes: tuple[Tape, ...]
     capacity_bytes: int
@@ -97,7 +165,7 @@ class Plan:
 
 @attrs.frozen
 class _Layout:
-    segments: tuple[Segment, ...]
+    segments: SegmentTable
     containers: tuple[Container, ...]
     tapes: tuple[Tape, ...]
     file_starts: array[int]
@@ -105,7 +173,7 @@ class _Layout:
 
 def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> _Layout:
     """Stream `files` into containers and tapes. Zero-byte files get no segment."""
-    segments: list[Segment] = []
+    segments = SegmentTable()
     containers: list[Container] = []
     tapes: list[Tape] = []
     file_starts = array("q", [0])
@@ -144,9 +212,7 @@ def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> 
                     close_tape()
                 c_cap = min(container_size, usable - tape_used)
             n = min(remaining, c_cap - c_size)
-            segments.append(
-                Segment(file_index, part, len(containers), c_size, source_offset, n)
-            )
+            segments.append(file_index, part, len(containers), c_size, source_offset, n)
             c_size += n
             source_offset += n
             remaining -= n
@@ -156,7 +222,7 @@ def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> 
         close_container()
     if tape_used or not tapes:
         close_tape()  # an empty tree still gets one tape: the catalog has to live somewhere
-    return _Layout(tuple(segments), tuple(containers), tuple(tapes), file_starts)
+    return _Layout(segments, tuple(containers), tuple(tapes), file_starts)
 
 
 def make_plan(
@@ -210,6 +276,7 @@ def make_plan(
         needed = measure_catalog(plan) + SHA256_FILE_BYTES + extra_reserve_bytes
         if needed <= reserve:
             return plan
+        del plan, lay  # before the next round builds its own: a million segments each
         # A little slack, so that the next layout (with a few more digits or containers)
         # nearly always settles it: each round lays out the whole tree again.
         reserve = needed + needed // 1000 + 4096
@@ -389,12 +456,15 @@ class JsonPlanSizer:
             + _digits(c.tape_offset) - 1 + _digits(c.size) - 1
             for c in plan.containers
         )
-        segments = 0
-        for s in plan.segments:
+        table = plan.segments
+        segments = len(table) * (self._segment - 3)
+        for part, container_index, container_offset, source_offset, length in zip(
+            table.part, table.container_index, table.container_offset, table.source_offset,
+            table.length, strict=True,
+        ):
             segments += (
-                self._segment + max(3, _digits(s.part)) - 3
-                + max(5, _digits(s.container_index + 1)) - 5 + _digits(s.container_offset) - 1
-                + _digits(s.source_offset) - 1 + _digits(s.length) - 1
+                max(3, _digits(part)) - 3 + max(5, _digits(container_index + 1)) - 5
+                + _digits(container_offset) + _digits(source_offset) + _digits(length)
             )
         return (
             size
