@@ -147,3 +147,53 @@ def test_file_ids_are_the_standard_uuid5(path: str) -> None:
     import uuid
 
     assert cat.file_id_for(path) == str(uuid.uuid5(uuid.NAMESPACE_DNS, path))
+
+
+@settings(max_examples=100, deadline=None)
+@given(catalogs)
+def test_line_decoder_gives_what_the_full_decoder_gives(c: Catalog) -> None:
+    data = b"".join(CODEC.encode(c))
+    fast = cat._decode_lines(data)
+    assert fast == cat.converter.structure(json.loads(data), Catalog) == c
+
+
+def _sample_catalog() -> Catalog:
+    fid = cat.file_id_for("a/b.txt")
+    cid = cat.container_id_for("s", 1)
+    return Catalog(
+        backup_set_id="s", created_at=cat.iso_from_ns(0), source_root="/src",
+        tapes=(cat.TapeEntry(cat.tape_id_for("s", 1), "s", 1, 10**12, 10**6),),
+        containers=(cat.ContainerEntry(cid, "s", cat.tape_id_for("s", 1), 1, 0, 5, "a" * 64),),
+        source_files=(cat.SourceFileEntry(fid, "a/b.txt", "/src/a/b.txt", 5, "b" * 64,
+                                          cat.iso_from_ns(0), 0o100644, 0),),
+        segments=(cat.SegmentEntry(cat.segment_id_for(fid, 1), fid, cid, 0, 0, 5, "b" * 64),),
+    )
+
+
+def test_decoded_records_share_one_string_per_id() -> None:
+    c = CODEC.decode(b"".join(CODEC.encode(_sample_catalog())), source="test")
+    assert c.segments[0].file_id is c.source_files[0].file_id
+    assert c.segments[0].container_id is c.containers[0].container_id
+
+
+def test_unknown_lists_and_keys_in_ltoflow_layout_are_ignored() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog()))
+    data = data.replace(b'\n"segments":[', b'\n"directories":[\n{"path":"a"},\n{"path":"b"}],'
+                        b'\n"segments":[')
+    data = data.replace(b'"length_bytes":5,', b'"length_bytes":5,"compressed":false,')
+    assert b'"compressed":false' in data
+    assert CODEC.decode(data, source="newer") == _sample_catalog()
+
+
+def test_ltoflow_layout_with_a_wrong_value_gives_the_clear_error() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog())).replace(b'"size_bytes":5', b'"size_bytes":[]')
+    with pytest.raises(CatalogReadError, match="not a valid catalog") as info:
+        CODEC.decode(data, source="tape X/catalog/catalog.json")
+    assert "size_bytes" in str(info.value)
+
+
+def test_ltoflow_layout_with_a_record_that_is_not_an_object_gives_the_clear_error() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog()))
+    data = data.replace(b'\n"segments":[\n', b'\n"segments":[\n[1,2],\n')
+    with pytest.raises(CatalogReadError, match="not a valid catalog"):
+        CODEC.decode(data, source="tape X/catalog/catalog.json")
