@@ -40,10 +40,22 @@ _MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 _MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 
 
+_ISO_SECONDS: dict[int, str] = {}
+
+
 def iso_from_ns(mtime_ns: int) -> str:
-    """`modified_at` for an mtime; mtimes beyond years 1..9999 are clamped (mtime_ns is exact)."""
-    us = min(max(mtime_ns // 1000, _MIN_US), _MAX_US)
-    return iso_utc(_EPOCH + timedelta(microseconds=us))
+    """`modified_at` for an mtime; mtimes beyond years 1..9999 are clamped (mtime_ns is exact).
+
+    Runs once per file: the date and time of each whole second are formatted once and kept
+    (files of a tree tend to share seconds), the microseconds are added here.
+    """
+    seconds, us = divmod(min(max(mtime_ns // 1000, _MIN_US), _MAX_US), 1_000_000)
+    head = _ISO_SECONDS.get(seconds)
+    if head is None:
+        if len(_ISO_SECONDS) >= 1 << 16:
+            _ISO_SECONDS.clear()
+        head = _ISO_SECONDS[seconds] = iso_utc(_EPOCH + timedelta(seconds=seconds))[:19]
+    return f"{head}.{us:06d}+00:00"
 
 
 _DNS = uuid.NAMESPACE_DNS.bytes
@@ -174,13 +186,19 @@ class Catalog:
 def split_files(catalog: Catalog) -> tuple[int, int]:
     """(files in more than one segment, files on more than one tape)."""
     tape_of = {c.container_id: c.tape_id for c in catalog.containers}
-    segments: dict[str, int] = {}
-    tapes: dict[str, set[str]] = {}
+    first_tape: dict[str, str] = {}  # file id -> the tape of its first segment
+    split: set[str] = set()
+    across: set[str] = set()
     for s in catalog.segments:
-        segments[s.file_id] = segments.get(s.file_id, 0) + 1
-        tapes.setdefault(s.file_id, set()).add(tape_of.get(s.container_id, ""))
-    split = sum(1 for n in segments.values() if n > 1)
-    return split, sum(1 for t in tapes.values() if len(t) > 1)
+        tape = tape_of.get(s.container_id, "")
+        first = first_tape.get(s.file_id)
+        if first is None:
+            first_tape[s.file_id] = tape
+        else:
+            split.add(s.file_id)
+            if first != tape:
+                across.add(s.file_id)
+    return len(split), len(across)
 
 
 converter = cattrs.Converter()

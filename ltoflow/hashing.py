@@ -51,7 +51,7 @@ class SourceCursor:
     @property
     def container(self) -> int:
         """The container of the next byte to read."""
-        return self.plan.segments[self.segment].container_index
+        return self.plan.segments.container_index[self.segment]
 
     def fill(self, buf: memoryview, *, one_container: bool) -> tuple[list[Piece], int]:
         """Read as many of the next bytes as fit in `buf`; return the pieces and bytes used.
@@ -62,23 +62,29 @@ class SourceCursor:
         """
         plan = self.plan
         segments, starts = plan.segments, plan.file_starts
+        # The columns, not Segment objects: this loop runs once per small file.
+        s_container, s_file, s_length = (
+            segments.container_index, segments.file_index, segments.length
+        )
         pieces: list[Piece] = []
         pos = 0
         cap = len(buf)
         container = self.container if not self.finished else -1
         while pos < cap and self.segment < self.end:
-            seg = segments[self.segment]
-            if one_container and seg.container_index != container:
+            k = self.segment
+            if one_container and s_container[k] != container:
                 break
-            f = seg.file_index
-            if (self.done_in_segment == 0 and seg.length <= cap - pos and self._fd < 0
+            f = s_file[k]
+            length = s_length[k]
+            if (self.done_in_segment == 0 and length <= cap - pos and self._fd < 0
                     and starts[f + 1] - starts[f] == 1):
                 # The common case, a whole small file: open, read, check, close in one go.
-                self._read_whole(f, buf[pos:pos + seg.length])
-                pieces.append(Piece(self.segment, pos, seg.length, True, True))
-                pos += seg.length
+                self._read_whole(f, buf[pos:pos + length])
+                pieces.append(Piece(k, pos, length, True, True))
+                pos += length
                 self.segment += 1
                 continue
+            seg = segments[k]
             fd = self._fd_for(seg.file_index)
             want = min(seg.length - self.done_in_segment, cap - pos)
             offset = seg.source_offset + self.done_in_segment
@@ -90,9 +96,7 @@ class SourceCursor:
             if done == seg.length:
                 self.segment += 1
                 self.done_in_segment = 0
-                next_file = (
-                    plan.segments[self.segment].file_index if self.segment < self.end else -1
-                )
+                next_file = s_file[self.segment] if self.segment < self.end else -1
                 if next_file != seg.file_index:
                     self._close_checked()
             else:
@@ -276,15 +280,14 @@ class AggregateHasher:
         self, data: memoryview, pieces: list[Piece]
     ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         plan = self.plan
+        s_container, s_file = plan.segments.container_index, plan.segments.file_index
         containers: list[tuple[int, str]] = []
         files: list[tuple[int, str]] = []
         # Containers: one update per run of pieces in the same container (usually the chunk).
         run_start = 0
         for n, p in enumerate(pieces):
-            c = plan.segments[p.segment].container_index
-            ends_run = n + 1 == len(pieces) or (
-                plan.segments[pieces[n + 1].segment].container_index != c
-            )
+            c = s_container[p.segment]
+            ends_run = n + 1 == len(pieces) or s_container[pieces[n + 1].segment] != c
             if not ends_run:
                 continue
             if self.want_containers[c]:
@@ -296,7 +299,7 @@ class AggregateHasher:
                     containers.append((c, self._containers.pop(c).hexdigest()))
             run_start = n + 1
         for p in pieces:
-            f = plan.segments[p.segment].file_index
+            f = s_file[p.segment]
             if not self.want_files[f]:
                 continue
             h = self._files.get(f)
