@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, gc_paused
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
@@ -104,7 +104,8 @@ def compose(
 
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
-    scan = scan_tree(config.source_root)
+    with gc_paused():  # one record per file, none in a reference cycle
+        scan = scan_tree(config.source_root)
     codec = codec or JsonCatalogCodec()
     # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
     measure = (

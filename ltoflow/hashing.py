@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from hashlib import sha256
 from typing import Any, NamedTuple
 
 from ltoflow import catalog as cat
@@ -29,6 +30,9 @@ class Piece(NamedTuple):
     length: int
     first: bool  # the segment's first bytes
     last: bool  # completes the segment
+    #: The segment's SHA-256 when the reader hashed it already: a whole small file, hashed
+    #: right after it was read, in the same thread call (no second pass over its bytes).
+    digest: str | None = None
 
 
 class SourceCursor:
@@ -78,9 +82,11 @@ class SourceCursor:
             length = s_length[k]
             if (self.done_in_segment == 0 and length <= cap - pos and self._fd < 0
                     and starts[f + 1] - starts[f] == 1):
-                # The common case, a whole small file: open, read, check, close in one go.
-                self._read_whole(f, buf[pos:pos + length])
-                pieces.append(Piece(k, pos, length, True, True))
+                # The common case, a whole small file: open, read, check, close and hash in one
+                # go.
+                view = buf[pos:pos + length]
+                self._read_whole(f, view)
+                pieces.append(Piece(k, pos, length, True, True, sha256(view).hexdigest()))
                 pos += length
                 self.segment += 1
                 continue
@@ -248,6 +254,9 @@ class SegmentHasher:
     def update(self, data: memoryview, pieces: list[Piece]) -> list[tuple[int, str]]:
         done: list[tuple[int, str]] = []
         for p in pieces:
+            if p.digest is not None:
+                done.append((p.segment, p.digest))
+                continue
             view = data[p.start:p.start + p.length]
             if p.first and p.last:
                 done.append((p.segment, hashlib.sha256(view).hexdigest()))

@@ -327,6 +327,21 @@ def build_catalog(
     Tapes get `serial` as their volume serial: the placeholder when measuring, None for real
     catalogs, which get their serials tape by tape (Catalog.with_serials).
     """
+    with cat.gc_paused():  # two records per file, none in a reference cycle
+        return _build_catalog(plan, hashes, set_id=set_id, created_at=created_at,
+                              created_by=created_by, serial=serial)
+
+
+def _build_catalog(
+    plan: Plan,
+    hashes: Hashes,
+    *,
+    set_id: str,
+    created_at: str,
+    created_by: str,
+    serial: str | None = None,
+) -> cat.Catalog:
+    """build_catalog, with the collector paused by the caller."""
     root = str(plan.source_root)
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]

@@ -197,3 +197,17 @@ def test_ltoflow_layout_with_a_record_that_is_not_an_object_gives_the_clear_erro
     data = data.replace(b'\n"segments":[\n', b'\n"segments":[\n[1,2],\n')
     with pytest.raises(CatalogReadError, match="not a valid catalog"):
         CODEC.decode(data, source="tape X/catalog/catalog.json")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gc_paused_turns_the_collector_off_inside_and_restores_it(enabled: bool) -> None:
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with cat.gc_paused():
+            inside = gc.isenabled()
+        assert (inside, gc.isenabled()) == (False, enabled)
+    finally:
+        (gc.enable if was else gc.disable)()
