@@ -186,3 +186,16 @@ def test_fast_json_sizer_equals_encoding_the_placeholder_catalog(
     event(f"{len(plan.segments) // 10 * 10}+ segments")
     assert sizer(plan) == MEASURE(plan)
     assert sizer(plan) == MEASURE(plan)  # the cached file records stay right
+
+
+def test_segment_table_reads_as_a_sequence_of_segments() -> None:
+    plan = plan_of([30_000, 0, 50_000, 7], 60_000, 20_000)
+    segs = plan.segments
+    listed = list(segs)
+    assert listed == [segs[i] for i in range(len(segs))] == segs[:]
+    assert segs[-1] == listed[-1]
+    assert segs[1:3] == listed[1:3]
+    assert [s.length for s in listed] == list(segs.length)
+    assert sum(s.length for s in segs) == plan.total_bytes == 80_007
+    assert segs == plan_of([30_000, 0, 50_000, 7], 60_000, 20_000).segments
+    assert segs != plan_of([30_000, 0, 50_000, 8], 60_000, 20_000).segments
