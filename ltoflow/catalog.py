@@ -80,17 +80,18 @@ def gc_paused() -> Iterator[None]:
 _DNS = uuid.NAMESPACE_DNS.bytes
 
 
+#: The RFC 4122 variant bits (10xx) set in a hex digit.
+_VARIANT_DIGIT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
 def file_id_for(relative_path: str) -> str:
     """The seed's file id: uuid5 in the DNS namespace of the relative path, stable across runs.
 
     Computed as RFC 4122 says (SHA-1 of namespace and name, version and variant bits set),
-    without building UUID objects: 2.5x faster, and it runs once per file.
+    on the hex digits, without UUID objects or byte arithmetic: it runs once per file.
     """
-    h = bytearray(hashlib.sha1(_DNS + relative_path.encode("utf-8", "surrogatepass")).digest())
-    h[6] = (h[6] & 0x0F) | 0x50
-    h[8] = (h[8] & 0x3F) | 0x80
-    x = h[:16].hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    x = hashlib.sha1(_DNS + relative_path.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 def tape_id_for(set_id: str, sequence_number: int) -> str:
