@@ -4,6 +4,7 @@ import json
 from datetime import UTC
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,3 +212,16 @@ def test_gc_paused_turns_the_collector_off_inside_and_restores_it(enabled: bool)
         assert (inside, gc.isenabled()) == (False, enabled)
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize(
+    "path", ["plain/name.txt", 'a},{"b', "tab\there", 'q"uote\\s', "é/ü", "\x7f"]
+)
+def test_records_stay_one_a_line_and_sizes_exact_whatever_the_path(path: str) -> None:
+    c = attrs.evolve(_sample_catalog(), source_files=(
+        attrs.evolve(_sample_catalog().source_files[0], relative_path=path),
+    ) * 3)
+    data = b"".join(CODEC.encode(c))
+    assert len(data.splitlines()) == 1 + 5 + 1 + 1 + 3 + 1
+    assert CODEC.decode(data, source="test") == c
+    assert CODEC.string_size(path) == len(json.dumps(path, ensure_ascii=False).encode()) - 2
