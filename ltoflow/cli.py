@@ -7,6 +7,7 @@ raises BackupError subclasses.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import traceback
 from collections.abc import Sequence
@@ -680,4 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - the console script
-    sys.exit(main())
+    code = main()
+    # No more collections: at exit Python's own walk every object still alive, 0.15 s after
+    # a 100,000-file backup. Finalizers and flushes still run.
+    gc.disable()
+    gc.freeze()
+    sys.exit(code)
