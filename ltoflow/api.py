@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, gc_paused
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, gc_frozen, gc_paused
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, list_simulated_tapes
@@ -142,15 +142,16 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
         created_by=created_by(),
         extra_files=recovery.kit_files(),
     )
-    return await run_backup(
-        plan,
-        drive=components.drive,
-        operator=components.operator,
-        clock=components.clock,
-        codec=components.codec,
-        reporter=components.reporter,
-        settings=settings,
-    )
+    with gc_frozen():  # the scan and the plan: one record per file and segment
+        return await run_backup(
+            plan,
+            drive=components.drive,
+            operator=components.operator,
+            clock=components.clock,
+            codec=components.codec,
+            reporter=components.reporter,
+            settings=settings,
+        )
 
 
 def backup(config: BackupConfig, components: Components | None = None) -> BackupResult:

@@ -77,6 +77,22 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """The objects alive now are left out of cyclic garbage collection inside.
+
+    For a job over a big plan or catalog: its records live for the whole job, and without
+    this each full collection (the job's own short-lived objects trigger them) walks them
+    all again: half a second of a 100,000-file backup. Acyclic records are still freed by
+    reference counting; on the way out they go back to the collector (gc.unfreeze).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 _DNS = uuid.NAMESPACE_DNS.bytes
 
 

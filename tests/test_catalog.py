@@ -225,3 +225,13 @@ def test_records_stay_one_a_line_and_sizes_exact_whatever_the_path(path: str) ->
     assert len(data.splitlines()) == 1 + 5 + 1 + 1 + 3 + 1
     assert CODEC.decode(data, source="test") == c
     assert CODEC.string_size(path) == len(json.dumps(path, ensure_ascii=False).encode()) - 2
+
+
+def test_gc_frozen_leaves_todays_objects_out_of_collections_until_the_end() -> None:
+    import gc
+
+    records = [_sample_catalog() for _ in range(100)]
+    with cat.gc_frozen():
+        inside = gc.get_freeze_count()
+    assert inside >= len(records)
+    assert gc.get_freeze_count() == 0
