@@ -318,24 +318,30 @@ class _NotLineFormat(Exception):
 _MISSING = object()
 
 
-def _checks(cls: type) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
-    """(field, the exact JSON types it takes, whether it is required) for each field of cls."""
+_JSON_TYPES: dict[object, tuple[type, ...]] = {
+    str: (str,), int: (int,), bool: (bool,),
+    str | None: (str, NoneType), int | None: (int, NoneType), bool | None: (bool, NoneType),
+}
+
+
+def _checks(cls: type) -> tuple[tuple[str, tuple[type, ...], bool], ...] | None:
+    """(field, the exact JSON types it takes, whether it is required) for each field of cls;
+    None when a field has a type the fast decoder does not know (cattrs decodes that class).
+    A Catalog's lists are decoded on their own and left out here."""
     out = []
     for field in attrs.fields(attrs.resolve_types(cls)):
-        kind = field.type
-        if kind == str | None:
-            types: tuple[type, ...] = (str, NoneType)
-        elif kind == int | None:
-            types = (int, NoneType)
-        elif kind in (str, int):
-            types = (kind,)
-        else:
-            continue  # the lists of a Catalog: not in its head
+        if cls is Catalog and field.name in _LIST_TYPES:
+            continue
+        types = _JSON_TYPES.get(field.type)
+        if types is None:
+            return None
         out.append((field.name, types, field.default is attrs.NOTHING))
     return tuple(out)
 
 
 _CHECKS = {cls: _checks(cls) for cls in (Catalog, *_LIST_TYPES.values())}
+#: Catalog fields the fast decoder must not skip: a list of one is left to cattrs.
+_CATALOG_FIELDS = frozenset(f.name for f in attrs.fields(Catalog))
 
 
 def _checked(cls: type, raw: object) -> dict[str, Any]:
@@ -343,8 +349,11 @@ def _checked(cls: type, raw: object) -> dict[str, Any]:
     JSON types (cattrs would convert, say, "5" to 5: such catalogs take the full decoder)."""
     if type(raw) is not dict:
         raise _NotLineFormat
+    checks = _CHECKS[cls]
+    if checks is None:
+        raise _NotLineFormat
     kwargs = {}
-    for name, types, required in _CHECKS[cls]:
+    for name, types, required in checks:
         value = raw.get(name, _MISSING)
         if value is _MISSING:
             if required:
@@ -386,6 +395,8 @@ def _decode_lines(data: bytes) -> Catalog:
             if name in lists:
                 raise _NotLineFormat
             cls = _LIST_TYPES.get(name)
+            if cls is None and name in _CATALOG_FIELDS:
+                raise _NotLineFormat  # a list of the Catalog without a _LIST_TYPES entry
             records: list[Any] = []
             lists[name] = records
             if rest in (b"],", b"]}"):

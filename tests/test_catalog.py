@@ -235,3 +235,22 @@ def test_gc_frozen_leaves_todays_objects_out_of_collections_until_the_end() -> N
         inside = gc.get_freeze_count()
     assert inside >= len(records)
     assert gc.get_freeze_count() == 0
+
+
+def test_a_catalog_list_the_fast_decoder_does_not_know_is_still_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = attrs.evolve(_sample_catalog(), skipped=(cat.SkippedEntry("dev/null", "fifo", "x"),))
+    data = b"".join(CODEC.encode(c))
+    monkeypatch.delitem(cat._LIST_TYPES, "skipped")
+    assert CODEC.decode(data, source="test") == c
+
+
+def test_records_with_field_types_the_fast_decoder_does_not_know_go_to_cattrs() -> None:
+    @attrs.frozen
+    class Future:
+        name: str
+        ratio: float = 0.5
+
+    assert cat._checks(Future) is None
+    assert cat._checks(cat.SegmentEntry) is not None
