@@ -115,7 +115,7 @@ class SourceCursor:
         possible: this runs once per small file."""
         f = self.plan.files[file_index]
         try:
-            fd = os.open(os.path.join(self._root, f.relative_path), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{self._root}/{f.relative_path}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SourceFileChangedError(f.relative_path, "it was deleted after the scan") from None
         except OSError as e:
@@ -134,7 +134,8 @@ class SourceCursor:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        _check_stat(f, st.st_size, st.st_mtime_ns)
+        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+            _check_stat(f, st.st_size, st.st_mtime_ns)
 
     def close(self) -> None:
         if self._fd >= 0:
