@@ -16,14 +16,20 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from importlib import metadata
 from pathlib import Path
 
 import attrs
 import trio
 
 from ltoflow import recovery
-from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, iso_utc
+from ltoflow.catalog import (
+    Catalog,
+    CatalogCodec,
+    JsonCatalogCodec,
+    gc_frozen,
+    gc_paused,
+    iso_utc,
+)
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.simulator import (
@@ -59,6 +65,9 @@ STRICT_NAMED = 5
 
 
 def created_by() -> str:
+    # Imported here: importlib.metadata costs 50 ms at start-up, which every command would pay.
+    from importlib import metadata
+
     try:
         return f"ltoflow {metadata.version('ltoflow')}"
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
@@ -132,7 +141,9 @@ def compose(
 
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
-    return plan_from_scan(scan_tree(config.source_root), config, codec)
+    with gc_paused():  # one record per file, none in a reference cycle
+        scan = scan_tree(config.source_root)
+    return plan_from_scan(scan, config, codec)
 
 
 def _measure(codec: CatalogCodec) -> Callable[[Plan], int]:
@@ -248,7 +259,8 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
         )
     if config.tapes_root is not None and isinstance(drive, SimulatorDrive):
         check_simulator_is_free(config.tapes_root)
-    scan = scan_tree(config.source_root)
+    with gc_paused():  # one record per file, none in a reference cycle
+        scan = scan_tree(config.source_root)
     plan = plan_from_scan(scan, config, codec)
     if config.strict:
         check_nothing_skipped(plan)
@@ -299,19 +311,20 @@ async def _write_set(plan: Plan, config: BackupConfig, components: Components,
         extra_files=recovery.kit_files(),
         faults=FaultPolicy(strict=config.strict, skip_changed=config.on_change == "skip"),
     )
-    return await run_backup(
-        plan,
-        drive=components.drive,
-        operator=components.operator,
-        clock=components.clock,
-        codec=components.codec,
-        reporter=components.reporter,
-        settings=settings,
-        set_id=set_id,
-        created_at=created_at,
-        journal=journal,
-        resume=resume,
-    )
+    with gc_frozen():  # the scan and the plan: one record per file and segment
+        return await run_backup(
+            plan,
+            drive=components.drive,
+            operator=components.operator,
+            clock=components.clock,
+            codec=components.codec,
+            reporter=components.reporter,
+            settings=settings,
+            set_id=set_id,
+            created_at=created_at,
+            journal=journal,
+            resume=resume,
+        )
 
 
 def backup(config: BackupConfig, components: Components | None = None) -> BackupResult:

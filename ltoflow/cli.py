@@ -7,6 +7,7 @@ raises BackupError subclasses.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import stat
@@ -285,7 +286,10 @@ def _where(args: argparse.Namespace) -> str:
 
 
 def _print_json(doc: object) -> None:
-    sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    # Two writes, not `dumps(...) + b"\n"`: a million-file plan's JSON is ~300 MB, and the
+    # concatenation would hold it twice.
+    sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
 
 
@@ -850,4 +854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - the console script
-    sys.exit(main())
+    code = main()
+    # No more collections: at exit Python's own walk every object still alive, 0.15 s after
+    # a 100,000-file backup. Finalizers and flushes still run.
+    gc.disable()
+    gc.freeze()
+    sys.exit(code)

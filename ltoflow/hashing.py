@@ -18,6 +18,7 @@ import hashlib
 import os
 import stat
 import threading
+from hashlib import sha256
 from typing import Any, NamedTuple
 
 import attrs
@@ -197,6 +198,9 @@ class Piece(NamedTuple):
     length: int
     first: bool  # the segment's first bytes
     last: bool  # completes the segment
+    #: The segment's SHA-256 when the reader hashed it already: a whole small file, hashed
+    #: right after it was read, in the same thread call (no second pass over its bytes).
+    digest: str | None = None
 
 
 class SourceCursor:
@@ -227,7 +231,7 @@ class SourceCursor:
     @property
     def container(self) -> int:
         """The container of the next byte to read."""
-        return self.plan.segments[self.segment].container_index
+        return self.plan.segments.container_index[self.segment]
 
     def fill(self, buf: memoryview, *, one_container: bool) -> tuple[list[Piece], int]:
         """Read as many of the next bytes as fit in `buf`; return the pieces and bytes used.
@@ -240,28 +244,35 @@ class SourceCursor:
         plan = self.plan
         segments, starts = plan.segments, plan.file_starts
         reasons = self.faults.reasons
+        # The columns, not Segment objects: this loop runs once per small file.
+        s_container, s_file, s_length = (
+            segments.container_index, segments.file_index, segments.length
+        )
         pieces: list[Piece] = []
         pos = 0
         cap = len(buf)
         container = self.container if not self.finished else -1
         while pos < cap and self.segment < self.end:
-            seg = segments[self.segment]
-            if one_container and seg.container_index != container:
+            k = self.segment
+            if one_container and s_container[k] != container:
                 break
-            f = seg.file_index
-            if (self.done_in_segment == 0 and seg.length <= cap - pos and self._fd < 0
+            f = s_file[k]
+            length = s_length[k]
+            if (self.done_in_segment == 0 and length <= cap - pos and self._fd < 0
                     and starts[f + 1] - starts[f] == 1 and f not in reasons):
-                # The common case, a whole small file: open, read, check, close in one go.
-                view = buf[pos:pos + seg.length]
+                # The common case, a whole small file: open, read, check, close and hash in one
+                # go (the hash after any zero-fill: it is of the bytes that go to tape).
+                view = buf[pos:pos + length]
                 try:
                     self._read_whole(f, view)
                 except _SOURCE_ERRORS as e:
                     self.faults.fault(f, e, domain=self.domain, offset=0)
                     _zero(view)
-                pieces.append(Piece(self.segment, pos, seg.length, True, True))
-                pos += seg.length
+                pieces.append(Piece(k, pos, length, True, True, sha256(view).hexdigest()))
+                pos += length
                 self.segment += 1
                 continue
+            seg = segments[k]
             want = min(seg.length - self.done_in_segment, cap - pos)
             offset = seg.source_offset + self.done_in_segment
             self._read_part(f, buf[pos:pos + want], offset)
@@ -272,9 +283,7 @@ class SourceCursor:
             if done == seg.length:
                 self.segment += 1
                 self.done_in_segment = 0
-                next_file = (
-                    plan.segments[self.segment].file_index if self.segment < self.end else -1
-                )
+                next_file = s_file[self.segment] if self.segment < self.end else -1
                 if next_file != seg.file_index:
                     try:
                         self._close_checked()
@@ -558,6 +567,9 @@ class SegmentHasher:
     def update(self, data: memoryview, pieces: list[Piece]) -> list[tuple[int, str]]:
         done: list[tuple[int, str]] = []
         for p in pieces:
+            if p.digest is not None:
+                done.append((p.segment, p.digest))
+                continue
             view = data[p.start:p.start + p.length]
             if p.first and p.last:
                 done.append((p.segment, hashlib.sha256(view).hexdigest()))
@@ -590,15 +602,14 @@ class AggregateHasher:
         self, data: memoryview, pieces: list[Piece]
     ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         plan = self.plan
+        s_container, s_file = plan.segments.container_index, plan.segments.file_index
         containers: list[tuple[int, str]] = []
         files: list[tuple[int, str]] = []
         # Containers: one update per run of pieces in the same container (usually the chunk).
         run_start = 0
         for n, p in enumerate(pieces):
-            c = plan.segments[p.segment].container_index
-            ends_run = n + 1 == len(pieces) or (
-                plan.segments[pieces[n + 1].segment].container_index != c
-            )
+            c = s_container[p.segment]
+            ends_run = n + 1 == len(pieces) or s_container[pieces[n + 1].segment] != c
             if not ends_run:
                 continue
             if self.want_containers[c]:
@@ -610,7 +621,7 @@ class AggregateHasher:
                     containers.append((c, self._containers.pop(c).hexdigest()))
             run_start = n + 1
         for p in pieces:
-            f = plan.segments[p.segment].file_index
+            f = s_file[p.segment]
             if not self.want_files[f]:
                 continue
             h = self._files.get(f)

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from datetime import UTC
 from pathlib import Path
 
 import attrs
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -188,3 +190,144 @@ def test_skipped_entry_writes_file_id_only_when_it_has_one() -> None:
     fid = cat.file_id_for("f")
     failed = cat.converter.unstructure(cat.SkippedEntry("f", "file", "vanished", fid))
     assert failed["file_id"] == fid
+
+
+@settings(max_examples=100, deadline=None)
+@given(catalogs)
+def test_line_decoder_gives_what_the_full_decoder_gives(c: Catalog) -> None:
+    data = b"".join(CODEC.encode(c))
+    fast = cat._decode_lines(data)
+    assert fast == cat.converter.structure(json.loads(data), Catalog) == c
+
+
+def _sample_catalog() -> Catalog:
+    fid = cat.file_id_for("a/b.txt")
+    cid = cat.container_id_for("s", 1)
+    return Catalog(
+        backup_set_id="s", created_at=cat.iso_from_ns(0), source_root="/src",
+        tapes=(cat.TapeEntry(cat.tape_id_for("s", 1), "s", 1, 10**12, 10**6),),
+        containers=(cat.ContainerEntry(cid, "s", cat.tape_id_for("s", 1), 1, 0, 5, "a" * 64),),
+        source_files=(cat.SourceFileEntry(fid, "a/b.txt", "/src/a/b.txt", 5, "b" * 64,
+                                          cat.iso_from_ns(0), 0o100644, 0),),
+        segments=(cat.SegmentEntry(cat.segment_id_for(fid, 1), fid, cid, 0, 0, 5, "b" * 64),),
+    )
+
+
+def test_decoded_records_share_one_string_per_id() -> None:
+    c = CODEC.decode(b"".join(CODEC.encode(_sample_catalog())), source="test")
+    assert c.segments[0].file_id is c.source_files[0].file_id
+    assert c.segments[0].container_id is c.containers[0].container_id
+
+
+def test_unknown_lists_and_keys_in_ltoflow_layout_are_ignored() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog()))
+    data = data.replace(b'\n"segments":[', b'\n"acls":[\n{"path":"a"},\n{"path":"b"}],'
+                        b'\n"segments":[')
+    data = data.replace(b'"length_bytes":5,', b'"length_bytes":5,"compressed":false,')
+    assert b'"compressed":false' in data
+    assert CODEC.decode(data, source="newer") == _sample_catalog()
+
+
+def test_ltoflow_layout_with_a_wrong_value_gives_the_clear_error() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog())).replace(b'"size_bytes":5', b'"size_bytes":[]')
+    with pytest.raises(CatalogReadError, match="not a valid catalog") as info:
+        CODEC.decode(data, source="tape X/catalog/catalog.json")
+    assert "size_bytes" in str(info.value)
+
+
+def test_ltoflow_layout_with_a_record_that_is_not_an_object_gives_the_clear_error() -> None:
+    data = b"".join(CODEC.encode(_sample_catalog()))
+    data = data.replace(b'\n"segments":[\n', b'\n"segments":[\n[1,2],\n')
+    with pytest.raises(CatalogReadError, match="not a valid catalog"):
+        CODEC.decode(data, source="tape X/catalog/catalog.json")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gc_paused_turns_the_collector_off_inside_and_restores_it(enabled: bool) -> None:
+    import gc
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with cat.gc_paused():
+            inside = gc.isenabled()
+        assert (inside, gc.isenabled()) == (False, enabled)
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize(
+    "path", ["plain/name.txt", 'a},{"b', "tab\there", 'q"uote\\s', "é/ü", "\x7f"]
+)
+def test_records_stay_one_a_line_and_sizes_exact_whatever_the_path(path: str) -> None:
+    c = attrs.evolve(_sample_catalog(), source_files=(
+        attrs.evolve(_sample_catalog().source_files[0], relative_path=path),
+    ) * 3)
+    data = b"".join(CODEC.encode(c))
+    assert len(data.splitlines()) == 1 + 5 + 1 + 1 + 3 + 1 + 2  # + empty directories, symlinks
+    assert CODEC.decode(data, source="test") == c
+    assert CODEC.string_size(path) == len(json.dumps(path, ensure_ascii=False).encode()) - 2
+
+
+def test_gc_frozen_leaves_todays_objects_out_of_collections_until_the_end() -> None:
+    import gc
+
+    records = [_sample_catalog() for _ in range(100)]
+    with cat.gc_frozen():
+        inside = gc.get_freeze_count()
+    assert inside >= len(records)
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_catalog_list_the_fast_decoder_does_not_know_is_still_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = attrs.evolve(_sample_catalog(), skipped=(cat.SkippedEntry("dev/null", "fifo", "x"),))
+    data = b"".join(CODEC.encode(c))
+    monkeypatch.delitem(cat._LIST_TYPES, "skipped")
+    assert CODEC.decode(data, source="test") == c
+
+
+def test_records_with_field_types_the_fast_decoder_does_not_know_go_to_cattrs() -> None:
+    @attrs.frozen
+    class Future:
+        name: str
+        ratio: float = 0.5
+
+    assert cat._checks(Future) is None
+    assert cat._checks(cat.SegmentEntry) is not None
+
+
+def test_fast_decoder_reads_odd_names_directories_symlinks_and_skipped_file_ids(
+    tmp_path: Path,
+) -> None:
+    from ltoflow.plan import Hashes, JsonPlanSizer, build_catalog, make_plan
+    from ltoflow.scan import scan_tree
+
+    root = os.fsencode(tmp_path)
+    os.mkdir(root + b"/caf\xe9")  # noqa: PTH102 - bytes names, exactly (Latin-1, not UTF-8)
+    with open(root + b"/caf\xe9/n\xff.txt", "wb") as f:
+        f.write(b"odd")
+    (tmp_path / "plain.txt").write_bytes(b"plain")
+    (tmp_path / "gone.txt").write_bytes(b"gone")
+    os.symlink(b"caf\xe9/n\xff.txt", root + b"/link\xfd")  # noqa: PTH211 - bytes names
+    os.mkfifo(tmp_path / "pipe")
+    plan = make_plan(scan_tree(tmp_path), capacity_bytes=10**9, container_size_bytes=10**6,
+                     measure_catalog=JsonPlanSizer(CODEC, "ltoflow test"))
+    gone = [f.relative_path for f in plan.files].index("gone.txt")
+    hashes = Hashes.placeholders(plan)
+    hashes.files[gone] = None  # an unusable file has no whole-file hash
+    catalog = build_catalog(plan, hashes, set_id="12345678-1234-4234-8234-123456789abc",
+                            created_at=cat.iso_from_ns(0), created_by="ltoflow test",
+                            unusable={gone: "it vanished"})
+    data = b"".join(CODEC.encode(catalog))
+
+    fast = cat._decode_lines(data)
+    assert fast == cat.converter.structure(orjson.loads(data), Catalog) == catalog
+    assert CODEC.decode(data, source="test") == catalog
+    assert [d.path_bytes for d in fast.directories] == [b"caf\xe9"]
+    assert [(s.path_bytes, s.target_bytes) for s in fast.symlinks] == [
+        (b"link\xfd", b"caf\xe9/n\xff.txt")]
+    assert {f.path_bytes for f in fast.source_files} == {b"caf\xe9/n\xff.txt", b"plain.txt"}
+    assert {(k.relative_path, k.kind, k.file_id) for k in fast.skipped} == {
+        ("gone.txt", "file", cat.file_id_for(b"gone.txt")), ("pipe", "fifo", None)}

@@ -303,3 +303,36 @@ def test_reserve_holds_the_real_catalog_of_odd_names_dirs_and_links(
         (plan.files[i].relative_path, cat.file_id_for(plan.files[i].path_bytes))
         for i in unusable}
     assert len(moved.source_files) == len(plan.files) - len(unusable)
+
+
+def test_segment_table_reads_as_a_sequence_of_segments() -> None:
+    plan = plan_of([30_000, 0, 50_000, 7], 60_000, 20_000)
+    segs = plan.segments
+    listed = list(segs)
+    assert listed == [segs[i] for i in range(len(segs))] == segs[:]
+    assert segs[-1] == listed[-1]
+    assert segs[1:3] == listed[1:3]
+    assert [s.length for s in listed] == list(segs.length)
+    assert sum(s.length for s in segs) == plan.total_bytes == 80_007
+    assert segs == plan_of([30_000, 0, 50_000, 7], 60_000, 20_000).segments
+    assert segs != plan_of([30_000, 0, 50_000, 8], 60_000, 20_000).segments
+
+
+def test_a_missing_file_hash_is_an_error_unless_the_file_is_unusable() -> None:
+    plan = plan_of([10, 20, 30], 600_000, 20_000)
+    hashes = Hashes.placeholders(plan)
+    hashes.files[1] = None
+
+    def catalog_of(unusable: dict[int, str]) -> cat.Catalog:
+        return build_catalog(plan, hashes, set_id="12345678-1234-4234-8234-123456789abc",
+                             created_at=cat.iso_from_ns(0), created_by="ltoflow test",
+                             unusable=unusable)
+
+    with pytest.raises(ValueError, match=f"no hash for {plan.files[1].relative_path}"):
+        catalog_of({})
+    catalog = catalog_of({1: "it vanished"})
+    assert [f.relative_path for f in catalog.source_files] == [
+        plan.files[0].relative_path, plan.files[2].relative_path]
+    assert [(k.relative_path, k.reason) for k in catalog.skipped] == [
+        (plan.files[1].relative_path, "it vanished")]
+    assert len(catalog.segments) == 3  # its bytes stay on tape
