@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import trio
@@ -568,10 +568,12 @@ async def write_catalog(
     limit: int,
     extra_files: Sequence[tuple[str, bytes]],
     replace: bool = False,
+    copy: Callable[[bytes], object] | None = None,
 ) -> tuple[int, str]:
     """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
 
     With `replace` (a resumed job), files an interrupted write left behind are replaced.
+    `copy` gets every chunk of catalog.json too, in the encoding thread.
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
     catalog is larger than the reserve, `limit` bytes.
@@ -583,7 +585,7 @@ async def write_catalog(
         try:
             chunks = codec.encode(catalog)
             while True:
-                chunk = await trio.to_thread.run_sync(next, chunks, None)
+                chunk = await trio.to_thread.run_sync(_next_chunk, chunks, copy)
                 if chunk is None:
                     break
                 size += len(chunk)
@@ -610,6 +612,14 @@ async def write_catalog(
     except BackupError as e:
         raise CatalogWriteError(f"could not write the catalog to tape {tape.label}: {e}") from e
     return size, digest
+
+
+def _next_chunk(chunks: Iterator[bytes], copy: Callable[[bytes], object] | None
+                ) -> bytes | None:
+    chunk = next(chunks, None)
+    if chunk is not None and copy is not None:
+        copy(chunk)
+    return chunk
 
 
 async def run_backup(
@@ -677,6 +687,9 @@ async def run_backup(
                 if journal is not None:
                     await trio.to_thread.run_sync(journal.catalog_known, base, codec,
                                                   _faults_of(recorder))
+
+    copy: BinaryIO | None = None  # the journal's copy of the set's catalog, being written
+    done: BinaryIO | None = None
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -794,16 +807,28 @@ async def run_backup(
                         plan, recorder.complete(), set_id=set_id, created_at=created_at,
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
+                    # The journal keeps a copy of this first catalog, made as it is encoded
+                    # for the tape (encoding a million records twice costs seconds).
                     if journal is not None:
-                        await trio.to_thread.run_sync(journal.catalog_known, base, codec,
-                                                      _faults_of(recorder))
+                        copy = await trio.to_thread.run_sync(journal.open_catalog_copy)
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
                 state.phase = "writing the catalog"
-                catalog_size, catalog_sha = await write_catalog(
-                    loaded, catalog, codec=codec, limit=limit, extra_files=settings.extra_files,
-                    replace=resume is not None,
-                )
+                try:
+                    catalog_size, catalog_sha = await write_catalog(
+                        loaded, catalog, codec=codec, limit=limit,
+                        extra_files=settings.extra_files, replace=resume is not None,
+                        copy=copy.write if copy is not None else None,
+                    )
+                finally:
+                    if copy is not None:  # kept only once the tape has it too
+                        done, copy = copy, None
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(done.close)
+                if done is not None and journal is not None:
+                    await trio.to_thread.run_sync(journal.catalog_copied,
+                                                  _faults_of(recorder))
+                    done = None
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
                     state.phase = "verifying"
