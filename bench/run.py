@@ -615,7 +615,9 @@ class SetBench:
         if proc.returncode != 0:
             self._warn(f"ltoflow catalog ls failed: {_tail(proc.stderr or proc.stdout, 3)}")
             return None
-        rows: list[dict[str, Any]] = json.loads(proc.stdout)
+        # Files only: `catalog ls` also lists directories and symlinks (their `kind`).
+        rows: list[dict[str, Any]] = [r for r in json.loads(proc.stdout)
+                                      if r.get("kind", "file") == "file"]
         tape_ids = sorted({t for r in rows for t in r["tapes"]})
         if not tape_ids:
             return None
