@@ -26,6 +26,12 @@ from ltoflow.paths import DirFds
 UNREADABLE = "permission denied: this user cannot read it"
 
 
+def _path_bytes(entry: ScannedFile | ScannedDirectory | ScannedSymlink) -> bytes:
+    """The exact bytes of an entry's path (its `relative_path` is only a rendering when the
+    name is not UTF-8)."""
+    return entry.raw_path if entry.raw_path is not None else entry.relative_path.encode()
+
+
 @attrs.frozen
 class ScannedFile:
     """A regular file as the scan saw it; `relative_path` uses '/' and is valid UTF-8.
@@ -40,9 +46,7 @@ class ScannedFile:
     mode: int
     raw_path: bytes | None = None
 
-    @property
-    def path_bytes(self) -> bytes:
-        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
+    path_bytes = property(_path_bytes)
 
 
 @attrs.frozen
@@ -54,9 +58,7 @@ class ScannedDirectory:
     mtime_ns: int
     raw_path: bytes | None = None
 
-    @property
-    def path_bytes(self) -> bytes:
-        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
+    path_bytes = property(_path_bytes)
 
 
 @attrs.frozen
@@ -68,9 +70,7 @@ class ScannedSymlink:
     mtime_ns: int
     raw_path: bytes | None = None
 
-    @property
-    def path_bytes(self) -> bytes:
-        return self.raw_path if self.raw_path is not None else self.relative_path.encode()
+    path_bytes = property(_path_bytes)
 
 
 @attrs.frozen
