@@ -572,7 +572,10 @@ async def write_catalog(
 ) -> tuple[int, str]:
     """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
 
-    With `replace` (a resumed job), files an interrupted write left behind are replaced.
+    With `replace` (a resumed job, or a catalog rewritten after a tape filled early), each file
+    is written under a temporary name and renamed over the old one, so a tape never holds a torn
+    catalog where it had a whole one, when the tape has room for both copies at once (the plan
+    reserves room for one); otherwise the old files are replaced in place.
     `copy` gets every chunk of catalog.json too, in the encoding thread.
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
@@ -580,8 +583,14 @@ async def write_catalog(
     """
     h = hashlib.sha256()
     size = 0
+    free = await tape.free_bytes() if replace else None
+    beside = replace and (free is None or free >= limit + sum(len(d) for _, d in extra_files))
+
+    def name(path: str) -> str:
+        return f"{path}.new" if beside else path
+
     try:
-        writer = await tape.open_write(cat.CATALOG_JSON, replace=replace)
+        writer = await tape.open_write(name(cat.CATALOG_JSON), replace=replace)
         try:
             chunks = codec.encode(catalog)
             while True:
@@ -602,10 +611,15 @@ async def write_catalog(
             raise
         await writer.close()
         digest = h.hexdigest()
-        for path, data in ((cat.CATALOG_SHA256, digest.encode()), *extra_files):
-            w = await tape.open_write(path, replace=replace)
+        others = ((cat.CATALOG_SHA256, digest.encode()), *extra_files)
+        for path, data in others:
+            w = await tape.open_write(name(path), replace=replace)
             await w.write(data)
             await w.close()
+        if beside:
+            await tape.sync()  # the new files are durable before the old ones go
+            for path in (cat.CATALOG_JSON, *(p for p, _ in others)):
+                await tape.replace(name(path), path)
         await tape.sync()
     except CatalogWriteError:
         raise

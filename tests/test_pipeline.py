@@ -96,6 +96,9 @@ class MemoryTape:
     async def sync(self) -> None:
         self.log.append(("sync", "", trio.current_time()))
 
+    async def replace(self, src: str, dst: str) -> None:
+        self.files[dst] = self.files.pop(src)
+
     def writes(self) -> int:
         return sum(1 for op, _, _ in self.log if op == "write")
 

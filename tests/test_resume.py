@@ -448,3 +448,34 @@ def test_a_tape_that_runs_out_mid_container_is_replaced_by_a_blank_one(
     shutil.rmtree(tape1)  # a blank tape in its place
     assert main([*args, "--resume"]) == EXIT_OK
     assert_complete_set(tapes, contents)
+
+
+async def test_a_catalog_rewrite_that_fails_leaves_the_old_catalog_whole(tmp_path: Path) -> None:
+    """A resumed job writes a tape's catalog under a temporary name and renames it over the
+    old one: when the rewrite fails half-way, the tape still has its whole old catalog."""
+    import hashlib
+
+    from ltoflow.catalog import CATALOG_JSON, CATALOG_SHA256, JsonCatalogCodec
+    from ltoflow.drives import TapeRequest
+    from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+    from ltoflow.engine import write_catalog
+    from ltoflow.errors import CatalogWriteError
+
+    from .test_catalog import _sample_catalog as sample_catalog
+
+    catalog = sample_catalog()
+    request = TapeRequest("TAPE-x-001", 1, catalog.backup_set_id)
+    tape = await SimulatorDrive(tmp_path, 10_000_000).load(request)
+    size, digest = await write_catalog(tape, catalog, codec=JsonCatalogCodec(),
+                                       limit=1 << 20, extra_files=())
+    old = (tmp_path / "TAPE-x-001" / CATALOG_JSON).read_bytes()
+    faults = SimulatorFailureConfig(fail_write_after_bytes=size + size // 2)
+    drive = SimulatorDrive(tmp_path, 10_000_000, faults)
+    again = await drive.load(request)
+    newer = attrs.evolve(catalog, created_by="ltoflow, rewritten")
+    with Raises(CatalogWriteError, match="could not write the catalog"):
+        await write_catalog(again, newer, codec=JsonCatalogCodec(), limit=1 << 20,
+                            extra_files=(), replace=True)
+    root = tmp_path / "TAPE-x-001"
+    assert (root / CATALOG_JSON).read_bytes() == old
+    assert hashlib.sha256(old).hexdigest() == (root / CATALOG_SHA256).read_text() == digest

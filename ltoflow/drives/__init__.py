@@ -87,6 +87,10 @@ class LoadedTape(Protocol):
         """Make everything written so far durable on the medium."""
         ...
 
+    async def replace(self, src: str, dst: str) -> None:
+        """Rename `src` over `dst` in one step: `dst` is the old file or the new, never torn."""
+        ...
+
 
 class TapeDrive(Protocol):
     """Loads and unloads tapes. Every tape is loaded once per job and unloaded when done."""

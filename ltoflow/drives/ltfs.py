@@ -349,6 +349,10 @@ class LtfsTape:
 
         return await self._io(f"listing {path}", _list, read=True)
 
+    async def replace(self, src: str, dst: str) -> None:
+        await self._io(f"renaming {src} to {dst}",
+                       lambda: (self.root / src).replace(self.root / dst))
+
     async def sync(self) -> None:
         """Write the LTFS index now (fsync and close do not)."""
         await self._io("writing the LTFS index",

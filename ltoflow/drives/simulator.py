@@ -311,6 +311,22 @@ class SimulatorTape:
         except FileNotFoundError:
             return []
 
+    async def replace(self, src: str, dst: str) -> None:
+        """Rename over `dst`; its bytes are given back, as the simulator's directory does."""
+        def _replace() -> None:
+            target = self._path(dst)
+            if target.exists():
+                st = self._state
+                st.bytes_written -= min(st.bytes_written, target.stat().st_size)
+            self._path(src).replace(target)
+            self._state.save()
+
+        try:
+            await trio.to_thread.run_sync(_replace)
+        except OSError as e:
+            raise FileWriteError(f"cannot rename {src} to {dst} on tape {self.tape_id}: {e}"
+                                 ) from e
+
     async def sync(self) -> None:
         """Persist the tape's accounting; a throttled drive writes out its buffer and stops,
         as a real drive does when LTFS writes its index."""
