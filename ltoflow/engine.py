@@ -19,11 +19,12 @@ or the file changed (SourceFileChangedError).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, BinaryIO
+from typing import Any
 
 import attrs
 import trio
@@ -35,6 +36,7 @@ from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import (
     BackupError,
     CatalogWriteError,
+    JournalError,
     TapeFilledEarlyError,
     TapeFullError,
     leaves,
@@ -51,7 +53,7 @@ from ltoflow.hashing import (
     SourceFaults,
     multi_segment_flags,
 )
-from ltoflow.journal import ContainerDone, Journal, ResumeState
+from ltoflow.journal import CatalogCopy, ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
 from ltoflow.plan import Plan, Tape, build_catalog, file_ids_of
 from ltoflow.progress import (
@@ -572,10 +574,12 @@ async def write_catalog(
 ) -> tuple[int, str]:
     """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
 
-    With `replace` (a resumed job, or a catalog rewritten after a tape filled early), each file
-    is written under a temporary name and renamed over the old one, so a tape never holds a torn
-    catalog where it had a whole one, when the tape has room for both copies at once (the plan
-    reserves room for one); otherwise the old files are replaced in place.
+    With `replace` (a resumed job, or a catalog rewritten after a tape filled early), when the
+    tape has room for both copies at once (the plan reserves room for one), the files are
+    written under temporary names and then renamed over the old ones: the old catalog stays
+    whole until the new one is complete (only a crash between the renames leaves a mismatched
+    catalog.json and catalog.sha256, which verify reports and a resume rewrites); otherwise the
+    old files are replaced in place.
     `copy` gets every chunk of catalog.json too, in the encoding thread.
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
@@ -584,7 +588,9 @@ async def write_catalog(
     h = hashlib.sha256()
     size = 0
     free = await tape.free_bytes() if replace else None
-    beside = replace and (free is None or free >= limit + sum(len(d) for _, d in extra_files))
+    # Room for all of it again: the catalog (at most `limit`), its checksum, the extra files.
+    again = limit + cat.SHA256_HEX_LEN + sum(len(d) for _, d in extra_files)
+    beside = replace and (free is None or free >= again)
 
     def name(path: str) -> str:
         return f"{path}.new" if beside else path
@@ -702,8 +708,7 @@ async def run_backup(
                     await trio.to_thread.run_sync(journal.catalog_known, base, codec,
                                                   _faults_of(recorder))
 
-    copy: BinaryIO | None = None  # the journal's copy of the set's catalog, being written
-    done: BinaryIO | None = None
+    copy: CatalogCopy | None = None  # the journal's copy of the set's catalog, being written
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -834,15 +839,17 @@ async def run_backup(
                         extra_files=settings.extra_files, replace=resume is not None,
                         copy=copy.write if copy is not None else None,
                     )
-                finally:
-                    if copy is not None:  # kept only once the tape has it too
-                        done, copy = copy, None
-                        with trio.CancelScope(shield=True):
-                            await trio.to_thread.run_sync(done.close)
-                if done is not None and journal is not None:
+                except BaseException:
+                    if copy is not None:  # dropped: a resume builds the catalog again
+                        with trio.CancelScope(shield=True), contextlib.suppress(JournalError):
+                            await trio.to_thread.run_sync(copy.close)
+                        copy = None
+                    raise
+                if copy is not None and journal is not None:  # kept once tape 1 has it too
+                    await trio.to_thread.run_sync(copy.close)
+                    copy = None
                     await trio.to_thread.run_sync(journal.catalog_copied,
                                                   _faults_of(recorder))
-                    done = None
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
                     state.phase = "verifying"

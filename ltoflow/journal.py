@@ -32,7 +32,7 @@ from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.errors import JournalError, UsageError
 from ltoflow.scan import ScannedFile, ScanResult
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: the scan kept as columns
 #: Set by tests and by operators who keep state next to the job, not in their home directory.
 STATE_DIR_ENV = "LTOFLOW_STATE_DIR"
 
@@ -140,6 +140,27 @@ def _write_durably(path: Path, chunks: Iterator[bytes] | Sequence[bytes]) -> Non
     _fsync_dir(path.parent)
 
 
+class CatalogCopy:
+    """The journal's copy of the set's catalog while it is written; I/O errors are
+    JournalErrors. Its methods block: call them in a thread."""
+
+    def __init__(self, journal: Journal, fh: BinaryIO) -> None:
+        self._journal = journal
+        self._fh = fh
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._fh.write(chunk)
+        except OSError as e:
+            raise self._journal._error(e) from e
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        except OSError as e:
+            raise self._journal._error(e) from e
+
+
 class Journal:
     """Appends fsynced lines to one job's journal. Its methods block: call them in a thread."""
 
@@ -227,14 +248,14 @@ class Journal:
         self._io(lambda: _write_durably(self.catalog_path, codec.encode(catalog)))
         self._append({"kind": "catalog", "faults": faults})
 
-    def open_catalog_copy(self) -> BinaryIO:
+    def open_catalog_copy(self) -> CatalogCopy:
         """A file for the set's catalog as it is written to tape 1 (see `catalog_copied`)."""
         try:
-            return open(self.catalog_path.with_name(self.catalog_path.name + ".tmp"), "wb")
+            fh = open(  # noqa: SIM115  # CatalogCopy owns it and closes it
+                self.catalog_path.with_name(self.catalog_path.name + ".tmp"), "wb")
         except OSError as e:
-            raise JournalError(f"cannot write the job journal in {self.state_dir}: "
-                               f"{e.strerror}; make room there and run again with --resume"
-                               ) from e
+            raise self._error(e) from e
+        return CatalogCopy(self, fh)
 
     def catalog_copied(self, faults: dict[str, Any] | None = None) -> None:
         """The copy from `open_catalog_copy` is complete (and on tape 1): keep it."""
@@ -287,16 +308,26 @@ class Journal:
         try:
             action()
         except OSError as e:
-            raise JournalError(
-                f"cannot write the job journal in {self.state_dir}: {e.strerror}; what it "
-                "recorded before is safe: make room there (or repair it) and run the same "
-                "command with --resume"
-            ) from e
+            raise self._error(e) from e
+
+    def _error(self, e: OSError) -> JournalError:
+        return JournalError(
+            f"cannot write the job journal in {self.state_dir}: {e.strerror}; what it "
+            "recorded before is safe: make room there (or repair it) and run the same "
+            "command with --resume"
+        )
 
     def load(self, codec: CatalogCodec) -> ResumeState:
         """What the journal says was done; raises UsageError when it cannot be used."""
         try:
             data = self.path.read_bytes()
+            try:
+                version = orjson.loads(data.split(b"\n", 1)[0]).get("version")
+            except orjson.JSONDecodeError:
+                version = JOURNAL_VERSION  # no beginning: said below
+            if version != JOURNAL_VERSION:
+                raise UsageError(f"the job journal {self.path} was written by another version "
+                                 "of ltoflow; finish that backup with it, or start again")
             scan = _scan_from_bytes(self.scan_path.read_bytes())
         except FileNotFoundError as e:
             raise UsageError(f"the job journal is incomplete ({e.filename} is missing); "

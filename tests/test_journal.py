@@ -87,3 +87,35 @@ def test_a_journal_left_without_a_beginning_does_not_block_a_new_backup(
     assert "start the backup again without --resume" in capsys.readouterr().err
     assert main(args) == EXIT_OK
     assert not stale.exists()
+
+
+def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from ltoflow.cli import EXIT_FAILED
+    from ltoflow.journal import CatalogCopy
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Journal, "open_catalog_copy",
+                        lambda self: CatalogCopy(self, FullDisk()))
+    write_tree(tmp_path / "src", {"a": 1000})
+    code = main(["backup", "--source", str(tmp_path / "src"), "--simulator",
+                 str(tmp_path / "tapes"), "--capacity-tb", "0.0001",
+                 "--container-size-gb", "0.00001", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED
+    assert "cannot write the job journal" in err
+    assert "internal error" not in err
+
+
+def test_a_journal_of_another_version_says_so(journal: Journal) -> None:
+    journal.close()
+    data = journal.path.read_bytes().replace(b'"version":2', b'"version":1')
+    journal.path.write_bytes(data)
+    with pytest.raises(UsageError, match="written by another version of ltoflow"):
+        Journal(journal.state_dir, journal.key).load(CODEC)
