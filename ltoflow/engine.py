@@ -409,16 +409,26 @@ async def prehash_actor(
     segments = SegmentHasher()
     buf = bytearray(PREHASH_CHUNK_BYTES)
 
-    def step() -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
-        pieces, n = cursor.fill(memoryview(buf), one_container=False)
-        data = memoryview(buf)[:n]
-        containers, files = hasher.update(data, pieces)
-        return segments.update(data, pieces), containers, files
+    async def hash_both(data: memoryview, pieces: list[Piece]) -> tuple[
+            list[tuple[int, str]], list[tuple[int, str]], list[tuple[int, str]]]:
+        # The two hashes of the same bytes in two threads: hashlib lets go of the GIL, so
+        # after tape 1 the prehash has both cores (it is what tape 1's catalog waits for).
+        seg_done: list[tuple[int, str]] = []
+
+        async def by_segment() -> None:
+            seg_done.extend(await trio.to_thread.run_sync(segments.update, data, pieces))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(by_segment)
+            containers, files = await trio.to_thread.run_sync(hasher.update, data, pieces)
+        return seg_done, containers, files
 
     try:
         while not cursor.finished:
             await pace.wait_healthy()
-            seg_done, cont_done, file_done = await trio.to_thread.run_sync(step)
+            pieces, n = await trio.to_thread.run_sync(
+                partial(cursor.fill, memoryview(buf), one_container=False))
+            seg_done, cont_done, file_done = await hash_both(memoryview(buf)[:n], pieces)
             for s, digest in seg_done:
                 recorder.segment(s, digest, written=False, replace=rehash)
             _report_skips(recorder.faults, reporter)
