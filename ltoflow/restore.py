@@ -233,6 +233,22 @@ def select_skipped(catalog: Catalog, patterns: Sequence[str]) -> list[SkippedEnt
             if not patterns or any(_matches(s.relative_path, p) for p in patterns)]
 
 
+def _tree_parts(entry: SymlinkEntry | DirectoryEntry,
+                problems: list[FileProblem]) -> tuple[bytes, ...] | None:
+    """A link's or directory's path as safe parts, or None with why it is refused recorded."""
+    try:
+        parts = safe_parts(entry.path_bytes)
+        if isinstance(entry, SymlinkEntry):
+            _ = entry.target_bytes  # a target that does not decode is refused as well
+    except ValueError as e:
+        problems.append(FileProblem(entry.relative_path, f"refused: {e}"))
+        return None
+    if parts is None:
+        problems.append(FileProblem(
+            entry.relative_path, "refused: the path is absolute or leaves the target (..)"))
+    return parts
+
+
 def plan_restore(
     catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
 ) -> RestorePlan:
@@ -294,31 +310,18 @@ def plan_restore(
         rs.sort(key=lambda r: (r.start, r.end))
     links: list[_TreeJob] = []
     for link in chosen.symlinks:
-        try:
-            parts = safe_parts(link.path_bytes)
-            _ = link.target_bytes
-        except ValueError as e:
-            problems.append(FileProblem(link.relative_path, f"refused: {e}"))
-            continue
+        parts = _tree_parts(link, problems)
         if parts is None:
-            problems.append(FileProblem(
-                link.relative_path, "refused: the path is absolute or leaves the target (..)"))
-        elif not overwrite and _exists(target, parts):
+            continue
+        if not overwrite and _exists(target, parts):
             problems.append(FileProblem(
                 link.relative_path, "already exists in the target; use --overwrite to replace it"))
         else:
             links.append(_TreeJob(link, parts))
     dirs: list[_TreeJob] = []
     for d in chosen.directories:
-        try:
-            parts = safe_parts(d.path_bytes)
-        except ValueError as e:
-            problems.append(FileProblem(d.relative_path, f"refused: {e}"))
-            continue
-        if parts is None:
-            problems.append(FileProblem(
-                d.relative_path, "refused: the path is absolute or leaves the target (..)"))
-        else:
+        parts = _tree_parts(d, problems)
+        if parts is not None:
             dirs.append(_TreeJob(d, parts))
     return RestorePlan(
         catalog=catalog,

@@ -81,6 +81,11 @@ class _TapeState:
     capacity_bytes: int | None
     bytes_written: int
 
+    def give_back(self, nbytes: int) -> None:
+        """Bytes of a file removed or replaced: the simulator's directory frees them (a real
+        LTFS tape does not, which the LTFS drive's reserve covers)."""
+        self.bytes_written -= min(self.bytes_written, nbytes)
+
     def save(self) -> None:
         """Persist capacity tracking the way the seed does, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -250,10 +255,7 @@ class SimulatorTape:
             if not (self._state.root / TAPE_JSON).exists():
                 self._state.save()
             if replace and target.exists():
-                # The simulator gives a replaced file's bytes back, as its directory does; a
-                # real LTFS tape does not, which the LTFS drive's reserve covers.
-                self._state.bytes_written -= min(self._state.bytes_written,
-                                                 target.stat().st_size)
+                self._state.give_back(target.stat().st_size)
                 target.unlink()
             return open(target, "xb", buffering=0)  # append-only medium: never overwrite
 
@@ -316,8 +318,7 @@ class SimulatorTape:
         def _replace() -> None:
             target = self._path(dst)
             if target.exists():
-                st = self._state
-                st.bytes_written -= min(st.bytes_written, target.stat().st_size)
+                self._state.give_back(target.stat().st_size)
             self._path(src).replace(target)
             self._state.save()
 
@@ -412,8 +413,7 @@ class SimulatorWriter:
         a real LTFS tape they stay used: the LTFS drive keeps a reserve for that)."""
         self._fh.close()
         target = self._tape._path(self._path)
-        state = self._tape._state
-        state.bytes_written -= min(state.bytes_written, self._written)
+        self._tape._state.give_back(self._written)
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
             await trio.to_thread.run_sync(self._tape._state.save)

@@ -1271,14 +1271,7 @@ def hash_fd(fd: int) -> str:
 
 
 def hash_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(CHUNK)
-            if not buf:
-                break
-            h.update(buf)
-    return h.hexdigest()
+    return hash_fd(os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)))
 
 
 # --------------------------------------------------------------------------- commands
