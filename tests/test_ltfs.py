@@ -204,18 +204,24 @@ async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_
     assert fake_ltfs.tape_files(cartridges / "foreign") == {"catalog/catalog.json": foreign}
 
 
-def test_cli_three_tapes_through_a_library_then_verify_and_restore(
-    fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for n in (1, 2, 3):
-        fake_ltfs.cartridge(f"t{n}", capacity_bytes=64 * MiB, serial=f"LIB00{n}L9")
+def library(fake_ltfs: FakeLtfs, tmp_path: Path, capacities: list[int]) -> list[str]:
+    """Cartridges t1..tN (volume serials LIB00nL9) in a "library" whose tape-change command
+    points the drive at cartridge $LTOFLOW_TAPE_SEQ; the CLI flags that use it."""
+    for n, capacity in enumerate(capacities, start=1):
+        fake_ltfs.cartridge(f"t{n}", capacity_bytes=capacity, serial=f"LIB00{n}L9")
     dev = tmp_path / "nst0"
     dev.symlink_to(fake_ltfs.drives_dir / "t1")
     load = (f'ln -sfn {fake_ltfs.drives_dir}/t$LTOFLOW_TAPE_SEQ {dev} && '
             f'mt -f {dev} load')
+    return ["--device", str(dev), "--mount-point", str(fake_ltfs.mount_point),
+            "--tape-change-command", load, "--yes"]
+
+
+def test_cli_three_tapes_through_a_library_then_verify_and_restore(
+    fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drive_args = library(fake_ltfs, tmp_path, [64 * MiB] * 3)
     contents = write_tree(tmp_path / "src", {f"case/{i:02d}.bin": 1_000_000 for i in range(5)})
-    drive_args = ["--device", str(dev), "--mount-point", str(fake_ltfs.mount_point),
-                  "--tape-change-command", load, "--yes"]
     code = main(["backup", "--source", str(tmp_path / "src"), *drive_args,
                  "--capacity-tb", "0.000002", "--container-size-gb", "0.0005", "--json"])
     out = capsys.readouterr().out
@@ -241,15 +247,8 @@ def test_cli_resume_through_a_library_after_a_cartridge_fills_early(
     container that would leave no room for its catalog; the resume writes cartridge 2's
     catalog, goes on with an extra cartridge, and replaces cartridge 1's catalog, so all four
     say where everything is; verify and restore then read the set through the library."""
-    for n, capacity in ((1, 64 * MiB), (2, 13 * MiB // 10), (3, 64 * MiB), (4, 64 * MiB)):
-        fake_ltfs.cartridge(f"t{n}", capacity_bytes=capacity, serial=f"LIB00{n}L9")
-    dev = tmp_path / "nst0"
-    dev.symlink_to(fake_ltfs.drives_dir / "t1")
-    load = (f'ln -sfn {fake_ltfs.drives_dir}/t$LTOFLOW_TAPE_SEQ {dev} && '
-            f'mt -f {dev} load')
+    drive_args = library(fake_ltfs, tmp_path, [64 * MiB, 13 * MiB // 10, 64 * MiB, 64 * MiB])
     contents = write_tree(tmp_path / "src", {f"case/{i:02d}.bin": 1_000_000 for i in range(5)})
-    drive_args = ["--device", str(dev), "--mount-point", str(fake_ltfs.mount_point),
-                  "--tape-change-command", load, "--yes"]
     backup = ["backup", "--source", str(tmp_path / "src"), *drive_args,
               "--capacity-tb", "0.000002", "--container-size-gb", "0.0005", "--quiet"]
     assert main(backup) == EXIT_FAILED

@@ -143,18 +143,25 @@ def test_tape_breaks_move_containers_whole_onto_later_tapes(p: PlanInput,
     assert next_start == len(plan.containers)
 
 
+def real_catalog(plan: Plan, rnd: random.Random) -> tuple[cat.Catalog, Hashes]:
+    """The catalog of `plan` with random (real-width) hashes, a real set id and date; and
+    those hashes."""
+    def hexes(n: int) -> list[str | None]:
+        return [rnd.randbytes(32).hex() for _ in range(n)]
+
+    h = Hashes(hexes(len(plan.segments)), hexes(len(plan.containers)), hexes(len(plan.files)))
+    return build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
+                         created_at=cat.iso_utc(datetime.now(UTC)),
+                         created_by="ltoflow test"), h
+
+
 @settings(max_examples=60, deadline=None)
 @given(plans, st.randoms(use_true_random=False))
 def test_reserve_holds_the_real_catalog(p: PlanInput, rnd: random.Random) -> None:
     plan = _plan_or_none(*p)
     if plan is None:
         return
-    def hexes(n: int) -> list[str | None]:
-        return [rnd.randbytes(32).hex() for _ in range(n)]
-
-    h = Hashes(hexes(len(plan.segments)), hexes(len(plan.containers)), hexes(len(plan.files)))
-    real = build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
-                         created_at=cat.iso_utc(datetime.now(UTC)), created_by="ltoflow test")
+    real, _ = real_catalog(plan, rnd)
     assert cat.encoded_size(CODEC, real) + cat.SHA256_HEX_LEN <= plan.reserve_bytes
 
 
@@ -279,12 +286,7 @@ def test_reserve_holds_the_real_catalog_of_odd_names_dirs_and_links(
     except BackupPlanError:
         return
 
-    def hexes(n: int) -> list[str | None]:
-        return [rnd.randbytes(32).hex() for _ in range(n)]
-
-    h = Hashes(hexes(len(plan.segments)), hexes(len(plan.containers)), hexes(len(plan.files)))
-    real = build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
-                         created_at=cat.iso_utc(datetime.now(UTC)), created_by="ltoflow test")
+    real, h = real_catalog(plan, rnd)
     data = b"".join(CODEC.encode(real))
     assert len(data) + cat.SHA256_HEX_LEN <= plan.reserve_bytes
     back = CODEC.decode(data, source="test")
