@@ -50,7 +50,7 @@ from ltoflow.operator import (
     UnattendedOperator,
 )
 from ltoflow.paths import shown
-from ltoflow.plan import Plan, file_ids_of, source_root_text
+from ltoflow.plan import Plan, source_root_text
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import TEMP_PREFIX, RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
@@ -390,6 +390,7 @@ def write_timeline(path: Path, stats: Sequence[TapeDriveStats]) -> None:
 def backup_summary(result: BackupResult, where: str,
                    drive_stats: Sequence[TapeDriveStats] = ()) -> dict[str, Any]:
     c = result.catalog
+    split, across = split_files(c)
     return {
         "drive_model": [_drive_doc(s) for s in drive_stats],
         "backup_set_id": c.backup_set_id,
@@ -412,8 +413,8 @@ def backup_summary(result: BackupResult, where: str,
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.source_bytes / result.seconds / 1e6, 1) if result.seconds else 0,
         "source_bytes_read": result.source_bytes_read,
-        "split_files": split_files(c)[0],
-        "files_split_across_tapes": split_files(c)[1],
+        "split_files": split,
+        "files_split_across_tapes": across,
         "skipped": [_skipped_doc(s) for s in c.skipped],
         "verified": result.verified,
         "verify_problems": list(result.verify_problems),
@@ -686,7 +687,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     set_id = "(assigned at backup time)"
     tape_id = [f"TAPE-{n + 1:03d}" for n in range(len(plan.tapes))]
     cont_id = [f"CNT-{n + 1:05d}" for n in range(len(plan.containers))]
-    file_ids = file_ids_of(plan.files)
+    file_ids = plan.file_ids
     return {
         "backup_set_id": set_id,
         "source_root": source_root_text(plan.source_root),

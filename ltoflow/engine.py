@@ -55,7 +55,7 @@ from ltoflow.hashing import (
 )
 from ltoflow.journal import CatalogCopy, ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
-from ltoflow.plan import Plan, Tape, build_catalog, file_ids_of
+from ltoflow.plan import Plan, Tape, build_catalog
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
@@ -966,13 +966,17 @@ def _container_done(recorder: HashRecorder, plan: Plan, index: int) -> Container
     """The hashes a journal keeps for container `index`: its own, its segments', and those of
     the files that end in it (a resume does not read these bytes again)."""
     h = recorder.hashes
-    c = plan.containers[index]
-    segs = tuple((s, d) for s in c.segments if (d := h.segments[s]) is not None)
+    segments = plan.containers[index].segments
+    segs = tuple((s, d) for s, d in zip(segments, h.segments[segments.start:segments.stop],
+                                        strict=True) if d is not None)
     files: list[tuple[int, str]] = []
-    for s in c.segments:
-        f = plan.segments[s].file_index
-        if plan.file_starts[f + 1] - 1 == s and (d := h.files[f]) is not None:
-            files.append((f, d))
+    if segments:  # by columns: this runs over every file of the container, on the event loop
+        starts = plan.file_starts
+        by_file = plan.segments.file_index
+        for f in range(by_file[segments.start], by_file[segments.stop - 1] + 1):
+            end = starts[f + 1]
+            if starts[f] < end <= segments.stop and (d := h.files[f]) is not None:
+                files.append((f, d))
     return ContainerDone(index, h.containers[index], segs, tuple(files), _faults_of(recorder))
 
 
@@ -992,7 +996,7 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
         by_container = {c.container_id: c.sha256 for c in resume.catalog.containers}
         for c in plan.containers:
             h.containers[c.index] = by_container.get(container_ids[c.index])
-        file_ids = file_ids_of(plan.files)  # from the exact path bytes, as the catalog's
+        file_ids = plan.file_ids  # from the exact path bytes, as the catalog's
         files = {f.file_id: f.sha256 for f in resume.catalog.source_files}
         for i, fid in enumerate(file_ids):
             h.files[i] = files.get(fid)

@@ -26,7 +26,7 @@ import attrs
 from ltoflow import catalog as cat
 from ltoflow import paths
 from ltoflow.errors import SourceFileChangedError, SourceFileVanishedError, SourceReadError
-from ltoflow.paths import SHORT_PATH_BYTES, DirFds
+from ltoflow.paths import DirFds
 from ltoflow.plan import Hashes, Plan
 from ltoflow.scan import ScannedFile
 
@@ -222,7 +222,9 @@ class SourceCursor:
         self._root = os.fsencode(plan.source_root)
         self._fd = -1
         self._fd_file = -1
-        self._dirs: DirFds | None = None  # only for paths longer than PATH_MAX allows
+        self._dirs: DirFds | None = None  # opened on the first read
+        self._dir: bytes | None = None  # the directory of the last file opened ...
+        self._dir_fd = -1  # ... and its descriptor, owned by _dirs
 
     @property
     def finished(self) -> bool:
@@ -335,6 +337,7 @@ class SourceCursor:
             self._dirs.close()
             os.close(self._dirs.root_fd)
             self._dirs = None
+            self._dir, self._dir_fd = None, -1
 
     def _close_file(self) -> None:
         if self._fd >= 0:
@@ -343,26 +346,27 @@ class SourceCursor:
             self._fd_file = -1
 
     def _open(self, f: ScannedFile) -> int:
-        """Open a source file by its exact bytes with `_OPEN_FLAGS`; a long path is opened
-        through directory descriptors, one component at a time, none of them followed if it is
-        a symlink (OSError as os.open raises it; SourceFileChangedError when a directory on the
-        way was replaced by a symlink)."""
-        rel = f.path_bytes
-        if len(self._root) + len(rel) < SHORT_PATH_BYTES:
-            return os.open(self._root + b"/" + rel, _OPEN_FLAGS)
-        parts = paths.split(rel)
-        try:
-            if self._dirs is None:
-                self._dirs = DirFds(
-                    os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-            dir_fd = self._dirs.open(parts[:-1])
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
-                raise SourceFileChangedError(
-                    f.relative_path, "a directory on its path was replaced by a symbolic link"
-                ) from None
-            raise
-        return os.open(parts[-1], _OPEN_FLAGS, dir_fd=dir_fd)
+        """Open a source file by its exact bytes with `_OPEN_FLAGS`, relative to its directory's
+        descriptor: directories are opened one component at a time, none followed if it is a
+        symlink, and kept (files come in path order, so a directory is opened about once).
+        Raises OSError as os.open does; SourceFileChangedError when a directory on the way
+        was replaced by a symlink."""
+        head, _, name = f.path_bytes.rpartition(b"/")
+        if head != self._dir or self._dir_fd < 0:
+            self._dir_fd = -1
+            try:
+                if self._dirs is None:
+                    self._dirs = DirFds(
+                        os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                self._dir_fd = self._dirs.open(paths.split(head))
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
+                    raise SourceFileChangedError(
+                        f.relative_path, "a directory on its path was replaced by a symbolic link"
+                    ) from None
+                raise
+            self._dir = head
+        return os.open(name, _OPEN_FLAGS, dir_fd=self._dir_fd)
 
     def _is_symlink(self, rel: object) -> bool:
         """Whether `rel` (bytes relative to the root, as DirFds names a component it could not
@@ -381,18 +385,8 @@ class SourceCursor:
         that was swapped in for it (O_NONBLOCK changes nothing for a regular file)."""
         try:
             return self._open(f)
-        except (FileNotFoundError, NotADirectoryError):
-            raise SourceFileVanishedError(
-                f.relative_path, "it was deleted after the scan") from None
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise SourceFileChangedError(
-                    f.relative_path, "it was replaced by a symbolic link") from None
-            raise SourceReadError(
-                f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
-                "permissions or move it out of the source tree",
-                relative_path=f.relative_path, what=e.strerror or str(e),
-            ) from e
+            raise _open_failed(f, e) from e
 
     def _fd_for(self, file_index: int) -> int:
         if self._fd_file == file_index:
@@ -430,6 +424,19 @@ class SourceCursor:
             self._close_file()
         if file_index not in self.faults.reasons:
             _check_stat(self.plan.files[file_index], st)
+
+
+def _open_failed(f: ScannedFile, e: OSError) -> _SourceError:
+    """The error for a source file that would not open."""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        return SourceFileVanishedError(f.relative_path, "it was deleted after the scan")
+    if e.errno == errno.ELOOP:
+        return SourceFileChangedError(f.relative_path, "it was replaced by a symbolic link")
+    return SourceReadError(
+        f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
+        "permissions or move it out of the source tree",
+        relative_path=f.relative_path, what=e.strerror or str(e),
+    )
 
 
 def _fstat(fd: int, relative_path: str) -> os.stat_result:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import operator
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -99,7 +100,7 @@ def _scan_bytes(scan: ScanResult) -> bytes:
     """The scan, for this machine's ltoflow only. Files go as columns of plain values: a
     million attrs records pickle three times slower."""
     files = scan.files
-    columns = [[getattr(f, name) for f in files] for name in _FILE_FIELDS]
+    columns = [list(map(operator.attrgetter(name), files)) for name in _FILE_FIELDS]
     return pickle.dumps((_FILE_FIELDS, columns, attrs.evolve(scan, files=())), protocol=5)
 
 

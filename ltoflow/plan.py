@@ -10,6 +10,7 @@ is measured and the layout redone until the reserve holds it.
 
 from __future__ import annotations
 
+import functools
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -154,7 +155,13 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(self.segments.length)  # zero-byte files have no segment; summed in C
+
+    @functools.cached_property
+    def file_ids(self) -> tuple[str, ...]:
+        """The catalog's file ids, from the exact bytes of each path (one SHA-1 per file,
+        computed once per plan)."""
+        return tuple(file_ids_of(self.files))
 
     def segments_of(self, file_index: int) -> range:
         return range(self.file_starts[file_index], self.file_starts[file_index + 1])
@@ -211,8 +218,26 @@ def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> 
         tape_used = 0
         tape_first_container = len(containers)
 
+    # Once per file: the columns' appends bound once, and a file that fits in the open
+    # container (nearly all of them) takes one step.
+    add_file, add_part, add_container, add_offset, add_source, add_length = (
+        column.append for column in segments._columns()
+    )
+    add_start = file_starts.append
+    count = 0  # segments so far
     for file_index, f in enumerate(files):
         remaining = f.size
+        if remaining and remaining <= c_cap - c_size:
+            add_file(file_index)
+            add_part(1)
+            add_container(len(containers))
+            add_offset(c_size)
+            add_source(0)
+            add_length(remaining)
+            c_size += remaining
+            count += 1
+            add_start(count)
+            continue
         source_offset = 0
         part = 1
         while remaining:
@@ -227,7 +252,8 @@ def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> 
             source_offset += n
             remaining -= n
             part += 1
-        file_starts.append(len(segments))
+            count += 1
+        add_start(count)
     if c_size:
         close_container()
     if tape_used or not tapes:
@@ -251,6 +277,8 @@ def make_plan(
     """
     reserve = SHA256_FILE_BYTES + extra_reserve_bytes
     total = scan.total_bytes
+    lay: _Layout | None = None
+    lay_usable = 0
     for _ in range(_MAX_RESERVE_ROUNDS):
         usable = capacity_bytes - reserve
         if usable <= 0:
@@ -270,7 +298,11 @@ def make_plan(
                 f"this tree ({human_bytes(total)}) would need more than {MAX_TAPES} tapes of "
                 f"{human_bytes(usable)} usable each; check --capacity-tb"
             )
-        lay = layout(scan.files, usable, container_size_bytes)
+        if lay is None or lay_usable < total or usable < total:
+            # With the whole tree on one tape either way, a smaller reserve changes nothing:
+            # each container's room, min(container size, usable - used), still exceeds what
+            # is left to lay out, so the layout is the same.
+            lay, lay_usable = layout(scan.files, usable, container_size_bytes), usable
         plan = Plan(
             source_root=scan.root,
             files=scan.files,
@@ -288,7 +320,9 @@ def make_plan(
         needed = measure_catalog(plan) + SHA256_FILE_BYTES + extra_reserve_bytes
         if needed <= reserve:
             return plan
-        del plan, lay  # before the next round builds its own: a million segments each
+        del plan
+        if lay_usable < total:
+            lay = None  # before the next round builds its own: a million segments each
         # A little slack, so that the next layout (with a few more digits or containers)
         # nearly always settles it: each round lays out the whole tree again.
         reserve = needed + needed // 1000 + 4096
@@ -389,7 +423,7 @@ def _build_catalog(
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
     files = plan.files
-    file_ids = file_ids_of(files)
+    file_ids = plan.file_ids
     # Built a list at a time from the plan's columns: this runs once per file and per segment,
     # and the drive waits for it after the last container.
     if None in hashes.containers:
@@ -544,9 +578,11 @@ class JsonPlanSizer:
                 cat.SourceFileEntry(cat.file_id_for("x"), "x", f"{root}/x", 0,
                                     cat.PLACEHOLDER_SHA256, cat.iso_from_ns(0), 0, 0))
             fixed = template - 2 * self.codec.string_size("x") - 3  # the three zeros
-            string_size = self.codec.string_size
             files = plan.files
-            total = len(files) * fixed + 2 * sum(string_size(f.relative_path) for f in files)
+            total = len(files) * fixed + 2 * sum(
+                self.codec.strings_size([f.relative_path for f in files[i:i + 65536]])
+                for i in range(0, len(files), 65536)  # a slice at a time: bounded memory
+            )
             total += _digit_total(f.size for f in files) + _digit_total(f.mode for f in files)
             total += _digit_total(f.mtime_ns for f in files)
             raw_lengths = [len(f.raw_path) for f in files if f.raw_path is not None]

@@ -502,6 +502,32 @@ async def test_deep_directory_replaced_by_a_symlink_is_not_followed(tmp_path: Pa
     assert rebuild_files(sim, doc) == contents
 
 
+async def test_directory_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """Short paths too: every file is opened relative to its directory's descriptor, and
+    directories are opened one component at a time without following symlinks, so a
+    directory swapped for a symlink to another tree after the scan is never read through."""
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, {"a/b/leaf.bin": 3_000, "top.txt": 2_000})
+    decoy = tmp_path / "decoy"
+    (decoy / "b").mkdir(parents=True)
+    (decoy / "b" / "leaf.bin").write_bytes(b"not part of the backup" * 100)
+
+    def swap() -> None:
+        (src / "a").rename(tmp_path / "moved")
+        (src / "a").symlink_to(decoy)
+
+    config = attrs.evolve(config_for(src, sim, capacity=2_000 * KB), on_change="skip")
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 1, swap)
+    result, _ = await backup(config, drive=drive)
+    (entry,) = result.catalog.skipped
+    assert entry.relative_path == "a/b/leaf.bin"
+    assert entry.reason == ("changed during the backup: a directory on its path was replaced "
+                            "by a symbolic link")
+    doc: Any = load_catalog_json(tape_dirs(sim)[0])
+    del contents["a/b/leaf.bin"]
+    assert rebuild_files(sim, doc) == contents
+
+
 # ----------------------------------------------------------------------------- catalog size
 
 
