@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import operator
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import NoneType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import attrs
 import cattrs
@@ -239,6 +240,83 @@ class SymlinkEntry:
         return paths.exact(self.target, self.target_b64)
 
 
+#: Records made at a time as a RecordColumns list is read or encoded.
+_ROWS = 4096
+_R = TypeVar("_R")
+
+
+class RecordColumns(Sequence[_R]):
+    """A list of catalog records kept as what they are made from, made only as it is read.
+
+    A backup's own catalog has a file record and a segment record per file: held as attrs
+    records that is about 600 MB for a million files, for lists that are mostly only encoded.
+    `objects(i, j)` returns records i..j-1 as the converter unstructures them (a dict per
+    record, keys in field order, keys it omits left out); the encoder takes them as they are,
+    readers get `cls(**object)`. Equal to any sequence of equal records.
+    """
+
+    __slots__ = ("_len", "_objects", "cls")
+
+    def __init__(self, cls: type[_R], length: int,
+                 objects: Callable[[int, int], list[dict[str, Any]]]) -> None:
+        self.cls = cls
+        self._len = length
+        self._objects = objects
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> _R: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[_R]: ...
+
+    def __getitem__(self, i: int | slice) -> _R | Sequence[_R]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._len)
+            return tuple(self._made(start, stop))[::step] if step > 0 else tuple(self)[i]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("record index out of range")
+        return self.cls(**self._objects(i, i + 1)[0])
+
+    def _made(self, start: int, stop: int) -> Iterator[_R]:
+        cls = self.cls
+        for i in range(start, stop, _ROWS):
+            for obj in self._objects(i, min(stop, i + _ROWS)):
+                yield cls(**obj)
+
+    def __iter__(self) -> Iterator[_R]:
+        return self._made(0, self._len)
+
+    def objects(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Records start..stop-1 as the converter unstructures them."""
+        return self._objects(start, stop)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(map(operator.eq, self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"RecordColumns({self.cls.__name__}, {self._len} records)"
+
+
+def _files_kept(records: Sequence[SourceFileEntry]) -> Sequence[SourceFileEntry]:
+    """`source_files` as the Catalog keeps it: a tuple, or the RecordColumns it was given."""
+    return records if isinstance(records, RecordColumns | tuple) else tuple(records)
+
+
+def _segments_kept(records: Sequence[SegmentEntry]) -> Sequence[SegmentEntry]:
+    """`segments` as the Catalog keeps it: a tuple, or the RecordColumns it was given."""
+    return records if isinstance(records, RecordColumns | tuple) else tuple(records)
+
+
 @attrs.frozen
 class Catalog:
     """The whole backup set. The same catalog is written to every tape of the set."""
@@ -248,8 +326,8 @@ class Catalog:
     source_root: str
     tapes: tuple[TapeEntry, ...]
     containers: tuple[ContainerEntry, ...]
-    source_files: tuple[SourceFileEntry, ...]
-    segments: tuple[SegmentEntry, ...]
+    source_files: Sequence[SourceFileEntry] = attrs.field(converter=_files_kept)
+    segments: Sequence[SegmentEntry] = attrs.field(converter=_segments_kept)
     schema_version: str = SCHEMA_VERSION
     #: ltoflow additions, all with defaults so that seed catalogs still load.
     created_by: str | None = None
@@ -542,8 +620,13 @@ def _records(records: Sequence[object], cls: type) -> Iterator[bytes]:
     `,` and a newline. The unstructure hook is looked up once, not once per record."""
     dumps, unstructure = orjson.dumps, converter.get_unstructure_hook(cls)
     lead = b"\n"
-    for i in range(0, len(records), _BATCH):
-        yield lead + b",\n".join(map(dumps, map(unstructure, records[i:i + _BATCH])))
+    n = len(records)
+    for i in range(0, n, _BATCH):
+        if isinstance(records, RecordColumns):
+            dicts = records.objects(i, min(n, i + _BATCH))
+        else:
+            dicts = list(map(unstructure, records[i:i + _BATCH]))
+        yield lead + b",\n".join(map(dumps, dicts))
         lead = b",\n"
 
 

@@ -390,7 +390,7 @@ def write_timeline(path: Path, stats: Sequence[TapeDriveStats]) -> None:
 def backup_summary(result: BackupResult, where: str,
                    drive_stats: Sequence[TapeDriveStats] = ()) -> dict[str, Any]:
     c = result.catalog
-    split, across = split_files(c)
+    split, across = result.split_files
     return {
         "drive_model": [_drive_doc(s) for s in drive_stats],
         "backup_set_id": c.backup_set_id,
@@ -427,7 +427,7 @@ def print_backup_summary(result: BackupResult, where: str,
     c = result.catalog
     written = sum(t.data_bytes for t in result.tapes)  # by this run (a resume did less)
     rate = written / result.seconds / 1e6 if result.seconds else 0.0
-    split, across = split_files(c)
+    split, across = result.split_files
     print(f"Backup complete. {len(c.tapes)} tape(s), {len(c.source_files)} file(s).")
     print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "

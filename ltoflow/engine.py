@@ -555,6 +555,8 @@ class BackupResult:
     source_bytes_read: int
     verified: bool
     verify_problems: tuple[str, ...] = ()
+    #: (files in more than one segment, files on more than one tape)
+    split_files: tuple[int, int] = (0, 0)
 
     @property
     def reads_per_byte(self) -> float:
@@ -917,6 +919,7 @@ async def run_backup(
         source_bytes_read=reads[0],
         verified=settings.verify_after_write,
         verify_problems=tuple(problems),
+        split_files=plan.split_counts(),
     )
 
 

@@ -15,7 +15,7 @@ import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import cast, overload
+from typing import Any, cast, overload
 
 import attrs
 
@@ -176,8 +176,24 @@ class Plan:
         return seen
 
     def split_files(self) -> list[int]:
-        """Indices of the files stored in more than one segment."""
-        return [i for i in range(len(self.files)) if len(self.segments_of(i)) > 1]
+        """Indices of the files stored in more than one segment, in order.
+
+        A file is split only where a container ends, so this looks at container boundaries,
+        not at every file.
+        """
+        by_file = self.segments.file_index
+        split: list[int] = []
+        for c in self.containers[1:]:
+            first = c.segments.start
+            f = by_file[first]
+            if by_file[first - 1] == f and (not split or split[-1] != f):
+                split.append(f)
+        return split
+
+    def split_counts(self) -> tuple[int, int]:
+        """(files in more than one segment, files on more than one tape)."""
+        split = self.split_files()
+        return len(split), sum(len(self.tapes_of(f)) > 1 for f in split)
 
 
 @attrs.frozen
@@ -403,7 +419,7 @@ def build_catalog(
     `source_files` to `skipped` (with their file_id), and their segments stay. Such a move
     always makes the catalog smaller (the reason is bounded), so the reserve still holds.
     """
-    with cat.gc_paused():  # two records per file, none in a reference cycle
+    with cat.gc_paused():  # a few lists of a million strings, none in a reference cycle
         return _build_catalog(plan, hashes, set_id=set_id, created_at=created_at,
                               created_by=created_by, serial=serial, unusable=unusable or {})
 
@@ -424,8 +440,6 @@ def _build_catalog(
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
     files = plan.files
     file_ids = plan.file_ids
-    # Built a list at a time from the plan's columns: this runs once per file and per segment,
-    # and the drive waits for it after the last container.
     if None in hashes.containers:
         raise ValueError(f"no hash for {container_ids[hashes.containers.index(None)]}")
     if None in hashes.files:  # unusable files have no whole-file hash: they are not listed
@@ -434,16 +448,45 @@ def _build_catalog(
                 raise ValueError(f"no hash for {files[i].relative_path}")
     if None in hashes.segments:
         raise ValueError(f"no hash for segment {hashes.segments.index(None)}")
-    file_hashes = cast("list[str]", hashes.files)
-    segment_hashes = cast("list[str]", hashes.segments)
+    # Snapshots: the recorder's lists change as later passes run, the catalog must not.
+    file_hashes = cast("list[str]", list(hashes.files))
+    segment_hashes = cast("list[str]", list(hashes.segments))
     table = plan.segments
-    segment_files = [file_ids[i] for i in table.file_index]
     iso = cat.iso_from_ns
     b64 = _b64
-    listed: Iterable[tuple[str, ScannedFile, str]] = zip(file_ids, files, file_hashes,
-                                                         strict=True)
+    listed: Sequence[int] = range(len(files))
     if unusable:
-        listed = (r for i, r in enumerate(listed) if i not in unusable)
+        listed = [i for i in listed if i not in unusable]
+
+    # The two big lists are made from these columns when read or encoded, never all held as
+    # records (see RecordColumns): as the converter unstructures them, keys in field order.
+    def file_objects(start: int, stop: int) -> list[dict[str, Any]]:
+        out = []
+        for i in listed[start:stop]:
+            f = files[i]
+            rel = f.relative_path
+            obj = {"file_id": file_ids[i], "relative_path": rel,
+                   "absolute_path": f"{root}/{rel}", "size_bytes": f.size,
+                   "sha256": file_hashes[i], "modified_at": iso(f.mtime_ns),
+                   "unix_mode": f.mode, "mtime_ns": f.mtime_ns}
+            if f.raw_path is not None and (b := b64(f.raw_path)) is not None:
+                obj["relative_path_b64"] = b
+            out.append(obj)
+        return out
+
+    def segment_objects(start: int, stop: int) -> list[dict[str, Any]]:
+        fids = [file_ids[i] for i in table.file_index[start:stop]]
+        return [
+            {"segment_id": sid, "file_id": fid, "container_id": cid, "container_offset": co,
+             "source_offset": so, "length_bytes": n, "sha256": sha}
+            for sid, fid, cid, co, so, n, sha in zip(
+                map(cat.segment_id_for, fids, table.part[start:stop]), fids,
+                [container_ids[c] for c in table.container_index[start:stop]],
+                table.container_offset[start:stop], table.source_offset[start:stop],
+                table.length[start:stop], segment_hashes[start:stop], strict=True,
+            )
+        ]
+
     return cat.Catalog(
         backup_set_id=set_id,
         created_at=created_at,
@@ -460,20 +503,8 @@ def _build_catalog(
                                c.index + 1, c.tape_offset, c.size, hashes.containers[c.index])
             for c in plan.containers
         ),
-        source_files=tuple(
-            cat.SourceFileEntry(
-                fid, f.relative_path, f"{root}/{f.relative_path}", f.size, sha,
-                iso(f.mtime_ns), f.mode, f.mtime_ns, b64(f.raw_path),
-            )
-            for fid, f, sha in listed
-        ),
-        segments=tuple(map(
-            cat.SegmentEntry,
-            list(map(cat.segment_id_for, segment_files, table.part)),
-            segment_files,
-            [container_ids[c] for c in table.container_index],
-            table.container_offset, table.source_offset, table.length, segment_hashes,
-        )),
+        source_files=cat.RecordColumns(cat.SourceFileEntry, len(listed), file_objects),
+        segments=cat.RecordColumns(cat.SegmentEntry, len(table), segment_objects),
         skipped=tuple(sorted(
             (
                 *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),

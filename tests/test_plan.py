@@ -4,6 +4,7 @@ import random
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -305,6 +306,58 @@ def test_reserve_holds_the_real_catalog_of_odd_names_dirs_and_links(
         (plan.files[i].relative_path, cat.file_id_for(plan.files[i].path_bytes))
         for i in unusable}
     assert len(moved.source_files) == len(plan.files) - len(unusable)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(names, st.integers(0, 40_000), st.integers(-(2**62), 2**62),
+                       st.integers(0, 0o177777)), max_size=20, unique_by=lambda t: t[0]),
+    st.randoms(use_true_random=False),
+)
+def test_catalog_lists_made_as_read_equal_and_encode_as_records(
+    files: list[tuple[bytes, int, int, int]], rnd: random.Random,
+) -> None:
+    """build_catalog keeps source_files and segments as RecordColumns: they must read, compare
+    and encode exactly as tuples of the records they stand for (names not UTF-8 included)."""
+    scan = tree_of(files, [], "srv")
+    try:
+        plan = make_plan(scan, capacity_bytes=150_000, container_size_bytes=20_000,
+                         measure_catalog=MEASURE)
+    except BackupPlanError:
+        return
+    unusable = {i: "gone" for i in range(len(plan.files)) if rnd.random() < 0.2}
+    _, h = real_catalog(plan, rnd)
+    lazy = build_catalog(plan, h, set_id="12345678-1234-4234-8234-123456789abc",
+                         created_at=cat.iso_from_ns(0), created_by="ltoflow test",
+                         unusable=unusable)
+    assert isinstance(lazy.source_files, cat.RecordColumns)
+    records = attrs.evolve(lazy, source_files=list(lazy.source_files),
+                           segments=list(lazy.segments))
+    assert isinstance(records.segments, tuple)
+    assert lazy == records
+    assert records == lazy
+    assert b"".join(CODEC.encode(lazy)) == b"".join(CODEC.encode(records))
+    assert CODEC.decode(b"".join(CODEC.encode(lazy)), source="test") == lazy
+    n = len(lazy.segments)
+    assert [lazy.segments[i] for i in range(-n, n)] == [*records.segments, *records.segments]
+    assert lazy.segments[1::2] == records.segments[1::2]
+    with pytest.raises(IndexError):
+        lazy.segments[n]
+    h.segments[:] = [cat.EMPTY_SHA256] * len(h.segments)  # the recorder goes on: not the catalog
+    assert lazy == records
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans, st.randoms(use_true_random=False))
+def test_split_files_are_the_files_of_several_segments(p: PlanInput, rnd: random.Random) -> None:
+    plan = _plan_or_none(*p)
+    if plan is None:
+        return
+    if len(plan.containers) > 2 and rnd.random() < 0.5:
+        plan = with_tape_breaks(plan, [rnd.randrange(1, len(plan.containers))])
+    split = [i for i in range(len(plan.files)) if len(plan.segments_of(i)) > 1]
+    assert plan.split_files() == split
+    assert plan.split_counts() == (len(split), sum(len(plan.tapes_of(i)) > 1 for i in split))
 
 
 def test_segment_table_reads_as_a_sequence_of_segments() -> None:

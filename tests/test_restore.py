@@ -221,7 +221,7 @@ def test_inconsistent_segments_are_reported_per_file(
     first, second = segs[0], segs[1]
     if change == "size":
         bad = attrs.evolve(catalog, source_files=tuple(
-            attrs.evolve(f, size_bytes=f.size_bytes + 1) if f is video else f
+            attrs.evolve(f, size_bytes=f.size_bytes + 1) if f == video else f
             for f in catalog.source_files))
     else:
         new = {
@@ -231,7 +231,7 @@ def test_inconsistent_segments_are_reported_per_file(
             "missing-container": attrs.evolve(first, container_id="CNT-nope"),
         }[change]
         old = second if change in ("overlap", "gap") else first
-        bad = attrs.evolve(catalog, segments=tuple(new if s is old else s
+        bad = attrs.evolve(catalog, segments=tuple(new if s == old else s
                                                    for s in catalog.segments))
     report = restore(tapes, tmp_path / "out", catalog=bad)
     (problem,) = report.problems
