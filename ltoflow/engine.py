@@ -146,6 +146,13 @@ class PipelineBuffer:
         self.producer_done = True
         self._notify()
 
+    def release(self) -> None:
+        """Free the buffers (all given back): the job streams nothing more, and the catalog
+        it encodes next should not sit on top of them in memory. A later take() allocates
+        again."""
+        self._free.clear()
+        self._allocated = 0
+
     def is_primed(self) -> bool:
         return (
             self.producer_done
@@ -826,6 +833,8 @@ async def run_backup(
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
                                             stats.stalls, stats.stall_seconds))
+                if tape.index == len(plan.tapes) - 1:
+                    buffer.release()  # the last data of the job is on tape
                 if base is None:
                     state.phase = "hashing the later tapes"
                     await prehashed.wait()

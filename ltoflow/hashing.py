@@ -550,15 +550,15 @@ class HashRecorder:
         for c in plan.containers:
             if h.containers[c.index] is None and len(c.segments) == 1:
                 h.containers[c.index] = h.segments[c.segments[0]]
-        for i, f in enumerate(plan.files):
-            if h.files[i] is None:
-                segs = plan.segments_of(i)
-                if f.size == 0:
-                    h.files[i] = cat.EMPTY_SHA256
-                elif len(segs) == 1:
-                    h.files[i] = h.segments[segs[0]]
-                elif i in self.faults.reasons:
-                    h.files[i] = cat.PLACEHOLDER_SHA256  # never written: it is skipped
+        starts = plan.file_starts
+        for i in list(h.files.unknown()):
+            first, end = starts[i], starts[i + 1]
+            if first == end:  # a zero-byte file
+                h.files[i] = cat.EMPTY_SHA256
+            elif end - first == 1:
+                h.files.set_from(i, h.segments, first)
+            elif i in self.faults.reasons:
+                h.files[i] = cat.PLACEHOLDER_SHA256  # never written: it is skipped
         missing = h.missing()
         if missing:
             raise ValueError(f"{missing} hashes were never computed")

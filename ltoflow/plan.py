@@ -11,11 +11,12 @@ is measured and the layout redone until the reserve holds it.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, overload
 
 import attrs
 
@@ -378,27 +379,158 @@ PLACEHOLDER_SET_ID = "00000000-0000-0000-0000-000000000000"
 PLACEHOLDER_CREATED_AT = "2000-01-01T00:00:00.000000+00:00"
 
 
+_SHA256_BYTES = 32
+
+
+class Digests(Sequence[str | None]):
+    """SHA-256s as lowercase hex strings (None while unknown), kept as 32 raw bytes each.
+
+    A million files have a million segment and a million file hashes: 64 MB this way, 230 MB
+    as strings. Reading one makes its string; `None in`, `index(None)` and `unknown()` look at
+    the known-flags only.
+    """
+
+    __slots__ = ("_data", "_known")
+
+    def __init__(self, hexes: Iterable[str | None] = ()) -> None:
+        values = list(hexes)
+        self._data = bytearray(_SHA256_BYTES * len(values))
+        self._known = bytearray(len(values))
+        for i, value in enumerate(values):
+            if value is not None:
+                self[i] = value
+
+    @classmethod
+    def unknown_of(cls, n: int) -> Digests:
+        d = cls()
+        d._data = bytearray(_SHA256_BYTES * n)
+        d._known = bytearray(n)
+        return d
+
+    @classmethod
+    def filled(cls, n: int, value: str) -> Digests:
+        d = cls([value])
+        d._data *= n
+        d._known *= n
+        return d
+
+    def copy(self) -> Digests:
+        d = Digests()
+        d._data = bytearray(self._data)
+        d._known = bytearray(self._known)
+        return d
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    @overload
+    def __getitem__(self, i: int) -> str | None: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str | None]: ...
+
+    def __getitem__(self, i: int | slice) -> list[str | None] | str | None:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not self._known[i]:  # IndexError as a list raises it
+            return None
+        k = (i + len(self._known) if i < 0 else i) * _SHA256_BYTES
+        return self._data[k:k + _SHA256_BYTES].hex()
+
+    @overload
+    def __setitem__(self, i: int, value: str | None) -> None: ...
+
+    @overload
+    def __setitem__(self, i: slice, value: Iterable[str | None]) -> None: ...
+
+    def __setitem__(self, i: int | slice, value: Iterable[str | None] | str | None) -> None:
+        if isinstance(i, slice):
+            assert not isinstance(value, str)
+            for k, v in zip(range(*i.indices(len(self))), list(value or ()), strict=True):
+                self[k] = v
+            return
+        if value is None:
+            self._known[i] = 0
+            return
+        if not isinstance(value, str):
+            raise TypeError(f"a digest is a str, not {type(value).__name__}")
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raw = b""
+        if len(raw) != _SHA256_BYTES or raw.hex() != value:
+            raise ValueError(f"not a lowercase SHA-256 in hex: {value!r}")
+        self._known[i] = 1
+        k = (i + len(self._known) if i < 0 else i) * _SHA256_BYTES
+        self._data[k:k + _SHA256_BYTES] = raw
+
+    def set_from(self, i: int, other: Digests, j: int) -> None:
+        """self[i] = other[j], without making the string."""
+        self._known[i] = other._known[j]
+        n = _SHA256_BYTES
+        self._data[i * n:i * n + n] = other._data[j * n:j * n + n]
+
+    def __contains__(self, value: object) -> bool:
+        if value is None:
+            return 0 in self._known
+        return super().__contains__(value)
+
+    def index(self, value: object, start: int = 0, stop: int | None = None) -> int:
+        if value is None:
+            return self._known.index(0, start, len(self) if stop is None else stop)
+        return super().index(value, start, len(self) if stop is None else stop)
+
+    def unknown(self) -> Iterator[int]:
+        """The indices still unknown, in order."""
+        known = self._known
+        i = known.find(0)
+        while i >= 0:
+            yield i
+            i = known.find(0, i + 1)
+
+    def missing(self) -> int:
+        return self._known.count(0)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        if isinstance(other, Digests):
+            return self._known == other._known and all(
+                self[i] == other[i] for i in range(len(self)) if self._known[i])
+        return len(self) == len(other) and all(map(operator.eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"Digests({len(self)}, {self.missing()} unknown)"
+
+
+def _digests(values: Iterable[str | None]) -> Digests:
+    return values if isinstance(values, Digests) else Digests(values)
+
+
 @attrs.define
 class Hashes:
     """The SHA-256s of one plan, filled in as the engine reads (None = not known yet)."""
 
-    segments: list[str | None]
-    containers: list[str | None]
-    files: list[str | None]
+    segments: Digests = attrs.field(converter=_digests)
+    containers: Digests = attrs.field(converter=_digests)
+    files: Digests = attrs.field(converter=_digests)
 
     @classmethod
     def for_plan(cls, plan: Plan) -> Hashes:
-        return cls(
-            [None] * len(plan.segments), [None] * len(plan.containers), [None] * len(plan.files)
-        )
+        return cls(Digests.unknown_of(len(plan.segments)),
+                   Digests.unknown_of(len(plan.containers)),
+                   Digests.unknown_of(len(plan.files)))
 
     @classmethod
     def placeholders(cls, plan: Plan) -> Hashes:
         p = cat.PLACEHOLDER_SHA256
-        return cls([p] * len(plan.segments), [p] * len(plan.containers), [p] * len(plan.files))
+        return cls(Digests.filled(len(plan.segments), p), Digests.filled(len(plan.containers), p),
+                   Digests.filled(len(plan.files), p))
 
     def missing(self) -> int:
-        return sum(h is None for h in (*self.segments, *self.containers, *self.files))
+        return self.segments.missing() + self.containers.missing() + self.files.missing()
 
 
 def build_catalog(
@@ -442,15 +574,14 @@ def _build_catalog(
     file_ids = plan.file_ids
     if None in hashes.containers:
         raise ValueError(f"no hash for {container_ids[hashes.containers.index(None)]}")
-    if None in hashes.files:  # unusable files have no whole-file hash: they are not listed
-        for i, h in enumerate(hashes.files):
-            if h is None and i not in unusable:
-                raise ValueError(f"no hash for {files[i].relative_path}")
+    for i in hashes.files.unknown():  # unusable files have no whole-file hash: not listed
+        if i not in unusable:
+            raise ValueError(f"no hash for {files[i].relative_path}")
     if None in hashes.segments:
         raise ValueError(f"no hash for segment {hashes.segments.index(None)}")
     # Snapshots: the recorder's lists change as later passes run, the catalog must not.
-    file_hashes = cast("list[str]", list(hashes.files))
-    segment_hashes = cast("list[str]", list(hashes.segments))
+    file_hashes = hashes.files.copy()
+    segment_hashes = hashes.segments.copy()
     table = plan.segments
     iso = cat.iso_from_ns
     b64 = _b64

@@ -131,6 +131,17 @@ async def test_reader_waits_for_a_free_buffer_when_all_are_in_flight() -> None:
     assert got == [first], "the buffer given back is reused, not a new one allocated"
 
 
+async def test_released_pool_drops_its_buffers_and_allocates_again_on_demand() -> None:
+    buffer = PipelineBuffer(128 * 1024)
+    first = await buffer.take()
+    buffer.give_back(first, 0)
+    buffer.release()  # what the engine does once the job's last data is on tape
+    again = await buffer.take()
+    assert again is not first
+    assert len(again) == buffer.chunk_bytes
+    await buffer.take()  # the pool still holds two at a time
+
+
 async def test_writer_starts_only_once_the_buffer_reaches_high_water() -> None:
     plan = one_container_plan()
     tape = MemoryTape()

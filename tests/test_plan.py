@@ -360,6 +360,43 @@ def test_split_files_are_the_files_of_several_segments(p: PlanInput, rnd: random
     assert plan.split_counts() == (len(split), sum(len(plan.tapes_of(i)) > 1 for i in split))
 
 
+hex_digests = st.binary(min_size=32, max_size=32).map(bytes.hex)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.none() | hex_digests, max_size=12),
+       st.lists(st.tuples(st.integers(-20, 20), st.none() | hex_digests), max_size=20))
+def test_digests_behave_as_a_list_of_hex_strings(
+    start: list[str | None], writes: list[tuple[int, str | None]]
+) -> None:
+    from ltoflow.plan import Digests
+
+    model, digests = list(start), Digests(start)
+    for i, value in writes:
+        if -len(model) <= i < len(model):
+            model[i] = value
+            digests[i] = value
+        else:
+            with pytest.raises(IndexError):
+                digests[i] = value
+    assert digests == model
+    assert list(digests) == model == digests[:]
+    assert [digests[i] for i in range(-len(model), 0)] == model
+    assert (None in digests) == (None in model)
+    assert list(digests.unknown()) == [i for i, v in enumerate(model) if v is None]
+    assert digests.missing() == model.count(None)
+    if None in model:
+        assert digests.index(None) == model.index(None)
+    copy = digests.copy()
+    if model:
+        copy.set_from(0, digests, len(model) - 1)
+        assert copy[0] == model[-1]
+    assert digests == model  # the copy is its own
+    for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
+        with pytest.raises(ValueError, match="SHA-256"):
+            Digests([bad])
+
+
 def test_segment_table_reads_as_a_sequence_of_segments() -> None:
     plan = plan_of([30_000, 0, 50_000, 7], 60_000, 20_000)
     segs = plan.segments
