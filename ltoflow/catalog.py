@@ -240,8 +240,8 @@ class SymlinkEntry:
         return paths.exact(self.target, self.target_b64)
 
 
-#: Records made at a time as a RecordColumns list is read or encoded.
-_ROWS = 4096
+#: Records made (or encoded, or joined into one chunk) at a time.
+_BATCH = 4096
 _R = TypeVar("_R")
 
 
@@ -284,8 +284,8 @@ class RecordColumns(Sequence[_R]):
 
     def _made(self, start: int, stop: int) -> Iterator[_R]:
         cls = self.cls
-        for i in range(start, stop, _ROWS):
-            for obj in self._objects(i, min(stop, i + _ROWS)):
+        for i in range(start, stop, _BATCH):
+            for obj in self._objects(i, min(stop, i + _BATCH)):
                 yield cls(**obj)
 
     def __iter__(self) -> Iterator[_R]:
@@ -307,13 +307,8 @@ class RecordColumns(Sequence[_R]):
         return f"RecordColumns({self.cls.__name__}, {self._len} records)"
 
 
-def _files_kept(records: Sequence[SourceFileEntry]) -> Sequence[SourceFileEntry]:
-    """`source_files` as the Catalog keeps it: a tuple, or the RecordColumns it was given."""
-    return records if isinstance(records, RecordColumns | tuple) else tuple(records)
-
-
-def _segments_kept(records: Sequence[SegmentEntry]) -> Sequence[SegmentEntry]:
-    """`segments` as the Catalog keeps it: a tuple, or the RecordColumns it was given."""
+def _kept(records: Sequence[Any]) -> Sequence[Any]:
+    """A big list as the Catalog keeps it: a tuple, or the RecordColumns it was given."""
     return records if isinstance(records, RecordColumns | tuple) else tuple(records)
 
 
@@ -326,8 +321,8 @@ class Catalog:
     source_root: str
     tapes: tuple[TapeEntry, ...]
     containers: tuple[ContainerEntry, ...]
-    source_files: Sequence[SourceFileEntry] = attrs.field(converter=_files_kept)
-    segments: Sequence[SegmentEntry] = attrs.field(converter=_segments_kept)
+    source_files: Sequence[SourceFileEntry] = attrs.field(converter=_kept)
+    segments: Sequence[SegmentEntry] = attrs.field(converter=_kept)
     schema_version: str = SCHEMA_VERSION
     #: ltoflow additions, all with defaults so that seed catalogs still load.
     created_by: str | None = None
@@ -609,10 +604,6 @@ def _decode_lines(data: bytes) -> Catalog:
         elif name in _REQUIRED_LISTS:
             raise _NotLineFormat
     return Catalog(**kwargs)
-
-
-#: Records joined into one chunk: fewer, bigger writes; same bytes.
-_BATCH = 4096
 
 
 def _records(records: Sequence[object], cls: type) -> Iterator[bytes]:

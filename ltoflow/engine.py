@@ -683,7 +683,8 @@ async def run_backup(
     Raises BackupError subclasses (SourceFileChangedError, TapeFullError, FileWriteError,
     CatalogWriteError, ...) and leaves the tape in the drive unloaded on the way out.
     """
-    from ltoflow.verify import verify_loaded_tape  # verify imports the engine's helpers
+    # verify imports the engine's helpers
+    from ltoflow.verify import CatalogIndex, verify_loaded_tape
 
     if resume is not None:
         set_id, created_at = resume.set_id, resume.created_at
@@ -728,6 +729,7 @@ async def run_backup(
                                                   _faults_of(recorder))
 
     copy: CatalogCopy | None = None  # the journal's copy of the set's catalog, being written
+    index: CatalogIndex | None = None  # for --verify
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -874,8 +876,10 @@ async def run_backup(
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
                     state.phase = "verifying"
+                    if index is None:  # once per job: every tape has the same lists
+                        index = await trio.to_thread.run_sync(CatalogIndex, catalog)
                     found = await verify_loaded_tape(loaded, catalog, request.tape_id,
-                                                     catalog_sha=catalog_sha)
+                                                     catalog_sha=catalog_sha, index=index)
                     problems.extend(p.describe() for p in found)
                     reporter.event(TapeVerified(request.tape_id, len(tape.containers),
                                                 len(found)))

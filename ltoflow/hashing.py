@@ -349,19 +349,21 @@ class SourceCursor:
         """Open a source file by its exact bytes with `_OPEN_FLAGS`, relative to its directory's
         descriptor: directories are opened one component at a time, none followed if it is a
         symlink, and kept (files come in path order, so a directory is opened about once).
-        Raises OSError as os.open does; SourceFileChangedError when a directory on the way
+        Raises OSError as os.open does; SourceFileVanishedError when a directory on the way
         was replaced by a symlink."""
         head, _, name = f.path_bytes.rpartition(b"/")
         if head != self._dir or self._dir_fd < 0:
             self._dir_fd = -1
             try:
-                if self._dirs is None:
+                if self._dirs is None:  # descriptors only to open files by: O_PATH
                     self._dirs = DirFds(
-                        os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                        os.open(self._root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                        path_only=True)
                 self._dir_fd = self._dirs.open(paths.split(head))
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
-                    raise SourceFileChangedError(
+                    # Not followed: the file is no longer where the scan saw it.
+                    raise SourceFileVanishedError(
                         f.relative_path, "a directory on its path was replaced by a symbolic link"
                     ) from None
                 raise
@@ -386,7 +388,7 @@ class SourceCursor:
         try:
             return self._open(f)
         except OSError as e:
-            raise _open_failed(f, e) from e
+            raise _open_failed(f, e) from None
 
     def _fd_for(self, file_index: int) -> int:
         if self._fd_file == file_index:

@@ -19,6 +19,8 @@ DIR_FD_LIMIT = 64
 #: PATH_MAX is 4096 on Linux.
 SHORT_PATH_BYTES = 4000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: For directories only used to open what is in them: search permission is enough.
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def display(raw: bytes) -> str:
@@ -69,14 +71,17 @@ class DirFds:
 
     No component is followed if it is a symlink (OSError ELOOP, or ENOTDIR for a file; its
     `filename` is the relative path up to the component that failed). With
-    `create`, missing directories are made (mode 0o755). At most DIR_FD_LIMIT descriptors stay
+    `create`, missing directories are made (mode 0o755); with `path_only` they are opened
+    O_PATH, good only as `dir_fd` (no read permission needed, as for a path). At most
+    DIR_FD_LIMIT descriptors stay
     open besides the root, oldest closed first, so depth is not limited by the descriptor limit:
     a walk that goes deeper one level at a time opens one directory a level. Not thread-safe.
     """
 
-    def __init__(self, root_fd: int, *, create: bool = False) -> None:
+    def __init__(self, root_fd: int, *, create: bool = False, path_only: bool = False) -> None:
         self.root_fd = root_fd
         self.create = create
+        self._flags = _PATH_FLAGS if path_only else _DIR_FLAGS
         self._fds: dict[tuple[bytes, ...], int] = {}
 
     def open(self, parts: tuple[bytes, ...]) -> int:
@@ -98,7 +103,7 @@ class DirFds:
                 if self.create:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o755, dir_fd=fd)
-                new = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                new = os.open(name, self._flags, dir_fd=fd)
                 if opened >= 0:
                     os.close(opened)  # intermediate levels are not kept: depth is unbounded
                 fd = opened = new

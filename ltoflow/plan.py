@@ -179,8 +179,9 @@ class Plan:
     def split_files(self) -> list[int]:
         """Indices of the files stored in more than one segment, in order.
 
-        A file is split only where a container ends, so this looks at container boundaries,
-        not at every file.
+        A file is split only where a container ends (layout never makes an empty container,
+        and with_tape_breaks moves whole ones), so this looks at container boundaries, not at
+        every file.
         """
         by_file = self.segments.file_index
         split: list[int] = []

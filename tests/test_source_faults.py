@@ -496,8 +496,7 @@ async def test_deep_directory_replaced_by_a_symlink_is_not_followed(tmp_path: Pa
     result, _ = await backup(config, drive=drive)
     (entry,) = result.catalog.skipped
     assert entry.relative_path.endswith("/leaf.bin")
-    assert entry.reason == ("changed during the backup: a directory on its path was replaced "
-                            "by a symbolic link")
+    assert entry.reason == "vanished: a directory on its path was replaced by a symbolic link"
     doc: Any = load_catalog_json(tape_dirs(sim)[0])
     assert rebuild_files(sim, doc) == contents
 
@@ -516,13 +515,12 @@ async def test_directory_replaced_by_a_symlink_is_not_followed(tmp_path: Path) -
         (src / "a").rename(tmp_path / "moved")
         (src / "a").symlink_to(decoy)
 
-    config = attrs.evolve(config_for(src, sim, capacity=2_000 * KB), on_change="skip")
+    config = config_for(src, sim, capacity=2_000 * KB)  # vanished: skipped by default
     drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 1, swap)
     result, _ = await backup(config, drive=drive)
     (entry,) = result.catalog.skipped
     assert entry.relative_path == "a/b/leaf.bin"
-    assert entry.reason == ("changed during the backup: a directory on its path was replaced "
-                            "by a symbolic link")
+    assert entry.reason == "vanished: a directory on its path was replaced by a symbolic link"
     doc: Any = load_catalog_json(tape_dirs(sim)[0])
     del contents["a/b/leaf.bin"]
     assert rebuild_files(sim, doc) == contents
@@ -749,6 +747,37 @@ def test_file_made_unreadable_after_the_scan_is_skipped(unprivileged: Unprivileg
     (skipped,) = json.loads(done.stdout)["skipped"]
     assert skipped["relative_path"] == "b.txt"
     assert skipped["reason"] == "unreadable: Permission denied"
+
+
+def test_files_in_a_directory_this_user_may_only_search_are_backed_up(
+    unprivileged: Unprivileged,
+) -> None:
+    """Files are opened through directory descriptors, which need no read permission on the
+    directory (O_PATH), as an open by path needs none: a directory left with only search
+    permission (mode 0311) after the scan still has its files backed up."""
+    src = unprivileged.base / "src"
+    contents = write_tree(src, {"a/one.txt": 100, "a/two.txt": 200, "b.txt": 300})
+    for p in (src, src / "a", *src.rglob("*.txt")):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    script = (
+        "import os, sys, ltoflow.scan as s\n"
+        "real = s.scan_tree\n"
+        "def scan(root):\n"
+        "    r = real(root); os.chmod(os.path.join(root, 'a'), 0o311); return r\n"
+        "import ltoflow.api as a; a.scan_tree = scan\n"
+        "from ltoflow.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    tapes = unprivileged.base / "tapes"
+    done = subprocess.run(
+        [*unprivileged.prefix, sys.executable, "-I", "-c", script, "backup", "--source",
+         str(src), "--simulator", str(tapes), *SMALL, "--json"],
+        capture_output=True, text=True, check=False, timeout=120, cwd="/",
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    (src / "a").chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["skipped"] == []
+    doc: Any = load_catalog_json(tape_dirs(tapes)[0])
+    assert rebuild_files(tapes, doc) == contents
 
 
 def test_strict_and_on_change_skip_contradict(tmp_path: Path,
