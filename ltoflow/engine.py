@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
@@ -55,7 +56,7 @@ from ltoflow.hashing import (
 )
 from ltoflow.journal import CatalogCopy, ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
-from ltoflow.plan import Plan, Tape, build_catalog
+from ltoflow.plan import Plan, Tape, build_catalog, digest_pairs
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
@@ -86,7 +87,7 @@ class Chunk:
     """Bytes of one container, in a pool buffer, on their way from the reader to the tape."""
 
     container: int
-    buffer: bytearray
+    buffer: mmap.mmap
     nbytes: int
     pieces: list[Piece]
     first: bool  # starts the container
@@ -107,7 +108,7 @@ class PipelineBuffer:
     def __init__(self, total_bytes: int) -> None:
         self.chunk_bytes = max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, total_bytes // 8))
         self.count = max(2, total_bytes // self.chunk_bytes)
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._allocated = 0
         self.filled = 0  # bytes read and not yet on tape
         self.producer_done = False
@@ -124,12 +125,17 @@ class PipelineBuffer:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def take(self) -> bytearray:
-        """A free buffer; waits while all are in flight."""
+    async def take(self) -> mmap.mmap:
+        """A free buffer; waits while all are in flight.
+
+        Buffers are anonymous mappings: the kernel gives zeroed pages as they are first
+        written (no 8 MiB memset on the event loop), and a dropped one goes back to the system
+        at once, which malloc'ed memory often does not.
+        """
         while not self._free:
             if self._allocated < self.count:
                 self._allocated += 1
-                return bytearray(self.chunk_bytes)
+                return mmap.mmap(-1, self.chunk_bytes)
             await self._changed.wait()
         return self._free.pop()
 
@@ -137,7 +143,7 @@ class PipelineBuffer:
         self.filled += nbytes
         self._notify()
 
-    def give_back(self, buf: bytearray, nbytes: int) -> None:
+    def give_back(self, buf: mmap.mmap, nbytes: int) -> None:
         self._free.append(buf)
         self.filled -= nbytes
         self._notify()
@@ -180,14 +186,14 @@ class BufferLease:
 
     def __init__(self, pool: PipelineBuffer) -> None:
         self.pool = pool
-        self._out: dict[int, bytearray] = {}
+        self._out: dict[int, mmap.mmap] = {}
 
-    async def take(self) -> bytearray:
+    async def take(self) -> mmap.mmap:
         buf = await self.pool.take()
         self._out[id(buf)] = buf
         return buf
 
-    def give_back(self, buf: bytearray) -> None:
+    def give_back(self, buf: mmap.mmap) -> None:
         if self._out.pop(id(buf), None) is not None:
             self.pool.give_back(buf, 0)
 
@@ -979,21 +985,22 @@ async def _rewrite_catalog(request: TapeRequest, catalog: Catalog, *, drive: Tap
 
 
 def _container_done(recorder: HashRecorder, plan: Plan, index: int) -> ContainerDone:
-    """The hashes a journal keeps for container `index`: its own, its segments', and those of
-    the files that end in it (a resume does not read these bytes again)."""
+    """The hashes a journal keeps for container `index`: its own, its segments' (as runs), and
+    that of a file of several segments that ends in it (a resume does not read these bytes
+    again; a file of one segment has its segment's hash)."""
     h = recorder.hashes
     segments = plan.containers[index].segments
-    segs = tuple((s, d) for s, d in zip(segments, h.segments[segments.start:segments.stop],
-                                        strict=True) if d is not None)
     files: list[tuple[int, str]] = []
-    if segments:  # by columns: this runs over every file of the container, on the event loop
+    if segments:
+        # Only the container's first segment can end a file that began in an earlier one.
         starts = plan.file_starts
-        by_file = plan.segments.file_index
-        for f in range(by_file[segments.start], by_file[segments.stop - 1] + 1):
-            end = starts[f + 1]
-            if starts[f] < end <= segments.stop and (d := h.files[f]) is not None:
-                files.append((f, d))
-    return ContainerDone(index, h.containers[index], segs, tuple(files), _faults_of(recorder))
+        f = plan.segments.file_index[segments.start]
+        if starts[f] < segments.start and starts[f + 1] <= segments.stop \
+                and (d := h.files[f]) is not None:
+            files.append((f, d))
+    return ContainerDone(index, h.containers[index],
+                         tuple(h.segments.known_runs(segments.start, segments.stop)),
+                         tuple(files), _faults_of(recorder))
 
 
 def _faults_of(recorder: HashRecorder) -> dict[str, Any] | None:
@@ -1023,7 +1030,7 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
         if done.index >= len(h.containers):
             continue
         h.containers[done.index] = h.containers[done.index] or done.sha256
-        for seg, digest in done.segments:
+        for seg, digest in digest_pairs(done.segment_runs):
             recorder.seed_written(seg, digest)
         for f, digest in done.files:
             h.files[f] = digest

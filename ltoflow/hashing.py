@@ -122,7 +122,7 @@ class SourceFaults:
             return None
         with self._lock:
             if self.frozen:
-                return self._cuts[domain].get(file_index, self.plan.files[file_index].size)
+                return self._cuts[domain].get(file_index, self.plan.files.size[file_index])
             return self._cuts[domain].setdefault(file_index, offset)
 
     def zero_later_tapes(self, first_later_container: int) -> list[int]:
@@ -138,7 +138,7 @@ class SourceFaults:
                 if not later:
                     continue
                 start = plan.segments[later[0]].source_offset
-                if cuts.get(f, plan.files[f].size) <= start:
+                if cuts.get(f, plan.files.size[f]) <= start:
                     continue
                 cuts[f] = start
                 changed.update(plan.segments[s].container_index for s in later)
@@ -169,7 +169,7 @@ class SourceFaults:
         """(path, reason) of the files made unusable since the last call, for the reporter."""
         with self._lock:
             new, self._new = self._new, []
-        return [(self.plan.files[f].relative_path, self.reasons[f]) for f in new]
+        return [(self.plan.files.relative_path[f], self.reasons[f]) for f in new]
 
 
 def _too_late(error: _SourceError) -> _SourceError:
@@ -291,7 +291,7 @@ class SourceCursor:
                         self._close_checked()
                     except _SOURCE_ERRORS as e:
                         self.faults.fault(f, e, domain=self.domain,
-                                          offset=plan.files[f].size)
+                                          offset=plan.files.size[f])
             else:
                 self.done_in_segment = done
         self.bytes_read += pos
@@ -316,19 +316,21 @@ class SourceCursor:
     def _read_whole(self, file_index: int, view: memoryview) -> None:
         """Read a whole file into `view` and check it against the scan, with as few steps as
         possible: this runs once per small file."""
-        f = self.plan.files[file_index]
-        fd = self._open_source(f)
+        files = self.plan.files
+        fd = self._open_source(file_index)
         try:
             try:
                 n = os.preadv(fd, [view], 0)
             except OSError as e:
-                raise _read_failed(fd, f.relative_path, e) from e
+                raise _read_failed(fd, files.relative_path[file_index], e) from e
             if n < len(view):
                 self._read_exact(fd, view[n:], n, file_index)
-            st = _fstat(fd, f.relative_path)
+            st = _fstat(fd, files.relative_path[file_index])
         finally:
             os.close(fd)
-        _check_stat(f, st)
+        if st.st_size != files.size[file_index] or st.st_mtime_ns != files.mtime_ns[file_index] \
+                or not st.st_nlink or not stat.S_ISREG(st.st_mode):
+            _check_stat(files[file_index], st)
 
     def close(self) -> None:
         """Close the file being read and any directories kept open."""
@@ -345,13 +347,13 @@ class SourceCursor:
             self._fd = -1
             self._fd_file = -1
 
-    def _open(self, f: ScannedFile) -> int:
+    def _open(self, file_index: int) -> int:
         """Open a source file by its exact bytes with `_OPEN_FLAGS`, relative to its directory's
         descriptor: directories are opened one component at a time, none followed if it is a
         symlink, and kept (files come in path order, so a directory is opened about once).
         Raises OSError as os.open does; SourceFileVanishedError when a directory on the way
         was replaced by a symlink."""
-        head, _, name = f.path_bytes.rpartition(b"/")
+        head, _, name = self.plan.files.path_bytes(file_index).rpartition(b"/")
         if head != self._dir or self._dir_fd < 0:
             self._dir_fd = -1
             try:
@@ -364,7 +366,8 @@ class SourceCursor:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
                     # Not followed: the file is no longer where the scan saw it.
                     raise SourceFileVanishedError(
-                        f.relative_path, "a directory on its path was replaced by a symbolic link"
+                        self.plan.files.relative_path[file_index],
+                        "a directory on its path was replaced by a symbolic link",
                     ) from None
                 raise
             self._dir = head
@@ -382,19 +385,19 @@ class SourceCursor:
             return False
         return stat.S_ISLNK(st.st_mode)
 
-    def _open_source(self, f: ScannedFile) -> int:
+    def _open_source(self, file_index: int) -> int:
         """Open a source file for reading without following a symlink or blocking on a FIFO
         that was swapped in for it (O_NONBLOCK changes nothing for a regular file)."""
         try:
-            return self._open(f)
+            return self._open(file_index)
         except OSError as e:
-            raise _open_failed(f, e) from None
+            raise _open_failed(self.plan.files.relative_path[file_index], e) from None
 
     def _fd_for(self, file_index: int) -> int:
         if self._fd_file == file_index:
             return self._fd
         self._close_file()
-        self._fd = self._open_source(self.plan.files[file_index])
+        self._fd = self._open_source(file_index)
         self._fd_file = file_index
         return self._fd
 
@@ -403,7 +406,7 @@ class SourceCursor:
             try:
                 n = os.preadv(fd, [view], offset)
             except OSError as e:
-                rel = self.plan.files[file_index].relative_path
+                rel = self.plan.files.relative_path[file_index]
                 raise _read_failed(fd, rel, e) from e
             if n == 0:
                 f = self.plan.files[file_index]
@@ -421,23 +424,23 @@ class SourceCursor:
         if fd < 0:
             return
         try:
-            st = _fstat(fd, self.plan.files[file_index].relative_path)
+            st = _fstat(fd, self.plan.files.relative_path[file_index])
         finally:
             self._close_file()
         if file_index not in self.faults.reasons:
             _check_stat(self.plan.files[file_index], st)
 
 
-def _open_failed(f: ScannedFile, e: OSError) -> _SourceError:
+def _open_failed(relative_path: str, e: OSError) -> _SourceError:
     """The error for a source file that would not open."""
     if isinstance(e, (FileNotFoundError, NotADirectoryError)):
-        return SourceFileVanishedError(f.relative_path, "it was deleted after the scan")
+        return SourceFileVanishedError(relative_path, "it was deleted after the scan")
     if e.errno == errno.ELOOP:
-        return SourceFileChangedError(f.relative_path, "it was replaced by a symbolic link")
+        return SourceFileChangedError(relative_path, "it was replaced by a symbolic link")
     return SourceReadError(
-        f"cannot read source file {f.relative_path!r}: {e.strerror}; fix its "
+        f"cannot read source file {relative_path!r}: {e.strerror}; fix its "
         "permissions or move it out of the source tree",
-        relative_path=f.relative_path, what=e.strerror or str(e),
+        relative_path=relative_path, what=e.strerror or str(e),
     )
 
 
@@ -506,7 +509,7 @@ class HashRecorder:
         if known is not None and known != digest:
             f = self.plan.segments[index].file_index
             if f not in self.faults.reasons or self.faults.frozen:
-                rel = self.plan.files[f].relative_path
+                rel = self.plan.files.relative_path[f]
                 self.faults.fault(
                     f, SourceFileChangedError(rel, "its content differs between two reads"),
                     domain=None,
@@ -539,7 +542,7 @@ class HashRecorder:
         elif known != digest and index not in self.faults.reasons:
             self.faults.fault(
                 index, SourceFileChangedError(
-                    self.plan.files[index].relative_path, "its content differs between two reads"
+                    self.plan.files.relative_path[index], "its content differs between two reads"
                 ), domain=None,
             )
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import operator
 import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +30,9 @@ import orjson
 
 from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.errors import JournalError, UsageError
-from ltoflow.scan import ScannedFile, ScanResult
+from ltoflow.scan import FileTable, ScanResult
 
-JOURNAL_VERSION = 2  # 2: the scan kept as columns
+JOURNAL_VERSION = 3  # 2: the scan kept as columns; 3: as the file table's columns
 #: Set by tests and by operators who keep state next to the job, not in their home directory.
 STATE_DIR_ENV = "LTOFLOW_STATE_DIR"
 
@@ -56,7 +55,10 @@ def job_key(source_root: Path, target: str, capacity_bytes: int, container_bytes
 class ContainerDone:
     index: int
     sha256: str | None
-    segments: tuple[tuple[int, str], ...]
+    #: Its segments' hashes as runs (first segment, their digests one after another): see
+    #: plan.Digests.known_runs and plan.digest_pairs. The journal line holds them in hex.
+    segment_runs: tuple[tuple[int, bytes], ...]
+    #: (file, hash) of the file of several segments that ends in it, if any.
     files: tuple[tuple[int, str], ...]
     #: The job's unusable files so far (hashing.SourceFaults.snapshot), when there are any.
     faults: dict[str, Any] | None = None
@@ -93,24 +95,40 @@ class ResumeState:
                 f"containers and {len(self.tapes_done)} of {self.planned_tapes} tapes done")
 
 
-_FILE_FIELDS = tuple(a.name for a in attrs.fields(ScannedFile))
+#: The scan's file columns, in the order they are kept.
+_FILE_COLUMNS = ("relative_path", "size", "mtime_ns", "mode", "raw_path")
 
 
 def _scan_bytes(scan: ScanResult) -> bytes:
-    """The scan, for this machine's ltoflow only. Files go as columns of plain values: a
-    million attrs records pickle three times slower."""
+    """The scan, for this machine's ltoflow only: the file table's columns as they are."""
     files = scan.files
-    columns = [list(map(operator.attrgetter(name), files)) for name in _FILE_FIELDS]
-    return pickle.dumps((_FILE_FIELDS, columns, attrs.evolve(scan, files=())), protocol=5)
+    columns = [getattr(files, name) for name in _FILE_COLUMNS]
+    return pickle.dumps((_FILE_COLUMNS, columns, attrs.evolve(scan, files=())), protocol=5)
 
 
 def _scan_from_bytes(data: bytes) -> ScanResult:
-    fields, columns, rest = pickle.loads(data)
-    if tuple(fields) != _FILE_FIELDS:
+    names, columns, rest = pickle.loads(data)
+    if tuple(names) != _FILE_COLUMNS:
         raise ValueError("it was written by another version of ltoflow")
-    files = tuple(ScannedFile(*row) for row in zip(*columns, strict=True))
+    files = FileTable()
+    for name, column in zip(names, columns, strict=True):
+        setattr(files, name, column)
+    if len(set(map(len, columns[:4]))) != 1:
+        raise ValueError("its file columns differ in length")
     result: ScanResult = attrs.evolve(rest, files=files)
     return result
+
+
+def _runs(raw: list[list[Any]], path: Path) -> tuple[tuple[int, bytes], ...]:
+    """A container record's segment runs, checked: each a whole number of hex digests."""
+    try:
+        runs = tuple((int(first), bytes.fromhex(hexes)) for first, hexes in raw)
+    except (TypeError, ValueError):
+        runs = ((0, b"?"),)
+    if any(not digests or len(digests) % 32 for _, digests in runs):
+        raise UsageError(f"the job journal {path} is damaged (a container's segment hashes "
+                         "are cut short); start the backup again without --resume")
+    return runs
 
 
 def _try_lock(fd: int) -> bool:
@@ -235,12 +253,25 @@ class Journal:
         self._io(cut_torn_tail)
 
     def container_done(self, done: ContainerDone) -> None:
+        """One line: the container's hash, its files' and its segments'. The segment runs
+        go out in hex a slice at a time: a container of half a million small files has
+        32 MB of them, which are not also built as one string."""
         record: dict[str, Any] = {"kind": "container", "index": done.index,
-                                  "sha256": done.sha256, "segments": done.segments,
-                                  "files": done.files}
+                                  "sha256": done.sha256, "files": done.files}
         if done.faults is not None:
             record["faults"] = done.faults
-        self._append(record)
+        head = orjson.dumps(record)[:-1] + b',"segments":['
+
+        def pieces() -> Iterator[bytes]:
+            yield head
+            for n, (first, raw) in enumerate(done.segment_runs):
+                yield b'%s[%d,"' % (b"," if n else b"", first)
+                for k in range(0, len(raw), 1 << 20):
+                    yield raw[k:k + (1 << 20)].hex().encode()
+                yield b'"]'
+            yield b"]}\n"
+
+        self._append_pieces(pieces())
 
     def catalog_known(self, catalog: Catalog, codec: CatalogCodec,
                       faults: dict[str, Any] | None = None) -> None:
@@ -292,13 +323,18 @@ class Journal:
             self._fd = -1
 
     def _append(self, record: dict[str, Any]) -> None:
+        self._append_pieces(iter((orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE),)))
+
+    def _append_pieces(self, line: Iterator[bytes]) -> None:
+        """Write one line, given in pieces, and make it durable. A crash part-way leaves a
+        torn last line, which `reopen` cuts off and `load` ignores."""
         self.has_progress = True
-        line = orjson.dumps(record) + b"\n"
 
         def write() -> None:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view):]
+            for piece in line:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(self._fd, view):]
             os.fsync(self._fd)
 
         self._io(write)
@@ -356,7 +392,7 @@ class Journal:
             elif kind == "container":
                 state.containers[rec["index"]] = ContainerDone(
                     rec["index"], rec["sha256"],
-                    tuple((i, h) for i, h in rec["segments"]),
+                    _runs(rec["segments"], self.path),
                     tuple((i, h) for i, h in rec["files"]),
                     rec.get("faults"),
                 )

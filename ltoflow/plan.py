@@ -11,6 +11,7 @@ is measured and the layout redone until the reserve holds it.
 from __future__ import annotations
 
 import functools
+import mmap
 import operator
 import os
 from array import array
@@ -24,8 +25,8 @@ from ltoflow import catalog as cat
 from ltoflow import paths
 from ltoflow.errors import BackupPlanError
 from ltoflow.scan import (
+    FileTable,
     ScannedDirectory,
-    ScannedFile,
     ScannedSymlink,
     ScanResult,
     SkippedEntry,
@@ -137,7 +138,7 @@ class Tape:
 @attrs.frozen
 class Plan:
     source_root: Path
-    files: tuple[ScannedFile, ...]
+    files: FileTable
     skipped: tuple[SkippedEntry, ...]
     segments: SegmentTable
     containers: tuple[Container, ...]
@@ -206,7 +207,7 @@ class _Layout:
     file_starts: array[int]
 
 
-def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> _Layout:
+def layout(files: FileTable, usable: int, container_size: int) -> _Layout:
     """Stream `files` into containers and tapes. Zero-byte files get no segment."""
     segments = SegmentTable()
     containers: list[Container] = []
@@ -243,8 +244,8 @@ def layout(files: tuple[ScannedFile, ...], usable: int, container_size: int) -> 
     )
     add_start = file_starts.append
     count = 0  # segments so far
-    for file_index, f in enumerate(files):
-        remaining = f.size
+    for file_index, size in enumerate(files.size):
+        remaining = size
         if remaining and remaining <= c_cap - c_size:
             add_file(file_index)
             add_part(1)
@@ -395,7 +396,7 @@ class Digests(Sequence[str | None]):
 
     def __init__(self, hexes: Iterable[str | None] = ()) -> None:
         values = list(hexes)
-        self._data = bytearray(_SHA256_BYTES * len(values))
+        self._data: bytearray | mmap.mmap = bytearray(_SHA256_BYTES * len(values))
         self._known = bytearray(len(values))
         for i, value in enumerate(values):
             if value is not None:
@@ -403,16 +404,18 @@ class Digests(Sequence[str | None]):
 
     @classmethod
     def unknown_of(cls, n: int) -> Digests:
+        """n unknown digests. Their bytes are an anonymous mapping, whose pages take memory
+        only once written: file hashes, mostly filled at the end, cost nothing before."""
         d = cls()
-        d._data = bytearray(_SHA256_BYTES * n)
+        d._data = mmap.mmap(-1, _SHA256_BYTES * n) if n else bytearray()
         d._known = bytearray(n)
         return d
 
     @classmethod
     def filled(cls, n: int, value: str) -> Digests:
-        d = cls([value])
-        d._data *= n
-        d._known *= n
+        d = cls()
+        d._data = bytearray.fromhex(value) * n
+        d._known = bytearray(b"\x01") * n
         return d
 
     def copy(self) -> Digests:
@@ -471,6 +474,23 @@ class Digests(Sequence[str | None]):
         n = _SHA256_BYTES
         self._data[i * n:i * n + n] = other._data[j * n:j * n + n]
 
+    def known_runs(self, start: int, stop: int) -> list[tuple[int, bytes]]:
+        """The known digests of [start, stop) as runs: (index of the first, the run's digests
+        one after another, 32 bytes each). Compact where a list of pairs is not: a container
+        of half a million small files has one run of 16 MB."""
+        known, n = self._known, _SHA256_BYTES
+        runs = []
+        i = start
+        while i < stop:
+            first = known.find(1, i, stop)
+            if first < 0:
+                break
+            end = known.find(0, first, stop)
+            end = stop if end < 0 else end
+            runs.append((first, bytes(memoryview(self._data)[first * n:end * n])))
+            i = end
+        return runs
+
     def __contains__(self, value: object) -> bool:
         if value is None:
             return 0 in self._known
@@ -504,6 +524,14 @@ class Digests(Sequence[str | None]):
 
     def __repr__(self) -> str:
         return f"Digests({len(self)}, {self.missing()} unknown)"
+
+
+def digest_pairs(runs: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str]]:
+    """(index, hex digest) for each digest of runs as Digests.known_runs gives them."""
+    n = _SHA256_BYTES
+    for first, raw in runs:
+        for k in range(0, len(raw), n):
+            yield first + k // n, raw[k:k + n].hex()
 
 
 def _digests(values: Iterable[str | None]) -> Digests:
@@ -573,6 +601,8 @@ def _build_catalog(
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
     files = plan.files
     file_ids = plan.file_ids
+    paths_, sizes, mtimes, modes, raws = (files.relative_path, files.size, files.mtime_ns,
+                                          files.mode, files.raw_path)
     if None in hashes.containers:
         raise ValueError(f"no hash for {container_ids[hashes.containers.index(None)]}")
     for i in hashes.files.unknown():  # unusable files have no whole-file hash: not listed
@@ -595,13 +625,13 @@ def _build_catalog(
     def file_objects(start: int, stop: int) -> list[dict[str, Any]]:
         out = []
         for i in listed[start:stop]:
-            f = files[i]
-            rel = f.relative_path
+            rel = paths_[i]
+            mtime = mtimes[i]
             obj = {"file_id": file_ids[i], "relative_path": rel,
-                   "absolute_path": f"{root}/{rel}", "size_bytes": f.size,
-                   "sha256": file_hashes[i], "modified_at": iso(f.mtime_ns),
-                   "unix_mode": f.mode, "mtime_ns": f.mtime_ns}
-            if f.raw_path is not None and (b := b64(f.raw_path)) is not None:
+                   "absolute_path": f"{root}/{rel}", "size_bytes": sizes[i],
+                   "sha256": file_hashes[i], "modified_at": iso(mtime),
+                   "unix_mode": modes[i], "mtime_ns": mtime}
+            if raws and (raw := raws.get(i)) is not None and (b := b64(raw)) is not None:
                 obj["relative_path_b64"] = b
             out.append(obj)
         return out
@@ -655,10 +685,12 @@ def source_root_text(root: Path) -> str:
     return paths.display(os.fsencode(root))
 
 
-def file_ids_of(files: tuple[ScannedFile, ...]) -> list[str]:
+def file_ids_of(files: FileTable) -> list[str]:
     """The catalog's file ids: from the exact bytes of each path."""
-    return [cat.file_id_for(f.relative_path if f.raw_path is None else f.raw_path)
-            for f in files]
+    ids = list(map(cat.file_id_for, files.relative_path))
+    for i, raw in files.raw_path.items():
+        ids[i] = cat.file_id_for(raw)
+    return ids
 
 
 def _b64(raw: bytes | None) -> str | None:
@@ -718,7 +750,7 @@ class JsonPlanSizer:
     def __init__(self, codec: cat.JsonCatalogCodec, created_by: str) -> None:
         self.codec = codec
         self.created_by = created_by
-        self._files_key: tuple[ScannedFile, ...] | None = None
+        self._files_key: FileTable | None = None
         self._files_bytes = 0
         self._tree_key: tuple[object, object] | None = None
         self._tree_bytes = 0
@@ -742,13 +774,14 @@ class JsonPlanSizer:
                                     cat.PLACEHOLDER_SHA256, cat.iso_from_ns(0), 0, 0))
             fixed = template - 2 * self.codec.string_size("x") - 3  # the three zeros
             files = plan.files
+            names = files.relative_path
             total = len(files) * fixed + 2 * sum(
-                self.codec.strings_size([f.relative_path for f in files[i:i + 65536]])
-                for i in range(0, len(files), 65536)  # a slice at a time: bounded memory
+                self.codec.strings_size(names[i:i + 65536])
+                for i in range(0, len(names), 65536)  # a slice at a time: bounded memory
             )
-            total += _digit_total(f.size for f in files) + _digit_total(f.mode for f in files)
-            total += _digit_total(f.mtime_ns for f in files)
-            raw_lengths = [len(f.raw_path) for f in files if f.raw_path is not None]
+            total += _digit_total(files.size) + _digit_total(files.mode)
+            total += _digit_total(files.mtime_ns)
+            raw_lengths = [len(raw) for raw in files.raw_path.values()]
             total += len(raw_lengths) * _B64_KEY + sum(map(paths.b64_size, raw_lengths))
             self._files_key, self._files_bytes = plan.files, total
         return self._files_bytes

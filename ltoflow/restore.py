@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
+import mmap
 import os
 import stat
 from collections import defaultdict
@@ -639,7 +640,7 @@ async def _restore_container(
         else:
             spans.append((r.start, r.end, [r]))
     reader = await tape.open_read(path)
-    send, receive = trio.open_memory_channel[tuple[bytearray, int, int, list[_Range]]](
+    send, receive = trio.open_memory_channel[tuple[mmap.mmap, int, int, list[_Range]]](
         READ_AHEAD)
     read = 0
 
@@ -662,7 +663,7 @@ async def _restore_container(
 
     hashes = _SegmentHashes()
 
-    def consume(buf: bytearray, pos: int, n: int, members: list[_Range]) -> None:
+    def consume(buf: mmap.mmap, pos: int, n: int, members: list[_Range]) -> None:
         data = memoryview(buf)[:n]
         end = pos + n
         for r in members:

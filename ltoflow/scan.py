@@ -13,9 +13,13 @@ limited.
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 import attrs
 
@@ -47,6 +51,86 @@ class ScannedFile:
     raw_path: bytes | None = None
 
     path_bytes = property(_path_bytes)
+
+
+class FileTable(Sequence[ScannedFile]):
+    """The scanned files as columns, read as ScannedFile records.
+
+    A million records with their ints take about 400 MB; these columns (a list of path
+    strings, arrays of sizes, mtimes and modes) about a third of that. An mtime beyond what
+    64 bits of nanoseconds hold (before 1678 or after 2262) turns its column into a list.
+    `raw_path` maps the index of a file whose name is not UTF-8 to its exact bytes. Hot
+    loops read the columns; everything else reads records.
+    """
+
+    __slots__ = ("mode", "mtime_ns", "raw_path", "relative_path", "size")
+
+    def __init__(self, records: Iterable[ScannedFile] = ()) -> None:
+        self.relative_path: list[str] = []
+        self.size = array("q")
+        self.mtime_ns: array[int] | list[int] = array("q")
+        self.mode = array("Q")
+        self.raw_path: dict[int, bytes] = {}
+        for f in records:
+            self.append(f.relative_path, f.size, f.mtime_ns, f.mode, f.raw_path)
+
+    def append(self, relative_path: str, size: int, mtime_ns: int, mode: int,
+               raw_path: bytes | None) -> None:
+        if raw_path is not None:
+            self.raw_path[len(self.relative_path)] = raw_path
+        self.relative_path.append(relative_path)
+        self.size.append(size)
+        try:
+            self.mtime_ns.append(mtime_ns)
+        except OverflowError:
+            self.mtime_ns = [*self.mtime_ns, mtime_ns]
+        self.mode.append(mode)
+
+    def path_bytes(self, i: int) -> bytes:
+        """The exact path of file i."""
+        raw = self.raw_path.get(i)
+        return raw if raw is not None else self.relative_path[i].encode()
+
+    def __len__(self) -> int:
+        return len(self.relative_path)
+
+    @overload
+    def __getitem__(self, i: int) -> ScannedFile: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ScannedFile]: ...
+
+    def __getitem__(self, i: int | slice) -> ScannedFile | list[ScannedFile]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        return ScannedFile(self.relative_path[i], self.size[i], self.mtime_ns[i], self.mode[i],
+                           self.raw_path.get(i))
+
+    def __iter__(self) -> Iterator[ScannedFile]:
+        raw = self.raw_path
+        for i, (rel, size, mtime_ns, mode) in enumerate(
+                zip(self.relative_path, self.size, self.mtime_ns, self.mode, strict=True)):
+            yield ScannedFile(rel, size, mtime_ns, mode, raw.get(i))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FileTable):
+            return (self.relative_path, self.size, list(self.mtime_ns), self.mode,
+                    self.raw_path) == (other.relative_path, other.size, list(other.mtime_ns),
+                                       other.mode, other.raw_path)
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(map(operator.eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # filled while the scan runs
+
+    def __repr__(self) -> str:
+        return f"FileTable({len(self)} files)"
+
+
+def _file_table(files: Iterable[ScannedFile]) -> FileTable:
+    return files if isinstance(files, FileTable) else FileTable(files)
 
 
 @attrs.frozen
@@ -85,14 +169,14 @@ class SkippedEntry:
 @attrs.frozen
 class ScanResult:
     root: Path
-    files: tuple[ScannedFile, ...]
+    files: FileTable = attrs.field(converter=_file_table)
     skipped: tuple[SkippedEntry, ...]
     directories: tuple[ScannedDirectory, ...] = ()
     symlinks: tuple[ScannedSymlink, ...] = ()
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(self.files.size)
 
 
 def _kind(mode: int) -> str:
@@ -130,60 +214,90 @@ def scan_tree(root: Path) -> ScanResult:
         os.close(root_fd)
 
 
+#: One file of a directory listing: (relative_path, size, mtime_ns, mode, raw_path).
+_FileRow = tuple[str, int, int, int, bytes | None]
+
+
 def _walk(root: Path, fds: DirFds) -> ScanResult:
-    """The walk itself: directories depth first through `fds`, records sorted at the end."""
-    files: list[tuple[bytes, ScannedFile]] = []
+    """The walk itself: depth first, each directory's entries in an order that makes the files
+    come out sorted by the bytes of their path, straight into the file table (no list of a
+    million records to sort at the end). Directories and symlinks are sorted at the end."""
+    files = FileTable()
     dirs: list[tuple[bytes, ScannedDirectory]] = []
     links: list[tuple[bytes, ScannedSymlink]] = []
     skipped: list[SkippedEntry] = []
-    stack: list[bytes] = [b""]
+    stack: list[Iterator[bytes | _FileRow]] = [
+        iter(_list_dir(b"", root, fds, dirs, links, skipped))]
     while stack:
-        rel_dir = stack.pop()
-        try:
-            dir_fd = fds.open(paths.split(rel_dir))
-            with os.scandir(dir_fd) as it:
-                entries = list(it)
-        except OSError as e:
-            if not rel_dir:  # the source itself: an empty backup would look like success
-                raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
-            skipped.append(
-                SkippedEntry(paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")
-            )
-            continue
-        for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
-            name = os.fsencode(entry.name)
-            rel = rel_dir + b"/" + name if rel_dir else name
-            text, raw = path_fields(rel)
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {e.strerror}"))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
-                stack.append(rel)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                try:
-                    target = os.readlink(name, dir_fd=dir_fd)
-                except OSError as e:
-                    skipped.append(
-                        SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
-                    )
-                    continue
-                links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
-            elif stat.S_ISREG(st.st_mode):
-                # One access() per file (a few µs, no open): a file this user may not read is
-                # skipped now, with its reason, instead of failing the job halfway. Relative to
-                # the directory's descriptor, so a path beyond PATH_MAX is probed too.
-                if not os.access(name, os.R_OK, dir_fd=dir_fd):
-                    skipped.append(SkippedEntry(text, "file", UNREADABLE))
-                    continue
-                files.append((rel, ScannedFile(text, st.st_size, st.st_mtime_ns, st.st_mode, raw)))
-            else:
-                skipped.append(SkippedEntry(text, _kind(st.st_mode), "not a regular file"))
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, bytes):  # a subdirectory: all of it comes before what follows
+            stack.append(iter(_list_dir(item, root, fds, dirs, links, skipped)))
+        else:
+            files.append(*item)
     skipped.sort(key=lambda s: s.relative_path.encode())  # they keep only the rendering
-    return ScanResult(root, _by_path(files), tuple(skipped), _by_path(dirs), _by_path(links))
+    return ScanResult(root, files, tuple(skipped), _by_path(dirs), _by_path(links))
+
+
+def _list_dir(rel_dir: bytes, root: Path, fds: DirFds,
+              dirs: list[tuple[bytes, ScannedDirectory]],
+              links: list[tuple[bytes, ScannedSymlink]],
+              skipped: list[SkippedEntry]) -> list[bytes | _FileRow]:
+    """Stat the entries of one directory: its files (rows) and subdirectories (their paths),
+    in walk order. Everything is looked at before the walk goes deeper, while this directory's
+    descriptor is surely open.
+
+    The order: a file sorts by its name, a subdirectory by its name and '/', which is where
+    all of its paths sort among its siblings (a name has no '/'); so the files of the whole
+    walk come out sorted by the bytes of their paths.
+    """
+    try:
+        dir_fd = fds.open(paths.split(rel_dir))
+        with os.scandir(dir_fd) as it:
+            entries = list(it)
+    except OSError as e:
+        if not rel_dir:  # the source itself: an empty backup would look like success
+            raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
+        skipped.append(
+            SkippedEntry(paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")
+        )
+        return []
+    order: list[tuple[bytes, bytes | _FileRow]] = []
+    for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
+        name = os.fsencode(entry.name)
+        rel = rel_dir + b"/" + name if rel_dir else name
+        text, raw = path_fields(rel)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {e.strerror}"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
+            order.append((name + b"/", rel))
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except OSError as e:
+                skipped.append(
+                    SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
+                )
+                continue
+            links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
+        elif stat.S_ISREG(st.st_mode):
+            # One access() per file (a few µs, no open): a file this user may not read is
+            # skipped now, with its reason, instead of failing the job halfway. Relative to
+            # the directory's descriptor, so a path beyond PATH_MAX is probed too.
+            if not os.access(name, os.R_OK, dir_fd=dir_fd):
+                skipped.append(SkippedEntry(text, "file", UNREADABLE))
+                continue
+            order.append((name, (text, st.st_size, st.st_mtime_ns, st.st_mode, raw)))
+        else:
+            skipped.append(SkippedEntry(text, _kind(st.st_mode), "not a regular file"))
+    order.sort(key=lambda pair: pair[0])
+    return [item for _, item in order]
 
 
 def path_fields(rel: bytes) -> tuple[str, bytes | None]:

@@ -8,6 +8,7 @@ container hash and the segment hashes run in two threads, one per core, each at 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -223,13 +224,13 @@ async def verify_container(
     # container, taking the chunks from a queue at their own pace; a buffer goes back to the
     # pool once both are done with it. (A thread call per chunk and hash, or the two hashes
     # waiting for each other after every chunk, cost a fifth of the speed.)
-    queues: tuple[queue.SimpleQueue[tuple[bytearray, int, int] | None], ...] = (
+    queues: tuple[queue.SimpleQueue[tuple[mmap.mmap, int, int] | None], ...] = (
         queue.SimpleQueue(), queue.SimpleQueue()
     )
     users: dict[int, int] = {}
     total = 0
 
-    def done_with(buf: bytearray) -> None:
+    def done_with(buf: mmap.mmap) -> None:
         left = users[id(buf)] - 1
         if left:
             users[id(buf)] = left
@@ -237,7 +238,7 @@ async def verify_container(
             del users[id(buf)]
             lease.give_back(buf)
 
-    def hash_all(chunks: queue.SimpleQueue[tuple[bytearray, int, int] | None],
+    def hash_all(chunks: queue.SimpleQueue[tuple[mmap.mmap, int, int] | None],
                  update: Callable[[memoryview, int], None]) -> None:
         while (item := chunks.get()) is not None:
             buf, n, pos = item

@@ -29,7 +29,7 @@ def journal(tmp_path: Path) -> Journal:
 
 
 def done(index: int) -> ContainerDone:
-    return ContainerDone(index, "c" * 64, ((index, "s" * 64),), ())
+    return ContainerDone(index, "c" * 64, ((index, b"s" * 32),), ())
 
 
 def test_a_line_torn_by_a_crash_is_cut_off_before_the_next_record(journal: Journal) -> None:
@@ -115,7 +115,23 @@ def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
 
 def test_a_journal_of_another_version_says_so(journal: Journal) -> None:
     journal.close()
-    data = journal.path.read_bytes().replace(b'"version":2', b'"version":1')
+    data = journal.path.read_bytes().replace(b'"version":3', b'"version":2')
     journal.path.write_bytes(data)
     with pytest.raises(UsageError, match="written by another version of ltoflow"):
         Journal(journal.state_dir, journal.key).load(CODEC)
+
+
+def test_a_container_record_with_cut_hashes_is_refused(journal: Journal) -> None:
+    journal.container_done(ContainerDone(0, "c" * 64, ((0, b"\xab" * 40),), ()))
+    journal.close()
+    with pytest.raises(UsageError, match=r"damaged .* segment hashes are cut short"):
+        Journal(journal.state_dir, journal.key).load(CODEC)
+
+
+def test_segment_hashes_are_kept_as_runs(journal: Journal) -> None:
+    runs = ((3, b"\xaa" * 32 + b"\xbb" * 32), (7, b"\xcc" * 32))
+    journal.container_done(ContainerDone(0, "c" * 64, runs, ((2, "d" * 64),)))
+    journal.close()
+    (loaded,) = Journal(journal.state_dir, journal.key).load(CODEC).containers.values()
+    assert loaded.segment_runs == runs
+    assert loaded.files == ((2, "d" * 64),)

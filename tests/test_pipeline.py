@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Buffer
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def one_container_plan() -> Plan:
     return plan_of([1_000] * 8, 1_000_000, 100_000)  # 8 segments in one container
 
 
-def chunk_for(plan: Plan, buffer: bytearray, segment: int, *, last: bool) -> Chunk:
+def chunk_for(plan: Plan, buffer: mmap.mmap, segment: int, *, last: bool) -> Chunk:
     seg = plan.segments[segment]
     return Chunk(0, buffer, seg.length, [Piece(segment, 0, seg.length, True, True)],
                  first=segment == 0, last=last)
@@ -118,7 +119,7 @@ async def test_reader_waits_for_a_free_buffer_when_all_are_in_flight() -> None:
     assert buffer.count == 2
     first = await buffer.take()
     await buffer.take()
-    got: list[bytearray] = []
+    got: list[mmap.mmap] = []
 
     async def third() -> None:
         got.append(await buffer.take())

@@ -387,6 +387,13 @@ def test_digests_behave_as_a_list_of_hex_strings(
     assert digests.missing() == model.count(None)
     if None in model:
         assert digests.index(None) == model.index(None)
+    from ltoflow.plan import digest_pairs
+
+    lo, hi = sorted((abs(writes[0][0]) % (len(model) + 1), len(model))) if writes else (0, 0)
+    runs = digests.known_runs(lo, hi)
+    assert list(digest_pairs(runs)) == [(i, v) for i, v in enumerate(model)
+                                        if lo <= i < hi and v is not None]
+    assert all(model[first - 1] is None for first, _ in runs if first > lo)  # maximal runs
     copy = digests.copy()
     if model:
         copy.set_from(0, digests, len(model) - 1)
