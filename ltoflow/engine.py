@@ -135,7 +135,7 @@ class PipelineBuffer:
         while not self._free:
             if self._allocated < self.count:
                 self._allocated += 1
-                return mmap.mmap(-1, self.chunk_bytes)
+                return mmap.mmap(-1, self.chunk_bytes, flags=mmap.MAP_PRIVATE)
             await self._changed.wait()
         return self._free.pop()
 
@@ -153,11 +153,11 @@ class PipelineBuffer:
         self._notify()
 
     def release(self) -> None:
-        """Free the buffers (all given back): the job streams nothing more, and the catalog
-        it encodes next should not sit on top of them in memory. A later take() allocates
+        """Free the buffers given back: the job streams nothing more, and the catalog it
+        encodes next should not sit on top of them in memory. A later take() allocates
         again."""
+        self._allocated -= len(self._free)
         self._free.clear()
-        self._allocated = 0
 
     def is_primed(self) -> bool:
         return (

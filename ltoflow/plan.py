@@ -407,7 +407,7 @@ class Digests(Sequence[str | None]):
         """n unknown digests. Their bytes are an anonymous mapping, whose pages take memory
         only once written: file hashes, mostly filled at the end, cost nothing before."""
         d = cls()
-        d._data = mmap.mmap(-1, _SHA256_BYTES * n) if n else bytearray()
+        d._data = mmap.mmap(-1, _SHA256_BYTES * n, flags=mmap.MAP_PRIVATE) if n else bytearray()
         d._known = bytearray(n)
         return d
 
@@ -464,15 +464,19 @@ class Digests(Sequence[str | None]):
             raw = b""
         if len(raw) != _SHA256_BYTES or raw.hex() != value:
             raise ValueError(f"not a lowercase SHA-256 in hex: {value!r}")
-        self._known[i] = 1
+        if not -len(self._known) <= i < len(self._known):
+            raise IndexError("digest index out of range")
         k = (i + len(self._known) if i < 0 else i) * _SHA256_BYTES
         self._data[k:k + _SHA256_BYTES] = raw
+        self._known[i] = 1  # after the bytes: a digest is never known before it is there
 
     def set_from(self, i: int, other: Digests, j: int) -> None:
-        """self[i] = other[j], without making the string."""
-        self._known[i] = other._known[j]
+        """self[i] = other[j] (both in range, not negative), without making the string."""
+        if not (0 <= i < len(self) and 0 <= j < len(other)):
+            raise IndexError("digest index out of range")
         n = _SHA256_BYTES
         self._data[i * n:i * n + n] = other._data[j * n:j * n + n]
+        self._known[i] = other._known[j]
 
     def known_runs(self, start: int, stop: int) -> list[tuple[int, bytes]]:
         """The known digests of [start, stop) as runs: (index of the first, the run's digests

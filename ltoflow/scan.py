@@ -105,6 +105,8 @@ class FileTable(Sequence[ScannedFile]):
             return [self[k] for k in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("file index out of range")
         return ScannedFile(self.relative_path[i], self.size[i], self.mtime_ns[i], self.mode[i],
                            self.raw_path.get(i))
 

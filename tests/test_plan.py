@@ -398,6 +398,9 @@ def test_digests_behave_as_a_list_of_hex_strings(
     if model:
         copy.set_from(0, digests, len(model) - 1)
         assert copy[0] == model[-1]
+        with pytest.raises(IndexError):
+            copy.set_from(-1, digests, 0)
+        assert len(copy) == len(model)
     assert digests == model  # the copy is its own
     for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
         with pytest.raises(ValueError, match="SHA-256"):

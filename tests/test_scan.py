@@ -144,4 +144,6 @@ def test_file_table_keeps_any_mtime_and_reads_back_its_records() -> None:
     assert table.path_bytes(1) == b"b\xff"
     assert table.mtime_ns[2] == 2**64 + 7
     assert table == FileTable(records)
+    with pytest.raises(IndexError):
+        table[-4]
     assert table != FileTable(records[:2])
