@@ -735,7 +735,7 @@ async def run_backup(
                                                   _faults_of(recorder))
 
     copy: CatalogCopy | None = None  # the journal's copy of the set's catalog, being written
-    index: CatalogIndex | None = None  # for --verify
+    verify_index: CatalogIndex | None = None
 
     async def journal_container(index: int) -> None:
         if journal is not None:
@@ -882,10 +882,11 @@ async def run_backup(
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 if settings.verify_after_write:
                     state.phase = "verifying"
-                    if index is None:  # once per job: every tape has the same lists
-                        index = await trio.to_thread.run_sync(CatalogIndex, catalog)
+                    if verify_index is None:  # once per job: every tape has the same lists
+                        verify_index = await trio.to_thread.run_sync(CatalogIndex, catalog)
                     found = await verify_loaded_tape(loaded, catalog, request.tape_id,
-                                                     catalog_sha=catalog_sha, index=index)
+                                                     catalog_sha=catalog_sha,
+                                                     index=verify_index)
                     problems.extend(p.describe() for p in found)
                     reporter.event(TapeVerified(request.tape_id, len(tape.containers),
                                                 len(found)))
