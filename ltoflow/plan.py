@@ -449,8 +449,9 @@ class Digests(Sequence[str | None]):
 
     def __setitem__(self, i: int | slice, value: Iterable[str | None] | str | None) -> None:
         if isinstance(i, slice):
-            assert not isinstance(value, str)
-            for k, v in zip(range(*i.indices(len(self))), list(value or ()), strict=True):
+            if value is None or isinstance(value, str):
+                raise TypeError("a slice of digests takes a sequence of them")
+            for k, v in zip(range(*i.indices(len(self))), list(value), strict=True):
                 self[k] = v
             return
         if value is None:
