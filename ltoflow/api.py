@@ -311,7 +311,7 @@ async def _write_set(plan: Plan, config: BackupConfig, components: Components,
         extra_files=recovery.kit_files(),
         faults=FaultPolicy(strict=config.strict, skip_changed=config.on_change == "skip"),
     )
-    with gc_frozen():  # the scan and the plan: one record per file and segment
+    with gc_frozen():  # the scan's and the plan's records, alive for the whole job
         return await run_backup(
             plan,
             drive=components.drive,

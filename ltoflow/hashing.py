@@ -28,7 +28,7 @@ from ltoflow import paths
 from ltoflow.errors import SourceFileChangedError, SourceFileVanishedError, SourceReadError
 from ltoflow.paths import DirFds
 from ltoflow.plan import Hashes, Plan
-from ltoflow.scan import ScannedFile
+from ltoflow.scan import FileTable
 
 #: Which pass a cursor belongs to, for where an unusable file's zeros begin. Tape 1's bytes are
 #: hashed as they are written; the later tapes' bytes are hashed by the prehasher first, and
@@ -328,9 +328,7 @@ class SourceCursor:
             st = _fstat(fd, files.relative_path[file_index])
         finally:
             os.close(fd)
-        if st.st_size != files.size[file_index] or st.st_mtime_ns != files.mtime_ns[file_index] \
-                or not st.st_nlink or not stat.S_ISREG(st.st_mode):
-            _check_stat(files[file_index], st)
+        _check_stat(files, file_index, st)
 
     def close(self) -> None:
         """Close the file being read and any directories kept open."""
@@ -428,7 +426,7 @@ class SourceCursor:
         finally:
             self._close_file()
         if file_index not in self.faults.reasons:
-            _check_stat(self.plan.files[file_index], st)
+            _check_stat(self.plan.files, file_index, st)
 
 
 def _open_failed(relative_path: str, e: OSError) -> _SourceError:
@@ -473,18 +471,19 @@ def _read_failed(fd: int, relative_path: str, e: OSError) -> _SourceError:
     )
 
 
-def _check_stat(f: ScannedFile, st: os.stat_result) -> None:
-    """A file just read must still be the regular file, of the size and mtime, the scan saw."""
+def _check_stat(files: FileTable, i: int, st: os.stat_result) -> None:
+    """File i, just read, must still be the regular file, of the size and mtime, the scan saw
+    (read from the table's columns: this runs once per file)."""
     if not stat.S_ISREG(st.st_mode):
-        raise SourceFileChangedError(f.relative_path, "it is no longer a regular file")
+        raise SourceFileChangedError(files.relative_path[i], "it is no longer a regular file")
     if st.st_nlink == 0:
-        raise SourceFileVanishedError(f.relative_path, "it was deleted while being read")
-    if st.st_size != f.size:
+        raise SourceFileVanishedError(files.relative_path[i], "it was deleted while being read")
+    if st.st_size != files.size[i]:
         raise SourceFileChangedError(
-            f.relative_path, f"its size went from {f.size} to {st.st_size} bytes"
+            files.relative_path[i], f"its size went from {files.size[i]} to {st.st_size} bytes"
         )
-    if st.st_mtime_ns != f.mtime_ns:
-        raise SourceFileChangedError(f.relative_path, "it was modified while being read")
+    if st.st_mtime_ns != files.mtime_ns[i]:
+        raise SourceFileChangedError(files.relative_path[i], "it was modified while being read")
 
 
 class HashRecorder:
