@@ -50,7 +50,7 @@ from ltoflow.operator import (
     UnattendedOperator,
 )
 from ltoflow.paths import shown
-from ltoflow.plan import Plan, source_root_text
+from ltoflow.plan import Plan, file_ids_of, source_root_text
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import TEMP_PREFIX, RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
@@ -687,7 +687,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     set_id = "(assigned at backup time)"
     tape_id = [f"TAPE-{n + 1:03d}" for n in range(len(plan.tapes))]
     cont_id = [f"CNT-{n + 1:05d}" for n in range(len(plan.containers))]
-    file_ids = plan.file_ids
+    file_ids = file_ids_of(plan.files)
     return {
         "backup_set_id": set_id,
         "source_root": source_root_text(plan.source_root),

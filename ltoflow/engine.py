@@ -56,7 +56,7 @@ from ltoflow.hashing import (
 )
 from ltoflow.journal import CatalogCopy, ContainerDone, Journal, ResumeState
 from ltoflow.operator import Operator
-from ltoflow.plan import Plan, Tape, build_catalog, digest_pairs
+from ltoflow.plan import Plan, Tape, build_catalog, digest_pairs, file_ids_of
 from ltoflow.progress import (
     CatalogWritten,
     ContainerWritten,
@@ -153,8 +153,8 @@ class PipelineBuffer:
         self._notify()
 
     def release(self) -> None:
-        """Free the buffers given back: the job streams nothing more, and the catalog it
-        encodes next should not sit on top of them in memory. A later take() allocates
+        """Free the buffers given back: nothing streams until the next tape, and the catalog
+        encoded meanwhile should not sit on top of them in memory. A later take() allocates
         again."""
         self._allocated -= len(self._free)
         self._free.clear()
@@ -841,8 +841,9 @@ async def run_backup(
                 reporter.event(TapeFinished(request.tape_id, request.sequence_number,
                                             stats.containers, stats.bytes, seconds,
                                             stats.stalls, stats.stall_seconds))
-                if tape.index == len(plan.tapes) - 1:
-                    buffer.release()  # the last data of the job is on tape
+                # This tape's data is on it: the catalog, the unload and the wait for the next
+                # tape need none of the pool's memory (the next tape maps it again).
+                buffer.release()
                 if base is None:
                     state.phase = "hashing the later tapes"
                     await prehashed.wait()
@@ -1020,7 +1021,7 @@ def _seed_hashes(recorder: HashRecorder, plan: Plan, resume: ResumeState,
         by_container = {c.container_id: c.sha256 for c in resume.catalog.containers}
         for c in plan.containers:
             h.containers[c.index] = by_container.get(container_ids[c.index])
-        file_ids = plan.file_ids  # from the exact path bytes, as the catalog's
+        file_ids = file_ids_of(plan.files)  # from the exact path bytes, as the catalog's
         files = {f.file_id: f.sha256 for f in resume.catalog.source_files}
         for i, fid in enumerate(file_ids):
             h.files[i] = files.get(fid)

@@ -32,7 +32,7 @@ from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.errors import JournalError, UsageError
 from ltoflow.scan import FileTable, ScanResult
 
-JOURNAL_VERSION = 3  # 2: the scan kept as columns; 3: as the file table's columns
+JOURNAL_VERSION = 4  # 3: the scan as the file table's columns; 4: its paths as one buffer
 #: Set by tests and by operators who keep state next to the job, not in their home directory.
 STATE_DIR_ENV = "LTOFLOW_STATE_DIR"
 

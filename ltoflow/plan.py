@@ -10,7 +10,6 @@ is measured and the layout redone until the reserve holds it.
 
 from __future__ import annotations
 
-import functools
 import mmap
 import operator
 import os
@@ -158,12 +157,6 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(self.segments.length)  # zero-byte files have no segment; summed in C
-
-    @functools.cached_property
-    def file_ids(self) -> tuple[str, ...]:
-        """The catalog's file ids, from the exact bytes of each path (one SHA-1 per file,
-        computed once per plan)."""
-        return tuple(file_ids_of(self.files))
 
     def segments_of(self, file_index: int) -> range:
         return range(self.file_starts[file_index], self.file_starts[file_index + 1])
@@ -389,15 +382,17 @@ class Digests(Sequence[str | None]):
 
     A million files have a million segment and a million file hashes: 64 MB this way, 230 MB
     as strings. Reading one makes its string; `None in`, `index(None)` and `unknown()` look at
-    the known-flags only.
+    the known-flags only. Once frozen (a catalog reads them) a digest can only be set again to
+    the value it has.
     """
 
-    __slots__ = ("_data", "_known")
+    __slots__ = ("_data", "_frozen", "_known")
 
     def __init__(self, hexes: Iterable[str | None] = ()) -> None:
         values = list(hexes)
         self._data: bytearray | mmap.mmap = bytearray(_SHA256_BYTES * len(values))
         self._known = bytearray(len(values))
+        self._frozen = False
         for i, value in enumerate(values):
             if value is not None:
                 self[i] = value
@@ -418,11 +413,15 @@ class Digests(Sequence[str | None]):
         d._known = bytearray(b"\x01") * n
         return d
 
-    def copy(self) -> Digests:
-        d = Digests()
-        d._data = bytearray(self._data)
-        d._known = bytearray(self._known)
-        return d
+    def freeze(self) -> None:
+        """From now on refuse to change a digest (RuntimeError): a catalog made from these
+        reads them as it is encoded, tape after tape, and must not see them move."""
+        self._frozen = True
+
+    def _check_unfrozen(self, i: int, raw: bytes | None) -> None:
+        if self._frozen and (raw is None or not self._known[i] or self._data[
+                i * _SHA256_BYTES:(i + 1) * _SHA256_BYTES] != raw):
+            raise RuntimeError(f"digest {i} changed after its catalog was made")
 
     def __len__(self) -> int:
         return len(self._known)
@@ -435,7 +434,9 @@ class Digests(Sequence[str | None]):
 
     def __getitem__(self, i: int | slice) -> list[str | None] | str | None:
         if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+            data, known, n = self._data, self._known, _SHA256_BYTES
+            return [data[k * n:k * n + n].hex() if known[k] else None
+                    for k in range(*i.indices(len(self)))]
         if not self._known[i]:  # IndexError as a list raises it
             return None
         k = (i + len(self._known) if i < 0 else i) * _SHA256_BYTES
@@ -455,6 +456,7 @@ class Digests(Sequence[str | None]):
                 self[k] = v
             return
         if value is None:
+            self._check_unfrozen(i, None)
             self._known[i] = 0
             return
         if not isinstance(value, str):
@@ -467,7 +469,11 @@ class Digests(Sequence[str | None]):
             raise ValueError(f"not a lowercase SHA-256 in hex: {value!r}")
         if not -len(self._known) <= i < len(self._known):
             raise IndexError("digest index out of range")
-        k = (i + len(self._known) if i < 0 else i) * _SHA256_BYTES
+        i = i + len(self._known) if i < 0 else i
+        if self._frozen:
+            self._check_unfrozen(i, raw)
+            return
+        k = i * _SHA256_BYTES
         self._data[k:k + _SHA256_BYTES] = raw
         self._known[i] = 1  # after the bytes: a digest is never known before it is there
 
@@ -476,6 +482,10 @@ class Digests(Sequence[str | None]):
         if not (0 <= i < len(self) and 0 <= j < len(other)):
             raise IndexError("digest index out of range")
         n = _SHA256_BYTES
+        if self._frozen:
+            self._check_unfrozen(i, bytes(other._data[j * n:j * n + n]) if other._known[j]
+                                 else None)
+            return
         self._data[i * n:i * n + n] = other._data[j * n:j * n + n]
         self._known[i] = other._known[j]
 
@@ -605,7 +615,6 @@ def _build_catalog(
     tape_ids = [cat.tape_id_for(set_id, t.index + 1) for t in plan.tapes]
     container_ids = [cat.container_id_for(set_id, c.index + 1) for c in plan.containers]
     files = plan.files
-    file_ids = plan.file_ids
     paths_, sizes, mtimes, modes, raws = (files.relative_path, files.size, files.mtime_ns,
                                           files.mode, files.raw_path)
     if None in hashes.containers:
@@ -615,9 +624,11 @@ def _build_catalog(
             raise ValueError(f"no hash for {files[i].relative_path}")
     if None in hashes.segments:
         raise ValueError(f"no hash for segment {hashes.segments.index(None)}")
-    # Snapshots: the recorder's lists change as later passes run, the catalog must not.
-    file_hashes = hashes.files.copy()
-    segment_hashes = hashes.segments.copy()
+    # The catalog reads the recorder's digests as it is encoded, tape after tape: from here on
+    # a later pass may only confirm them (a file that changed ends the job before).
+    file_hashes, segment_hashes = hashes.files, hashes.segments
+    file_hashes.freeze()
+    segment_hashes.freeze()
     table = plan.segments
     iso = cat.iso_from_ns
     b64 = _b64
@@ -625,16 +636,24 @@ def _build_catalog(
     if unusable:
         listed = [i for i in listed if i not in unusable]
 
+    def ids_of(indices: Iterable[int]) -> list[str]:
+        # Made as they are needed: a million ids held for the whole job would cost 77 MB.
+        return file_ids_of(files, indices)
+
     # The two big lists are made from these columns when read or encoded, never all held as
     # records (see RecordColumns): as the converter unstructures them, keys in field order.
     def file_objects(start: int, stop: int) -> list[dict[str, Any]]:
         out = []
-        for i in listed[start:stop]:
-            rel = paths_[i]
+        indices = listed[start:stop]
+        rels = (paths_[indices.start:indices.stop] if isinstance(indices, range)
+                else [paths_[i] for i in indices])
+        shas = (file_hashes[indices.start:indices.stop] if isinstance(indices, range)
+                else [file_hashes[i] for i in indices])
+        for i, fid, rel, sha in zip(indices, ids_of(indices), rels, shas, strict=True):
             mtime = mtimes[i]
-            obj = {"file_id": file_ids[i], "relative_path": rel,
+            obj = {"file_id": fid, "relative_path": rel,
                    "absolute_path": f"{root}/{rel}", "size_bytes": sizes[i],
-                   "sha256": file_hashes[i], "modified_at": iso(mtime),
+                   "sha256": sha, "modified_at": iso(mtime),
                    "unix_mode": modes[i], "mtime_ns": mtime}
             if raws and (raw := raws.get(i)) is not None and (b := b64(raw)) is not None:
                 obj["relative_path_b64"] = b
@@ -642,7 +661,7 @@ def _build_catalog(
         return out
 
     def segment_objects(start: int, stop: int) -> list[dict[str, Any]]:
-        fids = [file_ids[i] for i in table.file_index[start:stop]]
+        fids = ids_of(table.file_index[start:stop])
         return [
             {"segment_id": sid, "file_id": fid, "container_id": cid, "container_offset": co,
              "source_offset": so, "length_bytes": n, "sha256": sha}
@@ -675,8 +694,8 @@ def _build_catalog(
         skipped=tuple(sorted(
             (
                 *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
-                *(cat.SkippedEntry(plan.files[i].relative_path, "file", reason, file_ids[i])
-                  for i, reason in unusable.items()),
+                *(cat.SkippedEntry(plan.files[i].relative_path, "file", reason, fid)
+                  for (i, reason), fid in zip(unusable.items(), ids_of(unusable), strict=True)),
             ),
             key=lambda s: s.relative_path.encode(),  # skipped entries keep only the rendering
         )),
@@ -690,12 +709,14 @@ def source_root_text(root: Path) -> str:
     return paths.display(os.fsencode(root))
 
 
-def file_ids_of(files: FileTable) -> list[str]:
-    """The catalog's file ids: from the exact bytes of each path."""
-    ids = list(map(cat.file_id_for, files.relative_path))
-    for i, raw in files.raw_path.items():
-        ids[i] = cat.file_id_for(raw)
-    return ids
+def file_ids_of(files: FileTable, indices: Iterable[int] | None = None) -> list[str]:
+    """The catalog's file ids of `indices` (default: every file), from the exact bytes of each
+    path."""
+    if indices is None:
+        indices = range(len(files))
+    if files.raw_path:
+        return list(map(cat.file_id_for, map(files.path_bytes, indices)))
+    return list(map(cat.file_id_for, files.relative_path.encoded_at(indices)))
 
 
 def _b64(raw: bytes | None) -> str | None:

@@ -86,6 +86,35 @@ async def test_each_tape_is_loaded_exactly_once(tmp_path: Path) -> None:
     assert len(drive.loads) >= 3
 
 
+async def test_pool_is_freed_before_every_catalog_and_tape_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tape's catalog, its unload and the wait for the next tape hold none of the pool's
+    buffers: at a million files that is what keeps a multi-tape job within its memory."""
+    from ltoflow import engine
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    pools: list[engine.PipelineBuffer] = []
+    held: list[int] = []
+    made = engine.PipelineBuffer.__init__
+    write = engine.write_catalog
+
+    def init(self: engine.PipelineBuffer, total_bytes: int) -> None:
+        made(self, total_bytes)
+        pools.append(self)
+
+    async def catalog(*args: object, **kwargs: object) -> tuple[int, str]:
+        held.append(pools[0]._allocated)
+        return await write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.PipelineBuffer, "__init__", init)
+    monkeypatch.setattr(engine, "write_catalog", catalog)
+    result = await run(config_for(src, sim))
+    assert len(result.tapes) >= 3
+    assert held == [0] * len(result.tapes)
+
+
 async def test_single_tape_backup_reads_each_byte_once(tmp_path: Path) -> None:
     src, sim = tmp_path / "src", tmp_path / "tapes"
     contents = write_tree(src, TREE)

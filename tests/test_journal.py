@@ -11,7 +11,7 @@ import pytest
 from ltoflow.catalog import JsonCatalogCodec
 from ltoflow.cli import EXIT_OK, EXIT_USAGE, main
 from ltoflow.errors import JournalError, UsageError
-from ltoflow.journal import ContainerDone, Journal
+from ltoflow.journal import JOURNAL_VERSION, ContainerDone, Journal
 from ltoflow.scan import scan_tree
 
 from .conftest import write_tree
@@ -115,8 +115,10 @@ def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
 
 def test_a_journal_of_another_version_says_so(journal: Journal) -> None:
     journal.close()
-    data = journal.path.read_bytes().replace(b'"version":3', b'"version":2')
-    journal.path.write_bytes(data)
+    ours = f'"version":{JOURNAL_VERSION}'.encode()
+    data = journal.path.read_bytes()
+    assert ours in data
+    journal.path.write_bytes(data.replace(ours, b'"version":3'))
     with pytest.raises(UsageError, match="written by another version of ltoflow"):
         Journal(journal.state_dir, journal.key).load(CODEC)
 

@@ -343,7 +343,15 @@ def test_catalog_lists_made_as_read_equal_and_encode_as_records(
     assert lazy.segments[1::2] == records.segments[1::2]
     with pytest.raises(IndexError):
         lazy.segments[n]
-    h.segments[:] = [cat.EMPTY_SHA256] * len(h.segments)  # the recorder goes on: not the catalog
+    # The catalog reads the recorder's digests: a pass may confirm one, never change it.
+    if n:
+        h.segments[0] = h.segments[0]
+        h.files.set_from(0, h.files, 0)
+        other = cat.EMPTY_SHA256 if h.segments[0] != cat.EMPTY_SHA256 else "0" * 64
+        with pytest.raises(RuntimeError, match="changed after its catalog"):
+            h.segments[0] = other
+        with pytest.raises(RuntimeError, match="changed after its catalog"):
+            h.segments[n - 1] = None
     assert lazy == records
 
 
@@ -394,14 +402,14 @@ def test_digests_behave_as_a_list_of_hex_strings(
     assert list(digest_pairs(runs)) == [(i, v) for i, v in enumerate(model)
                                         if lo <= i < hi and v is not None]
     assert all(model[first - 1] is None for first, _ in runs if first > lo)  # maximal runs
-    copy = digests.copy()
+    copy = Digests(model)
     if model:
         copy.set_from(0, digests, len(model) - 1)
         assert copy[0] == model[-1]
         with pytest.raises(IndexError):
             copy.set_from(-1, digests, 0)
         assert len(copy) == len(model)
-    assert digests == model  # the copy is its own
+    assert digests == model  # set_from reads, never writes, its source
     for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
         with pytest.raises(ValueError, match="SHA-256"):
             Digests([bad])

@@ -5,6 +5,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ltoflow.errors import UsageError
 from ltoflow.scan import scan_tree
@@ -147,3 +149,26 @@ def test_file_table_keeps_any_mtime_and_reads_back_its_records() -> None:
     with pytest.raises(IndexError):
         table[-4]
     assert table != FileTable(records[:2])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=20), st.integers(-25, 25),
+       st.slices(25))
+def test_string_column_reads_as_the_list_of_its_strings(
+    values: list[str], index: int, part: slice
+) -> None:
+    from ltoflow.scan import StringColumn
+
+    column = StringColumn(values)
+    assert len(column) == len(values)
+    assert list(column) == values == column[:]
+    assert column == values
+    assert column[part] == values[part]
+    assert column == StringColumn(values)
+    assert column != StringColumn([*values, "x"])
+    if -len(values) <= index < len(values):
+        assert column[index] == values[index]
+        assert column.encoded(index) == values[index].encode("utf-8", "surrogatepass")
+    else:
+        with pytest.raises(IndexError):
+            column[index]
