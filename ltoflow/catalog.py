@@ -12,7 +12,7 @@ import gc
 import hashlib
 import operator
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import NoneType
@@ -413,19 +413,58 @@ _LIST_TYPES: dict[str, type] = {
 }
 
 
+#: The lists of a set's catalog that are the same on every tape and hold nearly all its bytes.
+BIG_LISTS = ("source_files", "segments")
+
+
+@attrs.frozen
+class ListSpan:
+    """Where the records of one list lie in an encoded catalog, and their SHA-256."""
+
+    start: int
+    end: int
+    sha256: str
+
+
 class JsonCatalogCodec:
     """Compact JSON, one record per line, keys in the seed's order, ltoflow's keys last."""
 
     def encode(self, catalog: Catalog) -> Iterator[bytes]:
-        head = {key: getattr(catalog, key) for key in _HEAD_KEYS}
-        yield orjson.dumps(head)[:-1] + b","
+        return self.encode_reusing(catalog)
+
+    def encode_reusing(
+        self,
+        catalog: Catalog,
+        *,
+        lists: Mapping[str, Iterable[bytes]] | None = None,
+        spans: dict[str, ListSpan] | None = None,
+    ) -> Iterator[bytes]:
+        """encode, with the records of each list named in `lists` taken from there: the bytes
+        an earlier encoding of the very same records gave (a later tape's catalog copies the
+        big lists from tape 1's instead of encoding a million records again). `spans`, when
+        given, gets where the records of each list in BIG_LISTS lie in this output."""
+        pos = 0
+        head = orjson.dumps({key: getattr(catalog, key) for key in _HEAD_KEYS})[:-1] + b","
+        yield head
+        pos += len(head)
         for n, key in enumerate(_LIST_KEYS):
-            records: Sequence[object] = getattr(catalog, key)
-            yield b'\n"' + key.encode() + b'":['
-            yield from _records(records, _LIST_TYPES[key])
-            yield b"]" if n + 1 < len(_LIST_KEYS) else b"]}\n"
-            if n + 1 < len(_LIST_KEYS):
-                yield b","
+            opening = b'\n"' + key.encode() + b'":['
+            yield opening
+            pos += len(opening)
+            given = lists.get(key) if lists is not None else None
+            chunks = (given if given is not None
+                      else _records(getattr(catalog, key), _LIST_TYPES[key]))
+            start, h = pos, hashlib.sha256() if spans is not None and key in BIG_LISTS else None
+            for chunk in chunks:
+                if h is not None:
+                    h.update(chunk)
+                yield chunk
+                pos += len(chunk)
+            if h is not None and spans is not None:
+                spans[key] = ListSpan(start, pos, h.hexdigest())
+            closing = b"]," if n + 1 < len(_LIST_KEYS) else b"]}\n"
+            yield closing
+            pos += len(closing)
 
     def record_size(self, record: object) -> int:
         """Encoded bytes of one list record, without its separator."""

@@ -20,18 +20,20 @@ or the file changed (SourceFileChangedError).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import mmap
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
 from ltoflow import catalog as cat
-from ltoflow.catalog import Catalog, CatalogCodec
+from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, ListSpan
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import (
@@ -80,6 +82,8 @@ HIGH_WATER = 0.75
 #: Below this share the prehasher pauses, so it never starves the reader that feeds the drive.
 LOW_WATER = 0.25
 PREHASH_CHUNK_BYTES = 4 * MiB
+#: Reads of tape 1's catalog records from the journal's copy, for the later tapes' catalogs.
+COPY_CHUNK_BYTES = 8 * MiB
 
 
 @attrs.frozen
@@ -101,8 +105,9 @@ class Chunk:
 class PipelineBuffer:
     """A pool of equal buffers that bounds the bytes in flight, and the fill level around it.
 
-    Buffers are allocated on first use and reused for the whole job, so a small backup does not
-    pay for a big pool. One pool serves every tape; `begin_tape` resets the fill state.
+    Buffers are allocated on first use and reused while a tape streams, so a small backup does
+    not pay for a big pool; `release` frees them between tapes. One pool serves every tape;
+    `begin_tape` resets the fill state.
     """
 
     def __init__(self, total_bytes: int) -> None:
@@ -596,6 +601,8 @@ async def write_catalog(
     extra_files: Sequence[tuple[str, bytes]],
     replace: bool = False,
     copy: Callable[[bytes], object] | None = None,
+    lists: Mapping[str, Iterable[bytes]] | None = None,
+    spans: dict[str, ListSpan] | None = None,
 ) -> tuple[int, str]:
     """Write catalog.json, catalog.sha256 and the extra files; return (size, sha256).
 
@@ -605,7 +612,9 @@ async def write_catalog(
     whole until the new one is complete (only a crash between the renames leaves a mismatched
     catalog.json and catalog.sha256, which verify reports and a resume rewrites); otherwise the
     old files are replaced in place.
-    `copy` gets every chunk of catalog.json too, in the encoding thread.
+    `copy` gets every chunk of catalog.json too, in the encoding thread. With ltoflow's own
+    JSON codec, `lists` and `spans` go to JsonCatalogCodec.encode_reusing (other codecs encode
+    everything, and leave `spans` empty).
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
     catalog is larger than the reserve, `limit` bytes.
@@ -623,7 +632,10 @@ async def write_catalog(
     try:
         writer = await tape.open_write(name(cat.CATALOG_JSON), replace=replace)
         try:
-            chunks = codec.encode(catalog)
+            chunks = (codec.encode_reusing(catalog, lists=lists, spans=spans)
+                      if isinstance(codec, JsonCatalogCodec)
+                      and type(codec).encode is JsonCatalogCodec.encode
+                      else codec.encode(catalog))
             while True:
                 chunk = await trio.to_thread.run_sync(_next_chunk, chunks, copy)
                 if chunk is None:
@@ -657,6 +669,53 @@ async def write_catalog(
     except BackupError as e:
         raise CatalogWriteError(f"could not write the catalog to tape {tape.label}: {e}") from e
     return size, digest
+
+
+_PUT_BACK = ("check the state directory's disk, copy catalog/catalog.json from tape 1 of the "
+             "set over that file, then resume the backup with --resume")
+
+
+def trim_heap() -> None:
+    """Give the memory freed on the heap back to the system where the C library can (glibc's
+    malloc_trim): a catalog's few hundred MB of chunks, encoded or copied in a worker thread,
+    otherwise stay in that thread's arena while the next tape's buffers are mapped beside it."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
+def _copied_records(path: Path, span: ListSpan, tape_id: str) -> Iterator[bytes]:
+    """The bytes of `span` in the journal's copy of tape 1's catalog at `path`, checked against
+    the span's SHA-256 before the last of them is given: a later tape's catalog gets tape 1's
+    records or none."""
+    h = hashlib.sha256()
+    pending = b""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(span.start)
+            left = span.end - span.start
+            while left:
+                chunk = fh.read(min(COPY_CHUNK_BYTES, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+                if pending:
+                    yield pending
+                pending = chunk
+    except OSError as e:
+        raise CatalogWriteError(
+            f"cannot read the job journal's copy of the catalog {path} ({e.strerror}); tape "
+            f"{tape_id} did not get its catalog: {_PUT_BACK}") from e
+    if left or h.hexdigest() != span.sha256:
+        raise CatalogWriteError(
+            f"the job journal's copy of the catalog {path} no longer holds what tape 1's "
+            f"catalog holds (cut short or changed on disk); tape {tape_id} did not get its "
+            f"catalog: {_PUT_BACK}")
+    if pending:
+        yield pending
 
 
 def _next_chunk(chunks: Iterator[bytes], copy: Callable[[bytes], object] | None
@@ -735,6 +794,9 @@ async def run_backup(
                                                   _faults_of(recorder))
 
     copy: CatalogCopy | None = None  # the journal's copy of the set's catalog, being written
+    # Where tape 1's big lists lie in the journal's copy: later tapes copy them from there.
+    spans: dict[str, ListSpan] = {}
+    reusable = False
     verify_index: CatalogIndex | None = None
 
     async def journal_container(index: int) -> None:
@@ -863,11 +925,15 @@ async def run_backup(
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
                 state.phase = "writing the catalog"
+                lists = ({key: _copied_records(journal.catalog_path, span, request.tape_id)
+                          for key, span in spans.items()}
+                         if reusable and journal is not None else None)
                 try:
                     catalog_size, catalog_sha = await write_catalog(
                         loaded, catalog, codec=codec, limit=limit,
                         extra_files=settings.extra_files, replace=resume is not None,
-                        copy=copy.write if copy is not None else None,
+                        copy=copy.write if copy is not None else None, lists=lists,
+                        spans=spans if copy is not None else None,
                     )
                 except BaseException:
                     if copy is not None:  # dropped: a resume builds the catalog again
@@ -880,7 +946,9 @@ async def run_backup(
                     copy = None
                     await trio.to_thread.run_sync(journal.catalog_copied,
                                                   _faults_of(recorder))
+                    reusable = set(spans) == set(cat.BIG_LISTS)
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
+                await trio.to_thread.run_sync(trim_heap)  # before the next tape's pool
                 if settings.verify_after_write:
                     state.phase = "verifying"
                     if verify_index is None:  # once per job: every tape has the same lists

@@ -141,19 +141,41 @@ async def read_tape_catalog(tape: LoadedTape, tape_id: str) -> tuple[bytes, str]
     if size > MAX_CATALOG_BYTES:
         raise CatalogReadError(f"tape {tape_id}: {cat.CATALOG_JSON} is implausibly large")
     data = await tape.read_small(cat.CATALOG_JSON, limit=size + 1)
-    sha_file = await tape.read_small(cat.CATALOG_SHA256, limit=4096)
     if data is None:
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
     digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+    await _check_catalog_sha(tape, tape_id, digest)
+    return data, digest
+
+
+async def tape_catalog_sha(tape: LoadedTape, tape_id: str, pool: PipelineBuffer) -> str:
+    """The SHA-256 of the loaded tape's catalog.json, checked against catalog.sha256 as
+    read_tape_catalog does, read a chunk at a time: a million-file catalog is 700 MB."""
+    h = hashlib.sha256()
+    if await tape.size_of(cat.CATALOG_JSON) is None:
+        raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
+    reader = await tape.open_read(cat.CATALOG_JSON)
+    try:
+        with BufferLease(pool) as lease:
+            buf = await lease.take()
+            while n := await reader.readinto(memoryview(buf)):
+                await trio.to_thread.run_sync(h.update, memoryview(buf)[:n])
+    finally:
+        await reader.close()
+    digest = h.hexdigest()
+    await _check_catalog_sha(tape, tape_id, digest)
+    return digest
+
+
+async def _check_catalog_sha(tape: LoadedTape, tape_id: str, digest: str) -> None:
+    sha_file = await tape.read_small(cat.CATALOG_SHA256, limit=4096)
     if sha_file is None:
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_SHA256}")
-    expected = parse_sha256_file(sha_file)
-    if expected != digest:
+    if parse_sha256_file(sha_file) != digest:
         raise CatalogReadError(
             f"tape {tape_id}: {cat.CATALOG_JSON} does not match {cat.CATALOG_SHA256} "
             "(the catalog on this tape is damaged)"
         )
-    return data, digest
 
 
 class _ContainerCheck:
@@ -305,9 +327,11 @@ async def verify_loaded_tape(
     pool = read_pool()
     problems: list[Problem] = []
     try:
-        data, digest = await read_tape_catalog(tape, tape_id)
+        # Hashed as it is read; held in memory only when it differs from the set's catalog.
+        digest = await tape_catalog_sha(tape, tape_id, pool)
         if catalog_sha is not None and digest != catalog_sha:
             # Later tapes know more volume serials; anything else differing is damage.
+            data, _ = await read_tape_catalog(tape, tape_id)
             mine = await trio.to_thread.run_sync(
                 partial(JsonCatalogCodec().decode, data, source=f"{tape_id}/catalog"))
             if not mine.same_set_as(catalog):

@@ -214,6 +214,64 @@ async def test_content_change_between_prehash_and_write_is_caught(tmp_path: Path
         await run(config, drive=drive)
 
 
+async def test_later_tapes_copy_tape_ones_records_from_the_journal_instead_of_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ltoflow import catalog as cat
+    from ltoflow import engine
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    encoded: list[type] = []  # the record lists encoded for a tape (not those the plan measures)
+    writing = [False]
+    records, write = cat._records, engine.write_catalog
+
+    def counting(items: object, cls: type) -> object:
+        if writing[0]:
+            encoded.append(cls)
+        return records(items, cls)  # type: ignore[arg-type]
+
+    async def catalog(*args: object, **kwargs: object) -> tuple[int, str]:
+        writing[0] = True
+        try:
+            return await write(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            writing[0] = False
+
+    monkeypatch.setattr(cat, "_records", counting)
+    monkeypatch.setattr(engine, "write_catalog", catalog)
+    result = await run(config_for(src, sim))
+    tapes = len(result.tapes)
+    assert tapes >= 3
+    assert encoded.count(cat.SegmentEntry) == encoded.count(cat.SourceFileEntry) == 1
+    assert encoded.count(cat.ContainerEntry) == tapes  # the small lists: on every tape
+    catalogs = [(sim / t.tape_id / "catalog" / "catalog.json").read_bytes() for t in result.tapes]
+    fresh = b"".join(JsonCatalogCodec().encode(result.catalog))
+    assert all(c == fresh for c in catalogs)
+
+
+async def test_a_journal_copy_changed_on_disk_never_reaches_a_later_tape(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    from ltoflow.errors import CatalogWriteError
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    config = config_for(src, sim)
+
+    def damage() -> None:
+        (copy,) = state_dir.glob("*.catalog.json")
+        data = bytearray(copy.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        copy.write_bytes(bytes(data))
+
+    drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 2, damage)
+    with Raises(CatalogWriteError, match="no longer holds what tape 1's catalog holds"):
+        await run(config, drive=drive)
+    tape2 = sorted(sim.iterdir())[1]
+    assert not (tape2 / "catalog" / "catalog.json").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [

@@ -136,7 +136,7 @@ async def test_released_pool_drops_its_buffers_and_allocates_again_on_demand() -
     buffer = PipelineBuffer(128 * 1024)
     first = await buffer.take()
     buffer.give_back(first, 0)
-    buffer.release()  # what the engine does once the job's last data is on tape
+    buffer.release()  # what the engine does once a tape's data is on it
     again = await buffer.take()
     assert again is not first
     assert len(again) == buffer.chunk_bytes

@@ -159,6 +159,7 @@ def test_string_column_reads_as_the_list_of_its_strings(
 ) -> None:
     from ltoflow.scan import StringColumn
 
+    values = [*values, "odd-\udcff"] if index % 5 == 0 else values  # a lone surrogate too
     column = StringColumn(values)
     assert len(column) == len(values)
     assert list(column) == values == column[:]
@@ -172,3 +173,16 @@ def test_string_column_reads_as_the_list_of_its_strings(
     else:
         with pytest.raises(IndexError):
             column[index]
+
+
+def test_file_ids_of_a_batch_are_those_of_the_whole_table() -> None:
+    from ltoflow.catalog import file_id_for
+    from ltoflow.plan import file_ids_of
+    from ltoflow.scan import FileTable, ScannedFile
+
+    records = [ScannedFile("a", 1, 5, 0o100644), ScannedFile("b\\xff", 2, 5, 0o100600, b"b\xff"),
+               ScannedFile("c/d", 3, 5, 0o100755)]
+    plain, odd = FileTable([records[0], records[2]]), FileTable(records)
+    assert file_ids_of(odd) == [file_id_for(r.path_bytes) for r in records]
+    assert file_ids_of(odd, [2, 1]) == [file_id_for("c/d"), file_id_for(b"b\xff")]
+    assert file_ids_of(plain, range(1, 2)) == [file_id_for("c/d")] == file_ids_of(plain)[1:]
