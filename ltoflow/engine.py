@@ -20,7 +20,6 @@ or the file changed (SourceFileChangedError).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import mmap
 import uuid
@@ -613,8 +612,8 @@ async def write_catalog(
     catalog.json and catalog.sha256, which verify reports and a resume rewrites); otherwise the
     old files are replaced in place.
     `copy` gets every chunk of catalog.json too, in the encoding thread. With ltoflow's own
-    JSON codec, `lists` and `spans` go to JsonCatalogCodec.encode_reusing (other codecs encode
-    everything, and leave `spans` empty).
+    JSON codec, `lists` and `spans` go to JsonCatalogCodec.encode_reusing (another codec
+    encodes everything, and leaves `spans` empty).
 
     Raises CatalogWriteError (wrapping the cause) if any of it cannot be written or the
     catalog is larger than the reserve, `limit` bytes.
@@ -633,9 +632,7 @@ async def write_catalog(
         writer = await tape.open_write(name(cat.CATALOG_JSON), replace=replace)
         try:
             chunks = (codec.encode_reusing(catalog, lists=lists, spans=spans)
-                      if isinstance(codec, JsonCatalogCodec)
-                      and type(codec).encode is JsonCatalogCodec.encode
-                      else codec.encode(catalog))
+                      if type(codec) is JsonCatalogCodec else codec.encode(catalog))
             while True:
                 chunk = await trio.to_thread.run_sync(_next_chunk, chunks, copy)
                 if chunk is None:
@@ -649,6 +646,10 @@ async def write_catalog(
                 h.update(chunk)
                 await writer.write(chunk)
         except BaseException:
+            for given in (lists or {}).values():  # a copy's generator closes its file now
+                close = getattr(given, "close", None)
+                if close is not None:
+                    close()
             with trio.CancelScope(shield=True):
                 await writer.abort()
             raise
@@ -671,51 +672,89 @@ async def write_catalog(
     return size, digest
 
 
-_PUT_BACK = ("check the state directory's disk, copy catalog/catalog.json from tape 1 of the "
-             "set over that file, then resume the backup with --resume")
-
-
 def trim_heap() -> None:
     """Give the memory freed on the heap back to the system where the C library can (glibc's
     malloc_trim): a catalog's few hundred MB of chunks, encoded or copied in a worker thread,
     otherwise stay in that thread's arena while the next tape's buffers are mapped beside it."""
     try:
+        import ctypes
+
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    except (ImportError, OSError, AttributeError, TypeError):  # not glibc
         return
+    trim.argtypes = [ctypes.c_size_t]
     trim(0)
 
 
-def _copied_records(path: Path, span: ListSpan, tape_id: str) -> Iterator[bytes]:
-    """The bytes of `span` in the journal's copy of tape 1's catalog at `path`, checked against
-    the span's SHA-256 before the last of them is given: a later tape's catalog gets tape 1's
-    records or none."""
-    h = hashlib.sha256()
-    pending = b""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(span.start)
-            left = span.end - span.start
-            while left:
-                chunk = fh.read(min(COPY_CHUNK_BYTES, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-                if pending:
-                    yield pending
-                pending = chunk
-    except OSError as e:
-        raise CatalogWriteError(
-            f"cannot read the job journal's copy of the catalog {path} ({e.strerror}); tape "
-            f"{tape_id} did not get its catalog: {_PUT_BACK}") from e
-    if left or h.hexdigest() != span.sha256:
-        raise CatalogWriteError(
-            f"the job journal's copy of the catalog {path} no longer holds what tape 1's "
-            f"catalog holds (cut short or changed on disk); tape {tape_id} did not get its "
-            f"catalog: {_PUT_BACK}")
-    if pending:
-        yield pending
+@attrs.define
+class TapeOneLists:
+    """Where tape 1's big catalog lists lie in the job journal's copy of its catalog: later
+    tapes copy them from there instead of encoding a million records again."""
+
+    path: Path
+    spans: dict[str, ListSpan]
+    #: (size, mtime, inode) of the copy once complete: any change since means it is not tape 1's.
+    signature: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, path: Path, spans: Mapping[str, ListSpan]) -> TapeOneLists | None:
+        """For the copy at `path` that tape 1's catalog was just written with (None unless
+        `spans` has every big list). Blocks: call it in a thread."""
+        if set(spans) != set(cat.BIG_LISTS):
+            return None
+        return cls(path, dict(spans), _signature(path))
+
+    def lists(self, tape_id: str) -> dict[str, Iterator[bytes]]:
+        """The `lists` argument of write_catalog for tape `tape_id`. Raises CatalogWriteError,
+        before anything is written, if the copy changed on disk. Blocks: call it in a thread."""
+        try:
+            same = _signature(self.path) == self.signature
+        except OSError:
+            same = False
+        if not same:
+            raise self._damaged(tape_id, "changed on disk since tape 1 got its catalog")
+        return {key: self._records(span, tape_id) for key, span in self.spans.items()}
+
+    def _records(self, span: ListSpan, tape_id: str) -> Iterator[bytes]:
+        # Checked against the span's SHA-256 before the last bytes are given: a later tape's
+        # catalog gets tape 1's records or is never completed.
+        h = hashlib.sha256()
+        pending = b""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(span.start)
+                left = span.end - span.start
+                while left:
+                    chunk = fh.read(min(COPY_CHUNK_BYTES, left))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    left -= len(chunk)
+                    if pending:
+                        yield pending
+                    pending = chunk
+        except OSError as e:
+            raise self._damaged(tape_id, f"cannot be read ({e.strerror})") from e
+        if left or h.hexdigest() != span.sha256:
+            raise self._damaged(tape_id, "no longer holds what tape 1's catalog holds")
+        if pending:
+            yield pending
+
+    def _damaged(self, tape_id: str, why: str) -> CatalogWriteError:
+        # Moved aside, so that a resume cannot take it for the set's catalog.
+        aside = self.path.with_name(self.path.name + ".damaged")
+        with contextlib.suppress(OSError):
+            self.path.replace(aside)
+        return CatalogWriteError(
+            f"the job journal's copy of the catalog {self.path} {why}; it is moved aside to "
+            f"{aside.name} and tape {tape_id} did not get its catalog: check the state "
+            f"directory's disk, copy catalog/catalog.json from tape 1 of the set to "
+            f"{self.path}, then resume the backup with --resume")
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _next_chunk(chunks: Iterator[bytes], copy: Callable[[bytes], object] | None
@@ -794,9 +833,8 @@ async def run_backup(
                                                   _faults_of(recorder))
 
     copy: CatalogCopy | None = None  # the journal's copy of the set's catalog, being written
-    # Where tape 1's big lists lie in the journal's copy: later tapes copy them from there.
-    spans: dict[str, ListSpan] = {}
-    reusable = False
+    spans: dict[str, ListSpan] = {}  # filled as tape 1's catalog is encoded
+    tape_one: TapeOneLists | None = None  # then later tapes copy its big lists
     verify_index: CatalogIndex | None = None
 
     async def journal_container(index: int) -> None:
@@ -925,9 +963,8 @@ async def run_backup(
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
                 state.phase = "writing the catalog"
-                lists = ({key: _copied_records(journal.catalog_path, span, request.tape_id)
-                          for key, span in spans.items()}
-                         if reusable and journal is not None else None)
+                lists = (await trio.to_thread.run_sync(tape_one.lists, request.tape_id)
+                         if tape_one is not None else None)
                 try:
                     catalog_size, catalog_sha = await write_catalog(
                         loaded, catalog, codec=codec, limit=limit,
@@ -946,7 +983,8 @@ async def run_backup(
                     copy = None
                     await trio.to_thread.run_sync(journal.catalog_copied,
                                                   _faults_of(recorder))
-                    reusable = set(spans) == set(cat.BIG_LISTS)
+                    tape_one = await trio.to_thread.run_sync(TapeOneLists.of,
+                                                             journal.catalog_path, spans)
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 await trio.to_thread.run_sync(trim_heap)  # before the next tape's pool
                 if settings.verify_after_write:

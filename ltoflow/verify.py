@@ -327,16 +327,23 @@ async def verify_loaded_tape(
     pool = read_pool()
     problems: list[Problem] = []
     try:
-        # Hashed as it is read; held in memory only when it differs from the set's catalog.
-        digest = await tape_catalog_sha(tape, tape_id, pool)
+        data: bytes | None = None
+        if any(t.volume_serial for t in catalog.tapes):
+            # Tape k's copy knows the serials of tapes 1..k only, so it differs: read it whole.
+            data, digest = await read_tape_catalog(tape, tape_id)
+        else:  # hashed as it is read, held in memory only if it differs
+            digest = await tape_catalog_sha(tape, tape_id, pool)
         if catalog_sha is not None and digest != catalog_sha:
             # Later tapes know more volume serials; anything else differing is damage.
-            data, _ = await read_tape_catalog(tape, tape_id)
+            if data is None:
+                data, _ = await read_tape_catalog(tape, tape_id)
             mine = await trio.to_thread.run_sync(
                 partial(JsonCatalogCodec().decode, data, source=f"{tape_id}/catalog"))
             if not mine.same_set_as(catalog):
                 problems.append(Problem(
                     "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
+            del mine
+        del data  # not held while the containers are read
     except BackupError as e:  # damaged catalog, or the tape cannot be read at all
         problems.append(Problem(str(e), tape_id=tape_id))
     for container in index.containers.get(tape_id, []):

@@ -250,8 +250,28 @@ async def test_later_tapes_copy_tape_ones_records_from_the_journal_instead_of_en
     assert all(c == fresh for c in catalogs)
 
 
+def _flip_middle_byte(path: Path, *, keep_stat: bool) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the file and segment records
+    with open(path, "r+b") as fh:  # in place: the same inode
+        fh.write(data)
+    # Kept as it was (only the SHA-256 can tell), or moved on a second (the clock's tick may
+    # be coarser than the time since tape 1's catalog).
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + (0 if keep_stat else 10**9)))
+
+
+def _catalog_copies(state_dir: Path) -> list[str]:
+    return sorted(p.name for p in state_dir.iterdir() if ".catalog.json" in p.name)
+
+
+@pytest.mark.parametrize(
+    ("keep_stat", "said"),
+    [(False, "changed on disk since tape 1"), (True, "no longer holds what tape 1's")],
+    ids=["seen-by-stat", "seen-by-sha256"],
+)
 async def test_a_journal_copy_changed_on_disk_never_reaches_a_later_tape(
-    tmp_path: Path, state_dir: Path
+    tmp_path: Path, state_dir: Path, keep_stat: bool, said: str
 ) -> None:
     from ltoflow.errors import CatalogWriteError
 
@@ -261,15 +281,17 @@ async def test_a_journal_copy_changed_on_disk_never_reaches_a_later_tape(
 
     def damage() -> None:
         (copy,) = state_dir.glob("*.catalog.json")
-        data = bytearray(copy.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        copy.write_bytes(bytes(data))
+        _flip_middle_byte(copy, keep_stat=keep_stat)
 
     drive = _TamperingDrive(sim, config.tape_nominal_capacity_bytes, 2, damage)
-    with Raises(CatalogWriteError, match="no longer holds what tape 1's catalog holds"):
+    with Raises(CatalogWriteError, match=f"{said}.*moved aside.*copy catalog/catalog.json from "
+                                         "tape 1"):
         await run(config, drive=drive)
     tape2 = sorted(sim.iterdir())[1]
     assert not (tape2 / "catalog" / "catalog.json").exists()
+    left = _catalog_copies(state_dir)
+    assert len(left) == 1, "a resume must not take it for the set's catalog"
+    assert left[0].endswith(".catalog.json.damaged")
 
 
 @pytest.mark.parametrize(
