@@ -1,8 +1,10 @@
 """Verify a backup set against its catalog: every tape's catalog, every container, every segment.
 
 Each container is read once, front to back, and all of its segments are hashed in that single
-pass, beside the hash of the whole container. Reads run a few chunks ahead of hashing, and the
-container hash and the segment hashes run in two threads, one per core, each at its own pace.
+pass; the hash of the whole container too, when some of its bytes lie outside every segment
+(they tile it, as ltoflow writes containers, and then the segments check every byte). Reads run
+a few chunks ahead of hashing, and the hashes run in two threads, one per core, each at its own
+pace: the container's and the segments', or the segments shared out between them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from ltoflow.units import MiB
 READ_CHUNK_BYTES = 8 * MiB
 #: Chunks read ahead of the hashers: enough to overlap, little memory.
 READ_AHEAD = 4
+#: Threads that hash one container's segments when no container hash is needed (2 cores).
+HASH_THREADS = 2
+#: ... when its segments average at least this size.
+SHARED_SEGMENT_BYTES = 256 * 1024
 #: A catalog bigger than this is refused rather than read into memory.
 MAX_CATALOG_BYTES = 8 * 1024 * MiB
 
@@ -184,32 +190,39 @@ class _ContainerCheck:
     def __init__(self, segments: Sequence[SegmentEntry]) -> None:
         self.segments = segments
         self.whole = hashlib.sha256()
-        self.open: dict[int, Any] = {}
         # Zero-length segments have nothing to read.
         self.results: dict[int, str] = {
             k: cat.EMPTY_SHA256 for k, s in enumerate(segments) if s.length_bytes == 0
         }
-        self.lo = 0
 
-    def update_segments(self, data: memoryview, pos: int) -> None:
-        end = pos + len(data)
-        segs = self.segments
-        while self.lo < len(segs) and _end(segs[self.lo]) <= pos:
-            self.lo += 1
-        j = self.lo
-        while j < len(segs) and segs[j].container_offset < end:
-            s = segs[j]
-            s_end = s.container_offset + s.length_bytes
-            if s_end > pos and j not in self.results:
-                a = max(s.container_offset, pos) - pos
-                b = min(s_end, end) - pos
-                h = self.open.get(j)
-                if h is None:
-                    h = self.open[j] = hashlib.sha256()
-                h.update(data[a:b])
-                if s_end <= end:
-                    self.results[j] = self.open.pop(j).hexdigest()
-            j += 1
+    def segment_updater(self, part: int, parts: int) -> Callable[[memoryview, int], None]:
+        """An update for the segments whose index is `part` modulo `parts`, fed every chunk in
+        order: one for each of `parts` threads, which share the results only."""
+        segs, results = self.segments, self.results
+        hashing: dict[int, Any] = {}
+        lo = 0
+
+        def update(data: memoryview, pos: int) -> None:
+            nonlocal lo
+            end = pos + len(data)
+            while lo < len(segs) and _end(segs[lo]) <= pos:
+                lo += 1
+            j = lo + (part - lo) % parts
+            while j < len(segs) and segs[j].container_offset < end:
+                s = segs[j]
+                s_end = s.container_offset + s.length_bytes
+                if s_end > pos and j not in results:
+                    a = max(s.container_offset, pos) - pos
+                    b = min(s_end, end) - pos
+                    h = hashing.get(j)
+                    if h is None:
+                        h = hashing[j] = hashlib.sha256()
+                    h.update(data[a:b])
+                    if s_end <= end:
+                        results[j] = hashing.pop(j).hexdigest()
+                j += parts
+
+        return update
 
 
 def _end(s: SegmentEntry) -> int:
@@ -242,13 +255,26 @@ async def verify_container(
             f"container holds {size} bytes, the catalog says {container.size_bytes}",
             files=index.files_in(segments), **where))
     check = _ContainerCheck(segments)
-    # The container hash and the segment hashes each run in a thread of their own for the whole
-    # container, taking the chunks from a queue at their own pace; a buffer goes back to the
-    # pool once both are done with it. (A thread call per chunk and hash, or the two hashes
+
+    def update_whole(data: memoryview, pos: int) -> None:
+        check.whole.update(data)
+
+    # When the segments tile the container (every byte in exactly one of them, as ltoflow and
+    # the seed write it), their hashes check every byte and the container's hash adds nothing:
+    # it is computed only when some bytes lie outside every segment; otherwise the segments are
+    # shared out between two threads, one per core. Each thread hashes the whole container,
+    # taking the chunks from a queue of its own at its own pace; a buffer goes back to the pool
+    # once every thread is done with it. (A thread call per chunk and hash, or the hashes
     # waiting for each other after every chunk, cost a fifth of the speed.)
-    queues: tuple[queue.SimpleQueue[tuple[mmap.mmap, int, int] | None], ...] = (
-        queue.SimpleQueue(), queue.SimpleQueue()
-    )
+    whole_too = container.sha256 is not None and not _tiles(segments, container.size_bytes)
+    # Small segments are mostly Python work per segment: a second thread only waits for the
+    # interpreter's lock.
+    threads = (HASH_THREADS if container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments)
+               else 1)
+    updates = ([check.segment_updater(0, 1), update_whole] if whole_too
+               else [check.segment_updater(k, threads) for k in range(threads)])
+    queues: tuple[queue.SimpleQueue[tuple[mmap.mmap, int, int] | None], ...] = tuple(
+        queue.SimpleQueue() for _ in updates)
     users: dict[int, int] = {}
     total = 0
 
@@ -278,7 +304,7 @@ async def verify_container(
                     if not n:
                         lease.give_back(buf)
                         break
-                    users[id(buf)] = 2
+                    users[id(buf)] = len(queues)
                     for chunks in queues:
                         chunks.put((buf, n, total))
                     total += n
@@ -288,14 +314,10 @@ async def verify_container(
             for chunks in queues:
                 chunks.put(None)  # the hashers stop after what they have, even on an error
 
-    def update_whole(data: memoryview, pos: int) -> None:
-        check.whole.update(data)
-
     with BufferLease(pool) as lease:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, hash_all, queues[0], update_whole)
-            nursery.start_soon(trio.to_thread.run_sync, hash_all, queues[1],
-                               check.update_segments)
+            for chunks, update in zip(queues, updates, strict=True):
+                nursery.start_soon(trio.to_thread.run_sync, hash_all, chunks, update)
             nursery.start_soon(reader)
 
     for k, s in enumerate(segments):
@@ -307,10 +329,21 @@ async def verify_container(
         elif got != s.sha256:
             problems.append(Problem(
                 "SHA-256 mismatch", segment_id=s.segment_id, files=index.files_in([s]), **where))
-    whole = check.whole.hexdigest()
-    if container.sha256 is not None and whole != container.sha256 and not problems:
+    if whole_too and check.whole.hexdigest() != container.sha256 and not problems:
         problems.append(Problem("container SHA-256 mismatch outside every segment", **where))
     return problems, total
+
+
+def _tiles(segments: Sequence[SegmentEntry], size: int) -> bool:
+    """Whether `segments` (sorted by offset) cover bytes [0, size) each exactly once."""
+    pos = 0
+    for s in segments:
+        if s.length_bytes == 0:
+            continue
+        if s.container_offset != pos:
+            return False
+        pos += s.length_bytes
+    return pos == size
 
 
 async def verify_loaded_tape(

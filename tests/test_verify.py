@@ -1,0 +1,100 @@
+"""verify_container on its own: which hashes it computes, in how many threads, what it reports."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import cast
+
+import pytest
+
+from ltoflow import catalog as cat
+from ltoflow.drives import LoadedTape
+from ltoflow.verify import CatalogIndex, _tiles, verify_container
+
+CID = "CNT-00000000-0000-0000-0000-000000000000-00001"
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    async def readinto(self, buf: memoryview) -> int:
+        n = min(len(buf), len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    async def close(self) -> None:
+        pass
+
+
+class _OneContainerTape:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def size_of(self, path: str) -> int | None:
+        return len(self.data) if path == f"data/{CID}" else None
+
+    async def open_read(self, path: str) -> _Reader:
+        assert path == f"data/{CID}"
+        return _Reader(self.data)
+
+
+def _container(data: bytes, spans: list[tuple[int, int]]) -> tuple[cat.ContainerEntry,
+                                                                    CatalogIndex]:
+    """The catalog entries of one container holding `data`, with a segment per (start, end)."""
+    segments = tuple(
+        cat.SegmentEntry(f"SEG-f{k}-001", f"f{k}", CID, a, 0, b - a,
+                         hashlib.sha256(data[a:b]).hexdigest())
+        for k, (a, b) in enumerate(spans))
+    container = cat.ContainerEntry(CID, "set", "TAPE-1", 1, 0, len(data),
+                                   hashlib.sha256(data).hexdigest())
+    files = tuple(cat.SourceFileEntry(s.file_id, f"file-{k}", f"/src/file-{k}", s.length_bytes,
+                                      s.sha256, cat.iso_from_ns(0))
+                  for k, s in enumerate(segments))
+    catalog = cat.Catalog("set", cat.iso_from_ns(0), "/src", (), (container,), files, segments)
+    return container, CatalogIndex(catalog)
+
+
+@pytest.mark.parametrize("segment_bytes", [400_000, 5_000, 6_000_000],
+                         ids=["two-threads", "one-thread", "across-read-chunks"])
+async def test_segments_tiling_a_container_check_every_byte_and_name_the_damaged_one(
+    segment_bytes: int,
+) -> None:
+    rnd = random.Random(segment_bytes)
+    data = rnd.randbytes(7 * segment_bytes + 123)
+    spans = [(k * segment_bytes, min(len(data), (k + 1) * segment_bytes)) for k in range(8)]
+    spans.insert(3, (spans[3][0], spans[3][0]))  # an empty file's segment
+    container, index = _container(data, spans)
+    assert _tiles(index.segments[CID], len(data))
+    from ltoflow.verify import SHARED_SEGMENT_BYTES
+
+    shared = len(data) >= SHARED_SEGMENT_BYTES * len(spans)
+    assert shared == (segment_bytes != 5_000)  # the test covers both ways
+
+    clean, read = await verify_container(cast(LoadedTape, _OneContainerTape(data)), container,
+                                         index)
+    assert clean == []
+    assert read == len(data)
+    for at in (0, 5 * segment_bytes + 7, len(data) - 1):
+        bad = bytearray(data)
+        bad[at] ^= 0x40
+        found, _ = await verify_container(cast(LoadedTape, _OneContainerTape(bytes(bad))),
+                                          container, index)
+        k = next(k for k, (a, b) in enumerate(spans) if a <= at < b)
+        assert [(p.what, p.segment_id, p.files) for p in found] == [
+            ("SHA-256 mismatch", f"SEG-f{k}-001", (f"file-{k}",))]
+
+
+async def test_bytes_outside_every_segment_are_checked_by_the_container_hash() -> None:
+    data = random.Random(7).randbytes(3_000)
+    container, index = _container(data, [(0, 1_000), (2_000, 3_000)])  # a gap: 1,000-2,000
+    assert not _tiles(index.segments[CID], len(data))
+    assert (await verify_container(cast(LoadedTape, _OneContainerTape(data)), container,
+                                   index))[0] == []
+    bad = bytearray(data)
+    bad[1_500] ^= 0x01
+    found, _ = await verify_container(cast(LoadedTape, _OneContainerTape(bytes(bad))),
+                                      container, index)
+    assert [p.what for p in found] == ["container SHA-256 mismatch outside every segment"]
