@@ -991,9 +991,11 @@ async def run_backup(
                     state.phase = "verifying"
                     if verify_index is None:  # once per job: every tape has the same lists
                         verify_index = await trio.to_thread.run_sync(CatalogIndex, catalog)
+                    # The container hashes too: the records just written, which the
+                    # recovery kit also checks, not only the bytes on tape.
                     found = await verify_loaded_tape(loaded, catalog, request.tape_id,
                                                      catalog_sha=catalog_sha,
-                                                     index=verify_index)
+                                                     index=verify_index, whole=True)
                     problems.extend(p.describe() for p in found)
                     reporter.event(TapeVerified(request.tape_id, len(tape.containers),
                                                 len(found)))

@@ -2,9 +2,9 @@
 
 Each container is read once, front to back, and all of its segments are hashed in that single
 pass; the hash of the whole container too, when some of its bytes lie outside every segment
-(they tile it, as ltoflow writes containers, and then the segments check every byte). Reads run
-a few chunks ahead of hashing, and the hashes run in two threads, one per core, each at its own
-pace: the container's and the segments', or the segments shared out between them.
+(they tile it, as ltoflow writes containers, and then the segments check every byte) or when
+asked. Reads run a few chunks ahead of hashing, and the hashes run in threads at their own pace:
+the container's beside the segments', or big segments shared out between two, one per core.
 """
 
 from __future__ import annotations
@@ -236,9 +236,13 @@ def read_pool() -> PipelineBuffer:
 
 async def verify_container(
     tape: LoadedTape, container: ContainerEntry, index: CatalogIndex,
-    pool: PipelineBuffer | None = None,
+    pool: PipelineBuffer | None = None, *, whole: bool = False,
 ) -> tuple[list[Problem], int]:
-    """Read one container front to back; return its problems and the bytes read."""
+    """Read one container front to back; return its problems and the bytes read.
+
+    With `whole`, the container's own SHA-256 is checked even when its segments tile it (they
+    check every byte then; `backup --verify` also checks the record it has just written, which
+    the recovery kit reads too)."""
     pool = pool or read_pool()
     segments = index.segments.get(container.container_id, [])
     where: dict[str, Any] = {
@@ -260,17 +264,18 @@ async def verify_container(
         check.whole.update(data)
 
     # When the segments tile the container (every byte in exactly one of them, as ltoflow and
-    # the seed write it), their hashes check every byte and the container's hash adds nothing:
-    # it is computed only when some bytes lie outside every segment; otherwise the segments are
-    # shared out between two threads, one per core. Each thread hashes the whole container,
-    # taking the chunks from a queue of its own at its own pace; a buffer goes back to the pool
-    # once every thread is done with it. (A thread call per chunk and hash, or the hashes
-    # waiting for each other after every chunk, cost a fifth of the speed.)
-    whole_too = container.sha256 is not None and not _tiles(segments, container.size_bytes)
+    # the seed write it), their hashes check every byte and the container's hash adds nothing
+    # for the bytes on tape: it is computed only when some bytes lie outside every segment (or
+    # with `whole`); otherwise the segments are shared out between two threads, one per core.
+    # Each thread reads every chunk, from a queue of its own at its own pace; a buffer goes
+    # back to the pool once every thread is done with it. (A thread call per chunk and hash,
+    # or the hashes waiting for each other after every chunk, cost a fifth of the speed.)
+    tiled = _tiles(segments, container.size_bytes)
+    whole_too = container.sha256 is not None and (whole or not tiled)
     # Small segments are mostly Python work per segment: a second thread only waits for the
     # interpreter's lock.
-    threads = (HASH_THREADS if container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments)
-               else 1)
+    threads = (HASH_THREADS if len(segments) > 1
+               and container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments) else 1)
     updates = ([check.segment_updater(0, 1), update_whole] if whole_too
                else [check.segment_updater(k, threads) for k in range(threads)])
     queues: tuple[queue.SimpleQueue[tuple[mmap.mmap, int, int] | None], ...] = tuple(
@@ -329,8 +334,13 @@ async def verify_container(
         elif got != s.sha256:
             problems.append(Problem(
                 "SHA-256 mismatch", segment_id=s.segment_id, files=index.files_in([s]), **where))
+    if total != container.size_bytes and size == container.size_bytes and not problems:
+        problems.append(Problem(f"container gave {total} bytes when read, the catalog says "
+                                f"{container.size_bytes}", files=index.files_in(segments), **where))
     if whole_too and check.whole.hexdigest() != container.sha256 and not problems:
-        problems.append(Problem("container SHA-256 mismatch outside every segment", **where))
+        problems.append(Problem(
+            "the catalog's SHA-256 of the container is wrong (every segment in it matches)"
+            if tiled else "container SHA-256 mismatch outside every segment", **where))
     return problems, total
 
 
@@ -354,8 +364,10 @@ async def verify_loaded_tape(
     catalog_sha: str | None,
     index: CatalogIndex | None = None,
     counters: list[int] | None = None,
+    whole: bool = False,
 ) -> list[Problem]:
-    """Check this tape's catalog copy and every container the catalog puts on it."""
+    """Check this tape's catalog copy and every container the catalog puts on it (`whole`: as
+    verify_container takes it)."""
     index = index or CatalogIndex(catalog)
     pool = read_pool()
     problems: list[Problem] = []
@@ -383,7 +395,7 @@ async def verify_loaded_tape(
         found: list[Problem] = []
         nbytes = 0
         try:
-            found, nbytes = await verify_container(tape, container, index, pool)
+            found, nbytes = await verify_container(tape, container, index, pool, whole=whole)
         except* BackupError as group:
             segs = index.segments.get(container.container_id, [])
             found = [Problem(f"cannot be read: {e}", tape_id=tape_id,

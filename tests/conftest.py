@@ -52,6 +52,9 @@ def load_catalog_json(tape_root: Path) -> dict[str, object]:
 def rebuild_files(sim_root: Path, doc: dict[str, object]) -> dict[str, bytes]:
     """Rebuild every file from the containers, using only the catalog (plain json, no ltoflow)."""
     containers = {c["container_id"]: c for c in doc["containers"]}  # type: ignore[attr-defined]
+    for c in containers.values():  # the catalog's container hashes are true too (the kit's check)
+        blob = (sim_root / c["tape_id"] / "data" / c["container_id"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == c["sha256"], c["container_id"]
     by_file: dict[str, list[dict[str, int | str]]] = {}
     for s in doc["segments"]:  # type: ignore[attr-defined]
         by_file.setdefault(s["file_id"], []).append(s)

@@ -10,7 +10,7 @@ import pytest
 
 from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape
-from ltoflow.verify import CatalogIndex, _tiles, verify_container
+from ltoflow.verify import SHARED_SEGMENT_BYTES, CatalogIndex, _tiles, verify_container
 
 CID = "CNT-00000000-0000-0000-0000-000000000000-00001"
 
@@ -68,8 +68,6 @@ async def test_segments_tiling_a_container_check_every_byte_and_name_the_damaged
     spans.insert(3, (spans[3][0], spans[3][0]))  # an empty file's segment
     container, index = _container(data, spans)
     assert _tiles(index.segments[CID], len(data))
-    from ltoflow.verify import SHARED_SEGMENT_BYTES
-
     shared = len(data) >= SHARED_SEGMENT_BYTES * len(spans)
     assert shared == (segment_bytes != 5_000)  # the test covers both ways
 
@@ -98,3 +96,46 @@ async def test_bytes_outside_every_segment_are_checked_by_the_container_hash() -
     found, _ = await verify_container(cast(LoadedTape, _OneContainerTape(bytes(bad))),
                                       container, index)
     assert [p.what for p in found] == ["container SHA-256 mismatch outside every segment"]
+
+
+async def test_the_catalogs_own_container_hash_is_checked_when_asked() -> None:
+    """Segments that tile the container check its bytes; a wrong container record in the
+    catalog (which the recovery kit reads) is found only with `whole`, as backup --verify asks."""
+    import attrs
+
+    data = random.Random(8).randbytes(50_000)
+    container, index = _container(data, [(0, 20_000), (20_000, 50_000)])
+    wrong = attrs.evolve(container, sha256="0" * 64)
+    tape = cast(LoadedTape, _OneContainerTape(data))
+    assert (await verify_container(tape, wrong, index))[0] == []
+    found, _ = await verify_container(tape, wrong, index, whole=True)
+    assert [p.what for p in found] == [
+        "the catalog's SHA-256 of the container is wrong (every segment in it matches)"]
+    assert (await verify_container(tape, container, index, whole=True))[0] == []
+
+
+async def test_a_container_that_reads_short_of_its_size_is_reported() -> None:
+    data = random.Random(9).randbytes(10_000)
+    container, index = _container(data, [(0, 10_000)])
+
+    class _Short(_OneContainerTape):
+        async def open_read(self, path: str) -> _Reader:
+            return _Reader(self.data[:6_000])  # stat says 10,000; the reads end at 6,000
+
+    found, read = await verify_container(cast(LoadedTape, _Short(data)), container, index)
+    assert read == 6_000
+    assert "segment lies beyond the end of the container" in [p.what for p in found]
+
+
+async def test_a_container_that_reads_past_its_size_is_reported() -> None:
+    data = random.Random(10).randbytes(10_000)
+    container, index = _container(data, [(0, 10_000)])
+
+    class _Long(_OneContainerTape):
+        async def open_read(self, path: str) -> _Reader:
+            return _Reader(self.data + b"\0" * 100)  # stat says 10,000: the reads disagree
+
+    found, read = await verify_container(cast(LoadedTape, _Long(data)), container, index)
+    assert read == 10_100
+    assert [p.what for p in found] == [
+        "container gave 10100 bytes when read, the catalog says 10000"]
