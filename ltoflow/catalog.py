@@ -454,7 +454,8 @@ class JsonCatalogCodec:
             given = lists.get(key) if lists is not None else None
             chunks = (given if given is not None
                       else _records(getattr(catalog, key), _LIST_TYPES[key]))
-            start, h = pos, hashlib.sha256() if spans is not None and key in BIG_LISTS else None
+            start = pos
+            h = hashlib.sha256() if spans is not None and key in BIG_LISTS else None
             for chunk in chunks:
                 if h is not None:
                     h.update(chunk)

@@ -636,20 +636,18 @@ def _build_catalog(
     if unusable:
         listed = [i for i in listed if i not in unusable]
 
-    def ids_of(indices: Iterable[int]) -> list[str]:
-        # Made as they are needed: a million ids held for the whole job would cost 77 MB.
-        return file_ids_of(files, indices)
-
     # The two big lists are made from these columns when read or encoded, never all held as
     # records (see RecordColumns): as the converter unstructures them, keys in field order.
+    # File ids too are made as they are needed: a million held for the whole job cost 77 MB.
     def file_objects(start: int, stop: int) -> list[dict[str, Any]]:
         out = []
         indices = listed[start:stop]
-        rels = (paths_[indices.start:indices.stop] if isinstance(indices, range)
-                else [paths_[i] for i in indices])
-        shas = (file_hashes[indices.start:indices.stop] if isinstance(indices, range)
-                else [file_hashes[i] for i in indices])
-        for i, fid, rel, sha in zip(indices, ids_of(indices), rels, shas, strict=True):
+        if isinstance(indices, range):  # no file left out: slices of the columns
+            rels, shas = paths_[start:stop], file_hashes[start:stop]
+        else:
+            rels, shas = [paths_[i] for i in indices], [file_hashes[i] for i in indices]
+        fids = file_ids_of(files, indices)
+        for i, fid, rel, sha in zip(indices, fids, rels, shas, strict=True):
             mtime = mtimes[i]
             obj = {"file_id": fid, "relative_path": rel,
                    "absolute_path": f"{root}/{rel}", "size_bytes": sizes[i],
@@ -661,7 +659,7 @@ def _build_catalog(
         return out
 
     def segment_objects(start: int, stop: int) -> list[dict[str, Any]]:
-        fids = ids_of(table.file_index[start:stop])
+        fids = file_ids_of(files, table.file_index[start:stop])
         return [
             {"segment_id": sid, "file_id": fid, "container_id": cid, "container_offset": co,
              "source_offset": so, "length_bytes": n, "sha256": sha}
@@ -695,7 +693,8 @@ def _build_catalog(
             (
                 *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),
                 *(cat.SkippedEntry(plan.files[i].relative_path, "file", reason, fid)
-                  for (i, reason), fid in zip(unusable.items(), ids_of(unusable), strict=True)),
+                  for (i, reason), fid in zip(unusable.items(), file_ids_of(files, unusable),
+                                              strict=True)),
             ),
             key=lambda s: s.relative_path.encode(),  # skipped entries keep only the rendering
         )),
@@ -712,11 +711,8 @@ def source_root_text(root: Path) -> str:
 def file_ids_of(files: FileTable, indices: Iterable[int] | None = None) -> list[str]:
     """The catalog's file ids of `indices` (default: every file), from the exact bytes of each
     path."""
-    if indices is None:
-        indices = range(len(files))
-    if files.raw_path:
-        return list(map(cat.file_id_for, map(files.path_bytes, indices)))
-    return list(map(cat.file_id_for, files.relative_path.encoded_at(indices)))
+    return list(map(cat.file_id_for, files.path_bytes_at(
+        range(len(files)) if indices is None else indices)))
 
 
 def _b64(raw: bytes | None) -> str | None:

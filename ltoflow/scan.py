@@ -161,6 +161,12 @@ class FileTable(Sequence[ScannedFile]):
         raw = self.raw_path.get(i)
         return raw if raw is not None else self.relative_path.encoded(i)
 
+    def path_bytes_at(self, indices: Iterable[int]) -> list[bytes]:
+        """path_bytes(i) for each of `indices` (none negative), in one pass."""
+        if not self.raw_path:
+            return self.relative_path.encoded_at(indices)
+        return list(map(self.path_bytes, indices))
+
     def __len__(self) -> int:
         return len(self.relative_path)
 
