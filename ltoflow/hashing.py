@@ -13,12 +13,15 @@ segments keep the hashes of the bytes really on tape.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import os
 import stat
 import threading
+from array import array
 from hashlib import sha256
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import attrs
@@ -42,6 +45,22 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _ZEROS = bytes(1 << 20)
 _SourceError = SourceFileChangedError | SourceReadError
 _SOURCE_ERRORS = (SourceFileChangedError, SourceReadError)
+
+
+def _load_native() -> ModuleType | None:
+    """The C loop for runs of whole small files (ltoflow/_native.c), unless it was not built
+    or the environment sets LTOFLOW_NATIVE=0 (the same work is then done in Python)."""
+    if os.environ.get("LTOFLOW_NATIVE", "1") == "0":
+        return None
+    try:
+        from ltoflow import _native
+    except ImportError:
+        return None
+    return _native
+
+
+#: Read by each new SourceCursor; tests set it to None to run the Python loop.
+NATIVE = _load_native()
 
 
 def short_reason(text: str) -> str:
@@ -225,6 +244,11 @@ class SourceCursor:
         self._dirs: DirFds | None = None  # opened on the first read
         self._dir: bytes | None = None  # the directory of the last file opened ...
         self._dir_fd = -1  # ... and its descriptor, owned by _dirs
+        files = plan.files
+        # The C loop takes whole files of one segment whose path is the UTF-8 column (not
+        # those with a raw_path) and whose mtime fits 64 bits (an array column).
+        self._native = NATIVE if isinstance(files.mtime_ns, array) else None
+        self._raw = sorted(files.raw_path)
 
     @property
     def finished(self) -> bool:
@@ -264,6 +288,17 @@ class SourceCursor:
                     and starts[f + 1] - starts[f] == 1 and f not in reasons):
                 # The common case, a whole small file: open, read, check, close and hash in one
                 # go (the hash after any zero-fill: it is of the bytes that go to tape).
+                # First the C loop, for this file and those after it like it; it stops at any
+                # file it cannot take as plainly, which then comes here, to the Python loop.
+                digests = self._read_natively(buf, pos, container if one_container else -1)
+                if digests:
+                    for digest in digests:
+                        length = s_length[k]
+                        pieces.append(Piece(k, pos, length, True, True, digest))
+                        pos += length
+                        k += 1
+                    self.segment = k
+                    continue
                 view = buf[pos:pos + length]
                 try:
                     self._read_whole(f, view)
@@ -296,6 +331,42 @@ class SourceCursor:
                 self.done_in_segment = done
         self.bytes_read += pos
         return pieces, pos
+
+    def _read_natively(self, buf: memoryview, pos: int, container: int) -> list[str]:
+        """Whole files from the current segment on, read into buf[pos:] by the C loop: their
+        SHA-256s, one per segment done (none when it is not built or took no file)."""
+        native = self._native
+        if native is None:
+            return []
+        plan, k = self.plan, self.segment
+        files, segments = plan.files, plan.segments
+        f = segments.file_index[k]
+        # Files the C loop must leave to Python: unusable ones, and names not in UTF-8.
+        stop = len(files)
+        n = bisect.bisect_left(self._raw, f)
+        if n < len(self._raw):
+            stop = self._raw[n]
+        for i in self.faults.reasons:
+            if f <= i < stop:
+                stop = i
+        try:
+            root_fd = self._open_dirs().root_fd
+        except OSError:
+            return []  # the Python loop says why
+        path_data, path_ends = files.relative_path.buffers()
+        digests: list[str] = native.read_whole_files(
+            root_fd, path_data, path_ends, segments.file_index, segments.length,
+            segments.container_index, plan.file_starts, files.size, files.mtime_ns,
+            k, self.end, stop, container, buf, pos,
+        )
+        return digests
+
+    def _open_dirs(self) -> DirFds:
+        """The source's directory descriptors (O_PATH), the root opened on first use."""
+        if self._dirs is None:  # descriptors only to open files by: O_PATH
+            self._dirs = DirFds(
+                os.open(self._root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), path_only=True)
+        return self._dirs
 
     def _read_part(self, file_index: int, view: memoryview, offset: int) -> None:
         """Bytes [offset, offset + len(view)) of a file: read, or zeros once it is unusable."""
@@ -355,11 +426,7 @@ class SourceCursor:
         if head != self._dir or self._dir_fd < 0:
             self._dir_fd = -1
             try:
-                if self._dirs is None:  # descriptors only to open files by: O_PATH
-                    self._dirs = DirFds(
-                        os.open(self._root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
-                        path_only=True)
-                self._dir_fd = self._dirs.open(paths.split(head))
+                self._dir_fd = self._open_dirs().open(paths.split(head))
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and self._is_symlink(e.filename):
                     # Not followed: the file is no longer where the scan saw it.

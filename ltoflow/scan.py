@@ -82,6 +82,11 @@ class StringColumn(Sequence[str]):
             raise IndexError("string index out of range")
         return bytes(self._data[ends[i - 1] if i else 0:ends[i]])
 
+    def buffers(self) -> tuple[bytearray, array[int]]:
+        """The column itself, for native code: the UTF-8 of every item end to end, and where
+        each ends (item i is data[ends[i - 1]:ends[i]]). Not copies: do not change them."""
+        return self._data, self._ends
+
     def encoded_at(self, indices: Iterable[int]) -> list[bytes]:
         """encoded(i) for each of `indices` (none negative), in one pass."""
         data, ends = self._data, self._ends

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ltoflow import hashing
 from ltoflow.errors import leaves
 
 pytest_plugins = ["tests.fakes.fixtures"]
@@ -225,7 +226,13 @@ PreadvHook = Callable[[int, int, memoryview], None]
 @pytest.fixture
 def on_read(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, PreadvHook], None]:
     """`on_read("a/x", hook)`: hook(call_number, offset, buffer) runs before each read of a
-    file whose path ends in "a/x"; it may raise OSError or change the file."""
+    file whose path ends in "a/x"; it may raise OSError or change the file.
+
+    The hook sits in Python's os.preadv, so these tests read with the Python loop: the C loop
+    (ltoflow._native) reads without os.preadv. tests/test_native.py checks that the two read
+    alike, and that the C loop leaves every file it cannot take plainly to the Python one.
+    """
+    monkeypatch.setattr(hashing, "NATIVE", None)
     real = os.preadv
     hooks: dict[str, PreadvHook] = {}
     calls: dict[str, int] = {}

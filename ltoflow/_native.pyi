@@ -1,0 +1,9 @@
+"""Types of the optional C extension (ltoflow/_native.c)."""
+
+from collections.abc import Buffer
+
+def read_whole_files(
+    root_fd: int, paths: Buffer, path_ends: Buffer, seg_file: Buffer, seg_length: Buffer,
+    seg_container: Buffer, file_starts: Buffer, sizes: Buffer, mtimes: Buffer, seg: int,
+    seg_end: int, stop_file: int, container: int, buf: Buffer, pos: int, /,
+) -> list[str]: ...

@@ -1,0 +1,21 @@
+"""The optional C extension; everything else about the package is in pyproject.toml.
+
+`ltoflow._native` reads and hashes runs of small files with the GIL released (see
+ltoflow/_native.c). It needs a C compiler, Python's headers and OpenSSL's (libssl-dev). When
+they are missing the build says so and goes on without it: ltoflow then does the same work in
+Python, more slowly on many small files.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "ltoflow._native",
+            sources=["ltoflow/_native.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            optional=True,
+        )
+    ]
+)

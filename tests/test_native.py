@@ -1,0 +1,224 @@
+"""The C loop for runs of whole small files (ltoflow._native) against the Python loop.
+
+The C loop must give exactly what the Python loop gives (the same pieces, bytes and
+SHA-256s), and leave every file it cannot take plainly to the Python loop, so that faults are
+found and reported the same way with or without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ltoflow import hashing
+from ltoflow.errors import SourceReadError
+from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
+from ltoflow.plan import Plan, make_plan
+from ltoflow.scan import scan_tree
+
+from .conftest import write_tree
+
+BUILT = hashing._load_native()
+
+
+@pytest.fixture
+def native() -> ModuleType:
+    """The C loop; CI builds it and sets LTOFLOW_REQUIRE_NATIVE=1 so that it cannot go
+    missing unnoticed. Elsewhere these tests skip without it."""
+    if BUILT is None:
+        if os.environ.get("LTOFLOW_REQUIRE_NATIVE") == "1":
+            pytest.fail("ltoflow._native was not built: check the C compiler, Python's "
+                        "headers and OpenSSL's (libssl-dev), then pip install -e . again")
+        pytest.skip("ltoflow._native is not built here")
+    return BUILT
+
+
+def plan_of(src: Path, container: int) -> Plan:
+    return make_plan(scan_tree(src), capacity_bytes=1 << 40, container_size_bytes=container,
+                     measure_catalog=lambda _: 0)
+
+
+Read = tuple[list[Piece], bytes, dict[int, str]]
+
+
+def read_all(plan: Plan, module: ModuleType | None, *, chunk: int, one_container: bool,
+             policy: FaultPolicy | None = None) -> Read:
+    """Every segment of `plan` through one cursor, with the C loop (`module`) or without."""
+    saved = hashing.NATIVE
+    hashing.NATIVE = module
+    try:
+        faults = SourceFaults(plan, policy or FaultPolicy(skip_changed=True))
+        cursor = SourceCursor(plan, 0, len(plan.segments), faults=faults)
+    finally:
+        hashing.NATIVE = saved
+    pieces: list[Piece] = []
+    data = bytearray()
+    buf = memoryview(bytearray(chunk))
+    try:
+        while not cursor.finished:
+            got, n = cursor.fill(buf, one_container=one_container)
+            assert n > 0
+            base = len(data)
+            pieces.extend(p._replace(start=p.start + base) for p in got)
+            data += buf[:n]
+    finally:
+        cursor.close()
+    return pieces, bytes(data), dict(faults.reasons)
+
+
+def both(plan: Plan, module: ModuleType, **kw: object) -> tuple[Read, Read]:
+    return (read_all(plan, module, **kw),  # type: ignore[arg-type]
+            read_all(plan, None, **kw))  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=25),
+    dirs=st.lists(st.sampled_from(["", "a/", "a/b/", "c/"]), min_size=25, max_size=25),
+    container=st.integers(1000, 9000),
+    chunk=st.integers(3000, 20000),
+    one_container=st.booleans(),
+)
+def test_c_loop_reads_what_the_python_loop_reads(
+        sizes: list[int], dirs: list[str], container: int, chunk: int, one_container: bool
+) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp)
+        contents = write_tree(src, {f"{d}f{i:02d}": n for i, (n, d) in
+                                    enumerate(zip(sizes, dirs, strict=False))})
+        plan = plan_of(src, container)
+        fast, slow = both(plan, BUILT, chunk=chunk, one_container=one_container)
+    assert fast == slow
+    pieces, data, faults = fast
+    assert not faults
+    assert data == b"".join(contents[f.relative_path] for f in plan.files)
+    for p in pieces:  # whole files come with their hash, and it is right
+        if p.digest is not None:
+            assert (p.first, p.last) == (True, True)
+            assert p.digest == hashlib.sha256(data[p.start:p.start + p.length]).hexdigest()
+
+
+Change = Callable[[Path], None]
+
+
+def _grow(p: Path) -> None:
+    with p.open("ab") as f:
+        f.write(b"more")
+
+
+def _touch(p: Path) -> None:
+    st_ = p.stat()
+    os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
+
+
+def _delete(p: Path) -> None:
+    p.unlink()
+
+
+def _symlink(p: Path) -> None:
+    p.unlink()
+    p.symlink_to(p.with_name("f03"))
+
+
+def _fifo(p: Path) -> None:
+    p.unlink()
+    os.mkfifo(p)
+
+
+def _dir_symlink(p: Path) -> None:
+    d = p.parent
+    d.rename(d.with_name("moved"))
+    d.symlink_to("moved")
+
+
+@pytest.mark.parametrize("change", [_grow, _touch, _delete, _symlink, _fifo, _dir_symlink],
+                         ids=["grown", "touched", "deleted", "symlink", "fifo", "dir-symlink"])
+def test_a_file_changed_after_the_scan_is_found_as_the_python_loop_finds_it(
+        tmp_path: Path, native: ModuleType, change: Change) -> None:
+    contents = write_tree(tmp_path, {f"{d}/f{i:02d}": 500 + i for d in "abc" for i in range(8)})
+    plan = plan_of(tmp_path, 1 << 20)
+    change(tmp_path / "b" / "f05")
+    fast, slow = both(plan, native, chunk=1 << 20, one_container=False)
+    assert fast == slow
+    _, data, faults = fast
+    unusable = {plan.files.relative_path[i] for i in faults}
+    # The file, or all of b/ when b/ itself became a symlink (it is not followed).
+    assert unusable == ({f"b/f{i:02d}" for i in range(8)} if change is _dir_symlink
+                        else {"b/f05"})
+    # Every other file was read whole, those after it too (by the C loop again).
+    for f in range(len(plan.files)):
+        rel = plan.files.relative_path[f]
+        if rel not in unusable:
+            start = plan.segments.container_offset[plan.file_starts[f]]
+            assert data[start:start + len(contents[rel])] == contents[rel]
+
+
+def test_names_that_are_not_utf8_are_left_to_the_python_loop(
+        tmp_path: Path, native: ModuleType) -> None:
+    root = os.fsencode(tmp_path)
+    names = [b"a1", b"a2-\xff", b"a3", b"b-\xfe\xfd", b"b2"]
+    for i, name in enumerate(names):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(bytes([i]) * (300 + i))
+    plan = plan_of(tmp_path, 1 << 20)
+    assert len(plan.files.raw_path) == 2
+    fast, slow = both(plan, native, chunk=1 << 20, one_container=False)
+    assert fast == slow
+    assert not fast[2]
+    assert fast[1] == b"".join(bytes([names.index(plan.files.path_bytes(i))])
+                               * plan.files.size[i] for i in range(len(plan.files)))
+
+
+def test_a_file_already_unusable_is_not_read_again_by_the_c_loop(
+        tmp_path: Path, native: ModuleType) -> None:
+    write_tree(tmp_path, {f"f{i}": 400 for i in range(6)})
+    plan = plan_of(tmp_path, 1 << 20)
+    saved = hashing.NATIVE
+    hashing.NATIVE = native
+    try:
+        faults = SourceFaults(plan, FaultPolicy(skip_changed=True))
+        cursor = SourceCursor(plan, 0, len(plan.segments), faults=faults)
+    finally:
+        hashing.NATIVE = saved
+    # Another pass found file 2 unusable before this one read it: its bytes are zeros here.
+    faults.fault(2, SourceReadError("gone", relative_path="f2", what="gone"),
+                 domain=hashing.LATER_TAPES, offset=0)
+    buf = memoryview(bytearray(1 << 20))
+    try:
+        pieces, n = cursor.fill(buf, one_container=False)
+    finally:
+        cursor.close()
+    assert n == 6 * 400
+    assert bytes(buf[800:1200]) == bytes(400)
+    assert pieces[2].digest is None  # hashed by the segment hasher, as any partial piece
+    assert bytes(buf[1200:1600]) == (tmp_path / "f3").read_bytes()
+    assert pieces[3].digest == hashlib.sha256(buf[1200:1600]).hexdigest()
+
+
+def test_whole_small_files_are_read_by_the_c_loop_alone(
+        tmp_path: Path, native: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    contents = write_tree(tmp_path, {f"{d}/f{i}": 1000 + i for d in "xyz" for i in range(50)})
+    plan = plan_of(tmp_path, 1 << 20)
+    calls: list[int] = []
+    real = os.preadv
+
+    def counted(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(fd)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    pieces, data, faults = read_all(plan, native, chunk=1 << 20, one_container=True)
+    assert calls == []
+    assert not faults
+    assert data == b"".join(contents[f.relative_path] for f in plan.files)
+    assert all(p.digest is not None for p in pieces)
