@@ -30,7 +30,7 @@
 /* Files per call at most: the caller loops; this bounds the call's hex buffer (512 KiB). */
 #define MAX_RUN 8192
 
-static EVP_MD *sha256_md;
+static EVP_MD *sha256_md, *sha1_md;
 static int have_openat2 = 1; /* cleared the first time the kernel says ENOSYS */
 
 static const int FILE_FLAGS = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK;
@@ -312,7 +312,107 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(file_ids_doc,
+"file_ids(namespace, paths, path_ends, indices)\n"
+"--\n\n"
+"The catalog's file id of each path in indices (an array of 64-bit ints): uuid5 of the\n"
+"16-byte namespace and the path's bytes, as catalog.file_id_for makes it.");
+
+static PyObject *file_ids(PyObject *self, PyObject *args)
+{
+    Py_buffer ns, b_paths, b_ends, b_idx;
+    PyObject *o_paths, *o_ends, *o_idx, *result = NULL;
+    int got = 0;
+    Py_buffer *views[3] = {&b_paths, &b_ends, &b_idx};
+    EVP_MD_CTX *ctx = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*OOO:file_ids", &ns, &o_paths, &o_ends, &o_idx))
+        return NULL;
+    if (ns.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "namespace: want 16 bytes");
+        goto done;
+    }
+    if (get_column(o_paths, &b_paths, "paths", 1, 0) < 0) goto done;
+    got++;
+    if (get_column(o_ends, &b_ends, "path_ends", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_idx, &b_idx, "indices", 8, 0) < 0) goto done;
+    got++;
+    ctx = EVP_MD_CTX_new();
+    if (ctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint64_t *ends = b_ends.buf;
+        const int64_t *idx = b_idx.buf;
+        const unsigned char *paths = b_paths.buf;
+        Py_ssize_t n_paths = b_ends.len / 8, n = b_idx.len / 8;
+        result = PyList_New(n);
+        if (result == NULL)
+            goto done;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            int64_t i = idx[k];
+            uint64_t start, end;
+            unsigned char md[EVP_MAX_MD_SIZE];
+            unsigned int md_len = 0;
+            char x[40], id[36];
+            PyObject *s;
+            if (i < 0 || i >= n_paths) {
+                PyErr_SetString(PyExc_IndexError, "file index out of range");
+                Py_CLEAR(result);
+                goto done;
+            }
+            start = i ? ends[i - 1] : 0;
+            end = ends[i];
+            if (end < start || end > (uint64_t)b_paths.len) {
+                PyErr_SetString(PyExc_ValueError, "path_ends run past the paths");
+                Py_CLEAR(result);
+                goto done;
+            }
+            if (!EVP_DigestInit_ex(ctx, sha1_md, NULL) || !EVP_DigestUpdate(ctx, ns.buf, 16)
+                || !EVP_DigestUpdate(ctx, paths + start, (size_t)(end - start))
+                || !EVP_DigestFinal_ex(ctx, md, &md_len) || md_len < 16) {
+                PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to hash");
+                Py_CLEAR(result);
+                goto done;
+            }
+            for (int b = 0; b < 20; b++) {
+                x[2 * b] = HEX[md[b] >> 4];
+                x[2 * b + 1] = HEX[md[b] & 15];
+            }
+            /* RFC 4122: version 5 in digit 12, the variant bits (10xx) in digit 16 */
+            memcpy(id, x, 8);
+            id[8] = '-';
+            memcpy(id + 9, x + 8, 4);
+            id[13] = '-';
+            id[14] = '5';
+            memcpy(id + 15, x + 13, 3);
+            id[18] = '-';
+            id[19] = "89ab"[(md[8] >> 4) & 3];
+            memcpy(id + 20, x + 17, 3);
+            id[23] = '-';
+            memcpy(id + 24, x + 20, 12);
+            s = PyUnicode_FromStringAndSize(id, 36);
+            if (s == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, k, s);
+        }
+    }
+
+done:
+    EVP_MD_CTX_free(ctx);
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(views[i]);
+    PyBuffer_Release(&ns);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"file_ids", file_ids, METH_VARARGS, file_ids_doc},
     {"read_whole_files", read_whole_files, METH_VARARGS, read_whole_files_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -325,11 +425,13 @@ static int exec_module(PyObject *module)
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
     /* fetched once: EVP_sha256() would be looked up in the providers at every init */
     sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    sha1_md = EVP_MD_fetch(NULL, "SHA1", NULL);
 #else
     sha256_md = (EVP_MD *)EVP_sha256();
+    sha1_md = (EVP_MD *)EVP_sha1();
 #endif
-    if (sha256_md == NULL) {
-        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256");
+    if (sha256_md == NULL || sha1_md == NULL) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA-256 or no SHA-1");
         return -1;
     }
     return 0;

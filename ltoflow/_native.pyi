@@ -7,3 +7,6 @@ def read_whole_files(
     seg_container: Buffer, file_starts: Buffer, sizes: Buffer, mtimes: Buffer, seg: int,
     seg_end: int, stop_file: int, container: int, buf: Buffer, pos: int, /,
 ) -> list[str]: ...
+
+def file_ids(namespace: bytes, paths: Buffer, path_ends: Buffer, indices: Buffer, /,
+             ) -> list[str]: ...

@@ -96,7 +96,8 @@ def gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-_DNS = uuid.NAMESPACE_DNS.bytes
+#: The namespace of file ids (uuid5), as the seed uses it.
+FILE_ID_NAMESPACE = uuid.NAMESPACE_DNS.bytes
 
 
 #: The RFC 4122 variant bits (10xx) set in a hex digit.
@@ -113,7 +114,7 @@ def file_id_for(relative_path: str | bytes) -> str:
     """
     raw = (relative_path if isinstance(relative_path, bytes)
            else relative_path.encode("utf-8", "surrogatepass"))
-    x = hashlib.sha1(_DNS + raw).hexdigest()
+    x = hashlib.sha1(FILE_ID_NAMESPACE + raw).hexdigest()
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 

@@ -21,13 +21,12 @@ import stat
 import threading
 from array import array
 from hashlib import sha256
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import attrs
 
 from ltoflow import catalog as cat
-from ltoflow import paths
+from ltoflow import native, paths
 from ltoflow.errors import SourceFileChangedError, SourceFileVanishedError, SourceReadError
 from ltoflow.paths import DirFds
 from ltoflow.plan import Hashes, Plan
@@ -45,22 +44,9 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _ZEROS = bytes(1 << 20)
 _SourceError = SourceFileChangedError | SourceReadError
 _SOURCE_ERRORS = (SourceFileChangedError, SourceReadError)
-
-
-def _load_native() -> ModuleType | None:
-    """The C loop for runs of whole small files (ltoflow/_native.c), unless it was not built
-    or the environment sets LTOFLOW_NATIVE=0 (the same work is then done in Python)."""
-    if os.environ.get("LTOFLOW_NATIVE", "1") == "0":
-        return None
-    try:
-        from ltoflow import _native
-    except ImportError:
-        return None
-    return _native
-
-
-#: Read by each new SourceCursor; tests set it to None to run the Python loop.
-NATIVE = _load_native()
+#: The C loop for runs of whole small files, read by each new SourceCursor (tests set it to
+#: None to run the Python loop).
+NATIVE = native.MODULE
 
 
 def short_reason(text: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, overload
 import attrs
 
 from ltoflow import catalog as cat
-from ltoflow import paths
+from ltoflow import native, paths
 from ltoflow.errors import BackupPlanError
 from ltoflow.scan import (
     FileTable,
@@ -711,8 +711,19 @@ def source_root_text(root: Path) -> str:
 def file_ids_of(files: FileTable, indices: Iterable[int] | None = None) -> list[str]:
     """The catalog's file ids of `indices` (default: every file), from the exact bytes of each
     path."""
-    return list(map(cat.file_id_for, files.path_bytes_at(
-        range(len(files)) if indices is None else indices)))
+    if indices is None:
+        indices = range(len(files))
+    module = native.MODULE
+    if module is None:
+        return list(map(cat.file_id_for, files.path_bytes_at(indices)))
+    picked = indices if isinstance(indices, array) else array("q", indices)
+    ids: list[str] = module.file_ids(cat.FILE_ID_NAMESPACE, *files.relative_path.buffers(), picked)
+    if files.raw_path:  # names that are not UTF-8: their exact bytes, not the rendering
+        raw = files.raw_path
+        for k, i in enumerate(picked):
+            if i in raw:
+                ids[k] = cat.file_id_for(raw[i])
+    return ids
 
 
 def _b64(raw: bytes | None) -> str | None:

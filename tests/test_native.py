@@ -1,4 +1,4 @@
-"""The C loop for runs of whole small files (ltoflow._native) against the Python loop.
+"""The C loops (ltoflow._native) against the Python loops they stand in for.
 
 The C loop must give exactly what the Python loop gives (the same pieces, bytes and
 SHA-256s), and leave every file it cannot take plainly to the Python loop, so that faults are
@@ -18,15 +18,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ltoflow import catalog as cat
 from ltoflow import hashing
+from ltoflow import native as extension
 from ltoflow.errors import SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
-from ltoflow.plan import Plan, make_plan
-from ltoflow.scan import scan_tree
+from ltoflow.plan import Plan, file_ids_of, make_plan
+from ltoflow.scan import FileTable, scan_tree
 
 from .conftest import write_tree
 
-BUILT = hashing._load_native()
+BUILT = extension.load()
 
 
 @pytest.fixture
@@ -222,3 +224,27 @@ def test_whole_small_files_are_read_by_the_c_loop_alone(
     assert not faults
     assert data == b"".join(contents[f.relative_path] for f in plan.files)
     assert all(p.digest is not None for p in pieces)
+
+
+@settings(max_examples=200, deadline=None)
+@given(names=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=30),
+       pick=st.lists(st.integers(0, 29), max_size=40))
+def test_c_file_ids_are_the_catalogs_file_ids(names: list[str | bytes], pick: list[int]) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    files = FileTable()
+    for name in names:  # bytes stand for names that are not UTF-8: kept as raw_path
+        if isinstance(name, bytes):
+            files.append(name.decode("utf-8", "replace"), 1, 0, 0o100644, name)
+        else:
+            files.append(name, 1, 0, 0o100644, None)
+    indices = [i for i in pick if i < len(files)]
+    expected = [cat.file_id_for(files.path_bytes(i)) for i in indices]
+    saved = extension.MODULE
+    try:
+        extension.MODULE = BUILT
+        assert file_ids_of(files, indices) == expected
+        assert file_ids_of(files) == [cat.file_id_for(files.path_bytes(i))
+                                      for i in range(len(files))]
+    finally:
+        extension.MODULE = saved
