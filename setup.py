@@ -14,7 +14,10 @@ setup(
             "ltoflow._native",
             sources=["ltoflow/_native.c"],
             libraries=["crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            extra_link_args=["-pthread"],
+            extra_compile_args=[
+                "-O2", "-pthread", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
+            ],
             optional=True,
         )
     ]

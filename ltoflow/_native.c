@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <linux/openat2.h>
 #include <stdint.h>
 #include <string.h>
@@ -29,6 +30,8 @@
 #define SHA256_LEN 32
 /* Files per call at most: the caller loops; this bounds the call's hex buffer (512 KiB). */
 #define MAX_RUN 8192
+/* Runs of at least this many files are read by two threads. */
+#define SPLIT_MIN 64
 
 static EVP_MD *sha256_md, *sha1_md;
 static int have_openat2 = 1; /* cleared the first time the kernel says ENOSYS */
@@ -101,9 +104,19 @@ static int takes(const Run *r, Py_ssize_t k, Py_ssize_t pos)
     return r->seg_length[k] <= r->cap - pos && r->seg_length[k] == r->sizes[f];
 }
 
-/* The loop, with the GIL released: nothing here touches a Python object. */
-static void run_files(Run *r)
+/* Segments [first, end) of a run that `takes` accepted, the first at `pos` in the buffer. */
+typedef struct {
+    const Run *r;
+    Py_ssize_t first, end, pos;
+    char *hex; /* 64 hex characters for each segment done */
+    Py_ssize_t done;
+} Part;
+
+/* Read, check and hash a part's files in order; stop at the first that fails any check. */
+static void *read_part(void *arg)
 {
+    Part *p = arg;
+    const Run *r = p->r;
     char path[PATH_MAX];
     char dir[PATH_MAX];
     size_t dir_len = (size_t)-1; /* no directory open yet */
@@ -111,11 +124,11 @@ static void run_files(Run *r)
     unsigned char digest[SHA256_LEN];
     unsigned int digest_len = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    Py_ssize_t k = r->seg, pos = r->pos;
+    Py_ssize_t pos = p->pos;
 
     if (ctx == NULL)
-        return;
-    for (; k < r->seg_end && takes(r, k, pos); k++) {
+        return NULL;
+    for (Py_ssize_t k = p->first; k < p->end; k++) {
         int64_t f = r->seg_file[k];
         int64_t length = r->seg_length[k];
         uint64_t start = f ? r->path_ends[f - 1] : 0, end = r->path_ends[f];
@@ -164,18 +177,51 @@ static void run_files(Run *r)
             || !EVP_DigestFinal_ex(ctx, digest, &digest_len) || digest_len != SHA256_LEN)
             break;
         {
-            char *out = r->hex + 64 * r->done;
+            char *out = p->hex + 64 * p->done;
             for (int b = 0; b < SHA256_LEN; b++) {
                 out[2 * b] = HEX[digest[b] >> 4];
                 out[2 * b + 1] = HEX[digest[b] & 15];
             }
         }
         pos += length;
-        r->done++;
+        p->done++;
     }
     if (dir_fd >= 0)
         close(dir_fd);
     EVP_MD_CTX_free(ctx);
+    return NULL;
+}
+
+/* The run, with the GIL released: nothing here touches a Python object. A run of at least
+ * SPLIT_MIN files is shared with a second thread, which takes its second half (the system
+ * calls, not the hashing, are most of the time, and they run on both cores). */
+static void run_files(Run *r)
+{
+    Py_ssize_t k = r->seg, pos = r->pos;
+    Part a, b;
+    pthread_t helper;
+
+    while (k < r->seg_end && takes(r, k, pos)) {
+        pos += r->seg_length[k];
+        k++;
+    }
+    a = (Part){r, r->seg, k, r->pos, r->hex, 0};
+    if (k - r->seg >= SPLIT_MIN) {
+        Py_ssize_t mid = r->seg + (k - r->seg) / 2, mid_pos = r->pos;
+        for (Py_ssize_t i = r->seg; i < mid; i++)
+            mid_pos += r->seg_length[i];
+        b = (Part){r, mid, k, mid_pos, r->hex + 64 * (mid - r->seg), 0};
+        if (pthread_create(&helper, NULL, read_part, &b) == 0) {
+            a.end = mid;
+            read_part(&a);
+            pthread_join(helper, NULL);
+            /* the second half counts only if the first is whole */
+            r->done = a.done == mid - r->seg ? a.done + b.done : a.done;
+            return;
+        }
+    }
+    read_part(&a);
+    r->done = a.done;
 }
 
 /* A contiguous buffer of `itemsize`-byte items: 8 means 64-bit integers (array 'q' or 'Q'). */

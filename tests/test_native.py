@@ -83,21 +83,22 @@ def both(plan: Plan, module: ModuleType, **kw: object) -> tuple[Read, Read]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=25),
-    dirs=st.lists(st.sampled_from(["", "a/", "a/b/", "c/"]), min_size=25, max_size=25),
-    container=st.integers(1000, 9000),
-    chunk=st.integers(3000, 20000),
+    # Few files, or many: runs of 64 and more are shared between two threads.
+    files=st.integers(1, 150).flatmap(lambda n: st.lists(
+        st.tuples(st.integers(0, 3000), st.sampled_from(["", "a/", "a/b/", "c/"])),
+        min_size=n, max_size=n)),
+    container=st.integers(1000, 90000),
+    chunk=st.integers(3000, 200000),
     one_container=st.booleans(),
 )
 def test_c_loop_reads_what_the_python_loop_reads(
-        sizes: list[int], dirs: list[str], container: int, chunk: int, one_container: bool
+        files: list[tuple[int, str]], container: int, chunk: int, one_container: bool
 ) -> None:
     if BUILT is None:
         pytest.skip("ltoflow._native is not built here")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp)
-        contents = write_tree(src, {f"{d}f{i:02d}": n for i, (n, d) in
-                                    enumerate(zip(sizes, dirs, strict=False))})
+        contents = write_tree(src, {f"{d}f{i:03d}": n for i, (n, d) in enumerate(files)})
         plan = plan_of(src, container)
         fast, slow = both(plan, BUILT, chunk=chunk, one_container=one_container)
     assert fast == slow
@@ -143,20 +144,23 @@ def _dir_symlink(p: Path) -> None:
     d.symlink_to("moved")
 
 
+@pytest.mark.parametrize("victim", ["b/f05", "c/f30"], ids=["first-half", "second-half"])
 @pytest.mark.parametrize("change", [_grow, _touch, _delete, _symlink, _fifo, _dir_symlink],
                          ids=["grown", "touched", "deleted", "symlink", "fifo", "dir-symlink"])
 def test_a_file_changed_after_the_scan_is_found_as_the_python_loop_finds_it(
-        tmp_path: Path, native: ModuleType, change: Change) -> None:
-    contents = write_tree(tmp_path, {f"{d}/f{i:02d}": 500 + i for d in "abc" for i in range(8)})
+        tmp_path: Path, native: ModuleType, change: Change, victim: str) -> None:
+    # 120 files: one run, which the C loop shares between two threads (halves of 60 files).
+    contents = write_tree(tmp_path, {f"{d}/f{i:02d}": 500 + i for d in "abc" for i in range(40)})
     plan = plan_of(tmp_path, 1 << 20)
-    change(tmp_path / "b" / "f05")
+    change(tmp_path / victim)
     fast, slow = both(plan, native, chunk=1 << 20, one_container=False)
     assert fast == slow
     _, data, faults = fast
     unusable = {plan.files.relative_path[i] for i in faults}
-    # The file, or all of b/ when b/ itself became a symlink (it is not followed).
-    assert unusable == ({f"b/f{i:02d}" for i in range(8)} if change is _dir_symlink
-                        else {"b/f05"})
+    # The file, or all of its directory when that became a symlink (it is not followed).
+    folder = victim.split("/")[0]
+    assert unusable == ({f"{folder}/f{i:02d}" for i in range(40)} if change is _dir_symlink
+                        else {victim})
     # Every other file was read whole, those after it too (by the C loop again).
     for f in range(len(plan.files)):
         rel = plan.files.relative_path[f]
