@@ -18,11 +18,9 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
-#include <linux/openat2.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -34,27 +32,35 @@
 #define SPLIT_MIN 64
 
 static EVP_MD *sha256_md, *sha1_md;
-static int have_openat2 = 1; /* cleared the first time the kernel says ENOSYS */
-
 static const int FILE_FLAGS = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK;
+static const int DIR_FLAGS = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
 
-/* A directory under the root, opened O_PATH with no symlink followed and never above the
- * root; -1 with errno set otherwise. */
-static int open_dir_beneath(int root_fd, const char *dir)
+/* The directory `dir` (NUL-terminated, relative, components split by '/') under root_fd,
+ * opened O_PATH one component at a time with none followed if it is a symlink, as
+ * paths.DirFds does; -1 with errno set otherwise. `dir` is changed in place and restored. */
+static int open_dir_beneath(int root_fd, char *dir)
 {
-    struct open_how how;
-    long fd;
-    if (!have_openat2) {
-        errno = ENOSYS;
-        return -1;
+    int fd = root_fd;
+    char *name = dir;
+    for (;;) {
+        char *slash = strchr(name, '/');
+        int next;
+        if (slash != NULL)
+            *slash = '\0';
+        next = (*name == '\0' || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+                   ? (errno = EINVAL, -1)
+                   : openat(fd, name, DIR_FLAGS);
+        if (slash != NULL)
+            *slash = '/';
+        if (fd != root_fd)
+            close(fd);
+        if (next < 0)
+            return -1;
+        fd = next;
+        if (slash == NULL)
+            return fd;
+        name = slash + 1;
     }
-    memset(&how, 0, sizeof how);
-    how.flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-    fd = syscall(SYS_openat2, root_fd, dir, &how, sizeof how);
-    if (fd < 0 && errno == ENOSYS)
-        have_openat2 = 0;
-    return (int)fd;
 }
 
 /* Read exactly `size` bytes at offset 0; 0 on success, -1 on an error or a short file. */
@@ -74,11 +80,17 @@ static int read_all(int fd, unsigned char *dst, int64_t size)
 
 static const char HEX[] = "0123456789abcdef";
 
+/* Blocks of this many files are what the threads take in turn, so that both read near each
+ * other in path order (a disk with heads seeks less than for two far-apart halves). */
+#define BLOCK 16
+#define MAX_BLOCKS (MAX_RUN / BLOCK)
+
 typedef struct {
     /* inputs, all borrowed from Py_buffers */
     int root_fd;
     const unsigned char *paths; /* every file's path relative to the root, end to end */
     const uint64_t *path_ends;  /* path i is paths[path_ends[i-1] : path_ends[i]] */
+    Py_ssize_t paths_len;
     const int64_t *seg_file, *seg_length, *seg_container, *file_starts, *sizes, *mtimes;
     Py_ssize_t n_files;
     Py_ssize_t seg, seg_end;    /* the segments to go through, in order */
@@ -86,142 +98,193 @@ typedef struct {
     int64_t container;          /* only segments of this container; -1: any */
     unsigned char *buf;
     Py_ssize_t pos, cap;
-    /* outputs */
-    char *hex;                  /* 64 hex characters per segment done */
-    Py_ssize_t done;
+    /* the run `takes` accepts: n segments from seg on, in blocks of BLOCK */
+    Py_ssize_t n;
+    int blocks;
+    Py_ssize_t block_pos[MAX_BLOCKS]; /* where each block's first file goes in buf */
+    Py_ssize_t block_done[MAX_BLOCKS];
+    int next_block, stop_block;       /* shared by the threads (atomics) */
+    char *hex;                        /* 64 hex characters per segment */
+    Py_ssize_t done;                  /* output: files done from seg on, in order */
 } Run;
 
 /* Whether segment k is a whole file that this loop may take, and fits. */
 static int takes(const Run *r, Py_ssize_t k, Py_ssize_t pos)
 {
     int64_t f = r->seg_file[k];
+    uint64_t start, end;
     if (f < 0 || f >= r->n_files || f >= r->stop_file)
         return 0;
     if (r->file_starts[f + 1] - r->file_starts[f] != 1)
         return 0;
     if (r->container >= 0 && r->seg_container[k] != r->container)
         return 0;
+    start = f ? r->path_ends[f - 1] : 0;
+    end = r->path_ends[f];
+    if (end <= start || end > (uint64_t)r->paths_len || end - start >= PATH_MAX)
+        return 0;
     return r->seg_length[k] <= r->cap - pos && r->seg_length[k] == r->sizes[f];
 }
 
-/* Segments [first, end) of a run that `takes` accepted, the first at `pos` in the buffer. */
+/* One thread's state: its last directory, kept open, and its hash context. */
 typedef struct {
-    const Run *r;
-    Py_ssize_t first, end, pos;
-    char *hex; /* 64 hex characters for each segment done */
-    Py_ssize_t done;
-} Part;
-
-/* Read, check and hash a part's files in order; stop at the first that fails any check. */
-static void *read_part(void *arg)
-{
-    Part *p = arg;
-    const Run *r = p->r;
     char path[PATH_MAX];
     char dir[PATH_MAX];
-    size_t dir_len = (size_t)-1; /* no directory open yet */
-    int dir_fd = -1;
+    size_t dir_len;
+    int dir_fd;
+    EVP_MD_CTX *ctx;
+} Reader;
+
+/* Whether a file's stat is the scan's: a regular file, still linked, of its size and mtime. */
+static int as_scanned(const struct stat *st, int64_t size, int64_t mtime_ns)
+{
+    /* seconds and nanoseconds apart: st_mtim * 1e9 may not fit 64 bits */
+    int64_t sec = mtime_ns / 1000000000, nsec = mtime_ns % 1000000000;
+    if (nsec < 0) {
+        sec -= 1;
+        nsec += 1000000000;
+    }
+    return S_ISREG(st->st_mode) && st->st_nlink > 0 && st->st_size == size
+           && (int64_t)st->st_mtim.tv_sec == sec && (int64_t)st->st_mtim.tv_nsec == nsec;
+}
+
+/* Read, check and hash segments [first, end) in order, the first at `pos`; the count done
+ * before the first that fails any check. */
+static Py_ssize_t read_files(const Run *r, Reader *rd, Py_ssize_t first, Py_ssize_t end,
+                             Py_ssize_t pos, char *hex)
+{
     unsigned char digest[SHA256_LEN];
     unsigned int digest_len = 0;
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    Py_ssize_t pos = p->pos;
+    Py_ssize_t done = 0;
 
-    if (ctx == NULL)
-        return NULL;
-    for (Py_ssize_t k = p->first; k < p->end; k++) {
+    for (Py_ssize_t k = first; k < end; k++) {
         int64_t f = r->seg_file[k];
         int64_t length = r->seg_length[k];
-        uint64_t start = f ? r->path_ends[f - 1] : 0, end = r->path_ends[f];
-        size_t len = (size_t)(end - start);
+        uint64_t start = f ? r->path_ends[f - 1] : 0;
+        size_t len = (size_t)(r->path_ends[f] - start); /* < PATH_MAX: see takes() */
         const char *slash;
         size_t head;
-        int at, fd;
+        int at, fd, ok;
         struct stat st;
-        int ok;
 
-        if (len == 0 || len >= sizeof path)
+        memcpy(rd->path, r->paths + start, len);
+        rd->path[len] = '\0';
+        if (memchr(rd->path, '\0', len) != NULL)
             break;
-        memcpy(path, r->paths + start, len);
-        path[len] = '\0';
-        if (memchr(path, '\0', len) != NULL)
-            break;
-        slash = memrchr(path, '/', len);
-        head = slash ? (size_t)(slash - path) : 0;
+        slash = memrchr(rd->path, '/', len);
+        head = slash ? (size_t)(slash - rd->path) : 0;
         if (head == 0) {
             at = r->root_fd;
         } else {
-            if (head != dir_len || memcmp(dir, path, head) != 0) {
-                if (dir_fd >= 0)
-                    close(dir_fd);
-                memcpy(dir, path, head);
-                dir[head] = '\0';
-                dir_len = (size_t)-1;
-                dir_fd = open_dir_beneath(r->root_fd, dir);
-                if (dir_fd < 0)
+            if (head != rd->dir_len || memcmp(rd->dir, rd->path, head) != 0) {
+                if (rd->dir_fd >= 0)
+                    close(rd->dir_fd);
+                memcpy(rd->dir, rd->path, head);
+                rd->dir[head] = '\0';
+                rd->dir_len = (size_t)-1;
+                rd->dir_fd = open_dir_beneath(r->root_fd, rd->dir);
+                if (rd->dir_fd < 0)
                     break;
-                dir_len = head;
+                rd->dir_len = head;
             }
-            at = dir_fd;
+            at = rd->dir_fd;
         }
-        fd = openat(at, slash ? slash + 1 : path, FILE_FLAGS);
+        fd = openat(at, slash ? slash + 1 : rd->path, FILE_FLAGS);
         if (fd < 0)
             break;
         ok = read_all(fd, r->buf + pos, length) == 0 && fstat(fd, &st) == 0
-             && S_ISREG(st.st_mode) && st.st_nlink > 0 && st.st_size == r->sizes[f]
-             && (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec == r->mtimes[f];
+             && as_scanned(&st, r->sizes[f], r->mtimes[f]);
         close(fd);
         if (!ok)
             break;
-        if (!EVP_DigestInit_ex(ctx, sha256_md, NULL)
-            || !EVP_DigestUpdate(ctx, r->buf + pos, (size_t)length)
-            || !EVP_DigestFinal_ex(ctx, digest, &digest_len) || digest_len != SHA256_LEN)
+        if (!EVP_DigestInit_ex(rd->ctx, sha256_md, NULL)
+            || !EVP_DigestUpdate(rd->ctx, r->buf + pos, (size_t)length)
+            || !EVP_DigestFinal_ex(rd->ctx, digest, &digest_len) || digest_len != SHA256_LEN)
             break;
-        {
-            char *out = p->hex + 64 * p->done;
-            for (int b = 0; b < SHA256_LEN; b++) {
-                out[2 * b] = HEX[digest[b] >> 4];
-                out[2 * b + 1] = HEX[digest[b] & 15];
-            }
+        for (int b = 0; b < SHA256_LEN; b++) {
+            hex[64 * done + 2 * b] = HEX[digest[b] >> 4];
+            hex[64 * done + 2 * b + 1] = HEX[digest[b] & 15];
         }
         pos += length;
-        p->done++;
+        done++;
     }
-    if (dir_fd >= 0)
-        close(dir_fd);
-    EVP_MD_CTX_free(ctx);
+    return done;
+}
+
+/* A thread's share of the run: the next block not taken, until none is left or a block
+ * before it failed. */
+static void *read_blocks(void *arg)
+{
+    Run *r = arg;
+    Reader rd;
+    rd.dir_len = (size_t)-1;
+    rd.dir_fd = -1;
+    rd.ctx = EVP_MD_CTX_new();
+    if (rd.ctx == NULL) {
+        __atomic_store_n(&r->stop_block, 0, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    for (;;) {
+        int b = __atomic_fetch_add(&r->next_block, 1, __ATOMIC_RELAXED);
+        Py_ssize_t first, end, done;
+        int stop;
+        if (b >= __atomic_load_n(&r->stop_block, __ATOMIC_RELAXED))
+            break;
+        first = r->seg + (Py_ssize_t)b * BLOCK;
+        end = first + BLOCK < r->seg + r->n ? first + BLOCK : r->seg + r->n;
+        done = read_files(r, &rd, first, end, r->block_pos[b],
+                          r->hex + 64 * (Py_ssize_t)b * BLOCK);
+        r->block_done[b] = done;
+        if (done < end - first) { /* no block after this one counts: stop taking them */
+            stop = __atomic_load_n(&r->stop_block, __ATOMIC_RELAXED);
+            while (stop > b + 1 && !__atomic_compare_exchange_n(
+                       &r->stop_block, &stop, b + 1, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                ;
+            break;
+        }
+    }
+    if (rd.dir_fd >= 0)
+        close(rd.dir_fd);
+    EVP_MD_CTX_free(rd.ctx);
     return NULL;
 }
 
-/* The run, with the GIL released: nothing here touches a Python object. A run of at least
- * SPLIT_MIN files is shared with a second thread, which takes its second half (the system
- * calls, not the hashing, are most of the time, and they run on both cores). */
-static void run_files(Run *r)
+/* The run `takes` accepts from seg on, and where each block of it goes in the buffer. */
+static void find_run(Run *r)
 {
     Py_ssize_t k = r->seg, pos = r->pos;
-    Part a, b;
-    pthread_t helper;
-
     while (k < r->seg_end && takes(r, k, pos)) {
+        if ((k - r->seg) % BLOCK == 0)
+            r->block_pos[(k - r->seg) / BLOCK] = pos;
         pos += r->seg_length[k];
         k++;
     }
-    a = (Part){r, r->seg, k, r->pos, r->hex, 0};
-    if (k - r->seg >= SPLIT_MIN) {
-        Py_ssize_t mid = r->seg + (k - r->seg) / 2, mid_pos = r->pos;
-        for (Py_ssize_t i = r->seg; i < mid; i++)
-            mid_pos += r->seg_length[i];
-        b = (Part){r, mid, k, mid_pos, r->hex + 64 * (mid - r->seg), 0};
-        if (pthread_create(&helper, NULL, read_part, &b) == 0) {
-            a.end = mid;
-            read_part(&a);
-            pthread_join(helper, NULL);
-            /* the second half counts only if the first is whole */
-            r->done = a.done == mid - r->seg ? a.done + b.done : a.done;
-            return;
-        }
+    r->n = k - r->seg;
+    r->blocks = (int)((r->n + BLOCK - 1) / BLOCK);
+}
+
+/* The run, with the GIL released: nothing here touches a Python object. A run of at least
+ * SPLIT_MIN files is shared with a second thread (the system calls, not the hashing, are most
+ * of the time, and they run on both cores). Done: the files of whole blocks in order, and of
+ * the first block that stopped short. */
+static void run_files(Run *r)
+{
+    pthread_t helper;
+    int helped;
+
+    r->next_block = 0;
+    r->stop_block = r->blocks;
+    helped = r->n >= SPLIT_MIN && pthread_create(&helper, NULL, read_blocks, r) == 0;
+    read_blocks(r);
+    if (helped)
+        pthread_join(helper, NULL);
+    r->done = 0;
+    for (int b = 0; b < r->blocks && b < r->stop_block; b++) {
+        Py_ssize_t want = (b + 1 < r->blocks) ? BLOCK : r->n - (Py_ssize_t)b * BLOCK;
+        r->done += r->block_done[b];
+        if (r->block_done[b] < want)
+            break;
     }
-    read_part(&a);
-    r->done = a.done;
 }
 
 /* A contiguous buffer of `itemsize`-byte items: 8 means 64-bit integers (array 'q' or 'Q'). */
@@ -317,11 +380,8 @@ static PyObject *read_whole_files(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_IndexError, "segment range out of the plan");
             goto done;
         }
-        if (r.n_files && ((const uint64_t *)b_ends.buf)[r.n_files - 1] > (uint64_t)b_paths.len) {
-            PyErr_SetString(PyExc_ValueError, "path_ends run past the paths");
-            goto done;
-        }
     }
+    r.paths_len = b_paths.len; /* each path's bounds are checked by takes() */
     r.buf = b_buf.buf;
     r.cap = b_buf.len;
     if (r.pos < 0 || r.pos > r.cap) {
@@ -330,7 +390,12 @@ static PyObject *read_whole_files(PyObject *self, PyObject *args)
     }
     if (r.seg_end - r.seg > MAX_RUN)
         r.seg_end = r.seg + MAX_RUN;
-    r.hex = PyMem_RawMalloc(64 * (size_t)(r.seg_end - r.seg) + 1);
+    find_run(&r);
+    if (r.n == 0) {
+        result = PyList_New(0);
+        goto done;
+    }
+    r.hex = PyMem_RawMalloc(64 * (size_t)r.n);
     if (r.hex == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -419,7 +484,7 @@ static PyObject *file_ids(PyObject *self, PyObject *args)
             }
             if (!EVP_DigestInit_ex(ctx, sha1_md, NULL) || !EVP_DigestUpdate(ctx, ns.buf, 16)
                 || !EVP_DigestUpdate(ctx, paths + start, (size_t)(end - start))
-                || !EVP_DigestFinal_ex(ctx, md, &md_len) || md_len < 16) {
+                || !EVP_DigestFinal_ex(ctx, md, &md_len) || md_len != 20) {
                 PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to hash");
                 Py_CLEAR(result);
                 goto done;
@@ -457,7 +522,98 @@ done:
     return result;
 }
 
+/* Year, month, day of a day counted from 1970-01-01 (proleptic Gregorian; H. Hinnant's
+ * civil_from_days). */
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+    int64_t era, yy;
+    unsigned doe, yoe, doy, mp;
+    z += 719468;
+    era = (z >= 0 ? z : z - 146096) / 146097;
+    doe = (unsigned)(z - era * 146097);
+    yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    yy = (int64_t)yoe + era * 400;
+    doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    mp = (5 * doy + 2) / 153;
+    *d = doy - (153 * mp + 2) / 5 + 1;
+    *m = mp < 10 ? mp + 3 : mp - 9;
+    *y = yy + (*m <= 2);
+}
+
+static int64_t floor_div(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+    return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
+}
+
+PyDoc_STRVAR(iso_times_doc,
+"iso_times(mtimes, indices, min_us, max_us)\n"
+"--\n\n"
+"catalog.iso_from_ns of mtimes[i] for each i in indices (arrays of 64-bit ints): the time in\n"
+"microseconds, clamped to [min_us, max_us], as YYYY-MM-DDTHH:MM:SS.ffffff+00:00.");
+
+static PyObject *iso_times(PyObject *self, PyObject *args)
+{
+    Py_buffer b_mtimes, b_idx;
+    PyObject *o_mtimes, *o_idx, *result = NULL;
+    long long min_us, max_us;
+    int got = 0;
+    Py_buffer *views[2] = {&b_mtimes, &b_idx};
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OOLL:iso_times", &o_mtimes, &o_idx, &min_us, &max_us))
+        return NULL;
+    if (get_column(o_mtimes, &b_mtimes, "mtimes", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_idx, &b_idx, "indices", 8, 0) < 0) goto done;
+    got++;
+    {
+        const int64_t *mtimes = b_mtimes.buf, *idx = b_idx.buf;
+        Py_ssize_t n_mtimes = b_mtimes.len / 8, n = b_idx.len / 8;
+        result = PyList_New(n);
+        if (result == NULL)
+            goto done;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            int64_t i = idx[k], total_us, secs, us, days, sod, year;
+            unsigned month, day;
+            char text[64];
+            int len;
+            PyObject *s;
+            if (i < 0 || i >= n_mtimes) {
+                PyErr_SetString(PyExc_IndexError, "mtime index out of range");
+                Py_CLEAR(result);
+                goto done;
+            }
+            total_us = floor_div(mtimes[i], 1000);
+            if (total_us < min_us)
+                total_us = min_us;
+            if (total_us > max_us)
+                total_us = max_us;
+            secs = floor_div(total_us, 1000000);
+            us = total_us - secs * 1000000;
+            days = floor_div(secs, 86400);
+            sod = secs - days * 86400;
+            civil_from_days(days, &year, &month, &day);
+            len = snprintf(text, sizeof text, "%04lld-%02u-%02uT%02u:%02u:%02u.%06lld+00:00",
+                           (long long)year, month, day, (unsigned)(sod / 3600),
+                           (unsigned)(sod % 3600 / 60), (unsigned)(sod % 60), (long long)us);
+            s = PyUnicode_FromStringAndSize(text, len);
+            if (s == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, k, s);
+        }
+    }
+
+done:
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(views[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"iso_times", iso_times, METH_VARARGS, iso_times_doc},
     {"file_ids", file_ids, METH_VARARGS, file_ids_doc},
     {"read_whole_files", read_whole_files, METH_VARARGS, read_whole_files_doc},
     {NULL, NULL, 0, NULL},

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import operator
 import uuid
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ import cattrs
 import orjson
 from cattrs.gen import make_dict_unstructure_fn, override
 
-from ltoflow import paths
+from ltoflow import native, paths
 from ltoflow.errors import CatalogReadError
 
 SCHEMA_VERSION = "2.0"
@@ -61,6 +62,18 @@ def iso_from_ns(mtime_ns: int) -> str:
             _ISO_SECONDS.clear()
         head = _ISO_SECONDS[seconds] = iso_utc(_EPOCH + timedelta(seconds=seconds))[:19]
     return f"{head}.{us:06d}+00:00"
+
+
+def iso_from_ns_at(mtimes: Sequence[int], indices: Iterable[int]) -> list[str]:
+    """iso_from_ns(mtimes[i]) for each of `indices` (none negative): one call into the C
+    extension for a column of 64-bit mtimes, where it is built."""
+    module = native.MODULE
+    if module is None or not isinstance(mtimes, array) or mtimes.typecode != "q":
+        return [iso_from_ns(mtimes[i]) for i in indices]
+    picked = (indices if isinstance(indices, array) and indices.typecode == "q"
+              else array("q", indices))
+    isos: list[str] = module.iso_times(mtimes, picked, _MIN_US, _MAX_US)
+    return isos
 
 
 @contextmanager

@@ -98,6 +98,7 @@ class SourceFaults:
         self.policy = policy or FaultPolicy()
         #: file index -> skip reason; read without the lock (a dict lookup is atomic).
         self.reasons: dict[int, str] = {}
+        self._sorted: list[int] = []  # the keys of `reasons`, in order (under the lock)
         self._cuts: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self._new: list[int] = []
         self._lock = threading.Lock()
@@ -114,9 +115,16 @@ class SourceFaults:
         with self._lock:
             if file_index not in self.reasons:
                 self.reasons[file_index] = skip_reason(error)
+                bisect.insort(self._sorted, file_index)
                 self._new.append(file_index)
             if domain is not None:
                 self._cuts[domain].setdefault(file_index, offset)
+
+    def first_unusable(self, start: int, stop: int) -> int:
+        """The first unusable file in [start, stop), or `stop` when there is none."""
+        with self._lock:
+            n = bisect.bisect_left(self._sorted, start)
+            return self._sorted[n] if n < len(self._sorted) and self._sorted[n] < stop else stop
 
     def cut(self, domain: int, file_index: int, offset: int) -> int | None:
         """Where `domain`'s bytes of an unusable file turn to zeros (None: the file is usable).
@@ -166,6 +174,7 @@ class SourceFaults:
         """Take over what an interrupted job knew (see `snapshot`)."""
         with self._lock:
             self.reasons = {int(f): r for f, r in snapshot["reasons"].items()}
+            self._sorted = sorted(self.reasons)
             first, later = ({int(f): o for f, o in c.items()} for c in snapshot["cuts"])
             self._cuts = (first, later)
             self.frozen = bool(snapshot["frozen"])
@@ -332,9 +341,7 @@ class SourceCursor:
         n = bisect.bisect_left(self._raw, f)
         if n < len(self._raw):
             stop = self._raw[n]
-        for i in self.faults.reasons:
-            if f <= i < stop:
-                stop = i
+        stop = self.faults.first_unusable(f, stop)
         try:
             root_fd = self._open_dirs().root_fd
         except OSError:
@@ -345,6 +352,14 @@ class SourceCursor:
             segments.container_index, plan.file_starts, files.size, files.mtime_ns,
             k, self.end, stop, container, buf, pos,
         )
+        if digests:
+            # A file another pass found unusable meanwhile is left to the Python loop, which
+            # gives its zeros, as it would have had it been found before the call.
+            last = segments.file_index[k + len(digests) - 1]
+            later = self.faults.first_unusable(f, last + 1)
+            if later <= last:
+                del digests[bisect.bisect_left(segments.file_index, later, k,
+                                               k + len(digests)) - k:]
         return digests
 
     def _open_dirs(self) -> DirFds:

@@ -630,7 +630,6 @@ def _build_catalog(
     file_hashes.freeze()
     segment_hashes.freeze()
     table = plan.segments
-    iso = cat.iso_from_ns
     b64 = _b64
     listed: Sequence[int] = range(len(files))
     if unusable:
@@ -646,13 +645,13 @@ def _build_catalog(
             rels, shas = paths_[start:stop], file_hashes[start:stop]
         else:
             rels, shas = [paths_[i] for i in indices], [file_hashes[i] for i in indices]
-        fids = file_ids_of(files, indices)
-        for i, fid, rel, sha in zip(indices, fids, rels, shas, strict=True):
-            mtime = mtimes[i]
+        picked = array("q", indices)  # once, for both calls into the C extension
+        fids, isos = file_ids_of(files, picked), cat.iso_from_ns_at(mtimes, picked)
+        for i, fid, rel, sha, iso in zip(indices, fids, rels, shas, isos, strict=True):
             obj = {"file_id": fid, "relative_path": rel,
                    "absolute_path": f"{root}/{rel}", "size_bytes": sizes[i],
-                   "sha256": sha, "modified_at": iso(mtime),
-                   "unix_mode": modes[i], "mtime_ns": mtime}
+                   "sha256": sha, "modified_at": iso,
+                   "unix_mode": modes[i], "mtime_ns": mtimes[i]}
             if raws and (raw := raws.get(i)) is not None and (b := b64(raw)) is not None:
                 obj["relative_path_b64"] = b
             out.append(obj)
@@ -716,7 +715,8 @@ def file_ids_of(files: FileTable, indices: Iterable[int] | None = None) -> list[
     module = native.MODULE
     if module is None:
         return list(map(cat.file_id_for, files.path_bytes_at(indices)))
-    picked = indices if isinstance(indices, array) else array("q", indices)
+    picked = (indices if isinstance(indices, array) and indices.typecode == "q"
+              else array("q", indices))
     ids: list[str] = module.file_ids(cat.FILE_ID_NAMESPACE, *files.relative_path.buffers(), picked)
     if files.raw_path:  # names that are not UTF-8: their exact bytes, not the rendering
         raw = files.raw_path

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ltoflow import catalog as cat
@@ -83,12 +84,14 @@ def both(plan: Plan, module: ModuleType, **kw: object) -> tuple[Read, Read]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    # Few files, or many: runs of 64 and more are shared between two threads.
+    # Few files, or many small ones: runs of 64 and more are shared between two threads in
+    # blocks of 16, and containers and chunks are large enough for such runs to happen.
     files=st.integers(1, 150).flatmap(lambda n: st.lists(
-        st.tuples(st.integers(0, 3000), st.sampled_from(["", "a/", "a/b/", "c/"])),
+        st.tuples(st.one_of(st.integers(0, 300), st.integers(0, 3000)),
+                  st.sampled_from(["", "a/", "a/b/", "c/"])),
         min_size=n, max_size=n)),
-    container=st.integers(1000, 90000),
-    chunk=st.integers(3000, 200000),
+    container=st.one_of(st.integers(1000, 9000), st.integers(9000, 1 << 20)),
+    chunk=st.one_of(st.integers(3000, 20000), st.integers(20000, 1 << 20)),
     one_container=st.booleans(),
 )
 def test_c_loop_reads_what_the_python_loop_reads(
@@ -105,10 +108,23 @@ def test_c_loop_reads_what_the_python_loop_reads(
     pieces, data, faults = fast
     assert not faults
     assert data == b"".join(contents[f.relative_path] for f in plan.files)
+    runs = _runs_of_whole_files(pieces)
+    event(f"longest run of whole files: {'64 or more' if max(runs, default=0) >= 64 else 'less'}")
     for p in pieces:  # whole files come with their hash, and it is right
         if p.digest is not None:
             assert (p.first, p.last) == (True, True)
             assert p.digest == hashlib.sha256(data[p.start:p.start + p.length]).hexdigest()
+
+
+def _runs_of_whole_files(pieces: list[Piece]) -> list[int]:
+    runs, n = [], 0
+    for p in pieces:
+        if p.digest is not None:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return [*runs, n]
 
 
 Change = Callable[[Path], None]
@@ -252,3 +268,55 @@ def test_c_file_ids_are_the_catalogs_file_ids(names: list[str | bytes], pick: li
                                       for i in range(len(files))]
     finally:
         extension.MODULE = saved
+
+
+@settings(max_examples=300, deadline=None)
+@given(mtimes=st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1),
+                                 st.integers(-(10**17), 10**17),
+                                 st.integers(-(10**12), 10**12)), min_size=1, max_size=20))
+def test_c_iso_times_are_the_catalogs_modified_at(mtimes: list[int]) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    column = array("q", mtimes)
+    saved = extension.MODULE
+    try:
+        extension.MODULE = BUILT
+        got = cat.iso_from_ns_at(column, range(len(column)))
+    finally:
+        extension.MODULE = saved
+    assert got == [cat.iso_from_ns(m) for m in mtimes]
+
+
+def test_a_file_made_unusable_by_another_pass_during_a_c_call_is_left_to_python(
+        tmp_path: Path, native: ModuleType) -> None:
+    write_tree(tmp_path, {f"f{i:03d}": 300 for i in range(100)})
+    plan = plan_of(tmp_path, 1 << 20)
+    faults = SourceFaults(plan, FaultPolicy(skip_changed=True))
+
+    class Meanwhile:
+        """The C loop, while which the prehasher finds file 70 unusable."""
+
+        @staticmethod
+        def read_whole_files(*args: object) -> list[str]:
+            digests: list[str] = native.read_whole_files(*args)
+            if not faults.reasons:
+                faults.fault(70, SourceReadError("gone", relative_path="f070", what="gone"),
+                             domain=hashing.LATER_TAPES, offset=0)
+            return digests
+
+    saved = hashing.NATIVE
+    hashing.NATIVE = Meanwhile  # type: ignore[assignment]
+    try:
+        cursor = SourceCursor(plan, 0, len(plan.segments), faults=faults)
+    finally:
+        hashing.NATIVE = saved
+    buf = memoryview(bytearray(1 << 20))
+    try:
+        pieces, n = cursor.fill(buf, one_container=False)
+    finally:
+        cursor.close()
+    assert n == 100 * 300
+    assert bytes(buf[70 * 300:71 * 300]) == bytes(300)  # zeros, as for any unusable file
+    assert pieces[70].digest is None
+    assert bytes(buf[71 * 300:72 * 300]) == (tmp_path / "f071").read_bytes()
+    assert [p.digest is not None for p in pieces] == [i != 70 for i in range(100)]
