@@ -14,7 +14,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dirent.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
@@ -522,6 +524,300 @@ done:
     return result;
 }
 
+/* ---- scan: one directory's entries ---- */
+
+/* Whether s[0:n] is UTF-8 as Python's strict decoder takes it (no surrogates, no overlong
+ * forms, nothing above U+10FFFF). */
+static int valid_utf8(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if (c >= 0xC2 && c <= 0xDF) {
+            if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80)
+                return 0;
+            i += 2;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            unsigned char lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+            if (i + 2 >= n || s[i + 1] < lo || s[i + 1] > hi || (s[i + 2] & 0xC0) != 0x80)
+                return 0;
+            i += 3;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            unsigned char lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+            if (i + 3 >= n || s[i + 1] < lo || s[i + 1] > hi || (s[i + 2] & 0xC0) != 0x80
+                || (s[i + 3] & 0xC0) != 0x80)
+                return 0;
+            i += 4;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+enum { E_FILE, E_DIR, E_OTHER };
+
+typedef struct {
+    char *name;
+    size_t len;
+    int kind;
+    int err;      /* lstat's errno, 0 when it worked */
+    int readable; /* access(R_OK), for regular files */
+    struct stat st;
+} Entry;
+
+/* The walk's order: a file by its name, a directory by its name and '/'. */
+static int by_key(const void *pa, const void *pb)
+{
+    const Entry *a = pa, *b = pb;
+    size_t la = a->len + (a->kind == E_DIR), lb = b->len + (b->kind == E_DIR);
+    size_t n = la < lb ? la : lb;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ca = i < a->len ? (unsigned char)a->name[i] : '/';
+        unsigned char cb = i < b->len ? (unsigned char)b->name[i] : '/';
+        if (ca != cb)
+            return ca < cb ? -1 : 1;
+    }
+    return la < lb ? -1 : la > lb;
+}
+
+/* Growable bytes for a run's columns. */
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Bytes;
+
+static int put(Bytes *b, const void *src, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 4096;
+        char *data;
+        while (cap < b->len + n)
+            cap *= 2;
+        data = PyMem_RawRealloc(b->data, cap);
+        if (data == NULL)
+            return -1;
+        b->data = data;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static void free_entries(Entry *entries, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        PyMem_RawFree(entries[i].name);
+    PyMem_RawFree(entries);
+}
+
+/* List dir_fd with the GIL released: each entry's lstat, and access(R_OK) for regular files.
+ * 0, or -1 with errno set. */
+static int read_entries(int dir_fd, Entry **out, size_t *count)
+{
+    int fd = dup(dir_fd);
+    DIR *d;
+    Entry *entries = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *de;
+    int err = 0;
+
+    if (fd < 0)
+        return -1;
+    d = fdopendir(fd);
+    if (d == NULL) {
+        err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    rewinddir(d); /* the descriptor's offset is shared with dir_fd */
+    for (;;) {
+        Entry *e;
+        errno = 0;
+        de = readdir(d);
+        if (de == NULL) {
+            err = errno;
+            break;
+        }
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (n == cap) {
+            size_t new_cap = cap ? cap * 2 : 64;
+            Entry *grown = PyMem_RawRealloc(entries, new_cap * sizeof *entries);
+            if (grown == NULL) {
+                err = ENOMEM;
+                break;
+            }
+            entries = grown;
+            cap = new_cap;
+        }
+        e = &entries[n];
+        e->len = strlen(de->d_name);
+        e->name = PyMem_RawMalloc(e->len + 1);
+        if (e->name == NULL) {
+            err = ENOMEM;
+            break;
+        }
+        memcpy(e->name, de->d_name, e->len + 1);
+        n++;
+        e->err = 0;
+        e->readable = 0;
+        if (fstatat(dir_fd, e->name, &e->st, AT_SYMLINK_NOFOLLOW) != 0) {
+            e->err = errno;
+            e->kind = E_OTHER;
+            memset(&e->st, 0, sizeof e->st);
+        } else if (S_ISDIR(e->st.st_mode)) {
+            e->kind = E_DIR;
+        } else if (S_ISREG(e->st.st_mode)) {
+            e->readable = faccessat(dir_fd, e->name, R_OK, 0) == 0;
+            e->kind = e->readable ? E_FILE : E_OTHER;
+        } else {
+            e->kind = E_OTHER; /* a symlink, a FIFO, a socket, a device */
+        }
+    }
+    rewinddir(d);
+    closedir(d);
+    if (err) {
+        free_entries(entries, n);
+        errno = err;
+        return -1;
+    }
+    qsort(entries, n, sizeof *entries, by_key);
+    *out = entries;
+    *count = n;
+    return 0;
+}
+
+/* A run of plain files as (0, paths, ends, sizes, mtimes, modes): the paths end to end, each
+ * the prefix and the name, ends relative to the run (u64), sizes and mtimes (i64), modes
+ * (u32), all native-endian, for array.frombytes. */
+static PyObject *make_run(const char *prefix, size_t prefix_len, Entry *entries, size_t first,
+                          size_t end)
+{
+    Bytes paths = {0}, ends = {0}, sizes = {0}, mtimes = {0}, modes = {0};
+    PyObject *run = NULL;
+    uint64_t at = 0;
+    for (size_t i = first; i < end; i++) {
+        Entry *e = &entries[i];
+        int64_t size = (int64_t)e->st.st_size;
+        int64_t mtime = (int64_t)e->st.st_mtim.tv_sec * 1000000000 + e->st.st_mtim.tv_nsec;
+        uint32_t mode = (uint32_t)e->st.st_mode;
+        at += prefix_len + e->len;
+        if (put(&paths, prefix, prefix_len) < 0 || put(&paths, e->name, e->len) < 0
+            || put(&ends, &at, 8) < 0 || put(&sizes, &size, 8) < 0
+            || put(&mtimes, &mtime, 8) < 0 || put(&modes, &mode, 4) < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    run = Py_BuildValue("(iy#y#y#y#y#)", 0, paths.data, (Py_ssize_t)paths.len, ends.data,
+                        (Py_ssize_t)ends.len, sizes.data, (Py_ssize_t)sizes.len, mtimes.data,
+                        (Py_ssize_t)mtimes.len, modes.data, (Py_ssize_t)modes.len);
+done:
+    PyMem_RawFree(paths.data);
+    PyMem_RawFree(ends.data);
+    PyMem_RawFree(sizes.data);
+    PyMem_RawFree(mtimes.data);
+    PyMem_RawFree(modes.data);
+    return run;
+}
+
+/* Whether an mtime in ns fits 64 bits (years 1678 to 2262). */
+static int mtime_fits(const struct stat *st)
+{
+    int64_t limit = INT64_MAX / 1000000000 - 1;
+    return st->st_mtim.tv_sec < limit && st->st_mtim.tv_sec > -limit;
+}
+
+/* A plain file for a run: its path is UTF-8 and its mtime in ns fits 64 bits. */
+static int plain(const Entry *e, int prefix_ok)
+{
+    return e->kind == E_FILE && prefix_ok && mtime_fits(&e->st)
+           && valid_utf8((const unsigned char *)e->name, e->len);
+}
+
+PyDoc_STRVAR(list_dir_doc,
+"list_dir(dir_fd, prefix, prefix_is_utf8)\n"
+"--\n\n"
+"One directory of the scan: its entries sorted in the walk's order (a file by its name, a\n"
+"directory by its name and '/'), each lstat'ed, and regular files probed with access(R_OK).\n"
+"A list of tuples:\n"
+"  (0, paths, ends, sizes, mtimes, modes): a run of plain files (readable, UTF-8 path,\n"
+"      64-bit mtime): paths with `prefix` end to end, ends relative to the run (u64), sizes\n"
+"      and mtimes in ns (i64), modes (u32), for array.frombytes;\n"
+"  (1, name, mode, mtime_ns): a directory;\n"
+"  (2, name, errno, mode, size, mtime_s, mtime_ns_part, readable): anything else, for\n"
+"      Python to look at (errno is lstat's, 0 when it worked).\n"
+"Raises OSError when the directory cannot be listed.");
+
+static PyObject *list_dir(PyObject *self, PyObject *args)
+{
+    int dir_fd, prefix_ok, rc, err = 0;
+    Py_buffer prefix;
+    Entry *entries = NULL;
+    size_t n = 0;
+    PyObject *items = NULL, *item;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "iy*p:list_dir", &dir_fd, &prefix, &prefix_ok))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = read_entries(dir_fd, &entries, &n);
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    items = PyList_New(0);
+    if (items == NULL)
+        goto done;
+    for (size_t i = 0; i < n;) {
+        Entry *e = &entries[i];
+        if (plain(e, prefix_ok)) {
+            size_t end = i + 1;
+            while (end < n && plain(&entries[end], prefix_ok))
+                end++;
+            item = make_run(prefix.buf, (size_t)prefix.len, entries, i, end);
+            i = end;
+        } else if (e->kind == E_DIR && mtime_fits(&e->st)) {
+            item = Py_BuildValue(
+                "(iy#IL)", 1, e->name, (Py_ssize_t)e->len, (unsigned int)e->st.st_mode,
+                (long long)e->st.st_mtim.tv_sec * 1000000000LL + e->st.st_mtim.tv_nsec);
+            i++;
+        } else {
+            item = Py_BuildValue("(iy#iILLLi)", 2, e->name, (Py_ssize_t)e->len, e->err,
+                                 (unsigned int)e->st.st_mode, (long long)e->st.st_size,
+                                 (long long)e->st.st_mtim.tv_sec,
+                                 (long long)e->st.st_mtim.tv_nsec, e->readable);
+            i++;
+        }
+        if (item == NULL) {
+            Py_CLEAR(items);
+            goto done;
+        }
+        rc = PyList_Append(items, item);
+        Py_DECREF(item);
+        if (rc < 0) {
+            Py_CLEAR(items);
+            goto done;
+        }
+    }
+done:
+    if (entries != NULL)
+        free_entries(entries, n);
+    PyBuffer_Release(&prefix);
+    return items;
+}
+
 /* Year, month, day of a day counted from 1970-01-01 (proleptic Gregorian; H. Hinnant's
  * civil_from_days). */
 static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
@@ -613,6 +909,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
     {"iso_times", iso_times, METH_VARARGS, iso_times_doc},
     {"file_ids", file_ids, METH_VARARGS, file_ids_doc},
     {"read_whole_files", read_whole_files, METH_VARARGS, read_whole_files_doc},

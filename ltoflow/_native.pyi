@@ -1,6 +1,7 @@
 """Types of the optional C extension (ltoflow/_native.c)."""
 
 from collections.abc import Buffer
+from typing import Any
 
 def read_whole_files(
     root_fd: int, paths: Buffer, path_ends: Buffer, seg_file: Buffer, seg_length: Buffer,
@@ -12,3 +13,5 @@ def file_ids(namespace: bytes, paths: Buffer, path_ends: Buffer, indices: Buffer
              ) -> list[str]: ...
 
 def iso_times(mtimes: Buffer, indices: Buffer, min_us: int, max_us: int, /) -> list[str]: ...
+
+def list_dir(dir_fd: int, prefix: bytes, prefix_is_utf8: bool, /) -> list[tuple[Any, ...]]: ...

@@ -19,11 +19,12 @@ import stat
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import overload
+from types import ModuleType
+from typing import NamedTuple, overload
 
 import attrs
 
-from ltoflow import paths
+from ltoflow import native, paths
 from ltoflow.errors import UsageError
 from ltoflow.paths import DirFds
 
@@ -81,6 +82,17 @@ class StringColumn(Sequence[str]):
         if not 0 <= i < len(ends):
             raise IndexError("string index out of range")
         return bytes(self._data[ends[i - 1] if i else 0:ends[i]])
+
+    def extend_encoded(self, data: bytes, ends: bytes) -> None:
+        """Append items given as their UTF-8 end to end (`data`, trusted to be valid) and where
+        each ends in it (native u64s, as array("Q").tobytes() gives them)."""
+        base = len(self._data)
+        self._data += data
+        relative = array("Q")
+        relative.frombytes(ends)
+        if base:
+            relative = array("Q", [end + base for end in relative])
+        self._ends.extend(relative)
 
     def buffers(self) -> tuple[bytearray, array[int]]:
         """The column itself, for native code: the UTF-8 of every item end to end, and where
@@ -160,6 +172,16 @@ class FileTable(Sequence[ScannedFile]):
         except OverflowError:
             self.mtime_ns = [*self.mtime_ns, mtime_ns]
         self.mode.append(mode)
+
+    def extend_run(self, run: FileRun) -> None:
+        """Append a run of files the C scan listed (UTF-8 paths, 64-bit mtimes)."""
+        self.relative_path.extend_encoded(run.paths, run.ends)
+        self.size.frombytes(run.sizes)
+        if isinstance(self.mtime_ns, array):
+            self.mtime_ns.frombytes(run.mtimes)
+        else:
+            self.mtime_ns.extend(array("q", run.mtimes))
+        self.mode.frombytes(run.modes)
 
     def path_bytes(self, i: int) -> bytes:
         """The exact path of file i."""
@@ -278,7 +300,9 @@ def scan_tree(root: Path) -> ScanResult:
     """Walk `root` without following symlinks and stat every entry.
 
     Raises UsageError when `root` is missing or not a directory. Unreadable directories and
-    entries of other kinds end up in `skipped`, never silently dropped.
+    entries of other kinds end up in `skipped`, never silently dropped. Each directory is
+    listed and stat'ed by the C extension where it is built (`native.MODULE`), by os.scandir
+    otherwise; the result is the same.
     """
     root = root.absolute()
     if not root.exists():
@@ -291,7 +315,7 @@ def scan_tree(root: Path) -> ScanResult:
         raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
     fds = DirFds(root_fd)
     try:
-        return _walk(root, fds)
+        return _walk(root, fds, native.MODULE)
     finally:
         fds.close()
         os.close(root_fd)
@@ -301,86 +325,157 @@ def scan_tree(root: Path) -> ScanResult:
 _FileRow = tuple[str, int, int, int, bytes | None]
 
 
-def _walk(root: Path, fds: DirFds) -> ScanResult:
+class FileRun(NamedTuple):
+    """Plain files of one directory, in walk order, as the C scan gives them: their paths
+    (UTF-8) end to end and where each ends in `paths` (u64), sizes and mtimes (i64) and modes
+    (u32), all native-endian bytes."""
+
+    paths: bytes
+    ends: bytes
+    sizes: bytes
+    mtimes: bytes
+    modes: bytes
+
+
+class _Stat(NamedTuple):
+    """What the C scan's lstat gave, named as os.stat_result names it."""
+
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+
+
+_Item = bytes | _FileRow | FileRun
+
+
+class _Walk:
+    """Where the walk puts what it finds besides files."""
+
+    def __init__(self, root: Path, fds: DirFds) -> None:
+        self.root = root
+        self.fds = fds
+        self.dirs: list[tuple[bytes, ScannedDirectory]] = []
+        self.links: list[tuple[bytes, ScannedSymlink]] = []
+        self.skipped: list[SkippedEntry] = []
+
+
+def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
     """The walk itself: depth first, each directory's entries in an order that makes the files
     come out sorted by the bytes of their path, straight into the file table (no list of a
     million records to sort at the end). Directories and symlinks are sorted at the end."""
     files = FileTable()
-    dirs: list[tuple[bytes, ScannedDirectory]] = []
-    links: list[tuple[bytes, ScannedSymlink]] = []
-    skipped: list[SkippedEntry] = []
-    stack: list[Iterator[bytes | _FileRow]] = [
-        iter(_list_dir(b"", root, fds, dirs, links, skipped))]
+    walk = _Walk(root, fds)
+    stack: list[Iterator[_Item]] = [iter(_list_dir(b"", walk, module))]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
         elif isinstance(item, bytes):  # a subdirectory: all of it comes before what follows
-            stack.append(iter(_list_dir(item, root, fds, dirs, links, skipped)))
+            stack.append(iter(_list_dir(item, walk, module)))
+        elif isinstance(item, FileRun):
+            files.extend_run(item)
         else:
             files.append(*item)
+    skipped = walk.skipped
     skipped.sort(key=lambda s: s.relative_path.encode())  # they keep only the rendering
-    return ScanResult(root, files, tuple(skipped), _by_path(dirs), _by_path(links))
+    return ScanResult(root, files, tuple(skipped), _by_path(walk.dirs), _by_path(walk.links))
 
 
-def _list_dir(rel_dir: bytes, root: Path, fds: DirFds,
-              dirs: list[tuple[bytes, ScannedDirectory]],
-              links: list[tuple[bytes, ScannedSymlink]],
-              skipped: list[SkippedEntry]) -> list[bytes | _FileRow]:
-    """Stat the entries of one directory: its files (rows) and subdirectories (their paths),
-    in walk order. Everything is looked at before the walk goes deeper, while this directory's
-    descriptor is surely open.
+def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_Item]:
+    """Stat the entries of one directory: its files (rows, or runs from the C scan) and
+    subdirectories (their paths), in walk order. Everything is looked at before the walk goes
+    deeper, while this directory's descriptor is surely open.
 
     The order: a file sorts by its name, a subdirectory by its name and '/', which is where
     all of its paths sort among its siblings (a name has no '/'); so the files of the whole
-    walk come out sorted by the bytes of their paths.
+    walk come out sorted by the bytes of their path.
     """
     try:
-        dir_fd = fds.open(paths.split(rel_dir))
-        with os.scandir(dir_fd) as it:
-            entries = list(it)
+        dir_fd = walk.fds.open(paths.split(rel_dir))
+        if module is not None:
+            listing = module.list_dir(dir_fd, rel_dir + b"/" if rel_dir else b"",
+                                      path_fields(rel_dir)[1] is None)
+        else:
+            with os.scandir(dir_fd) as it:
+                entries = list(it)
     except OSError as e:
         if not rel_dir:  # the source itself: an empty backup would look like success
-            raise UsageError(f"cannot list the source directory {root}: {e.strerror}") from e
-        skipped.append(
+            raise UsageError(
+                f"cannot list the source directory {walk.root}: {e.strerror}") from e
+        walk.skipped.append(
             SkippedEntry(paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")
         )
         return []
+    if module is not None:  # sorted already, stat'ed, plain files in runs
+        out: list[_Item] = []
+        for item in listing:
+            if item[0] == 0:
+                out.append(FileRun(*item[1:]))
+            elif item[0] == 1:
+                _, name, mode, mtime_ns = item
+                got = _entry(rel_dir, name, dir_fd, _Stat(mode, 0, mtime_ns), walk)
+                if got is not None:
+                    out.append(got[1])
+            else:
+                _, name, err, mode, size, seconds, ns, readable = item
+                st = None if err else _Stat(mode, size, seconds * 1_000_000_000 + ns)
+                got = _entry(rel_dir, name, dir_fd, st, walk, err=err, readable=bool(readable))
+                if got is not None:
+                    out.append(got[1])
+        return out
     order: list[tuple[bytes, bytes | _FileRow]] = []
     for entry in entries:  # dir_fd stays open for the whole loop: nothing else opens
         name = os.fsencode(entry.name)
-        rel = rel_dir + b"/" + name if rel_dir else name
-        text, raw = path_fields(rel)
         try:
-            st = entry.stat(follow_symlinks=False)
+            st_: os.stat_result | None = entry.stat(follow_symlinks=False)
+            err = 0
         except OSError as e:
-            skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {e.strerror}"))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            dirs.append((rel, ScannedDirectory(text, st.st_mode, st.st_mtime_ns, raw)))
-            order.append((name + b"/", rel))
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            try:
-                target = os.readlink(name, dir_fd=dir_fd)
-            except OSError as e:
-                skipped.append(
-                    SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
-                )
-                continue
-            links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
-        elif stat.S_ISREG(st.st_mode):
-            # One access() per file (a few µs, no open): a file this user may not read is
-            # skipped now, with its reason, instead of failing the job halfway. Relative to
-            # the directory's descriptor, so a path beyond PATH_MAX is probed too.
-            if not os.access(name, os.R_OK, dir_fd=dir_fd):
-                skipped.append(SkippedEntry(text, "file", UNREADABLE))
-                continue
-            order.append((name, (text, st.st_size, st.st_mtime_ns, st.st_mode, raw)))
-        else:
-            skipped.append(SkippedEntry(text, _kind(st.st_mode), "not a regular file"))
+            st_, err = None, e.errno or 0
+        got = _entry(rel_dir, name, dir_fd, st_, walk, err=err)
+        if got is not None:
+            order.append(got)
     order.sort(key=lambda pair: pair[0])
     return [item for _, item in order]
+
+
+def _entry(rel_dir: bytes, name: bytes, dir_fd: int, st: os.stat_result | _Stat | None,
+           walk: _Walk, *, err: int = 0, readable: bool | None = None
+           ) -> tuple[bytes, bytes | _FileRow] | None:
+    """One entry of a directory: (its sort key, what the walk makes of it), or None when it
+    is recorded elsewhere (a symlink, something skipped). `st` is its lstat, None when that
+    failed with errno `err`; `readable` is what access(R_OK) said of a regular file (None:
+    not asked yet)."""
+    rel = rel_dir + b"/" + name if rel_dir else name
+    text, raw = path_fields(rel)
+    if st is None:
+        walk.skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {os.strerror(err)}"))
+        return None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        walk.dirs.append((rel, ScannedDirectory(text, mode, st.st_mtime_ns, raw)))
+        return name + b"/", rel
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError as e:
+            walk.skipped.append(
+                SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
+            )
+            return None
+        walk.links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
+        return None
+    if stat.S_ISREG(mode):
+        # One access() per file (a few µs, no open): a file this user may not read is
+        # skipped now, with its reason, instead of failing the job halfway. Relative to
+        # the directory's descriptor, so a path beyond PATH_MAX is probed too.
+        if readable is None:
+            readable = os.access(name, os.R_OK, dir_fd=dir_fd)
+        if not readable:
+            walk.skipped.append(SkippedEntry(text, "file", UNREADABLE))
+            return None
+        return name, (text, st.st_size, st.st_mtime_ns, mode, raw)
+    walk.skipped.append(SkippedEntry(text, _kind(mode), "not a regular file"))
+    return None
 
 
 def path_fields(rel: bytes) -> tuple[str, bytes | None]:

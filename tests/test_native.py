@@ -25,7 +25,7 @@ from ltoflow import native as extension
 from ltoflow.errors import SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
 from ltoflow.plan import Plan, file_ids_of, make_plan
-from ltoflow.scan import FileTable, scan_tree
+from ltoflow.scan import FileTable, ScanResult, scan_tree
 
 from .conftest import write_tree
 
@@ -320,3 +320,78 @@ def test_a_file_made_unusable_by_another_pass_during_a_c_call_is_left_to_python(
     assert pieces[70].digest is None
     assert bytes(buf[71 * 300:72 * 300]) == (tmp_path / "f071").read_bytes()
     assert [p.digest is not None for p in pieces] == [i != 70 for i in range(100)]
+
+
+def scan_both(src: Path) -> tuple[ScanResult, ScanResult]:
+    """scan_tree of `src` with the C listing and with os.scandir."""
+    saved = extension.MODULE
+    try:
+        extension.MODULE = BUILT
+        fast = scan_tree(src)
+        extension.MODULE = None
+        slow = scan_tree(src)
+    finally:
+        extension.MODULE = saved
+    return fast, slow
+
+
+# Names around the walk's order ('.' 0x2E and '-' 0x2D sort before '/' 0x2F, '0' after),
+# names that are not UTF-8, and one that decodes only with surrogates (not UTF-8 either).
+_NAMES = [b"a", b"a.b", b"a-b", b"a0", b"b", b"\xc3\xa9", b"\xff", b"x\xed\xa0\x80", b"z" * 40]
+
+
+@st.composite
+def trees(draw: st.DrawFn) -> list[tuple[bytes, str]]:
+    """(path, kind) pairs: kind is file, dir, link or fifo; parents come first."""
+    out: list[tuple[bytes, str]] = []
+    dirs = [b""]
+    for _ in range(draw(st.integers(0, 30))):
+        parent = draw(st.sampled_from(dirs))
+        name = draw(st.sampled_from(_NAMES))
+        path = parent + b"/" + name if parent else name
+        if any(p == path for p, _ in out):
+            continue
+        kind = draw(st.sampled_from(["file", "file", "file", "dir", "dir", "link", "fifo"]))
+        out.append((path, kind))
+        if kind == "dir":
+            dirs.append(path)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=trees(), mtime=st.sampled_from([0, -1_500_000_000_123_456_789, 1_700_000_000_5]))
+def test_c_scan_lists_what_scandir_lists(tree: list[tuple[bytes, str]], mtime: int) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.fsencode(tmp)
+        for i, (rel, kind) in enumerate(tree):
+            path = os.path.join(root, rel)
+            if kind == "dir":
+                os.mkdir(path)  # noqa: PTH102 (bytes paths: names that are not UTF-8)
+            elif kind == "file":
+                with open(path, "wb") as f:
+                    f.write(b"x" * i)
+                os.utime(path, ns=(mtime, mtime + i))
+            elif kind == "link":
+                os.symlink(b"target-" + rel.replace(b"/", b"_"), path)  # noqa: PTH211
+            else:
+                os.mkfifo(path)
+        fast, slow = scan_both(Path(tmp))
+    assert fast == slow
+    assert fast.files.mtime_ns == slow.files.mtime_ns
+
+
+def test_c_scan_of_a_file_beyond_year_2262_and_a_fifo(tmp_path: Path, native: ModuleType) -> None:
+    write_tree(tmp_path, {"a/old": 3, "a/new": 4, "a/plain": 5})
+    os.mkfifo(tmp_path / "a" / "pipe")
+    try:  # past 64-bit nanoseconds: the record takes it from Python's stat
+        os.utime(tmp_path / "a" / "new", ns=(0, 2**63 + 10**9))
+    except OSError:
+        pytest.skip("this filesystem keeps no mtime past 2262")
+    os.utime(tmp_path / "a" / "old", ns=(0, -(10**18)))
+    fast, slow = scan_both(tmp_path)
+    assert fast == slow
+    assert [f.relative_path for f in fast.files] == ["a/new", "a/old", "a/plain"]
+    assert fast.files[0].mtime_ns == (tmp_path / "a" / "new").stat().st_mtime_ns
+    assert [(s.relative_path, s.kind) for s in fast.skipped] == [("a/pipe", "fifo")]

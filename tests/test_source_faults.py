@@ -22,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from ltoflow import api
+from ltoflow import api, native
 from ltoflow import catalog as cat
 from ltoflow.cli import (
     EXIT_FAILED,
@@ -123,6 +123,9 @@ def test_policy_skips_unreadable_and_vanished_by_default_and_changed_on_request(
 def test_scan_skips_a_file_this_user_cannot_read(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     write_tree(tmp_path, {"ok.txt": 3, "secret/locked.txt": 5})
+    # The fault is injected into Python's os.access, which only the Python listing calls (the
+    # C one asks faccessat itself; the unprivileged tests below see a real refusal).
+    monkeypatch.setattr(native, "MODULE", None)
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
         not os.fsdecode(p).endswith("locked.txt") and real(p, mode, **kw)))
