@@ -125,7 +125,8 @@ static int takes(const Run *r, Py_ssize_t k, Py_ssize_t pos)
     end = r->path_ends[f];
     if (end <= start || end > (uint64_t)r->paths_len || end - start >= PATH_MAX)
         return 0;
-    return r->seg_length[k] <= r->cap - pos && r->seg_length[k] == r->sizes[f];
+    return r->seg_length[k] >= 0 && r->seg_length[k] <= r->cap - pos
+           && r->seg_length[k] == r->sizes[f];
 }
 
 /* One thread's state: its last directory, kept open, and its hash context. */
@@ -222,10 +223,8 @@ static void *read_blocks(void *arg)
     rd.dir_len = (size_t)-1;
     rd.dir_fd = -1;
     rd.ctx = EVP_MD_CTX_new();
-    if (rd.ctx == NULL) {
-        __atomic_store_n(&r->stop_block, 0, __ATOMIC_RELAXED);
-        return NULL;
-    }
+    if (rd.ctx == NULL)
+        return NULL; /* the other thread takes every block; if neither can, none is done */
     for (;;) {
         int b = __atomic_fetch_add(&r->next_block, 1, __ATOMIC_RELAXED);
         Py_ssize_t first, end, done;

@@ -279,12 +279,11 @@ class SourceCursor:
                 break
             f = s_file[k]
             length = s_length[k]
-            if (self.done_in_segment == 0 and length <= cap - pos and self._fd < 0
-                    and starts[f + 1] - starts[f] == 1 and f not in reasons):
-                # The common case, a whole small file: open, read, check, close and hash in one
-                # go (the hash after any zero-fill: it is of the bytes that go to tape).
+            whole = (self.done_in_segment == 0 and length <= cap - pos and self._fd < 0
+                     and starts[f + 1] - starts[f] == 1 and f not in reasons)
+            if whole:
                 # First the C loop, for this file and those after it like it; it stops at any
-                # file it cannot take as plainly, which then comes here, to the Python loop.
+                # file it cannot take as plainly, which then comes to the Python loop.
                 digests = self._read_natively(buf, pos, container if one_container else -1)
                 if digests:
                     for digest in digests:
@@ -294,6 +293,10 @@ class SourceCursor:
                         k += 1
                     self.segment = k
                     continue
+                whole = f not in reasons  # another pass may have found it unusable meanwhile
+            if whole:
+                # The common case, a whole small file: open, read, check, close and hash in one
+                # go (the hash after any zero-fill: it is of the bytes that go to tape).
                 view = buf[pos:pos + length]
                 try:
                     self._read_whole(f, view)

@@ -287,20 +287,21 @@ def test_c_iso_times_are_the_catalogs_modified_at(mtimes: list[int]) -> None:
     assert got == [cat.iso_from_ns(m) for m in mtimes]
 
 
+@pytest.mark.parametrize("victim", [0, 70])
 def test_a_file_made_unusable_by_another_pass_during_a_c_call_is_left_to_python(
-        tmp_path: Path, native: ModuleType) -> None:
+        tmp_path: Path, native: ModuleType, victim: int) -> None:
     write_tree(tmp_path, {f"f{i:03d}": 300 for i in range(100)})
     plan = plan_of(tmp_path, 1 << 20)
     faults = SourceFaults(plan, FaultPolicy(skip_changed=True))
 
     class Meanwhile:
-        """The C loop, while which the prehasher finds file 70 unusable."""
+        """The C loop, while which the prehasher finds the victim unusable."""
 
         @staticmethod
         def read_whole_files(*args: object) -> list[str]:
             digests: list[str] = native.read_whole_files(*args)
             if not faults.reasons:
-                faults.fault(70, SourceReadError("gone", relative_path="f070", what="gone"),
+                faults.fault(victim, SourceReadError("gone", relative_path="x", what="gone"),
                              domain=hashing.LATER_TAPES, offset=0)
             return digests
 
@@ -316,10 +317,11 @@ def test_a_file_made_unusable_by_another_pass_during_a_c_call_is_left_to_python(
     finally:
         cursor.close()
     assert n == 100 * 300
-    assert bytes(buf[70 * 300:71 * 300]) == bytes(300)  # zeros, as for any unusable file
-    assert pieces[70].digest is None
-    assert bytes(buf[71 * 300:72 * 300]) == (tmp_path / "f071").read_bytes()
-    assert [p.digest is not None for p in pieces] == [i != 70 for i in range(100)]
+    v = victim * 300
+    assert bytes(buf[v:v + 300]) == bytes(300)  # zeros, as for any unusable file
+    assert pieces[victim].digest is None
+    assert bytes(buf[v + 300:v + 600]) == (tmp_path / f"f{victim + 1:03d}").read_bytes()
+    assert [p.digest is not None for p in pieces] == [i != victim for i in range(100)]
 
 
 def scan_both(src: Path) -> tuple[ScanResult, ScanResult]:
