@@ -424,105 +424,6 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(file_ids_doc,
-"file_ids(namespace, paths, path_ends, indices)\n"
-"--\n\n"
-"The catalog's file id of each path in indices (an array of 64-bit ints): uuid5 of the\n"
-"16-byte namespace and the path's bytes, as catalog.file_id_for makes it.");
-
-static PyObject *file_ids(PyObject *self, PyObject *args)
-{
-    Py_buffer ns, b_paths, b_ends, b_idx;
-    PyObject *o_paths, *o_ends, *o_idx, *result = NULL;
-    int got = 0;
-    Py_buffer *views[3] = {&b_paths, &b_ends, &b_idx};
-    EVP_MD_CTX *ctx = NULL;
-    (void)self;
-
-    if (!PyArg_ParseTuple(args, "y*OOO:file_ids", &ns, &o_paths, &o_ends, &o_idx))
-        return NULL;
-    if (ns.len != 16) {
-        PyErr_SetString(PyExc_ValueError, "namespace: want 16 bytes");
-        goto done;
-    }
-    if (get_column(o_paths, &b_paths, "paths", 1, 0) < 0) goto done;
-    got++;
-    if (get_column(o_ends, &b_ends, "path_ends", 8, 0) < 0) goto done;
-    got++;
-    if (get_column(o_idx, &b_idx, "indices", 8, 0) < 0) goto done;
-    got++;
-    ctx = EVP_MD_CTX_new();
-    if (ctx == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    {
-        const uint64_t *ends = b_ends.buf;
-        const int64_t *idx = b_idx.buf;
-        const unsigned char *paths = b_paths.buf;
-        Py_ssize_t n_paths = b_ends.len / 8, n = b_idx.len / 8;
-        result = PyList_New(n);
-        if (result == NULL)
-            goto done;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            int64_t i = idx[k];
-            uint64_t start, end;
-            unsigned char md[EVP_MAX_MD_SIZE];
-            unsigned int md_len = 0;
-            char x[40], id[36];
-            PyObject *s;
-            if (i < 0 || i >= n_paths) {
-                PyErr_SetString(PyExc_IndexError, "file index out of range");
-                Py_CLEAR(result);
-                goto done;
-            }
-            start = i ? ends[i - 1] : 0;
-            end = ends[i];
-            if (end < start || end > (uint64_t)b_paths.len) {
-                PyErr_SetString(PyExc_ValueError, "path_ends run past the paths");
-                Py_CLEAR(result);
-                goto done;
-            }
-            if (!EVP_DigestInit_ex(ctx, sha1_md, NULL) || !EVP_DigestUpdate(ctx, ns.buf, 16)
-                || !EVP_DigestUpdate(ctx, paths + start, (size_t)(end - start))
-                || !EVP_DigestFinal_ex(ctx, md, &md_len) || md_len != 20) {
-                PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to hash");
-                Py_CLEAR(result);
-                goto done;
-            }
-            for (int b = 0; b < 20; b++) {
-                x[2 * b] = HEX[md[b] >> 4];
-                x[2 * b + 1] = HEX[md[b] & 15];
-            }
-            /* RFC 4122: version 5 in digit 12, the variant bits (10xx) in digit 16 */
-            memcpy(id, x, 8);
-            id[8] = '-';
-            memcpy(id + 9, x + 8, 4);
-            id[13] = '-';
-            id[14] = '5';
-            memcpy(id + 15, x + 13, 3);
-            id[18] = '-';
-            id[19] = "89ab"[(md[8] >> 4) & 3];
-            memcpy(id + 20, x + 17, 3);
-            id[23] = '-';
-            memcpy(id + 24, x + 20, 12);
-            s = PyUnicode_FromStringAndSize(id, 36);
-            if (s == NULL) {
-                Py_CLEAR(result);
-                goto done;
-            }
-            PyList_SET_ITEM(result, k, s);
-        }
-    }
-
-done:
-    EVP_MD_CTX_free(ctx);
-    for (int i = 0; i < got; i++)
-        PyBuffer_Release(views[i]);
-    PyBuffer_Release(&ns);
-    return result;
-}
-
 /* ---- scan: one directory's entries ---- */
 
 /* Whether s[0:n] is UTF-8 as Python's strict decoder takes it (no surrogates, no overlong
@@ -841,6 +742,26 @@ static int64_t floor_div(int64_t a, int64_t b)
     return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
 }
 
+/* catalog.iso_from_ns: the time in microseconds clamped to [min_us, max_us], as
+ * YYYY-MM-DDTHH:MM:SS.ffffff+00:00 (32 characters) in `text` (at least 64 bytes). */
+static int format_iso(int64_t mtime_ns, long long min_us, long long max_us, char *text)
+{
+    int64_t total_us = floor_div(mtime_ns, 1000), secs, us, days, sod, year;
+    unsigned month, day;
+    if (total_us < min_us)
+        total_us = min_us;
+    if (total_us > max_us)
+        total_us = max_us;
+    secs = floor_div(total_us, 1000000);
+    us = total_us - secs * 1000000;
+    days = floor_div(secs, 86400);
+    sod = secs - days * 86400;
+    civil_from_days(days, &year, &month, &day);
+    return snprintf(text, 64, "%04lld-%02u-%02uT%02u:%02u:%02u.%06lld+00:00", (long long)year,
+                    month, day, (unsigned)(sod / 3600), (unsigned)(sod % 3600 / 60),
+                    (unsigned)(sod % 60), (long long)us);
+}
+
 PyDoc_STRVAR(iso_times_doc,
 "iso_times(mtimes, indices, min_us, max_us)\n"
 "--\n\n"
@@ -869,8 +790,7 @@ static PyObject *iso_times(PyObject *self, PyObject *args)
         if (result == NULL)
             goto done;
         for (Py_ssize_t k = 0; k < n; k++) {
-            int64_t i = idx[k], total_us, secs, us, days, sod, year;
-            unsigned month, day;
+            int64_t i = idx[k];
             char text[64];
             int len;
             PyObject *s;
@@ -879,19 +799,7 @@ static PyObject *iso_times(PyObject *self, PyObject *args)
                 Py_CLEAR(result);
                 goto done;
             }
-            total_us = floor_div(mtimes[i], 1000);
-            if (total_us < min_us)
-                total_us = min_us;
-            if (total_us > max_us)
-                total_us = max_us;
-            secs = floor_div(total_us, 1000000);
-            us = total_us - secs * 1000000;
-            days = floor_div(secs, 86400);
-            sod = secs - days * 86400;
-            civil_from_days(days, &year, &month, &day);
-            len = snprintf(text, sizeof text, "%04lld-%02u-%02uT%02u:%02u:%02u.%06lld+00:00",
-                           (long long)year, month, day, (unsigned)(sod / 3600),
-                           (unsigned)(sod % 3600 / 60), (unsigned)(sod % 60), (long long)us);
+            len = format_iso(mtimes[i], min_us, max_us, text);
             s = PyUnicode_FromStringAndSize(text, len);
             if (s == NULL) {
                 Py_CLEAR(result);
@@ -907,7 +815,413 @@ done:
     return result;
 }
 
+/* ---- catalog records, byte for byte as orjson.dumps writes the same dicts ---- */
+
+static int put_str(Bytes *b, const char *s) { return put(b, s, strlen(s)); }
+
+static int put_int(Bytes *b, long long v)
+{
+    char text[24];
+    int n = snprintf(text, sizeof text, "%lld", v);
+    return put(b, text, (size_t)n);
+}
+
+/* A JSON string body as orjson escapes it: '"', '\\' and control characters; the rest (all
+ * of UTF-8 included) as is. -1 for bytes that are not UTF-8 (orjson refuses them too). */
+static int put_escaped(Bytes *b, const unsigned char *s, size_t n)
+{
+    size_t run = 0;
+    if (!valid_utf8(s, n))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        char esc[8];
+        size_t len = 2;
+        if (c >= 0x20 && c != '"' && c != '\\')
+            continue;
+        if (put(b, s + run, i - run) < 0)
+            return -1;
+        run = i + 1;
+        esc[0] = '\\';
+        switch (c) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\t': esc[1] = 't'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\r': esc[1] = 'r'; break;
+        default:
+            memcpy(esc + 1, "u00", 3);
+            esc[4] = HEX[c >> 4];
+            esc[5] = HEX[c & 15];
+            len = 6;
+        }
+        if (put(b, esc, len) < 0)
+            return -1;
+    }
+    return put(b, s + run, n - run);
+}
+
+static int put_digest(Bytes *b, const unsigned char *raw)
+{
+    char hex[64];
+    for (int i = 0; i < SHA256_LEN; i++) {
+        hex[2 * i] = HEX[raw[i] >> 4];
+        hex[2 * i + 1] = HEX[raw[i] & 15];
+    }
+    return put(b, hex, 64);
+}
+
+/* uuid5 of the namespace and name, as catalog.file_id_for writes it (36 characters). */
+static int make_file_id(EVP_MD_CTX *ctx, const unsigned char *ns, const unsigned char *name,
+                        size_t len, char *id)
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int md_len = 0;
+    char x[40];
+    if (!EVP_DigestInit_ex(ctx, sha1_md, NULL) || !EVP_DigestUpdate(ctx, ns, 16)
+        || !EVP_DigestUpdate(ctx, name, len) || !EVP_DigestFinal_ex(ctx, md, &md_len)
+        || md_len != 20)
+        return -1;
+    for (int i = 0; i < 20; i++) {
+        x[2 * i] = HEX[md[i] >> 4];
+        x[2 * i + 1] = HEX[md[i] & 15];
+    }
+    /* RFC 4122: version 5 in digit 12, the variant bits (10xx) in digit 16 */
+    memcpy(id, x, 8);
+    id[8] = '-';
+    memcpy(id + 9, x + 8, 4);
+    id[13] = '-';
+    id[14] = '5';
+    memcpy(id + 15, x + 13, 3);
+    id[18] = '-';
+    id[19] = "89ab"[(md[8] >> 4) & 3];
+    memcpy(id + 20, x + 17, 3);
+    id[23] = '-';
+    memcpy(id + 24, x + 20, 12);
+    return 0;
+}
+
+/* The `i`th string of a column (data + u64 ends), or -1 if the ends are out of bounds. */
+static int string_at(const Py_buffer *data, const Py_buffer *ends, int64_t i,
+                     const unsigned char **s, size_t *n)
+{
+    const uint64_t *e = ends->buf;
+    uint64_t start, end;
+    if (i < 0 || i >= ends->len / 8)
+        return -1;
+    start = i ? e[i - 1] : 0;
+    end = e[i];
+    if (end < start || end > (uint64_t)data->len)
+        return -1;
+    *s = (const unsigned char *)data->buf + start;
+    *n = (size_t)(end - start);
+    return 0;
+}
+
+/* The 32 raw bytes of digest i, or NULL when it is unknown or out of bounds. */
+static const unsigned char *digest_at(const Py_buffer *data, const Py_buffer *known, int64_t i)
+{
+    if (i < 0 || i >= known->len || (i + 1) * SHA256_LEN > data->len
+        || !((const unsigned char *)known->buf)[i])
+        return NULL;
+    return (const unsigned char *)data->buf + i * SHA256_LEN;
+}
+
+PyDoc_STRVAR(file_ids_doc,
+"file_ids(namespace, paths, path_ends, indices)\n"
+"--\n\n"
+"The catalog's file id of each path in indices (an array of 64-bit ints): uuid5 of the\n"
+"16-byte namespace and the path's bytes, as catalog.file_id_for makes it.");
+
+static PyObject *file_ids(PyObject *self, PyObject *args)
+{
+    Py_buffer ns, b_paths, b_ends, b_idx;
+    PyObject *o_paths, *o_ends, *o_idx, *result = NULL;
+    int got = 0;
+    Py_buffer *views[3] = {&b_paths, &b_ends, &b_idx};
+    EVP_MD_CTX *ctx = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*OOO:file_ids", &ns, &o_paths, &o_ends, &o_idx))
+        return NULL;
+    if (ns.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "namespace: want 16 bytes");
+        goto done;
+    }
+    if (get_column(o_paths, &b_paths, "paths", 1, 0) < 0) goto done;
+    got++;
+    if (get_column(o_ends, &b_ends, "path_ends", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_idx, &b_idx, "indices", 8, 0) < 0) goto done;
+    got++;
+    ctx = EVP_MD_CTX_new();
+    if (ctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const int64_t *idx = b_idx.buf;
+        Py_ssize_t n = b_idx.len / 8;
+        result = PyList_New(n);
+        if (result == NULL)
+            goto done;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            const unsigned char *name;
+            size_t len;
+            char id[36];
+            PyObject *s;
+            if (string_at(&b_paths, &b_ends, idx[k], &name, &len) < 0) {
+                PyErr_SetString(PyExc_IndexError, "file index out of range of the paths");
+                Py_CLEAR(result);
+                goto done;
+            }
+            if (make_file_id(ctx, ns.buf, name, len, id) < 0) {
+                PyErr_SetString(PyExc_RuntimeError, "OpenSSL failed to hash");
+                Py_CLEAR(result);
+                goto done;
+            }
+            s = PyUnicode_FromStringAndSize(id, 36);
+            if (s == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, k, s);
+        }
+    }
+
+done:
+    EVP_MD_CTX_free(ctx);
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(views[i]);
+    PyBuffer_Release(&ns);
+    return result;
+}
+
+
+PyDoc_STRVAR(encode_files_doc,
+"encode_files(namespace, paths, path_ends, indices, sizes, mtimes, modes, digests, known,\n"
+"             absolute_prefix, min_us, max_us)\n"
+"--\n\n"
+"The catalog's source_files records of the files in indices, as orjson.dumps writes their\n"
+"dicts, joined by ',\\n': file_id, relative_path, absolute_path (absolute_prefix, a JSON\n"
+"string body, and the path), size_bytes, sha256, modified_at, unix_mode, mtime_ns. None when\n"
+"a path is not UTF-8 or a digest is unknown (the caller encodes those records itself).");
+
+static PyObject *encode_files(PyObject *self, PyObject *args)
+{
+    Py_buffer ns, prefix, b_paths, b_ends, b_idx, b_sizes, b_mtimes, b_modes, b_dig, b_known;
+    PyObject *o_paths, *o_ends, *o_idx, *o_sizes, *o_mtimes, *o_modes, *o_dig, *o_known;
+    PyObject *result = NULL;
+    Py_buffer *views[8] = {&b_paths, &b_ends, &b_idx, &b_sizes, &b_mtimes, &b_modes, &b_dig,
+                           &b_known};
+    long long min_us, max_us;
+    int got = 0, ok = 1;
+    Bytes out = {0};
+    EVP_MD_CTX *ctx = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*OOOOOOOOy*LL:encode_files", &ns, &o_paths, &o_ends, &o_idx,
+                          &o_sizes, &o_mtimes, &o_modes, &o_dig, &o_known, &prefix, &min_us,
+                          &max_us))
+        return NULL;
+    if (get_column(o_paths, &b_paths, "paths", 1, 0) < 0) goto done;
+    got++;
+    if (get_column(o_ends, &b_ends, "path_ends", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_idx, &b_idx, "indices", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_sizes, &b_sizes, "sizes", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_mtimes, &b_mtimes, "mtimes", 8, 0) < 0) goto done;
+    got++;
+    if (get_column(o_modes, &b_modes, "modes", 1, 0) < 0) goto done;
+    got++;
+    if (get_column(o_dig, &b_dig, "digests", 1, 0) < 0) goto done;
+    got++;
+    if (get_column(o_known, &b_known, "known", 1, 0) < 0) goto done;
+    got++;
+    if (ns.len != 16 || b_modes.itemsize != 4) {
+        PyErr_SetString(PyExc_ValueError, "want a 16-byte namespace and 32-bit modes");
+        goto done;
+    }
+    ctx = EVP_MD_CTX_new();
+    if (ctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const int64_t *idx = b_idx.buf, *sizes = b_sizes.buf, *mtimes = b_mtimes.buf;
+        const uint32_t *modes = b_modes.buf;
+        Py_ssize_t n = b_idx.len / 8, n_files = b_ends.len / 8;
+        if (b_sizes.len / 8 != n_files || b_mtimes.len / 8 != n_files
+            || b_modes.len / 4 != n_files) {
+            PyErr_SetString(PyExc_ValueError, "the file columns differ in length");
+            goto done;
+        }
+        for (Py_ssize_t k = 0; k < n && ok; k++) {
+            int64_t i = idx[k];
+            const unsigned char *path, *digest;
+            size_t len;
+            char id[36], iso[64];
+            int iso_len;
+            if (string_at(&b_paths, &b_ends, i, &path, &len) < 0) {
+                PyErr_SetString(PyExc_IndexError, "file index out of range of the paths");
+                goto done;
+            }
+            digest = digest_at(&b_dig, &b_known, i);
+            if (digest == NULL || make_file_id(ctx, ns.buf, path, len, id) < 0) {
+                ok = 0;
+                break;
+            }
+            iso_len = format_iso(mtimes[i], min_us, max_us, iso);
+            ok = (k == 0 || put_str(&out, ",\n") == 0) && put_str(&out, "{\"file_id\":\"") == 0
+                 && put(&out, id, 36) == 0 && put_str(&out, "\",\"relative_path\":\"") == 0
+                 && put_escaped(&out, path, len) == 0
+                 && put_str(&out, "\",\"absolute_path\":\"") == 0
+                 && put(&out, prefix.buf, (size_t)prefix.len) == 0
+                 && put_escaped(&out, path, len) == 0
+                 && put_str(&out, "\",\"size_bytes\":") == 0 && put_int(&out, sizes[i]) == 0
+                 && put_str(&out, ",\"sha256\":\"") == 0 && put_digest(&out, digest) == 0
+                 && put_str(&out, "\",\"modified_at\":\"") == 0
+                 && put(&out, iso, (size_t)iso_len) == 0
+                 && put_str(&out, "\",\"unix_mode\":") == 0 && put_int(&out, modes[i]) == 0
+                 && put_str(&out, ",\"mtime_ns\":") == 0 && put_int(&out, mtimes[i]) == 0
+                 && put_str(&out, "}") == 0;
+        }
+    }
+    if (ok)
+        result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
+    else if (!PyErr_Occurred())
+        result = Py_NewRef(Py_None);
+
+done:
+    PyMem_RawFree(out.data);
+    EVP_MD_CTX_free(ctx);
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(views[i]);
+    PyBuffer_Release(&ns);
+    PyBuffer_Release(&prefix);
+    return result;
+}
+
+PyDoc_STRVAR(encode_segments_doc,
+"encode_segments(namespace, paths, path_ends, seg_file, seg_part, seg_container,\n"
+"                seg_container_offset, seg_source_offset, seg_length, start, stop,\n"
+"                container_ids, container_id_ends, digests, known)\n"
+"--\n\n"
+"The catalog's segments records start..stop-1, as orjson.dumps writes their dicts, joined\n"
+"by ',\\n': segment_id, file_id, container_id, container_offset, source_offset,\n"
+"length_bytes, sha256. None when a path or container id is not UTF-8 or a digest is\n"
+"unknown (the caller encodes those records itself).");
+
+static PyObject *encode_segments(PyObject *self, PyObject *args)
+{
+    Py_buffer ns, b_paths, b_ends, b_file, b_part, b_cont, b_coff, b_soff, b_len, b_cids,
+        b_cends, b_dig, b_known;
+    PyObject *o_paths, *o_ends, *o_file, *o_part, *o_cont, *o_coff, *o_soff, *o_len, *o_cids,
+        *o_cends, *o_dig, *o_known;
+    PyObject *result = NULL;
+    Py_buffer *views[12] = {&b_paths, &b_ends, &b_file, &b_part, &b_cont, &b_coff, &b_soff,
+                            &b_len, &b_cids, &b_cends, &b_dig, &b_known};
+    PyObject **objs[12] = {&o_paths, &o_ends, &o_file, &o_part, &o_cont, &o_coff, &o_soff,
+                           &o_len, &o_cids, &o_cends, &o_dig, &o_known};
+    static const Py_ssize_t sizes[12] = {1, 8, 8, 8, 8, 8, 8, 8, 1, 8, 1, 1};
+    Py_ssize_t start, stop;
+    int got = 0, ok = 1;
+    Bytes out = {0};
+    EVP_MD_CTX *ctx = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*OOOOOOOOnnOOOO:encode_segments", &ns, &o_paths, &o_ends,
+                          &o_file, &o_part, &o_cont, &o_coff, &o_soff, &o_len, &start, &stop,
+                          &o_cids, &o_cends, &o_dig, &o_known))
+        return NULL;
+    for (int i = 0; i < 12; i++) {
+        if (get_column(*objs[i], views[i], "column", sizes[i], 0) < 0)
+            goto done;
+        got++;
+    }
+    if (ns.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "namespace: want 16 bytes");
+        goto done;
+    }
+    {
+        Py_ssize_t n_segs = b_file.len / 8;
+        for (int i = 3; i < 8; i++)
+            if (views[i]->len / 8 != n_segs) {
+                PyErr_SetString(PyExc_ValueError, "the segment columns differ in length");
+                goto done;
+            }
+        if (start < 0 || stop > n_segs || start > stop) {
+            PyErr_SetString(PyExc_IndexError, "segment range out of the plan");
+            goto done;
+        }
+    }
+    ctx = EVP_MD_CTX_new();
+    if (ctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const int64_t *file = b_file.buf, *part = b_part.buf, *cont = b_cont.buf,
+                      *coff = b_coff.buf, *soff = b_soff.buf, *length = b_len.buf;
+        int64_t id_of = -1; /* the file whose id is in `id` */
+        char id[36];
+        for (Py_ssize_t k = start; k < stop && ok; k++) {
+            const unsigned char *path, *cid, *digest;
+            size_t len, cid_len;
+            char part_text[24];
+            int part_len;
+            if (string_at(&b_paths, &b_ends, file[k], &path, &len) < 0
+                || string_at(&b_cids, &b_cends, cont[k], &cid, &cid_len) < 0) {
+                PyErr_SetString(PyExc_IndexError, "file or container out of range");
+                goto done;
+            }
+            digest = digest_at(&b_dig, &b_known, k);
+            if (digest == NULL) {
+                ok = 0;
+                break;
+            }
+            if (file[k] != id_of) {
+                if (make_file_id(ctx, ns.buf, path, len, id) < 0) {
+                    ok = 0;
+                    break;
+                }
+                id_of = file[k];
+            }
+            part_len = snprintf(part_text, sizeof part_text, "%03lld", (long long)part[k]);
+            ok = (k == start || put_str(&out, ",\n") == 0)
+                 && put_str(&out, "{\"segment_id\":\"SEG-") == 0 && put(&out, id, 36) == 0
+                 && put_str(&out, "-") == 0 && put(&out, part_text, (size_t)part_len) == 0
+                 && put_str(&out, "\",\"file_id\":\"") == 0 && put(&out, id, 36) == 0
+                 && put_str(&out, "\",\"container_id\":\"") == 0
+                 && put_escaped(&out, cid, cid_len) == 0
+                 && put_str(&out, "\",\"container_offset\":") == 0 && put_int(&out, coff[k]) == 0
+                 && put_str(&out, ",\"source_offset\":") == 0 && put_int(&out, soff[k]) == 0
+                 && put_str(&out, ",\"length_bytes\":") == 0 && put_int(&out, length[k]) == 0
+                 && put_str(&out, ",\"sha256\":\"") == 0 && put_digest(&out, digest) == 0
+                 && put_str(&out, "\"}") == 0;
+        }
+    }
+    if (ok)
+        result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
+    else if (!PyErr_Occurred())
+        result = Py_NewRef(Py_None);
+
+done:
+    PyMem_RawFree(out.data);
+    EVP_MD_CTX_free(ctx);
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(views[i]);
+    PyBuffer_Release(&ns);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"encode_files", encode_files, METH_VARARGS, encode_files_doc},
+    {"encode_segments", encode_segments, METH_VARARGS, encode_segments_doc},
     {"list_dir", list_dir, METH_VARARGS, list_dir_doc},
     {"iso_times", iso_times, METH_VARARGS, iso_times_doc},
     {"file_ids", file_ids, METH_VARARGS, file_ids_doc},

@@ -42,8 +42,8 @@ def iso_utc(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-_MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
-_MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
+MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 
 
 _ISO_SECONDS: dict[int, str] = {}
@@ -55,13 +55,18 @@ def iso_from_ns(mtime_ns: int) -> str:
     Runs once per file: the date and time of each whole second are formatted once and kept
     (files of a tree tend to share seconds), the microseconds are added here.
     """
-    seconds, us = divmod(min(max(mtime_ns // 1000, _MIN_US), _MAX_US), 1_000_000)
+    seconds, us = divmod(min(max(mtime_ns // 1000, MIN_US), MAX_US), 1_000_000)
     head = _ISO_SECONDS.get(seconds)
     if head is None:
         if len(_ISO_SECONDS) >= 1 << 16:
             _ISO_SECONDS.clear()
         head = _ISO_SECONDS[seconds] = iso_utc(_EPOCH + timedelta(seconds=seconds))[:19]
     return f"{head}.{us:06d}+00:00"
+
+
+def json_string_body(text: str) -> bytes:
+    """`text` as the encoder writes it inside a JSON string (escaped, no quotes)."""
+    return orjson.dumps(text)[1:-1]
 
 
 def iso_from_ns_at(mtimes: Sequence[int], indices: Iterable[int]) -> list[str]:
@@ -72,7 +77,7 @@ def iso_from_ns_at(mtimes: Sequence[int], indices: Iterable[int]) -> list[str]:
         return [iso_from_ns(mtimes[i]) for i in indices]
     picked = (indices if isinstance(indices, array) and indices.typecode == "q"
               else array("q", indices))
-    isos: list[str] = module.iso_times(mtimes, picked, _MIN_US, _MAX_US)
+    isos: list[str] = module.iso_times(mtimes, picked, MIN_US, MAX_US)
     return isos
 
 
@@ -269,13 +274,17 @@ class RecordColumns(Sequence[_R]):
     readers get `cls(**object)`. Equal to any sequence of equal records.
     """
 
-    __slots__ = ("_len", "_objects", "cls")
+    __slots__ = ("_len", "_objects", "cls", "encoded")
 
     def __init__(self, cls: type[_R], length: int,
-                 objects: Callable[[int, int], list[dict[str, Any]]]) -> None:
+                 objects: Callable[[int, int], list[dict[str, Any]]],
+                 encoded: Callable[[int, int], bytes | None] | None = None) -> None:
         self.cls = cls
         self._len = length
         self._objects = objects
+        #: `encoded(i, j)`, when given: records i..j-1 as the encoder would write them,
+        #: joined by ",\n" (the C extension's way), or None to have them made and encoded.
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return self._len
@@ -667,11 +676,14 @@ def _records(records: Sequence[object], cls: type) -> Iterator[bytes]:
     lead = b"\n"
     n = len(records)
     for i in range(0, n, _BATCH):
+        j = min(n, i + _BATCH)
         if isinstance(records, RecordColumns):
-            dicts = records.objects(i, min(n, i + _BATCH))
+            chunk = records.encoded(i, j) if records.encoded is not None else None
+            if chunk is None:
+                chunk = b",\n".join(map(dumps, records.objects(i, j)))
         else:
-            dicts = list(map(unstructure, records[i:i + _BATCH]))
-        yield lead + b",\n".join(map(dumps, dicts))
+            chunk = b",\n".join(map(dumps, map(unstructure, records[i:j])))
+        yield lead + chunk
         lead = b",\n"
 
 

@@ -10,6 +10,8 @@ is measured and the layout redone until the reserve holds it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import mmap
 import operator
 import os
@@ -489,6 +491,11 @@ class Digests(Sequence[str | None]):
         self._data[i * n:i * n + n] = other._data[j * n:j * n + n]
         self._known[i] = other._known[j]
 
+    def buffers(self) -> tuple[bytearray | mmap.mmap, bytearray]:
+        """The digests' 32 raw bytes each, end to end, and a known-flag byte each (not copies:
+        for native code that reads them, frozen)."""
+        return self._data, self._known
+
     def known_runs(self, start: int, stop: int) -> list[tuple[int, bytes]]:
         """The known digests of [start, stop) as runs: (index of the first, the run's digests
         one after another, 32 bytes each). Compact where a list of pairs is not: a container
@@ -670,6 +677,40 @@ def _build_catalog(
             )
         ]
 
+    # The C extension encodes whole batches of both lists from the columns, where it is built
+    # and no path in the batch needs its exact bytes kept (raw_path: the Python way then).
+    module = native.MODULE
+    raw_indices = sorted(raws)
+    ns = cat.FILE_ID_NAMESPACE
+    path_data, path_ends = paths_.buffers()
+
+    def has_raw(first: int, last: int) -> bool:
+        n = bisect.bisect_left(raw_indices, first)
+        return n < len(raw_indices) and raw_indices[n] <= last
+
+    def file_records(start: int, stop: int) -> bytes | None:
+        picked = array("q", listed[start:stop])
+        if (module is None or not picked or not isinstance(mtimes, array)
+                or has_raw(picked[0], picked[-1])):
+            return None
+        encoded: bytes | None = module.encode_files(
+            ns, path_data, path_ends, picked, sizes, mtimes, modes, *file_hashes.buffers(),
+            cat.json_string_body(root) + b"/", cat.MIN_US, cat.MAX_US)
+        return encoded
+
+    cid_data = "".join(container_ids).encode()
+    cid_ends = array("Q", itertools.accumulate(len(c.encode()) for c in container_ids))
+
+    def segment_records(start: int, stop: int) -> bytes | None:
+        if (module is None or start >= stop
+                or has_raw(table.file_index[start], table.file_index[stop - 1])):
+            return None
+        encoded: bytes | None = module.encode_segments(
+            ns, path_data, path_ends, table.file_index, table.part, table.container_index,
+            table.container_offset, table.source_offset, table.length, start, stop,
+            cid_data, cid_ends, *segment_hashes.buffers())
+        return encoded
+
     return cat.Catalog(
         backup_set_id=set_id,
         created_at=created_at,
@@ -686,8 +727,10 @@ def _build_catalog(
                                c.index + 1, c.tape_offset, c.size, hashes.containers[c.index])
             for c in plan.containers
         ),
-        source_files=cat.RecordColumns(cat.SourceFileEntry, len(listed), file_objects),
-        segments=cat.RecordColumns(cat.SegmentEntry, len(table), segment_objects),
+        source_files=cat.RecordColumns(cat.SourceFileEntry, len(listed), file_objects,
+                                       file_records),
+        segments=cat.RecordColumns(cat.SegmentEntry, len(table), segment_objects,
+                                   segment_records),
         skipped=tuple(sorted(
             (
                 *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),

@@ -24,7 +24,7 @@ from ltoflow import hashing
 from ltoflow import native as extension
 from ltoflow.errors import SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
-from ltoflow.plan import Plan, file_ids_of, make_plan
+from ltoflow.plan import Hashes, Plan, build_catalog, file_ids_of, make_plan
 from ltoflow.scan import FileTable, ScanResult, scan_tree
 
 from .conftest import write_tree
@@ -397,3 +397,65 @@ def test_c_scan_of_a_file_beyond_year_2262_and_a_fifo(tmp_path: Path, native: Mo
     assert [f.relative_path for f in fast.files] == ["a/new", "a/old", "a/plain"]
     assert fast.files[0].mtime_ns == (tmp_path / "a" / "new").stat().st_mtime_ns
     assert [(s.relative_path, s.kind) for s in fast.skipped] == [("a/pipe", "fifo")]
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="/"), min_size=1, max_size=12)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    files=st.lists(st.tuples(
+        st.lists(_TEXT, min_size=1, max_size=3).map("/".join),
+        st.integers(0, 5000), st.integers(-(2**63), 2**63 - 1), st.integers(0, 0o177777),
+        st.one_of(st.none(), st.binary(min_size=1, max_size=8).map(lambda b: b"\xff" + b)),
+    ), max_size=40, unique_by=lambda f: f[0]),
+    container=st.integers(500, 20000),
+    unusable=st.sets(st.integers(0, 39), max_size=4),
+    root=st.sampled_from(["/srv/records", '/d "quoted"\\back', "/r\u00e9\x01"]),
+)
+def test_c_catalog_records_are_the_encoders_bytes(
+        files: list[tuple[str, int, int, int, bytes | None]], container: int,
+        unusable: set[int], root: str) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    table = FileTable()
+    for rel, size, mtime, mode, raw in sorted(files, key=lambda f: f[0].encode()):
+        table.append(rel, size, mtime, 0o100000 | mode, raw)
+    plan = make_plan(ScanResult(Path(root), table, ()), capacity_bytes=1 << 40,
+                     container_size_bytes=container, measure_catalog=lambda _: 0)
+    hashes = Hashes.for_plan(plan)
+    for digests in (hashes.segments, hashes.containers, hashes.files):
+        for i in range(len(digests)):
+            digests[i] = hashlib.sha256(i.to_bytes(8) + bytes([len(digests) % 251])).hexdigest()
+    reasons = {i: "vanished: gone" for i in unusable if i < len(table)}
+
+    def encoded(module: ModuleType | None) -> bytes:
+        saved = extension.MODULE
+        try:
+            extension.MODULE = module
+            catalog = build_catalog(plan, hashes, set_id="s" * 36, created_at="t",
+                                    created_by="ltoflow test", unusable=reasons)
+            return b"".join(cat.JsonCatalogCodec().encode(catalog))
+        finally:
+            extension.MODULE = saved
+
+    used: list[str] = []
+
+    class Counted:
+        """The extension, counting the batches it encoded itself."""
+
+        def __getattr__(self, name: str) -> object:
+            real = getattr(BUILT, name)
+
+            def call(*args: object) -> object:
+                out = real(*args)
+                if name.startswith("encode_") and out is not None:
+                    used.append(name)
+                return out
+
+            return call
+
+    assert encoded(Counted()) == encoded(None)  # type: ignore[arg-type]
+    if len(table) > len(reasons) and not table.raw_path:
+        assert "encode_files" in used
+        assert "encode_segments" in used or not len(plan.segments)
