@@ -1219,7 +1219,169 @@ done:
     return result;
 }
 
+/* ---- plan: the layout's common step, and the sizer's sums ---- */
+
+PyDoc_STRVAR(layout_fit_doc,
+"layout_fit(sizes, start, room, container, offset, count)\n"
+"--\n\n"
+"plan.layout's common step, from file `start` on: each file that fits whole in the open\n"
+"container (`room` bytes from `offset` on) becomes one segment of it; a zero-byte file gets\n"
+"none. Stops before the first file that does not fit. Returns (next file, offset, count,\n"
+"file_index, part, container_index, container_offset, source_offset, length, file_starts),\n"
+"the columns' new items as native int64 bytes.");
+
+static PyObject *layout_fit(PyObject *self, PyObject *args)
+{
+    PyObject *o_sizes, *result = NULL;
+    Py_buffer b_sizes;
+    Py_ssize_t start, i;
+    long long room, container, offset, count;
+    Bytes cols[7] = {{0}};
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OnLLLL:layout_fit", &o_sizes, &start, &room, &container,
+                          &offset, &count))
+        return NULL;
+    if (get_column(o_sizes, &b_sizes, "sizes", 8, 0) < 0)
+        return NULL;
+    {
+        const int64_t *sizes = b_sizes.buf;
+        Py_ssize_t n = b_sizes.len / 8;
+        int64_t one = 1, zero = 0;
+        for (i = start < 0 ? n : start; i < n; i++) {
+            int64_t size = sizes[i];
+            if (size < 0 || (size > 0 && size > room - offset))
+                break;
+            if (size > 0) {
+                int64_t f = i, c = container, o = offset;
+                if (put(&cols[0], &f, 8) < 0 || put(&cols[1], &one, 8) < 0
+                    || put(&cols[2], &c, 8) < 0 || put(&cols[3], &o, 8) < 0
+                    || put(&cols[4], &zero, 8) < 0 || put(&cols[5], &size, 8) < 0)
+                    goto nomem;
+                offset += size;
+                count++;
+            }
+            {
+                int64_t c = count;
+                if (put(&cols[6], &c, 8) < 0)
+                    goto nomem;
+            }
+        }
+    }
+    result = Py_BuildValue("(nLLy#y#y#y#y#y#y#)", i, offset, count,
+                           cols[0].data ? cols[0].data : "", (Py_ssize_t)cols[0].len,
+                           cols[1].data ? cols[1].data : "", (Py_ssize_t)cols[1].len,
+                           cols[2].data ? cols[2].data : "", (Py_ssize_t)cols[2].len,
+                           cols[3].data ? cols[3].data : "", (Py_ssize_t)cols[3].len,
+                           cols[4].data ? cols[4].data : "", (Py_ssize_t)cols[4].len,
+                           cols[5].data ? cols[5].data : "", (Py_ssize_t)cols[5].len,
+                           cols[6].data ? cols[6].data : "", (Py_ssize_t)cols[6].len);
+    goto done;
+nomem:
+    PyErr_NoMemory();
+done:
+    for (int k = 0; k < 7; k++)
+        PyMem_RawFree(cols[k].data);
+    PyBuffer_Release(&b_sizes);
+    return result;
+}
+
+PyDoc_STRVAR(digit_total_doc,
+"digit_total(column)\n"
+"--\n\n"
+"The characters of every integer in an int64 array written in decimal, minus signs included.");
+
+static PyObject *digit_total(PyObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    long long total = 0;
+    (void)self;
+    if (get_column(arg, &b, "column", 8, 0) < 0)
+        return NULL;
+    {
+        const int64_t *v = b.buf;
+        Py_ssize_t n = b.len / 8;
+        int unsigned_ = b.format && (b.format[0] == 'Q' || b.format[0] == 'L'
+                                     || ((b.format[0] == '@' || b.format[0] == '=')
+                                         && (b.format[1] == 'Q' || b.format[1] == 'L')));
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x;
+            int digits = 1;
+            if (unsigned_) {
+                x = (uint64_t)v[i];
+            } else if (v[i] < 0) {
+                total++; /* the minus sign */
+                x = (uint64_t)0 - (uint64_t)v[i];
+            } else {
+                x = (uint64_t)v[i];
+            }
+            while (x >= 10) {
+                x /= 10;
+                digits++;
+            }
+            total += digits;
+        }
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromLongLong(total);
+}
+
+PyDoc_STRVAR(json_strings_size_doc,
+"json_strings_size(data, ends)\n"
+"--\n\n"
+"The bytes of every string of a UTF-8 column as JSON string bodies (escapes counted, quotes\n"
+"not), as JsonCatalogCodec.strings_size counts them; None if one is not UTF-8.");
+
+static PyObject *json_strings_size(PyObject *self, PyObject *args)
+{
+    PyObject *o_data, *o_ends, *result = NULL;
+    Py_buffer b_data, b_ends;
+    long long total = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO:json_strings_size", &o_data, &o_ends))
+        return NULL;
+    if (get_column(o_data, &b_data, "data", 1, 0) < 0)
+        return NULL;
+    if (get_column(o_ends, &b_ends, "ends", 8, 0) < 0) {
+        PyBuffer_Release(&b_data);
+        return NULL;
+    }
+    {
+        const uint64_t *ends = b_ends.buf;
+        const unsigned char *d = b_data.buf;
+        Py_ssize_t n = b_ends.len / 8;
+        uint64_t at = 0;
+        int ok = 1;
+        for (Py_ssize_t i = 0; i < n && ok; i++) {
+            if (ends[i] < at || ends[i] > (uint64_t)b_data.len) {
+                PyErr_SetString(PyExc_ValueError, "ends out of the data");
+                goto done;
+            }
+            ok = valid_utf8(d + at, (size_t)(ends[i] - at));
+            for (uint64_t k = at; k < ends[i]; k++) {
+                unsigned char c = d[k];
+                if (c == '"' || c == '\\' || c == '\b' || c == '\t' || c == '\n' || c == '\f'
+                    || c == '\r')
+                    total += 2;
+                else if (c < 0x20)
+                    total += 6;
+                else
+                    total += 1;
+            }
+            at = ends[i];
+        }
+        result = ok ? PyLong_FromLongLong(total) : Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&b_data);
+    PyBuffer_Release(&b_ends);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"layout_fit", layout_fit, METH_VARARGS, layout_fit_doc},
+    {"digit_total", digit_total, METH_O, digit_total_doc},
+    {"json_strings_size", json_strings_size, METH_VARARGS, json_strings_size_doc},
     {"encode_files", encode_files, METH_VARARGS, encode_files_doc},
     {"encode_segments", encode_segments, METH_VARARGS, encode_segments_doc},
     {"list_dir", list_dir, METH_VARARGS, list_dir_doc},

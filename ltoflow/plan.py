@@ -233,16 +233,30 @@ def layout(files: FileTable, usable: int, container_size: int) -> _Layout:
         tape_first_container = len(containers)
 
     # Once per file: the columns' appends bound once, and a file that fits in the open
-    # container (nearly all of them) takes one step.
+    # container (nearly all of them) takes one step; runs of such files go to C where it is
+    # built.
     add_file, add_part, add_container, add_offset, add_source, add_length = (
         column.append for column in segments._columns()
     )
     add_start = file_starts.append
     count = 0  # segments so far
-    for file_index, size in enumerate(files.size):
-        remaining = size
+    module = native.MODULE
+    sizes = files.size
+    file_index = 0
+    while file_index < len(sizes):
+        if module is not None:  # the files that fit whole in the open container, in C
+            (file_index, c_size, count, *columns) = module.layout_fit(
+                sizes, file_index, c_cap, len(containers), c_size, count)
+            for column, items in zip((*segments._columns(), file_starts), columns,
+                                     strict=True):
+                column.frombytes(items)
+            if file_index == len(sizes):
+                break
+        i = file_index  # the next file, in Python: one that does not fit, or all without C
+        file_index += 1
+        remaining = sizes[i]
         if remaining and remaining <= c_cap - c_size:
-            add_file(file_index)
+            add_file(i)
             add_part(1)
             add_container(len(containers))
             add_offset(c_size)
@@ -261,7 +275,7 @@ def layout(files: FileTable, usable: int, container_size: int) -> _Layout:
                     close_tape()
                 c_cap = min(container_size, usable - tape_used)
             n = min(remaining, c_cap - c_size)
-            segments.append(file_index, part, len(containers), c_size, source_offset, n)
+            segments.append(i, part, len(containers), c_size, source_offset, n)
             c_size += n
             source_offset += n
             remaining -= n
@@ -810,6 +824,10 @@ def _digits(n: int) -> int:
 
 def _digit_total(numbers: Iterable[int]) -> int:
     """The characters of all `numbers` written in decimal, a minus sign included."""
+    module = native.MODULE
+    if module is not None and isinstance(numbers, array) and numbers.typecode in "qQ":
+        total: int = module.digit_total(numbers)
+        return total
     return sum(map(len, map(str, numbers)))
 
 
@@ -851,10 +869,15 @@ class JsonPlanSizer:
             fixed = template - 2 * self.codec.string_size("x") - 3  # the three zeros
             files = plan.files
             names = files.relative_path
-            total = len(files) * fixed + 2 * sum(
-                self.codec.strings_size(names[i:i + 65536])
-                for i in range(0, len(names), 65536)  # a slice at a time: bounded memory
-            )
+            module = native.MODULE
+            escaped = (module.json_strings_size(*names.buffers()) if module is not None
+                       else None)
+            if escaped is None:
+                escaped = sum(
+                    self.codec.strings_size(names[i:i + 65536])
+                    for i in range(0, len(names), 65536)  # a slice at a time: bounded memory
+                )
+            total = len(files) * fixed + 2 * escaped
             total += _digit_total(files.size) + _digit_total(files.mode)
             total += _digit_total(files.mtime_ns)
             raw_lengths = [len(raw) for raw in files.raw_path.values()]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -22,10 +23,11 @@ from hypothesis import strategies as st
 from ltoflow import catalog as cat
 from ltoflow import hashing
 from ltoflow import native as extension
-from ltoflow.errors import SourceReadError
+from ltoflow import plan as plan_module
+from ltoflow.errors import BackupPlanError, SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
 from ltoflow.plan import Hashes, Plan, build_catalog, file_ids_of, make_plan
-from ltoflow.scan import FileTable, ScanResult, scan_tree
+from ltoflow.scan import FileTable, ScanResult, StringColumn, scan_tree
 
 from .conftest import write_tree
 
@@ -459,3 +461,52 @@ def test_c_catalog_records_are_the_encoders_bytes(
     if len(table) > len(reasons) and not table.raw_path:
         assert "encode_files" in used
         assert "encode_segments" in used or not len(plan.segments)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.one_of(st.just(0), st.integers(1, 300), st.integers(1, 60_000)),
+                      max_size=60),
+       capacity=st.integers(20_000, 400_000), share=st.floats(0.01, 0.9))
+def test_c_layout_and_sizer_make_the_python_plan(sizes: list[int], capacity: int,
+                                                 share: float) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    table = FileTable()
+    for i, size in enumerate(sizes):
+        table.append(f'd{i % 4}/f"{i:03d}\n', size, -5 + i, 0o100644, None)
+    scan = ScanResult(Path("/srv/r"), table, ())
+    measure = plan_module.catalog_measurer(cat.JsonCatalogCodec(), "ltoflow test")
+
+    def planned(module: ModuleType | None) -> tuple[object, ...] | str:
+        saved = extension.MODULE
+        try:
+            extension.MODULE = module
+            plan = make_plan(scan, capacity_bytes=capacity,
+                             container_size_bytes=max(1, int(capacity * share)),
+                             measure_catalog=plan_module.JsonPlanSizer(
+                                 cat.JsonCatalogCodec(), "ltoflow test"))
+            sized = plan_module.JsonPlanSizer(cat.JsonCatalogCodec(), "ltoflow test")(plan)
+        except BackupPlanError as e:
+            return str(e)
+        finally:
+            extension.MODULE = saved
+        s = plan.segments
+        return (tuple(map(tuple, s._columns())), tuple(plan.file_starts), plan.containers,
+                plan.tapes, plan.reserve_bytes, sized, measure(plan))
+
+    fast, slow = planned(BUILT), planned(None)
+    assert fast == slow
+    if not isinstance(fast, str):
+        assert fast[-2] == fast[-1]  # the C sizer's sums are the encoded catalog's size
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=30),
+       st.lists(st.text(max_size=10), max_size=20))
+def test_c_sums_are_the_python_sums(numbers: list[int], texts: list[str]) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    assert BUILT.digit_total(array("q", numbers)) == sum(len(str(n)) for n in numbers)
+    column = StringColumn(texts)
+    expected = (None if any(0xD800 <= ord(c) <= 0xDFFF for t in texts for c in t)
+                else sum(len(orjson.dumps(t)) - 2 for t in texts))
+    assert BUILT.json_strings_size(*column.buffers()) == expected
