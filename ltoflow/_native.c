@@ -1378,7 +1378,59 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(copy_single_segment_digests_doc,
+"copy_single_segment_digests(file_starts, seg_digests, seg_known, file_digests, file_known)\n"
+"--\n\n"
+"Give every file whose digest is unknown and that has exactly one segment, whose digest is\n"
+"known, that digest (a file of one segment is that segment). Returns how many it gave.");
+
+static PyObject *copy_single_segment_digests(PyObject *self, PyObject *args)
+{
+    PyObject *objs[5];
+    Py_buffer v[5];
+    static const Py_ssize_t sizes[5] = {8, 1, 1, 1, 1};
+    int got = 0;
+    long long copied = 0;
+    PyObject *result = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OOOOO:copy_single_segment_digests", &objs[0], &objs[1],
+                          &objs[2], &objs[3], &objs[4]))
+        return NULL;
+    for (int i = 0; i < 5; i++) {
+        if (get_column(objs[i], &v[i], "column", sizes[i], i >= 3) < 0)
+            goto done;
+        got++;
+    }
+    {
+        const int64_t *starts = v[0].buf;
+        const unsigned char *seg = v[1].buf, *seg_known = v[2].buf;
+        unsigned char *file = v[3].buf, *file_known = v[4].buf;
+        Py_ssize_t n_files = v[4].len, n_segs = v[2].len;
+        if (v[0].len / 8 != n_files + 1 || v[3].len < n_files * SHA256_LEN
+            || v[1].len < n_segs * SHA256_LEN) {
+            PyErr_SetString(PyExc_ValueError, "the digest columns do not match");
+            goto done;
+        }
+        for (Py_ssize_t f = 0; f < n_files; f++) {
+            int64_t s = starts[f];
+            if (file_known[f] || starts[f + 1] - s != 1 || s < 0 || s >= n_segs || !seg_known[s])
+                continue;
+            memcpy(file + f * SHA256_LEN, seg + s * SHA256_LEN, SHA256_LEN);
+            file_known[f] = 1; /* after the bytes, as Digests does */
+            copied++;
+        }
+    }
+    result = PyLong_FromLongLong(copied);
+done:
+    for (int i = 0; i < got; i++)
+        PyBuffer_Release(&v[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"copy_single_segment_digests", copy_single_segment_digests, METH_VARARGS,
+     copy_single_segment_digests_doc},
     {"layout_fit", layout_fit, METH_VARARGS, layout_fit_doc},
     {"digit_total", digit_total, METH_O, digit_total_doc},
     {"json_strings_size", json_strings_size, METH_VARARGS, json_strings_size_doc},

@@ -626,6 +626,7 @@ class HashRecorder:
             if h.containers[c.index] is None and len(c.segments) == 1:
                 h.containers[c.index] = h.segments[c.segments[0]]
         starts = plan.file_starts
+        h.files.fill_single_segment_files(starts, h.segments)
         for i in list(h.files.unknown()):
             first, end = starts[i], starts[i + 1]
             if first == end:  # a zero-byte file

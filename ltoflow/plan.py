@@ -537,6 +537,15 @@ class Digests(Sequence[str | None]):
             return self._known.index(0, start, len(self) if stop is None else stop)
         return super().index(value, start, len(self) if stop is None else stop)
 
+    def fill_single_segment_files(self, file_starts: array[int], segments: Digests) -> None:
+        """Give each unknown file digest of a file of one segment that segment's digest, in
+        one call to the C extension where it is built (a million set_from calls take 0.9 s);
+        without it, nothing (the caller sets them one by one)."""
+        module = native.MODULE
+        if module is not None and not self._frozen:
+            module.copy_single_segment_digests(file_starts, *segments.buffers(),
+                                               *self.buffers())
+
     def unknown(self) -> Iterator[int]:
         """The indices still unknown, in order."""
         known = self._known

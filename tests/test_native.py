@@ -510,3 +510,39 @@ def test_c_sums_are_the_python_sums(numbers: list[int], texts: list[str]) -> Non
     expected = (None if any(0xD800 <= ord(c) <= 0xDFFF for t in texts for c in t)
                 else sum(len(orjson.dumps(t)) - 2 for t in texts))
     assert BUILT.json_strings_size(*column.buffers()) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.one_of(st.just(0), st.integers(1, 4000)), max_size=40),
+       container=st.integers(500, 9000), unusable=st.sets(st.integers(0, 39), max_size=3))
+def test_c_single_segment_file_hashes_complete_as_python_does(
+        sizes: list[int], container: int, unusable: set[int]) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    table = FileTable()
+    for i, size in enumerate(sizes):
+        table.append(f"f{i:03d}", size, 0, 0o100644, None)
+    plan = make_plan(ScanResult(Path("/r"), table, ()), capacity_bytes=1 << 40,
+                     container_size_bytes=container, measure_catalog=lambda _: 0)
+
+    def completed(module: ModuleType | None) -> list[list[str | None]]:
+        saved = extension.MODULE
+        try:
+            extension.MODULE = module
+            recorder = hashing.HashRecorder(plan)
+            for f in unusable & set(range(len(table))):
+                recorder.faults.fault(f, SourceReadError("x", relative_path="x", what="x"),
+                                      domain=None)
+            for s in range(len(plan.segments)):
+                recorder.segment(s, hashlib.sha256(b"s%d" % s).hexdigest())
+            for c in range(len(plan.containers)):
+                recorder.container(c, hashlib.sha256(b"c%d" % c).hexdigest())
+            for f in range(len(table)):
+                if plan.file_starts[f + 1] - plan.file_starts[f] > 1 and f not in unusable:
+                    recorder.file(f, hashlib.sha256(b"f%d" % f).hexdigest())
+            h = recorder.complete()
+            return [list(h.segments), list(h.containers), list(h.files)]
+        finally:
+            extension.MODULE = saved
+
+    assert completed(BUILT) == completed(None)
