@@ -258,8 +258,7 @@ async def segment_hash_actor(
     with inp, out:
         async for chunk in inp:
             done = await trio.to_thread.run_sync(hasher.update, chunk.data, chunk.pieces)
-            for segment, digest in done:
-                recorder.segment(segment, digest)
+            recorder.segments_written(done)
             _report_skips(recorder.faults, reporter)
             await out.send(chunk)
 

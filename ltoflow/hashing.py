@@ -591,6 +591,23 @@ class HashRecorder:
         if written:
             self._written[index] = 1
 
+    def segments_written(self, done: list[tuple[int, str]]) -> None:
+        """segment(index, digest) for each pair from tape 1's write pass, in order. A run of
+        consecutive segments none of whose hashes is known yet (nearly always) is recorded in
+        one step: a chunk of small files has thousands."""
+        digests, n, i = self.hashes.segments, len(done), 0
+        while i < n:
+            first = done[i][0]
+            j = i + 1
+            while j < n and done[j][0] == first + j - i:
+                j += 1
+            if j - i == 1 or not digests.set_run_if_unknown(first, [d for _, d in done[i:j]]):
+                for index, digest in done[i:j]:
+                    self.segment(index, digest)
+            else:
+                self._written[first:first + j - i] = b"\x01" * (j - i)
+            i = j
+
     def forget_written(self, segments: range) -> None:
         """These segments are about to be written again (a resume rewrites them): the hashes
         known stay for comparison, and the bytes written now have the last word."""

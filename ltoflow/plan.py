@@ -493,6 +493,27 @@ class Digests(Sequence[str | None]):
         self._data[k:k + _SHA256_BYTES] = raw
         self._known[i] = 1  # after the bytes: a digest is never known before it is there
 
+    def set_run_if_unknown(self, first: int, values: list[str]) -> bool:
+        """Set digests first, first + 1, ... to `values` when none of them is known yet and
+        they are not frozen; False (nothing set) otherwise. ValueError as for one digest."""
+        n = len(values)
+        if (self._frozen or first < 0 or first + n > len(self._known)
+                or self._known.find(1, first, first + n) >= 0):
+            return False
+        text = "".join(values)
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raw = b""
+        if len(raw) != _SHA256_BYTES * n or raw.hex() != text:
+            for k, value in enumerate(values):  # one at a time: the bad one raises
+                self[first + k] = value
+            return True
+        k = first * _SHA256_BYTES
+        self._data[k:k + len(raw)] = raw
+        self._known[first:first + n] = b"\x01" * n  # after the bytes, as for one digest
+        return True
+
     def set_from(self, i: int, other: Digests, j: int) -> None:
         """self[i] = other[j] (both in range, not negative), without making the string."""
         if not (0 <= i < len(self) and 0 <= j < len(other)):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import random
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from ltoflow.catalog import JsonCatalogCodec
 from ltoflow.errors import BackupPlanError
 from ltoflow.hashing import MAX_REASON_BYTES
 from ltoflow.plan import (
+    Digests,
     Hashes,
     Plan,
     build_catalog,
@@ -446,3 +448,16 @@ def test_a_missing_file_hash_is_an_error_unless_the_file_is_unusable() -> None:
     assert [(k.relative_path, k.reason) for k in catalog.skipped] == [
         (plan.files[1].relative_path, "it vanished")]
     assert len(catalog.segments) == 3  # its bytes stay on tape
+
+
+def test_a_run_of_digests_is_set_only_when_none_is_known_or_frozen() -> None:
+    hexes = [hashlib.sha256(bytes([i])).hexdigest() for i in range(6)]
+    d = Digests.unknown_of(6)
+    assert d.set_run_if_unknown(1, hexes[1:4])
+    assert list(d) == [None, *hexes[1:4], None, None]
+    assert not d.set_run_if_unknown(3, hexes[3:6])  # digest 3 is known: nothing set
+    assert list(d)[4:] == [None, None]
+    with pytest.raises(ValueError, match="lowercase SHA-256"):
+        d.set_run_if_unknown(4, [hexes[4], hexes[5].upper()])
+    d.freeze()
+    assert not d.set_run_if_unknown(5, hexes[5:])
