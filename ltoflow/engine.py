@@ -969,7 +969,9 @@ async def run_backup(
                         loaded, catalog, codec=codec, limit=limit,
                         extra_files=settings.extra_files, replace=resume is not None,
                         copy=copy.write if copy is not None else None, lists=lists,
-                        spans=spans if copy is not None else None,
+                        # Where the big lists lie (and their SHA-256s), for later tapes to
+                        # copy them: none to record when there is no later tape.
+                        spans=spans if copy is not None and len(plan.tapes) > 1 else None,
                     )
                 except BaseException:
                     if copy is not None:  # dropped: a resume builds the catalog again
