@@ -517,10 +517,10 @@ static void free_entries(Entry *entries, size_t n)
 }
 
 /* List dir_fd with the GIL released: each entry's lstat, and access(R_OK) for regular files.
- * 0, or -1 with errno set. */
+ * 0, or -1 with errno set (ENOMEM: out of memory, not a directory that cannot be listed). */
 static int read_entries(int dir_fd, Entry **out, size_t *count)
 {
-    int fd = dup(dir_fd);
+    int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0); /* not inherited by a fork meanwhile */
     DIR *d;
     Entry *entries = NULL;
     size_t n = 0, cap = 0;
@@ -673,8 +673,12 @@ static PyObject *list_dir(PyObject *self, PyObject *args)
         err = errno;
     Py_END_ALLOW_THREADS
     if (rc < 0) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
+        if (err == ENOMEM) {
+            PyErr_NoMemory(); /* as Python would: not a directory to skip */
+        } else {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+        }
         goto done;
     }
     items = PyList_New(0);
@@ -827,12 +831,10 @@ static int put_int(Bytes *b, long long v)
 }
 
 /* A JSON string body as orjson escapes it: '"', '\\' and control characters; the rest (all
- * of UTF-8 included) as is. -1 for bytes that are not UTF-8 (orjson refuses them too). */
-static int put_escaped(Bytes *b, const unsigned char *s, size_t n)
+ * of UTF-8 included) as is. The bytes must be UTF-8 (see put_escaped). */
+static int put_escaped_utf8(Bytes *b, const unsigned char *s, size_t n)
 {
     size_t run = 0;
-    if (!valid_utf8(s, n))
-        return -1;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = s[i];
         char esc[8];
@@ -861,6 +863,12 @@ static int put_escaped(Bytes *b, const unsigned char *s, size_t n)
             return -1;
     }
     return put(b, s + run, n - run);
+}
+
+/* put_escaped_utf8, or -1 for bytes that are not UTF-8 (orjson refuses them too). */
+static int put_escaped(Bytes *b, const unsigned char *s, size_t n)
+{
+    return valid_utf8(s, n) ? put_escaped_utf8(b, s, n) : -1;
 }
 
 static int put_digest(Bytes *b, const unsigned char *raw)
@@ -1081,7 +1089,7 @@ static PyObject *encode_files(PyObject *self, PyObject *args)
                  && put_escaped(&out, path, len) == 0
                  && put_str(&out, "\",\"absolute_path\":\"") == 0
                  && put(&out, prefix.buf, (size_t)prefix.len) == 0
-                 && put_escaped(&out, path, len) == 0
+                 && put_escaped_utf8(&out, path, len) == 0 /* checked just above */
                  && put_str(&out, "\",\"size_bytes\":") == 0 && put_int(&out, sizes[i]) == 0
                  && put_str(&out, ",\"sha256\":\"") == 0 && put_digest(&out, digest) == 0
                  && put_str(&out, "\",\"modified_at\":\"") == 0
@@ -1221,12 +1229,16 @@ done:
 
 /* ---- plan: the layout's common step, and the sizer's sums ---- */
 
+/* Files per layout_fit call at most (the caller loops): bounds its columns' memory. */
+#define LAYOUT_RUN 65536
+
 PyDoc_STRVAR(layout_fit_doc,
 "layout_fit(sizes, start, room, container, offset, count)\n"
 "--\n\n"
 "plan.layout's common step, from file `start` on: each file that fits whole in the open\n"
 "container (`room` bytes from `offset` on) becomes one segment of it; a zero-byte file gets\n"
-"none. Stops before the first file that does not fit. Returns (next file, offset, count,\n"
+"none. Stops before the first file that does not fit, or after 65536 files. Returns\n"
+"(next file, offset, count,\n"
 "file_index, part, container_index, container_offset, source_offset, length, file_starts),\n"
 "the columns' new items as native int64 bytes.");
 
@@ -1248,7 +1260,8 @@ static PyObject *layout_fit(PyObject *self, PyObject *args)
         const int64_t *sizes = b_sizes.buf;
         Py_ssize_t n = b_sizes.len / 8;
         int64_t one = 1, zero = 0;
-        for (i = start < 0 ? n : start; i < n; i++) {
+        Py_ssize_t end = start >= 0 && n - start > LAYOUT_RUN ? start + LAYOUT_RUN : n;
+        for (i = start < 0 ? n : start; i < end; i++) {
             int64_t size = sizes[i];
             if (size < 0 || (size > 0 && size > room - offset))
                 break;

@@ -956,8 +956,10 @@ async def run_backup(
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
                     # The journal keeps a copy of this first catalog, made as it is encoded
-                    # for the tape (encoding a million records twice costs seconds).
-                    if journal is not None:
+                    # for the tape (encoding a million records twice costs seconds), for the
+                    # later tapes and for a resume after tape 1. A set of one tape has
+                    # neither: a resume before its end builds the catalog again.
+                    if journal is not None and len(plan.tapes) > 1:
                         copy = await trio.to_thread.run_sync(journal.open_catalog_copy)
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
@@ -969,9 +971,7 @@ async def run_backup(
                         loaded, catalog, codec=codec, limit=limit,
                         extra_files=settings.extra_files, replace=resume is not None,
                         copy=copy.write if copy is not None else None, lists=lists,
-                        # Where the big lists lie (and their SHA-256s), for later tapes to
-                        # copy them: none to record when there is no later tape.
-                        spans=spans if copy is not None and len(plan.tapes) > 1 else None,
+                        spans=spans if copy is not None else None,
                     )
                 except BaseException:
                     if copy is not None:  # dropped: a resume builds the catalog again

@@ -527,8 +527,8 @@ class Digests(Sequence[str | None]):
         self._known[i] = other._known[j]
 
     def buffers(self) -> tuple[bytearray | mmap.mmap, bytearray]:
-        """The digests' 32 raw bytes each, end to end, and a known-flag byte each (not copies:
-        for native code that reads them, frozen)."""
+        """The digests' 32 raw bytes each, end to end, and a known-flag byte each: not copies,
+        for native code (which may write them only while they are not frozen)."""
         return self._data, self._known
 
     def known_runs(self, start: int, stop: int) -> list[tuple[int, bytes]]:

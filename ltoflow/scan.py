@@ -356,7 +356,7 @@ class _Walk:
         self.fds = fds
         self.dirs: list[tuple[bytes, ScannedDirectory]] = []
         self.links: list[tuple[bytes, ScannedSymlink]] = []
-        self.skipped: list[SkippedEntry] = []
+        self.skipped: list[tuple[bytes, SkippedEntry]] = []  # with the exact path
 
 
 def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
@@ -376,9 +376,11 @@ def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
             files.extend_run(item)
         else:
             files.append(*item)
-    skipped = walk.skipped
-    skipped.sort(key=lambda s: s.relative_path.encode())  # they keep only the rendering
-    return ScanResult(root, files, tuple(skipped), _by_path(walk.dirs), _by_path(walk.links))
+    # By the rendering they keep (as the catalog lists them), then by their exact bytes:
+    # two names may render alike (b"\xff" and a backslash followed by "xff").
+    walk.skipped.sort(key=lambda pair: (pair[1].relative_path.encode(), pair[0]))
+    skipped = tuple(entry for _, entry in walk.skipped)
+    return ScanResult(root, files, skipped, _by_path(walk.dirs), _by_path(walk.links))
 
 
 def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_Item]:
@@ -403,7 +405,8 @@ def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_I
             raise UsageError(
                 f"cannot list the source directory {walk.root}: {e.strerror}") from e
         walk.skipped.append(
-            SkippedEntry(paths.display(rel_dir), "directory", f"cannot list: {e.strerror}")
+            (rel_dir, SkippedEntry(paths.display(rel_dir), "directory",
+                                   f"cannot list: {e.strerror}"))
         )
         return []
     if module is not None:  # sorted already, stat'ed, plain files in runs
@@ -419,7 +422,8 @@ def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_I
             else:
                 _, name, err, mode, size, seconds, ns, readable = item
                 st = None if err else _Stat(mode, size, seconds * 1_000_000_000 + ns)
-                got = _entry(rel_dir, name, dir_fd, st, walk, err=err, readable=bool(readable))
+                got = _entry(rel_dir, name, dir_fd, st, walk, stat_error=os.strerror(err),
+                             readable=bool(readable))
                 if got is not None:
                     out.append(got[1])
         return out
@@ -428,10 +432,10 @@ def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_I
         name = os.fsencode(entry.name)
         try:
             st_: os.stat_result | None = entry.stat(follow_symlinks=False)
-            err = 0
+            why = None
         except OSError as e:
-            st_, err = None, e.errno or 0
-        got = _entry(rel_dir, name, dir_fd, st_, walk, err=err)
+            st_, why = None, e.strerror
+        got = _entry(rel_dir, name, dir_fd, st_, walk, stat_error=why)
         if got is not None:
             order.append(got)
     order.sort(key=lambda pair: pair[0])
@@ -439,16 +443,16 @@ def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_I
 
 
 def _entry(rel_dir: bytes, name: bytes, dir_fd: int, st: os.stat_result | _Stat | None,
-           walk: _Walk, *, err: int = 0, readable: bool | None = None
+           walk: _Walk, *, stat_error: str | None = None, readable: bool | None = None
            ) -> tuple[bytes, bytes | _FileRow] | None:
     """One entry of a directory: (its sort key, what the walk makes of it), or None when it
     is recorded elsewhere (a symlink, something skipped). `st` is its lstat, None when that
-    failed with errno `err`; `readable` is what access(R_OK) said of a regular file (None:
-    not asked yet)."""
+    failed (`stat_error` says why); `readable` is what access(R_OK) said of a regular file
+    (None: not asked yet)."""
     rel = rel_dir + b"/" + name if rel_dir else name
     text, raw = path_fields(rel)
     if st is None:
-        walk.skipped.append(SkippedEntry(text, "unknown", f"cannot stat: {os.strerror(err)}"))
+        walk.skipped.append((rel, SkippedEntry(text, "unknown", f"cannot stat: {stat_error}")))
         return None
     mode = st.st_mode
     if stat.S_ISDIR(mode):
@@ -459,7 +463,7 @@ def _entry(rel_dir: bytes, name: bytes, dir_fd: int, st: os.stat_result | _Stat 
             target = os.readlink(name, dir_fd=dir_fd)
         except OSError as e:
             walk.skipped.append(
-                SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}")
+                (rel, SkippedEntry(text, "symlink", f"cannot read the link: {e.strerror}"))
             )
             return None
         walk.links.append((rel, ScannedSymlink(text, target, st.st_mtime_ns, raw)))
@@ -471,10 +475,10 @@ def _entry(rel_dir: bytes, name: bytes, dir_fd: int, st: os.stat_result | _Stat 
         if readable is None:
             readable = os.access(name, os.R_OK, dir_fd=dir_fd)
         if not readable:
-            walk.skipped.append(SkippedEntry(text, "file", UNREADABLE))
+            walk.skipped.append((rel, SkippedEntry(text, "file", UNREADABLE)))
             return None
         return name, (text, st.st_size, st.st_mtime_ns, mode, raw)
-    walk.skipped.append(SkippedEntry(text, _kind(mode), "not a regular file"))
+    walk.skipped.append((rel, SkippedEntry(text, _kind(mode), "not a regular file")))
     return None
 
 

@@ -103,10 +103,11 @@ def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
 
     monkeypatch.setattr(Journal, "open_catalog_copy",
                         lambda self: CatalogCopy(self, FullDisk()))
-    write_tree(tmp_path / "src", {"a": 1000})
+    # Two tapes or more: a set of one tape keeps no copy of its catalog in the journal.
+    write_tree(tmp_path / "src", {"a": 3_000_000, "b": 3_000_000})
     code = main(["backup", "--source", str(tmp_path / "src"), "--simulator",
-                 str(tmp_path / "tapes"), "--capacity-tb", "0.0001",
-                 "--container-size-gb", "0.00001", "--quiet"])
+                 str(tmp_path / "tapes"), "--capacity-tb", "0.0000052",
+                 "--container-size-gb", "0.0006", "--quiet"])
     err = capsys.readouterr().err
     assert code == EXIT_FAILED
     assert "cannot write the job journal" in err
@@ -137,3 +138,19 @@ def test_segment_hashes_are_kept_as_runs(journal: Journal) -> None:
     (loaded,) = Journal(journal.state_dir, journal.key).load(CODEC).containers.values()
     assert loaded.segment_runs == runs
     assert loaded.files == ((2, "d" * 64),)
+
+
+def test_a_set_of_one_tape_keeps_no_copy_of_its_catalog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ltoflow.cli import EXIT_OK
+
+    def refused(self: Journal) -> None:
+        raise AssertionError("a set of one tape needs no copy of its catalog")
+
+    monkeypatch.setattr(Journal, "open_catalog_copy", refused)
+    write_tree(tmp_path / "src", {"a": 1000, "b": 2000})
+    code = main(["backup", "--source", str(tmp_path / "src"), "--simulator",
+                 str(tmp_path / "tapes"), "--capacity-tb", "0.0001",
+                 "--container-size-gb", "0.00001", "--quiet", "--verify"])
+    assert code == EXIT_OK
