@@ -33,7 +33,7 @@ from ltoflow.drives.simulator import (
     TapeDriveStats,
     Throttle,
 )
-from ltoflow.engine import BackupResult
+from ltoflow.engine import BackupResult, map_big_blocks
 from ltoflow.errors import (
     BackupError,
     Interrupted,
@@ -818,6 +818,7 @@ async def run_interruptible[T](
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    map_big_blocks()  # from the scan on: big blocks go back to the system when freed
     commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan,
                 "restore": cmd_restore, "catalog": cmd_catalog}
     verbose = getattr(args, "verbose", False)

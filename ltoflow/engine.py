@@ -671,6 +671,29 @@ async def write_catalog(
     return size, digest
 
 
+#: glibc's mallopt parameter for the size from which a block is mapped on its own.
+_M_MMAP_THRESHOLD = -3
+#: Blocks this size and above (catalog chunks, scan and layout columns) are mapped on their
+#: own and given back when freed.
+BIG_BLOCK = 1 << 20
+
+
+def map_big_blocks() -> None:
+    """Have the C library map every block of BIG_BLOCK bytes or more on its own (glibc's
+    mallopt M_MMAP_THRESHOLD), so that it goes back to the system as soon as it is freed.
+    By default glibc raises that threshold each time a big block is freed, after which such
+    blocks come from the heap and stay there: at a million files on 3 tapes that kept the peak
+    ~25 MB higher. Nothing where the C library is not glibc."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError, TypeError):  # not glibc
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_THRESHOLD, BIG_BLOCK)
+
+
 def trim_heap() -> None:
     """Give the memory freed on the heap back to the system where the C library can (glibc's
     malloc_trim): a catalog's few hundred MB of chunks, encoded or copied in a worker thread,
@@ -789,6 +812,7 @@ async def run_backup(
     # verify imports the engine's helpers
     from ltoflow.verify import CatalogIndex, verify_loaded_tape
 
+    map_big_blocks()
     if resume is not None:
         set_id, created_at = resume.set_id, resume.created_at
     set_id = set_id or str(uuid.uuid4())
