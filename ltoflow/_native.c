@@ -674,7 +674,7 @@ static PyObject *list_dir(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         if (err == ENOMEM) {
-            PyErr_NoMemory(); /* as Python would: not a directory to skip */
+            PyErr_NoMemory(); /* the job fails: out of memory is no reason to skip it */
         } else {
             errno = err;
             PyErr_SetFromErrno(PyExc_OSError);

@@ -818,7 +818,8 @@ async def run_interruptible[T](
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    map_big_blocks()  # from the scan on: big blocks go back to the system when freed
+    if args.command == "backup":  # from the scan on: big blocks go back to the system
+        map_big_blocks()
     commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan,
                 "restore": cmd_restore, "catalog": cmd_catalog}
     verbose = getattr(args, "verbose", False)

@@ -682,8 +682,11 @@ def map_big_blocks() -> None:
     """Have the C library map every block of BIG_BLOCK bytes or more on its own (glibc's
     mallopt M_MMAP_THRESHOLD), so that it goes back to the system as soon as it is freed.
     By default glibc raises that threshold each time a big block is freed, after which such
-    blocks come from the heap and stay there: at a million files on 3 tapes that kept the peak
-    ~25 MB higher. Nothing where the C library is not glibc."""
+    blocks come from the heap and stay there: at a million files on 3 tapes that kept a
+    backup's peak ~25 MB higher. The price: each big block is fresh pages, so big reads into
+    new bytes cost more page faults (the later tapes' copy of tape 1's catalog lists, about
+    0.4 s per GB). Process-wide and for good: the CLI sets it for `backup` only. Nothing where
+    the C library is not glibc (musl, for one, has no mallopt)."""
     try:
         import ctypes
 
@@ -812,7 +815,6 @@ async def run_backup(
     # verify imports the engine's helpers
     from ltoflow.verify import CatalogIndex, verify_loaded_tape
 
-    map_big_blocks()
     if resume is not None:
         set_id, created_at = resume.set_id, resume.created_at
     set_id = set_id or str(uuid.uuid4())
@@ -980,10 +982,8 @@ async def run_backup(
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
                     # The journal keeps a copy of this first catalog, made as it is encoded
-                    # for the tape (encoding a million records twice costs seconds), for the
-                    # later tapes and for a resume after tape 1. A set of one tape has
-                    # neither: a resume before its end builds the catalog again.
-                    if journal is not None and len(plan.tapes) > 1:
+                    # for the tape (encoding a million records twice costs seconds).
+                    if journal is not None:
                         copy = await trio.to_thread.run_sync(journal.open_catalog_copy)
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
@@ -995,7 +995,9 @@ async def run_backup(
                         loaded, catalog, codec=codec, limit=limit,
                         extra_files=settings.extra_files, replace=resume is not None,
                         copy=copy.write if copy is not None else None, lists=lists,
-                        spans=spans if copy is not None else None,
+                        # Where the big lists lie (and their SHA-256s), for later tapes to
+                        # copy them: none to record when there is no later tape.
+                        spans=spans if copy is not None and len(plan.tapes) > 1 else None,
                     )
                 except BaseException:
                     if copy is not None:  # dropped: a resume builds the catalog again

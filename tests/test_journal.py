@@ -103,7 +103,6 @@ def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
 
     monkeypatch.setattr(Journal, "open_catalog_copy",
                         lambda self: CatalogCopy(self, FullDisk()))
-    # Two tapes or more: a set of one tape keeps no copy of its catalog in the journal.
     write_tree(tmp_path / "src", {"a": 3_000_000, "b": 3_000_000})
     code = main(["backup", "--source", str(tmp_path / "src"), "--simulator",
                  str(tmp_path / "tapes"), "--capacity-tb", "0.0000052",
@@ -140,17 +139,35 @@ def test_segment_hashes_are_kept_as_runs(journal: Journal) -> None:
     assert loaded.files == ((2, "d" * 64),)
 
 
-def test_a_set_of_one_tape_keeps_no_copy_of_its_catalog(
+def test_a_one_tape_set_interrupted_after_its_last_tape_is_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Stopped after the tape's journal line, before the journal is removed: the resume has
+    nothing to write and ends the job (it takes the set's catalog from the journal)."""
+    from ltoflow.cli import EXIT_INTERRUPTED, EXIT_OK
+
+    write_tree(tmp_path / "src", {"a": 30_000, "b": 2000})
+    args = ["backup", "--source", str(tmp_path / "src"), "--simulator", str(tmp_path / "t"),
+            "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
+    real = Journal.finish
+
+    def interrupted(self: Journal) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "finish", interrupted)
+    assert main(args) == EXIT_INTERRUPTED
+    monkeypatch.setattr(Journal, "finish", real)
+    assert main([*args, "--resume"]) == EXIT_OK
+    assert main(["verify", "--simulator", str(tmp_path / "t")]) == EXIT_OK
+
+
+def test_an_empty_set_that_fails_after_its_catalog_is_resumed(tmp_path: Path) -> None:
+    """No container, but the catalog is on the tape: the journal stays, and a resume ends it."""
     from ltoflow.cli import EXIT_OK
 
-    def refused(self: Journal) -> None:
-        raise AssertionError("a set of one tape needs no copy of its catalog")
-
-    monkeypatch.setattr(Journal, "open_catalog_copy", refused)
-    write_tree(tmp_path / "src", {"a": 1000, "b": 2000})
-    code = main(["backup", "--source", str(tmp_path / "src"), "--simulator",
-                 str(tmp_path / "tapes"), "--capacity-tb", "0.0001",
-                 "--container-size-gb", "0.00001", "--quiet", "--verify"])
-    assert code == EXIT_OK
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "empty").write_bytes(b"")
+    args = ["backup", "--source", str(tmp_path / "src"), "--simulator", str(tmp_path / "t"),
+            "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
+    assert main([*args, "--sim-fault", "fail_on_unload"]) != EXIT_OK
+    assert main([*args, "--resume"]) == EXIT_OK
