@@ -1,15 +1,20 @@
-/* ltoflow._native: the per-file loop of a backup of many small files, in C.
+/* ltoflow._native: the loops a backup runs once per file, in C.
  *
- * One call opens, reads, checks and hashes a run of whole small files with the GIL released,
- * where the same loop in Python costs ~20 us a file on top of the system calls. It only takes
- * the plain case: the moment a file is anything else (it will not open, reads short, changed
- * since the scan, or its path needs the component-by-component walk), the call stops before
- * it and returns what it did; the Python reader then handles that file with its own checks and
- * error messages. So this module decides nothing; it is only a faster way to do what
- * `SourceCursor.fill` does for such files.
+ * - read_whole_files: open, read, check and hash a run of whole small files with the GIL
+ *   released (two threads), where the same loop in Python costs ~10 us a file on top of the
+ *   system calls. It only takes the plain case: the moment a file is anything else (it will
+ *   not open, reads short, changed since the scan, its path is not plain UTF-8), the call
+ *   stops before it and returns what it did; the Python reader then handles that file with its
+ *   own checks and error messages (SourceCursor.fill).
+ * - list_dir: one directory of the scan, listed, lstat'ed, probed and sorted (scan.py).
+ * - layout_fit, digit_total, json_strings_size: the plan's layout step and its sizer's sums.
+ * - file_ids, iso_times, encode_files, encode_segments: catalog records, byte for byte what
+ *   the Python encoder (orjson) writes.
+ * - copy_single_segment_digests: file hashes of files of one segment.
  *
- * Build: an optional extension (see setup.py). Without it ltoflow runs the same loop in
- * Python.
+ * This module decides nothing: each function is a faster way to do what a Python loop does,
+ * and tests/test_native.py checks that they agree. Build: an optional extension (setup.py);
+ * without it ltoflow runs the Python loops.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1008,6 +1013,17 @@ done:
 }
 
 
+/* What an encoder returns: its records, None when it could not encode them all (the caller
+ * encodes them itself), or NULL with the exception that stopped it. */
+static PyObject *records_result(const Bytes *out, int ok)
+{
+    if (PyErr_Occurred())
+        return NULL;
+    if (!ok)
+        return Py_NewRef(Py_None);
+    return PyBytes_FromStringAndSize(out->data ? out->data : "", (Py_ssize_t)out->len);
+}
+
 PyDoc_STRVAR(encode_files_doc,
 "encode_files(namespace, paths, path_ends, indices, sizes, mtimes, modes, digests, known,\n"
 "             absolute_prefix, min_us, max_us)\n"
@@ -1099,10 +1115,7 @@ static PyObject *encode_files(PyObject *self, PyObject *args)
                  && put_str(&out, "}") == 0;
         }
     }
-    if (ok)
-        result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
-    else if (!PyErr_Occurred())
-        result = Py_NewRef(Py_None);
+    result = records_result(&out, ok);
 
 done:
     PyMem_RawFree(out.data);
@@ -1213,10 +1226,7 @@ static PyObject *encode_segments(PyObject *self, PyObject *args)
                  && put_str(&out, "\"}") == 0;
         }
     }
-    if (ok)
-        result = PyBytes_FromStringAndSize(out.data ? out.data : "", (Py_ssize_t)out.len);
-    else if (!PyErr_Occurred())
-        result = Py_NewRef(Py_None);
+    result = records_result(&out, ok);
 
 done:
     PyMem_RawFree(out.data);

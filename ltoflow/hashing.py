@@ -333,8 +333,8 @@ class SourceCursor:
     def _read_natively(self, buf: memoryview, pos: int, container: int) -> list[str]:
         """Whole files from the current segment on, read into buf[pos:] by the C loop: their
         SHA-256s, one per segment done (none when it is not built or took no file)."""
-        native = self._native
-        if native is None:
+        module = self._native
+        if module is None:
             return []
         plan, k = self.plan, self.segment
         files, segments = plan.files, plan.segments
@@ -350,7 +350,7 @@ class SourceCursor:
         except OSError:
             return []  # the Python loop says why
         path_data, path_ends = files.relative_path.buffers()
-        digests: list[str] = native.read_whole_files(
+        digests: list[str] = module.read_whole_files(
             root_fd, path_data, path_ends, segments.file_index, segments.length,
             segments.container_index, plan.file_starts, files.size, files.mtime_ns,
             k, self.end, stop, container, buf, pos,

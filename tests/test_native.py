@@ -79,6 +79,16 @@ def read_all(plan: Plan, module: ModuleType | None, *, chunk: int, one_container
     return pieces, bytes(data), dict(faults.reasons)
 
 
+def fill_once(cursor: SourceCursor) -> tuple[list[Piece], int, memoryview]:
+    """One fill of a 1 MiB buffer, the cursor closed after it."""
+    buf = memoryview(bytearray(1 << 20))
+    try:
+        pieces, n = cursor.fill(buf, one_container=False)
+    finally:
+        cursor.close()
+    return pieces, n, buf
+
+
 def both(plan: Plan, module: ModuleType, **kw: object) -> tuple[Read, Read]:
     return (read_all(plan, module, **kw),  # type: ignore[arg-type]
             read_all(plan, None, **kw))  # type: ignore[arg-type]
@@ -217,11 +227,7 @@ def test_a_file_already_unusable_is_not_read_again_by_the_c_loop(
     # Another pass found file 2 unusable before this one read it: its bytes are zeros here.
     faults.fault(2, SourceReadError("gone", relative_path="f2", what="gone"),
                  domain=hashing.LATER_TAPES, offset=0)
-    buf = memoryview(bytearray(1 << 20))
-    try:
-        pieces, n = cursor.fill(buf, one_container=False)
-    finally:
-        cursor.close()
+    pieces, n, buf = fill_once(cursor)
     assert n == 6 * 400
     assert bytes(buf[800:1200]) == bytes(400)
     assert pieces[2].digest is None  # hashed by the segment hasher, as any partial piece
@@ -313,11 +319,7 @@ def test_a_file_made_unusable_by_another_pass_during_a_c_call_is_left_to_python(
         cursor = SourceCursor(plan, 0, len(plan.segments), faults=faults)
     finally:
         hashing.NATIVE = saved
-    buf = memoryview(bytearray(1 << 20))
-    try:
-        pieces, n = cursor.fill(buf, one_container=False)
-    finally:
-        cursor.close()
+    pieces, n, buf = fill_once(cursor)
     assert n == 100 * 300
     v = victim * 300
     assert bytes(buf[v:v + 300]) == bytes(300)  # zeros, as for any unusable file
