@@ -11,6 +11,8 @@
  * - file_ids, iso_times, encode_files, encode_segments: catalog records, byte for byte what
  *   the Python encoder (orjson) writes.
  * - copy_single_segment_digests: file hashes of files of one segment.
+ * - decode_records: catalog record lines back into records, as the Python decoder reads them.
+ * - segment_digests: verify's hashes of the segments that lie whole in a chunk it read.
  *
  * This module decides nothing: each function is a faster way to do what a Python loop does,
  * and tests/test_native.py checks that they agree. Build: an optional extension (setup.py);
@@ -39,6 +41,7 @@
 #define SPLIT_MIN 64
 
 static EVP_MD *sha256_md, *sha1_md;
+static PyObject *empty_tuple;
 static const int FILE_FLAGS = O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK;
 static const int DIR_FLAGS = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
 
@@ -86,6 +89,15 @@ static int read_all(int fd, unsigned char *dst, int64_t size)
 }
 
 static const char HEX[] = "0123456789abcdef";
+
+/* A SHA-256 as 64 lowercase hex digits (no terminating NUL). */
+static void to_hex(const unsigned char *raw, char *hex)
+{
+    for (int b = 0; b < SHA256_LEN; b++) {
+        hex[2 * b] = HEX[raw[b] >> 4];
+        hex[2 * b + 1] = HEX[raw[b] & 15];
+    }
+}
 
 /* Blocks of this many files are what the threads take in turn, so that both read near each
  * other in path order (a disk with heads seeks less than for two far-apart halves). */
@@ -209,10 +221,7 @@ static Py_ssize_t read_files(const Run *r, Reader *rd, Py_ssize_t first, Py_ssiz
             || !EVP_DigestUpdate(rd->ctx, r->buf + pos, (size_t)length)
             || !EVP_DigestFinal_ex(rd->ctx, digest, &digest_len) || digest_len != SHA256_LEN)
             break;
-        for (int b = 0; b < SHA256_LEN; b++) {
-            hex[64 * done + 2 * b] = HEX[digest[b] >> 4];
-            hex[64 * done + 2 * b + 1] = HEX[digest[b] & 15];
-        }
+        to_hex(digest, hex + 64 * done);
         pos += length;
         done++;
     }
@@ -878,12 +887,9 @@ static int put_escaped(Bytes *b, const unsigned char *s, size_t n)
 
 static int put_digest(Bytes *b, const unsigned char *raw)
 {
-    char hex[64];
-    for (int i = 0; i < SHA256_LEN; i++) {
-        hex[2 * i] = HEX[raw[i] >> 4];
-        hex[2 * i + 1] = HEX[raw[i] & 15];
-    }
-    return put(b, hex, 64);
+    char hex[2 * SHA256_LEN];
+    to_hex(raw, hex);
+    return put(b, hex, sizeof hex);
 }
 
 /* uuid5 of the namespace and name, as catalog.file_id_for writes it (36 characters). */
@@ -1451,7 +1457,393 @@ done:
     return result;
 }
 
+/* ---- decode_records: catalog record lines back into records ---- */
+
+#define KIND_STR 1
+#define KIND_INT 2
+#define KIND_BOOL 4
+#define KIND_NONE 8
+#define MAX_FIELDS 16
+
+/* Results of the parsers below: 1 parsed, 0 left to the Python decoder (which parses it with
+ * orjson, or says why it is not a catalog), -1 a Python error (memory). */
+
+/* A JSON string whose body starts at p: its text in *out and *next after its closing quote.
+ * Control bytes, \u escapes and text that is not UTF-8 are left to Python. */
+static int parse_string(const char *p, const char *end, const char **next, PyObject **out,
+                        Bytes *tmp)
+{
+    const char *q = p;
+    int escaped = 0;
+    while (q < end && *q != '"') {
+        if ((unsigned char)*q < 0x20)
+            return 0;
+        if (*q == '\\') {
+            escaped = 1;
+            q += 2;
+        } else {
+            q++;
+        }
+    }
+    if (q >= end)
+        return 0;
+    if (!escaped) {
+        *out = PyUnicode_DecodeUTF8(p, q - p, NULL);
+    } else {
+        tmp->len = 0;
+        for (const char *s = p; s < q; s++) {
+            char c = *s;
+            if (c == '\\') {
+                switch (*++s) {
+                case '"': c = '"'; break;
+                case '\\': c = '\\'; break;
+                case '/': c = '/'; break;
+                case 'b': c = '\b'; break;
+                case 'f': c = '\f'; break;
+                case 'n': c = '\n'; break;
+                case 'r': c = '\r'; break;
+                case 't': c = '\t'; break;
+                default: return 0; /* \u and anything else */
+                }
+            }
+            if (put(tmp, &c, 1) < 0) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+        *out = PyUnicode_DecodeUTF8(tmp->data ? tmp->data : "", (Py_ssize_t)tmp->len, NULL);
+    }
+    if (*out == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *next = q + 1;
+    return 1;
+}
+
+/* A JSON integer of 64-bit magnitude (anything longer, -0, a fraction or an exponent is left
+ * to Python). */
+static int parse_int(const char *p, const char *end, const char **next, PyObject **out)
+{
+    const char *q = p, *digits;
+    unsigned long long v = 0; /* 19 digits do not overflow it */
+    int neg = q < end && *q == '-';
+    q += neg;
+    digits = q;
+    while (q < end && *q >= '0' && *q <= '9')
+        v = v * 10 + (*q++ - '0');
+    if (q == digits || q - digits > 19 || v > LLONG_MAX
+        || (*digits == '0' && (q - digits > 1 || neg)))
+        return 0;
+    if (q < end && (*q == '.' || *q == 'e' || *q == 'E'))
+        return 0;
+    *out = PyLong_FromLongLong(neg ? -(long long)v : (long long)v);
+    if (*out == NULL)
+        return -1;
+    *next = q;
+    return 1;
+}
+
+static int literal(const char *p, const char *end, const char *word, const char **next)
+{
+    size_t n = strlen(word);
+    if ((size_t)(end - p) < n || memcmp(p, word, n) != 0)
+        return 0;
+    *next = p + n;
+    return 1;
+}
+
+typedef struct {
+    Py_ssize_t count;
+    const char *names[MAX_FIELDS];
+    size_t name_lens[MAX_FIELDS];
+    unsigned char kinds[MAX_FIELDS];
+    unsigned char interned[MAX_FIELDS];
+    PyObject *defaults[MAX_FIELDS]; /* borrowed; `missing` for a required field */
+} Fields;
+
+/* One record line at p: `{...}` then `,` (1), `],` (2) or `]}` (3), then a newline. Its field
+ * values in values[] (new references), *next after the newline. */
+static int parse_record(const Fields *f, const char *p, const char *end, const char **next,
+                        PyObject **values, Bytes *tmp)
+{
+    if (p >= end || *p++ != '{')
+        return 0;
+    if (p < end && *p == '}') {
+        p++;
+    } else {
+        for (;;) {
+            const char *key, *q;
+            Py_ssize_t i;
+            PyObject *v = NULL;
+            int kind, got;
+            if (p >= end || *p++ != '"')
+                return 0;
+            key = p;
+            while (p < end && *p != '"' && *p != '\\')
+                p++;
+            if (p >= end || *p != '"')
+                return 0;
+            for (i = 0; i < f->count; i++)
+                if (f->name_lens[i] == (size_t)(p - key)
+                    && memcmp(f->names[i], key, f->name_lens[i]) == 0)
+                    break;
+            if (i == f->count || values[i] != NULL) /* unknown or repeated: Python's call */
+                return 0;
+            p++;
+            if (p >= end || *p++ != ':' || p >= end)
+                return 0;
+            q = p;
+            if (*p == '"') {
+                kind = KIND_STR;
+                got = parse_string(p + 1, end, &q, &v, tmp);
+            } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
+                kind = KIND_INT;
+                got = parse_int(p, end, &q, &v);
+            } else if (literal(p, end, "true", &q)) {
+                kind = KIND_BOOL;
+                v = Py_NewRef(Py_True);
+                got = 1;
+            } else if (literal(p, end, "false", &q)) {
+                kind = KIND_BOOL;
+                v = Py_NewRef(Py_False);
+                got = 1;
+            } else if (literal(p, end, "null", &q)) {
+                kind = KIND_NONE;
+                v = Py_NewRef(Py_None);
+                got = 1;
+            } else {
+                return 0;
+            }
+            if (got <= 0)
+                return got;
+            values[i] = v;
+            if (!(f->kinds[i] & kind))
+                return 0;
+            p = q;
+            if (p < end && *p == ',') {
+                p++;
+                continue;
+            }
+            if (p < end && *p == '}') {
+                p++;
+                break;
+            }
+            return 0;
+        }
+    }
+    if (end - p >= 2 && p[0] == ',' && p[1] == '\n') {
+        *next = p + 2;
+        return 1;
+    }
+    if (end - p >= 3 && p[0] == ']' && (p[1] == ',' || p[1] == '}') && p[2] == '\n') {
+        *next = p + 3;
+        return p[1] == ',' ? 2 : 3;
+    }
+    return 0;
+}
+
+/* A record of cls with these field values, set as the __init__ attrs writes for a frozen
+ * class without validators or converters sets them (object.__setattr__), without the call. */
+static PyObject *make_record(PyTypeObject *cls, PyObject *names, PyObject **values,
+                             Py_ssize_t count)
+{
+    PyObject *record = cls->tp_new(cls, empty_tuple, NULL);
+    for (Py_ssize_t i = 0; record != NULL && i < count; i++)
+        if (PyObject_GenericSetAttr(record, PyTuple_GET_ITEM(names, i), values[i]) < 0)
+            Py_CLEAR(record);
+    return record;
+}
+
+PyDoc_STRVAR(decode_records_doc,
+"decode_records(data, pos, cls, names, kinds, defaults, interned, ids, missing)\n"
+"--\n\n"
+"The record lines of one catalog list from data[pos:], as the Python decoder reads them:\n"
+"a record of cls per line (an attrs class whose __init__ only sets its fields: they are set\n"
+"as it sets them, without the call), fields in the order of names. kinds: per field, the JSON\n"
+"types it takes (1 string, 2 integer, 4 true/false, 8 null); defaults: per field, its value\n"
+"when the key is absent, or missing when it is required; interned: per field, 1 to keep one\n"
+"string per value in the dict ids. Returns (records, pos, status): status 1 when the list\n"
+"ended with ']', and 2 when it ended the document with ']}' (pos after the line); 0 when a\n"
+"line is anything else (pos at that line, which the Python decoder reads).");
+
+static PyObject *decode_records(PyObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t pos;
+    PyObject *cls, *names, *defaults, *ids, *missing, *records = NULL, *result = NULL;
+    Py_buffer kinds, interned;
+    Fields f;
+    Bytes tmp = {0};
+    int status = 0;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*nOO!y*O!y*O!O:decode_records", &data, &pos, &cls,
+                          &PyTuple_Type, &names, &kinds, &PyTuple_Type, &defaults, &interned,
+                          &PyDict_Type, &ids, &missing))
+        return NULL;
+    f.count = PyTuple_GET_SIZE(names);
+    if (f.count > MAX_FIELDS || kinds.len != f.count || interned.len != f.count
+        || PyTuple_GET_SIZE(defaults) != f.count || pos < 0 || pos > data.len) {
+        PyErr_SetString(PyExc_ValueError, "decode_records: fields do not agree, or pos is "
+                        "out of range");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < f.count; i++) {
+        Py_ssize_t len;
+        f.names[i] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, i), &len);
+        if (f.names[i] == NULL)
+            goto done;
+        f.name_lens[i] = (size_t)len;
+        f.kinds[i] = ((const unsigned char *)kinds.buf)[i];
+        f.interned[i] = ((const unsigned char *)interned.buf)[i];
+        f.defaults[i] = PyTuple_GET_ITEM(defaults, i);
+    }
+    records = PyList_New(0);
+    if (records == NULL)
+        goto done;
+    {
+        const char *p = (const char *)data.buf + pos, *end = (const char *)data.buf + data.len;
+        while (status == 0) {
+            PyObject *values[MAX_FIELDS] = {NULL};
+            PyObject *record = NULL;
+            const char *next = p;
+            int got = parse_record(&f, p, end, &next, values, &tmp);
+            for (Py_ssize_t i = 0; got > 0 && i < f.count; i++) {
+                if (values[i] == NULL) {
+                    if (f.defaults[i] == missing)
+                        got = 0;
+                    else
+                        values[i] = Py_NewRef(f.defaults[i]);
+                } else if (f.interned[i] && PyUnicode_CheckExact(values[i])) {
+                    PyObject *kept = PyDict_SetDefault(ids, values[i], values[i]);
+                    if (kept == NULL)
+                        got = -1;
+                    else
+                        Py_SETREF(values[i], Py_NewRef(kept));
+                }
+            }
+            if (got > 0)
+                record = make_record((PyTypeObject *)cls, names, values, f.count);
+            for (Py_ssize_t i = 0; i < f.count; i++)
+                Py_XDECREF(values[i]);
+            if (got < 0)
+                goto done;
+            if (got == 0)
+                break; /* p is at the line Python reads */
+            if (record == NULL || PyList_Append(records, record) < 0) {
+                Py_XDECREF(record);
+                goto done;
+            }
+            Py_DECREF(record);
+            p = next;
+            status = got - 1;
+        }
+        result = Py_BuildValue("(Oni)", records, (Py_ssize_t)(p - (const char *)data.buf),
+                               status);
+    }
+
+done:
+    Py_XDECREF(records);
+    PyMem_RawFree(tmp.data);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&kinds);
+    PyBuffer_Release(&interned);
+    return result;
+}
+
+/* ---- segment_digests: verify's hashes of the segments in one chunk of a container ---- */
+
+PyDoc_STRVAR(segment_digests_doc,
+"segment_digests(chunk, pos, offsets, lengths, first, step)\n"
+"--\n\n"
+"SHA-256s (hex) of segments first, first + step, ... (offsets and lengths: 64-bit columns,\n"
+"offsets into the container, sorted) while each lies wholly in chunk, the container's bytes\n"
+"from pos on; hashed with the GIL released. Returns (digests, the index it stopped at).");
+
+static PyObject *segment_digests(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk, b_off, b_len;
+    PyObject *o_off, *o_len, *digests = NULL, *result = NULL;
+    long long pos;
+    Py_ssize_t first, step, stop, n, count = 0;
+    unsigned char *raw = NULL;
+    int got = 0, failed = 0;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*LOOnn:segment_digests", &chunk, &pos, &o_off, &o_len,
+                          &first, &step))
+        return NULL;
+    if (get_column(o_off, &b_off, "offsets", 8, 0) < 0)
+        goto done;
+    got++;
+    if (get_column(o_len, &b_len, "lengths", 8, 0) < 0)
+        goto done;
+    got++;
+    n = b_off.len / 8;
+    if (b_len.len / 8 != n || step < 1 || first < 0 || pos < 0) {
+        PyErr_SetString(PyExc_ValueError, "segment_digests: bad columns, first or step");
+        goto done;
+    }
+    {
+        const int64_t *off = b_off.buf, *len = b_len.buf;
+        int64_t end = pos + chunk.len;
+        for (stop = first; stop < n; stop += step) {
+            if (off[stop] < pos || len[stop] < 0 || off[stop] > end - len[stop])
+                break;
+            count++;
+        }
+        raw = PyMem_RawMalloc(count ? (size_t)count * SHA256_LEN : 1);
+        if (raw == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+        const unsigned char *base = chunk.buf;
+        failed = ctx == NULL;
+        for (Py_ssize_t k = 0; k < count && !failed; k++) {
+            Py_ssize_t j = first + k * step;
+            failed = !EVP_DigestInit_ex(ctx, sha256_md, NULL)
+                     || !EVP_DigestUpdate(ctx, base + (off[j] - pos), (size_t)len[j])
+                     || !EVP_DigestFinal_ex(ctx, raw + k * SHA256_LEN, NULL);
+        }
+        EVP_MD_CTX_free(ctx);
+        Py_END_ALLOW_THREADS
+    }
+    if (failed) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not compute a SHA-256");
+        goto done;
+    }
+    digests = PyList_New(count);
+    if (digests == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        char hex[2 * SHA256_LEN];
+        to_hex(raw + k * SHA256_LEN, hex);
+        PyObject *text = PyUnicode_FromStringAndSize(hex, sizeof hex);
+        if (text == NULL)
+            goto done;
+        PyList_SET_ITEM(digests, k, text);
+    }
+    result = Py_BuildValue("(On)", digests, stop);
+
+done:
+    Py_XDECREF(digests);
+    PyMem_RawFree(raw);
+    if (got > 1)
+        PyBuffer_Release(&b_len);
+    if (got > 0)
+        PyBuffer_Release(&b_off);
+    PyBuffer_Release(&chunk);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"segment_digests", segment_digests, METH_VARARGS, segment_digests_doc},
+    {"decode_records", decode_records, METH_VARARGS, decode_records_doc},
     {"copy_single_segment_digests", copy_single_segment_digests, METH_VARARGS,
      copy_single_segment_digests_doc},
     {"layout_fit", layout_fit, METH_VARARGS, layout_fit_doc},
@@ -1471,6 +1863,9 @@ static int exec_module(PyObject *module)
     (void)module;
     if (sha256_md != NULL)
         return 0;
+    empty_tuple = PyTuple_New(0);
+    if (empty_tuple == NULL)
+        return -1;
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
     /* fetched once: EVP_sha256() would be looked up in the providers at every init */
     sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);

@@ -591,6 +591,40 @@ def _checked(cls: type, raw: object) -> dict[str, Any]:
     return kwargs
 
 
+#: Field ids the decoder keeps one string per value of (a file's id is in two records).
+_INTERNED = {
+    SegmentEntry: ("file_id", "container_id"),
+    ContainerEntry: ("container_id", "tape_id"),
+    SourceFileEntry: ("file_id",),
+}
+_KINDS = {str: 1, int: 2, bool: 4, NoneType: 8}
+
+
+def _native_spec(cls: type) -> tuple[tuple[str, ...], bytes, tuple[object, ...], bytes] | None:
+    """decode_records' arguments for records of cls: field names, the JSON types each takes,
+    defaults (_MISSING: required) and which are interned. The C loop sets the fields as the
+    __init__ of a frozen attrs class does, without calling it: None (the Python loop decodes
+    them) when that __init__ could do more, or a default is not a plain value."""
+    checks = _CHECKS[cls]
+    fields = attrs.fields(cls)
+    if (checks is None or len(checks) != len(fields) or not attrs.has(cls)
+            or "__slots__" not in vars(cls) or hasattr(cls, "__attrs_post_init__")
+            or hasattr(cls, "__attrs_pre_init__") or cls.__new__ is not object.__new__
+            or any(f.validator is not None or f.converter is not None or not f.init
+                   or (f.default is not attrs.NOTHING and type(f.default) not in _KINDS)
+                   for f in fields)):
+        return None
+    interned = _INTERNED.get(cls, ())
+    return (tuple(name for name, _, _ in checks),
+            bytes(sum(_KINDS[t] for t in types) for _, types, _ in checks),
+            tuple(_MISSING if required else f.default
+                  for (_, _, required), f in zip(checks, fields, strict=True)),
+            bytes(name in interned for name, _, _ in checks))
+
+
+_NATIVE_SPECS = {cls: spec for cls in _LIST_TYPES.values() if (spec := _native_spec(cls))}
+
+
 def _decode_lines(data: bytes) -> Catalog:
     """Decode the layout JsonCatalogCodec.encode writes, one line at a time.
 
@@ -606,6 +640,7 @@ def _decode_lines(data: bytes) -> Catalog:
         lists: dict[str, list[Any]] = {}
         ids: dict[str, str] = {}  # one string per container, tape and file id, not one per use
         loads, find, n = orjson.loads, data.find, len(data)
+        module = native.MODULE
         pos = end + 1
         done = False
         while not done:
@@ -630,7 +665,15 @@ def _decode_lines(data: bytes) -> Catalog:
                 continue
             if rest:
                 raise _NotLineFormat
+            spec = None if cls is None else _NATIVE_SPECS.get(cls)
             while True:
+                if module is not None and spec is not None:  # C, up to a line it leaves here
+                    made, pos, status = module.decode_records(data, pos, cls, *spec, ids,
+                                                              _MISSING)
+                    records += made
+                    if status:
+                        done = status == 2
+                        break
                 end = find(b"\n", pos)
                 if end < 0:
                     raise _NotLineFormat

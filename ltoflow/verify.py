@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import operator
 import queue
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -22,6 +24,7 @@ import attrs
 import trio
 
 from ltoflow import catalog as cat
+from ltoflow import native
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
@@ -92,13 +95,15 @@ class CatalogIndex:
         self.segments: dict[str, list[SegmentEntry]] = defaultdict(list)
         for s in catalog.segments:
             self.segments[s.container_id].append(s)
+        by_offset = operator.attrgetter("container_offset", "length_bytes")
         for segs in self.segments.values():
-            segs.sort(key=lambda s: (s.container_offset, s.length_bytes))
+            segs.sort(key=by_offset)
         self.containers: dict[str, list[ContainerEntry]] = defaultdict(list)
         for c in catalog.containers:
             self.containers[c.tape_id].append(c)
+        by_position = operator.attrgetter("tape_offset", "sequence_number")
         for cs in self.containers.values():
-            cs.sort(key=lambda c: (c.tape_offset, c.sequence_number))
+            cs.sort(key=by_position)
 
     def files_in(self, segments: Sequence[SegmentEntry]) -> tuple[str, ...]:
         seen: dict[str, None] = {}
@@ -197,10 +202,16 @@ class _ContainerCheck:
 
     def segment_updater(self, part: int, parts: int) -> Callable[[memoryview, int], None]:
         """An update for the segments whose index is `part` modulo `parts`, fed every chunk in
-        order: one for each of `parts` threads, which share the results only."""
+        order: one for each of `parts` threads, which share the results only. With the C
+        extension, the segments that lie whole in a chunk are hashed by one call (without the
+        interpreter's lock); the others here, a piece at a time."""
         segs, results = self.segments, self.results
         hashing: dict[int, Any] = {}
         lo = 0
+        module = native.MODULE
+        if module is not None:
+            offsets = array("q", [s.container_offset for s in segs])
+            lengths = array("q", [s.length_bytes for s in segs])
 
         def update(data: memoryview, pos: int) -> None:
             nonlocal lo
@@ -209,6 +220,12 @@ class _ContainerCheck:
                 lo += 1
             j = lo + (part - lo) % parts
             while j < len(segs) and segs[j].container_offset < end:
+                if module is not None and j not in hashing:
+                    digests, stop = module.segment_digests(data, pos, offsets, lengths, j, parts)
+                    results.update(zip(range(j, stop, parts), digests, strict=True))
+                    j = stop
+                    if j >= len(segs) or segs[j].container_offset >= end:
+                        break
                 s = segs[j]
                 s_end = s.container_offset + s.length_bytes
                 if s_end > pos and j not in results:
@@ -272,10 +289,11 @@ async def verify_container(
     # or the hashes waiting for each other after every chunk, cost a fifth of the speed.)
     tiled = _tiles(segments, container.size_bytes)
     whole_too = container.sha256 is not None and (whole or not tiled)
-    # Small segments are mostly Python work per segment: a second thread only waits for the
-    # interpreter's lock.
-    threads = (HASH_THREADS if len(segments) > 1
-               and container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments) else 1)
+    # Small segments are mostly Python work per segment, unless the C extension hashes them:
+    # a second thread would only wait for the interpreter's lock.
+    threads = (HASH_THREADS if len(segments) > 1 and (
+        native.MODULE is not None or container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments))
+        else 1)
     updates = ([check.segment_updater(0, 1), update_whole] if whole_too
                else [check.segment_updater(k, threads) for k in range(threads)])
     queues: tuple[queue.SimpleQueue[tuple[mmap.mmap, int, int] | None], ...] = tuple(

@@ -8,13 +8,16 @@ found and reported the same way with or without it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
 from array import array
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import attrs
 import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -28,8 +31,10 @@ from ltoflow.errors import BackupPlanError, SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
 from ltoflow.plan import Hashes, Plan, build_catalog, file_ids_of, make_plan
 from ltoflow.scan import FileTable, ScanResult, StringColumn, scan_tree
+from ltoflow.verify import _ContainerCheck as ContainerCheck
 
 from .conftest import write_tree
+from .test_catalog import catalogs
 
 BUILT = extension.load()
 
@@ -591,3 +596,164 @@ def test_a_run_of_hashes_already_known_is_compared_one_by_one(tmp_path: Path) ->
 def test_c_digit_total_of_an_unsigned_column(native: ModuleType) -> None:
     values = [0, 9, 10, 2**63, 2**64 - 1]
     assert native.digit_total(array("Q", values)) == sum(len(str(v)) for v in values)
+
+
+def decoded(data: bytes, module: object) -> object:
+    """_decode_lines with the C loop (`module`) or without; 'not line format' when it gives up."""
+    saved = extension.MODULE
+    try:
+        extension.MODULE = module  # type: ignore[assignment]
+        return cat._decode_lines(data)
+    except cat._NotLineFormat:
+        return "not line format"
+    finally:
+        extension.MODULE = saved
+
+
+class CountedDecoder:
+    """The extension, counting the records decode_records made itself."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module, self.made = module, 0
+
+    def decode_records(self, *args: object) -> tuple[list[object], int, int]:
+        made, pos, status = self.module.decode_records(*args)
+        self.made += len(made)
+        return made, pos, status
+
+
+@settings(max_examples=150, deadline=None)
+@given(c=catalogs)
+def test_c_decoder_gives_what_the_python_decoder_gives(c: cat.Catalog) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    data = b"".join(cat.JsonCatalogCodec().encode(c))
+    counted = CountedDecoder(BUILT)
+    fast = decoded(data, counted)
+    assert fast == decoded(data, None) == c
+    assert isinstance(fast, cat.Catalog)
+    records = sum(len(getattr(c, name)) for name in cat._LIST_TYPES)
+    event(f"C decoded {'all' if counted.made == records else 'some'} records")
+    ids = {id(s.file_id) for s in fast.segments} | {id(s.container_id) for s in fast.segments}
+    # one string per id, as the Python loop keeps them
+    assert len(ids) == len({s.file_id for s in fast.segments} | {s.container_id
+                                                                 for s in fast.segments})
+
+
+SAMPLE = b"".join(cat.JsonCatalogCodec().encode(cat.Catalog(
+    backup_set_id="s", created_at="t", source_root="/src",
+    tapes=(cat.TapeEntry("T1", "s", 1, 10**12, 10**6),),
+    containers=(cat.ContainerEntry("C1", "s", "T1", 1, 0, 5, "a" * 64),),
+    source_files=(cat.SourceFileEntry("F1", "a/b.txt", "/src/a/b.txt", 5, "b" * 64, "m",
+                                      0o100644, 0),),
+    segments=(cat.SegmentEntry("S1", "F1", "C1", 0, 0, 5, "b" * 64),
+              cat.SegmentEntry("S2", "F1", "C1", 5, 5, 0, "c" * 64)),
+)))
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (b'"length_bytes":5,', b'"length_bytes": 5,'),
+    (b'"length_bytes":5,', b'"length_bytes":5.0,'),
+    (b'"length_bytes":5,', b'"length_bytes":5e0,'),
+    (b'"length_bytes":5,', b'"length_bytes":-0,'),
+    (b'"length_bytes":5,', b'"length_bytes":05,'),
+    (b'"length_bytes":5,', b'"length_bytes":-5,'),
+    (b'"length_bytes":5,', b'"length_bytes":true,'),
+    (b'"length_bytes":5,', b'"length_bytes":null,'),
+    (b'"length_bytes":5,', b'"length_bytes":"5",'),
+    (b'"length_bytes":5,', b'"length_bytes":[],'),
+    (b'"length_bytes":5,', b'"length_bytes":9223372036854775807,'),
+    (b'"length_bytes":5,', b'"length_bytes":-9223372036854775807,'),
+    (b'"length_bytes":5,', b'"length_bytes":9223372036854775808,'),
+    (b'"length_bytes":5,', b'"length_bytes":18446744073709551615,'),
+    (b'"length_bytes":5,', b'"length_bytes":99999999999999999999,'),
+    (b'"length_bytes":5,', b'"length_bytes":5,"length_bytes":6,'),
+    (b'"length_bytes":5,', b'"length_bytes":5,"compressed":false,'),
+    (b'"length_bytes":5,', b''),
+    (b'"segment_id":"S1"', b'"segment_id":"S\\u0031"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\\ud800"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\\/\\"\\\\\\b\\f\\n\\r\\t"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\\x"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\x01"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\xff"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S\xc3\xa9\xe2\x82\xac"'),
+    (b'"segment_id":"S1"', b'"segment_\\u0069d":"S1"'),
+    (b'"segment_id":"S1"', b'"segment_id":"S1\\'),
+    (b'"volume_serial":null', b'"volume_serial":"L90001"'),
+    (b',"volume_serial":null', b''),
+    (b'"volume_serial":null', b'"volume_serial":7'),
+    (b'c"}],', b'c"} ],'),
+    (b'c"}],', b'c"},],'),
+    (b'c"}],', b'c"}]],'),
+    (b'c"}],\n"skipped":[],\n"directories":[],\n"symlinks":[]}', b'c"}]}'),  # the last list
+    (b'c"}],\n"skipped":[],\n"directories":[],\n"symlinks":[]}', b'c"}]} '),
+    (b'b"},\n{"segment_id":"S2"', b'b"}, \n{"segment_id":"S2"'),
+    (b'b"},\n{"segment_id":"S2"', b'b"}\n{"segment_id":"S2"'),
+    (b'\n{"segment_id":"S1"', b'\n{}, {"segment_id":"S1"'),
+    (b'\n{"segment_id":"S1"', b'\n{},\n{"segment_id":"S1"'),
+    (b'\n{"segment_id":"S1"', b'\n[1],\n{"segment_id":"S1"'),
+    (b'\n{"segment_id":"S1"', b'\n{"segment_id":{"a":1},"x":1},\n{"segment_id":"S1"'),
+])
+def test_c_decoder_leaves_every_odd_line_to_python_and_agrees_with_it(
+        native: ModuleType, old: bytes, new: bytes) -> None:
+    assert SAMPLE.count(old) == 1
+    data = SAMPLE.replace(old, new)
+    assert decoded(data, native) == decoded(data, None)
+
+
+def test_c_decoder_reads_a_big_list_to_its_end(native: ModuleType) -> None:
+    segments = tuple(cat.SegmentEntry(f"S{i}", f"F{i % 7}", "C1", i, 0, 2**40 + i, "d" * 64)
+                     for i in range(10_000))
+    c = attrs.evolve(cat.JsonCatalogCodec().decode(SAMPLE, source="t"), segments=segments)
+    counted = CountedDecoder(native)
+    assert decoded(b"".join(cat.JsonCatalogCodec().encode(c)), counted) == c
+    assert counted.made == 10_000 + 1 + 1 + 1  # segments, tapes, containers, files
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.tuples(st.integers(0, 4000), st.integers(0, 250)).map(
+        lambda n_seed: bytes((i * 7 + n_seed[1]) % 251 for i in range(n_seed[0]))),
+    # (gap before it, length): mostly tiled, with gaps, overlaps and segments past the end
+    layout=st.lists(st.tuples(st.one_of(st.just(0), st.just(0), st.integers(-300, 500)),
+                              st.one_of(st.integers(0, 60), st.integers(0, 900))), max_size=40),
+    chunk=st.integers(1, 1500),
+    parts=st.integers(1, 3),
+)
+def test_c_verify_hashes_the_segments_python_hashes(
+        data: bytes, layout: list[tuple[int, int]], chunk: int, parts: int) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    ends = itertools.accumulate((gap + length for gap, length in layout), initial=0)
+    offsets = [max(0, end + gap) for end, (gap, _) in zip(ends, layout)]  # noqa: B905
+    segments = sorted((cat.SegmentEntry(f"S{k}", "F", "C", off, 0, length, "0" * 64)
+                       for k, (off, (_, length)) in enumerate(zip(offsets, layout, strict=True))),
+                      key=lambda s: (s.container_offset, s.length_bytes))
+    hashed: list[int] = []
+
+    class Counted:
+        def segment_digests(self, *args: Any) -> tuple[list[str], int]:
+            digests, stop = BUILT.segment_digests(*args)  # type: ignore[union-attr]
+            hashed.extend(range(args[4], stop, args[5]))
+            return digests, stop
+
+    def results(module: object) -> dict[int, str]:
+        saved = extension.MODULE
+        try:
+            extension.MODULE = module  # type: ignore[assignment]
+            check = ContainerCheck(segments)
+            updates = [check.segment_updater(p, parts) for p in range(parts)]
+        finally:
+            extension.MODULE = saved
+        for pos in range(0, len(data), chunk):
+            for update in updates:
+                update(memoryview(data)[pos:pos + chunk], pos)
+        return check.results
+
+    got = results(Counted())
+    assert got == results(None)
+    assert got == {k: hashlib.sha256(data[s.container_offset:s.container_offset
+                                          + s.length_bytes]).hexdigest()
+                   for k, s in enumerate(segments)
+                   if s.container_offset + s.length_bytes <= len(data) or not s.length_bytes}
+    event(f"C hashed {'none' if not hashed else 'some'} of the segments")
