@@ -762,6 +762,15 @@ static int64_t floor_div(int64_t a, int64_t b)
 
 /* catalog.iso_from_ns: the time in microseconds clamped to [min_us, max_us], as
  * YYYY-MM-DDTHH:MM:SS.ffffff+00:00 (32 characters) in `text` (at least 64 bytes). */
+/* v in exactly `width` decimal digits, zero-padded (v < 10^width). */
+static void fixed(char *text, uint64_t v, int width)
+{
+    for (int i = width - 1; i >= 0; i--) {
+        text[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+}
+
 static int format_iso(int64_t mtime_ns, long long min_us, long long max_us, char *text)
 {
     int64_t total_us = floor_div(mtime_ns, 1000), secs, us, days, sod, year;
@@ -775,9 +784,23 @@ static int format_iso(int64_t mtime_ns, long long min_us, long long max_us, char
     days = floor_div(secs, 86400);
     sod = secs - days * 86400;
     civil_from_days(days, &year, &month, &day);
-    return snprintf(text, 64, "%04lld-%02u-%02uT%02u:%02u:%02u.%06lld+00:00", (long long)year,
-                    month, day, (unsigned)(sod / 3600), (unsigned)(sod % 3600 / 60),
-                    (unsigned)(sod % 60), (long long)us);
+    /* "%04lld-%02u-%02uT%02u:%02u:%02u.%06lld+00:00", without printf's cost (years 1-9999:
+     * min_us and max_us keep them there) */
+    fixed(text, (uint64_t)year, 4);
+    text[4] = '-';
+    fixed(text + 5, month, 2);
+    text[7] = '-';
+    fixed(text + 8, day, 2);
+    text[10] = 'T';
+    fixed(text + 11, (uint64_t)(sod / 3600), 2);
+    text[13] = ':';
+    fixed(text + 14, (uint64_t)(sod % 3600 / 60), 2);
+    text[16] = ':';
+    fixed(text + 17, (uint64_t)(sod % 60), 2);
+    text[19] = '.';
+    fixed(text + 20, (uint64_t)us, 6);
+    memcpy(text + 26, "+00:00", 6);
+    return 32;
 }
 
 PyDoc_STRVAR(iso_times_doc,
@@ -839,9 +862,15 @@ static int put_str(Bytes *b, const char *s) { return put(b, s, strlen(s)); }
 
 static int put_int(Bytes *b, long long v)
 {
-    char text[24];
-    int n = snprintf(text, sizeof text, "%lld", v);
-    return put(b, text, (size_t)n);
+    char text[24], *p = text + sizeof text;
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *--p = '-';
+    return put(b, p, (size_t)(text + sizeof text - p));
 }
 
 /* A JSON string body as orjson escapes it: '"', '\\' and control characters; the rest (all
@@ -1218,7 +1247,12 @@ static PyObject *encode_segments(PyObject *self, PyObject *args)
                 }
                 id_of = file[k];
             }
-            part_len = snprintf(part_text, sizeof part_text, "%03lld", (long long)part[k]);
+            if (part[k] >= 0 && part[k] < 1000) { /* "%03lld", the usual case without printf */
+                fixed(part_text, (uint64_t)part[k], 3);
+                part_len = 3;
+            } else {
+                part_len = snprintf(part_text, sizeof part_text, "%03lld", (long long)part[k]);
+            }
             ok = (k == start || put_str(&out, ",\n") == 0)
                  && put_str(&out, "{\"segment_id\":\"SEG-") == 0 && put(&out, id, 36) == 0
                  && put_str(&out, "-") == 0 && put(&out, part_text, (size_t)part_len) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Generator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -351,3 +353,75 @@ async def test_tape_written_before_is_refused(tmp_path: Path) -> None:
             settings=EngineSettings(buffer_bytes=64 * KB),
             set_id=first.catalog.backup_set_id,
         )
+
+
+class _FailingWriter:
+    """A catalog.json writer that fails at its `fail_at`-th write, recording what it got."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.writes, self.aborted = fail_at, 0, False
+
+    async def write(self, data: object) -> None:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            from ltoflow.errors import FileWriteError
+            raise FileWriteError("the drive reported a write error")
+
+    async def close(self) -> None:
+        raise AssertionError("closed after an error")
+
+    async def abort(self) -> None:
+        self.aborted = True
+
+
+class _TapeWithFailingWriter:
+    label = "TAPE-X"
+
+    def __init__(self, writer: _FailingWriter) -> None:
+        self.writer = writer
+
+    async def free_bytes(self) -> int | None:
+        return None
+
+    async def open_write(self, path: str, *, replace: bool = False) -> _FailingWriter:
+        return self.writer
+
+
+@pytest.mark.parametrize("fail_at", [1, 6, 7, 12])  # chunk 7 is the first of the given list
+async def test_a_catalog_write_error_stops_the_encoding_ahead_and_closes_its_sources(
+        fail_at: int) -> None:
+    """The catalog's chunks are made in a thread one ahead of the writes: after a write
+    error that thread is done before the given record lists are closed, and the error comes
+    out as one CatalogWriteError, not an exception group."""
+    from ltoflow import catalog as cat
+    from ltoflow import engine
+    from ltoflow.errors import CatalogWriteError
+
+    catalog = cat.Catalog(
+        backup_set_id="s", created_at="t", source_root="/src", tapes=(), containers=(),
+        source_files=(), segments=())
+    made: list[int] = []
+    closed: list[bool] = []
+
+    def listed() -> Generator[bytes]:
+        try:
+            for k in range(10):
+                made.append(k)
+                yield b"\n{}" if k == 0 else b",\n{}"
+        finally:
+            closed.append(True)
+
+    copied: list[bytes] = []
+    given = listed()
+    writer = _FailingWriter(fail_at)
+    with pytest.raises(CatalogWriteError, match="TAPE-X: the drive reported a write error"):
+        await engine.write_catalog(
+            _TapeWithFailingWriter(writer), catalog,  # type: ignore[arg-type]
+            codec=JsonCatalogCodec(), limit=1 << 20, extra_files=(), copy=copied.append,
+            lists={"source_files": given})
+    assert writer.aborted
+    assert writer.writes == fail_at
+    assert inspect.getgeneratorstate(given) == inspect.GEN_CLOSED  # not running, closed
+    assert closed == ([True] if made else [])
+    # every chunk made was copied: those written, and at most one made ahead of the failure
+    assert fail_at <= len(copied) <= fail_at + 1
