@@ -374,21 +374,9 @@ def _tiles(segments: Sequence[SegmentEntry], size: int) -> bool:
     return pos == size
 
 
-async def verify_loaded_tape(
-    tape: LoadedTape,
-    catalog: Catalog,
-    tape_id: str,
-    *,
-    catalog_sha: str | None,
-    index: CatalogIndex | None = None,
-    counters: list[int] | None = None,
-    whole: bool = False,
-) -> list[Problem]:
-    """Check this tape's catalog copy and every container the catalog puts on it (`whole`: as
-    verify_container takes it)."""
-    index = index or CatalogIndex(catalog)
-    pool = read_pool()
-    problems: list[Problem] = []
+async def _check_tape_catalog(tape: LoadedTape, catalog: Catalog, tape_id: str,
+                              catalog_sha: str | None, pool: PipelineBuffer) -> list[Problem]:
+    """The problems of this tape's catalog copy: damaged, unreadable, or of another set."""
     try:
         data: bytes | None = None
         if any(t.volume_serial for t in catalog.tapes):
@@ -403,12 +391,31 @@ async def verify_loaded_tape(
             mine = await trio.to_thread.run_sync(
                 partial(JsonCatalogCodec().decode, data, source=f"{tape_id}/catalog"))
             if not mine.same_set_as(catalog):
-                problems.append(Problem(
-                    "the catalog on this tape differs from the set's catalog", tape_id=tape_id))
-            del mine
-        del data  # not held while the containers are read
+                return [Problem("the catalog on this tape differs from the set's catalog",
+                                tape_id=tape_id)]
     except BackupError as e:  # damaged catalog, or the tape cannot be read at all
-        problems.append(Problem(str(e), tape_id=tape_id))
+        return [Problem(str(e), tape_id=tape_id)]
+    return []
+
+
+async def verify_loaded_tape(
+    tape: LoadedTape,
+    catalog: Catalog,
+    tape_id: str,
+    *,
+    catalog_sha: str | None,
+    index: CatalogIndex | None = None,
+    counters: list[int] | None = None,
+    whole: bool = False,
+    catalog_checked: bool = False,
+) -> list[Problem]:
+    """Check this tape's catalog copy and every container the catalog puts on it (`whole`: as
+    verify_container takes it; `catalog_checked`: this tape's copy is the one `catalog` was
+    just read from, already checked against its catalog.sha256, and is not read again)."""
+    index = index or CatalogIndex(catalog)
+    pool = read_pool()
+    problems = ([] if catalog_checked
+                else await _check_tape_catalog(tape, catalog, tape_id, catalog_sha, pool))
     for container in index.containers.get(tape_id, []):
         found: list[Problem] = []
         nbytes = 0
@@ -520,7 +527,8 @@ async def verify_set(
                 continue
             try:
                 bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
-                                               index=index, counters=counters)
+                                               index=index, counters=counters,
+                                               catalog_checked=t.tape_id == found.found_on)
             except BaseException:
                 await holder.release_after_error()
                 raise

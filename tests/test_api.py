@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import orjson
+import pytest
 
 from ltoflow import BackupConfig, backup, compose, verify
 from ltoflow.catalog import Catalog, JsonCatalogCodec, converter
@@ -86,3 +89,32 @@ def test_readme_restore_example(tmp_path: Path) -> None:
     got = {str(p.relative_to(tmp_path / "restore")): p.read_bytes()
            for p in (tmp_path / "restore").rglob("*") if p.is_file()}
     assert got == {k: v for k, v in contents.items() if k.startswith("case-")}
+
+
+def test_verify_reads_each_tapes_catalog_once_and_still_checks_every_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tape the set's catalog comes from is not read a second time (a million-file catalog
+    is 700 MB); the other tapes' copies are still read and checked."""
+    write_tree(tmp_path / "src", TREE)
+    config = two_tape_config(tmp_path)
+    result = backup(config)
+    assert len(result.tapes) >= 2
+    module = importlib.import_module("ltoflow.verify")  # `ltoflow.verify` is also a function
+    read: list[str] = []
+    for name in ("read_tape_catalog", "tape_catalog_sha"):
+        real = getattr(module, name)
+
+        async def counted(tape: object, tape_id: str, *rest: object,
+                          real: Any = real) -> object:
+            read.append(tape_id)
+            return await real(tape, tape_id, *rest)
+
+        monkeypatch.setattr(module, name, counted)
+    assert verify(config).ok
+    assert sorted(read) == sorted(t.tape_id for t in result.tapes)
+    # a damaged copy on a later tape is still found
+    last = tmp_path / "tapes" / result.tapes[-1].tape_id / "catalog" / "catalog.json"
+    last.write_bytes(last.read_bytes().replace(b'"schema_version"', b'"schema_versioN"'))
+    report = verify(config)
+    assert [(p.tape_id, "does not match" in p.what) for p in report.problems] == [
+        (result.tapes[-1].tape_id, True)]
