@@ -1,9 +1,10 @@
 """The optional C extension; everything else about the package is in pyproject.toml.
 
-`ltoflow._native` runs the loops a backup runs once per file (scan, layout, reading and
-hashing, catalog encoding) in C (see ltoflow/_native.c). It needs a C compiler, Python's
-headers and OpenSSL's (libssl-dev). When they are missing the build says so and goes on
-without it: ltoflow then does the same work in Python, about half as fast on many small files.
+`ltoflow._native` runs the loops ltoflow runs once per file or record (scan, layout, reading
+and hashing, catalog encoding and decoding, verify's segment hashes) in C (see
+ltoflow/_native.c). It needs a C compiler, Python's headers and OpenSSL's (libssl-dev). When
+they are missing the build says so and goes on without it: ltoflow then does the same work in
+Python, about half as fast on many small files.
 """
 
 from setuptools import Extension, setup

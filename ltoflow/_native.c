@@ -1,4 +1,4 @@
-/* ltoflow._native: the loops a backup runs once per file, in C.
+/* ltoflow._native: the loops ltoflow runs once per file or record, in C.
  *
  * - read_whole_files: open, read, check and hash a run of whole small files with the GIL
  *   released (two threads), where the same loop in Python costs ~10 us a file on top of the
@@ -1923,7 +1923,7 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "ltoflow._native",
-    .m_doc = "The per-file loop of a backup of many small files, in C (optional).",
+    .m_doc = "The loops ltoflow runs once per file or record, in C (optional).",
     .m_size = 0,
     .m_methods = methods,
     .m_slots = slots,
