@@ -1719,6 +1719,10 @@ static PyObject *decode_records(PyObject *self, PyObject *args)
                           &PyDict_Type, &ids, &missing))
         return NULL;
     f.count = PyTuple_GET_SIZE(names);
+    if (!PyType_Check(cls) || ((PyTypeObject *)cls)->tp_new == NULL) {
+        PyErr_SetString(PyExc_TypeError, "decode_records: cls is not a class it can make");
+        goto done;
+    }
     if (f.count > MAX_FIELDS || kinds.len != f.count || interned.len != f.count
         || PyTuple_GET_SIZE(defaults) != f.count || pos < 0 || pos > data.len) {
         PyErr_SetString(PyExc_ValueError, "decode_records: fields do not agree, or pos is "

@@ -189,3 +189,79 @@ async def test_discarding_simulator_keeps_no_container_bytes(
     (container,) = (tmp_path / "t" / result.tapes[0].tape_id / "data").iterdir()
     assert container.stat().st_size == 0
     assert drive.drive_stats[0].statistics.bytes_accepted > 300_000
+
+
+def _pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 31 + seed) % 251 for i in range(n))
+
+
+@pytest.mark.parametrize("sizes", [
+    [65536, 65536, 1000],  # whole blocks, then the container's tail
+    [8192, 100, 8192],  # a short chunk in the middle: the rest goes through the page cache
+    [4096 * 3 + 5],  # one chunk, not a whole number of blocks
+    [0, 4096, 0],
+    [1, 4096],  # the first chunk leaves the file offset off the boundary
+])
+def test_direct_container_writes_keep_every_byte(tmp_path: Path, sizes: list[int]) -> None:
+    import mmap
+
+    from ltoflow.drives import simulator
+
+    target = tmp_path / "container"
+    fh = simulator._open_direct(target)
+    expected = b""
+    try:
+        for k, n in enumerate(sizes):
+            buf = mmap.mmap(-1, max(n, 1))  # page-aligned, as the pool's buffers are
+            buf[:n] = data = _pattern(n, k)
+            simulator._write_all(fh, memoryview(buf)[:n])
+            expected += data
+    finally:
+        fh.close()
+    assert target.read_bytes() == expected
+
+
+def test_direct_writes_take_read_only_and_unaligned_memory_through_the_page_cache(
+        tmp_path: Path) -> None:
+    import mmap
+
+    from ltoflow.drives import simulator
+
+    target = tmp_path / "container"
+    fh = simulator._open_direct(target)
+    buf = mmap.mmap(-1, 3 * 4096)
+    buf[:] = _pattern(3 * 4096, 7)
+    try:
+        simulator._write_all(fh, memoryview(bytes(8192)))  # read-only: no address to check
+        simulator._write_all(fh, memoryview(buf)[5:5 + 8192])  # off the boundary
+        simulator._write_all(fh, memoryview(buf)[:8192])
+    finally:
+        fh.close()
+    assert target.read_bytes() == bytes(8192) + buf[5:5 + 8192] + buf[:8192]
+
+
+def test_containers_are_plain_files_where_the_filesystem_refuses_o_direct(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl
+    import os
+
+    from ltoflow.drives import simulator
+
+    real_open = os.open
+
+    def refusing(path: object, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:  # as filesystems without direct I/O answer
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing)
+    fh = simulator._open_direct(tmp_path / "c")
+    try:
+        assert not fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+        simulator._write_all(fh, memoryview(_pattern(10_000, 1)))
+    finally:
+        fh.close()
+    assert (tmp_path / "c").read_bytes() == _pattern(10_000, 1)
+    with pytest.raises(FileExistsError):  # never over an existing file, as for every file
+        simulator._open_direct(tmp_path / "c")

@@ -8,7 +8,9 @@ double for the engine, shipped in the package the way trio ships its in-memory s
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -257,6 +259,8 @@ class SimulatorTape:
             if replace and target.exists():
                 self._state.give_back(target.stat().st_size)
                 target.unlink()
+            if path.startswith("data/") and DIRECT_WRITES:
+                return _open_direct(target)
             return open(target, "xb", buffering=0)  # append-only medium: never overwrite
 
         try:
@@ -419,7 +423,58 @@ class SimulatorWriter:
             await trio.to_thread.run_sync(self._tape._state.save)
 
 
+#: Containers are written past the page cache (O_DIRECT) where the filesystem allows it, as
+#: a tape drive takes them: on a VM, copying into fresh page-cache pages can cost more than
+#: the disk (here 0.4-0.6 GB/s buffered against 2.2 GB/s direct). LTOFLOW_SIM_DIRECT=0: never.
+DIRECT_WRITES = os.environ.get("LTOFLOW_SIM_DIRECT", "1") != "0" and hasattr(os, "O_DIRECT")
+#: The alignment direct writes need (memory address, file offset and length); 4 KiB covers
+#: the logical block size of common disks.
+DIRECT_ALIGN = 4096
+
+
+def _open_direct(target: Path) -> BinaryIO:
+    """`target` created for writing (never an existing file), O_DIRECT where the filesystem
+    takes it (tmpfs does not: a plain file then)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(target, flags | os.O_DIRECT, 0o666)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        fd = os.open(target, flags, 0o666)
+    return open(fd, "wb", buffering=0)
+
+
+def _direct(fh: BinaryIO) -> bool:
+    return bool(DIRECT_WRITES and fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether view's memory starts on a DIRECT_ALIGN boundary (False for read-only memory,
+    whose address ctypes will not give)."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return False
+    return address % DIRECT_ALIGN == 0
+
+
 def _write_all(fh: BinaryIO, view: memoryview) -> None:
+    """All of view to fh. A file open with O_DIRECT takes the whole blocks of aligned memory
+    at an aligned offset directly; anything else (the tail of the last chunk, memory or an
+    offset off the boundary) switches the file to the page cache for the rest of it."""
+    if view and _direct(fh):
+        fd = fh.fileno()
+        whole = view.nbytes - view.nbytes % DIRECT_ALIGN
+        if whole and _aligned(view) and os.lseek(fd, 0, os.SEEK_CUR) % DIRECT_ALIGN == 0:
+            _write_plain(fh, view[:whole])
+            view = view[whole:]
+        if view:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    _write_plain(fh, view)
+
+
+def _write_plain(fh: BinaryIO, view: memoryview) -> None:
     while view:
         n = fh.write(view)
         if n is None:  # pragma: no cover - only non-blocking files return None
