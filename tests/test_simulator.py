@@ -199,6 +199,7 @@ def _pattern(n: int, seed: int) -> bytes:
     [65536, 65536, 1000],  # whole blocks, then the container's tail
     [8192, 100, 8192],  # a short chunk in the middle: the rest goes through the page cache
     [4096 * 3 + 5],  # one chunk, not a whole number of blocks
+    [100, 4096, 4096 * 300 + 7],  # gathered until the end: a bounce buffer's worth and more
     [0, 4096, 0],
     [1, 4096],  # the first chunk leaves the file offset off the boundary
 ])
@@ -209,35 +210,45 @@ def test_direct_container_writes_keep_every_byte(tmp_path: Path, sizes: list[int
 
     target = tmp_path / "container"
     fh = simulator._open_direct(target)
+    out = simulator._BlockWriter(fh)
     expected = b""
     try:
         for k, n in enumerate(sizes):
             buf = mmap.mmap(-1, max(n, 1))  # page-aligned, as the pool's buffers are
             buf[:n] = data = _pattern(n, k)
-            simulator._write_all(fh, memoryview(buf)[:n])
+            out.write(memoryview(buf)[:n])
             expected += data
+        out.finish()
     finally:
         fh.close()
     assert target.read_bytes() == expected
 
 
-def test_direct_writes_take_read_only_and_unaligned_memory_through_the_page_cache(
+def test_direct_writes_gather_read_only_and_unaligned_memory_into_whole_blocks(
         tmp_path: Path) -> None:
+    import fcntl
     import mmap
+    import os
 
     from ltoflow.drives import simulator
 
     target = tmp_path / "container"
     fh = simulator._open_direct(target)
+    out = simulator._BlockWriter(fh)
     buf = mmap.mmap(-1, 3 * 4096)
     buf[:] = _pattern(3 * 4096, 7)
+    big = _pattern(3 * simulator._BlockWriter.BOUNCE + 100, 3)  # fills the bounce buffer
     try:
-        simulator._write_all(fh, memoryview(bytes(8192)))  # read-only: no address to check
-        simulator._write_all(fh, memoryview(buf)[5:5 + 8192])  # off the boundary
-        simulator._write_all(fh, memoryview(buf)[:8192])
+        out.write(memoryview(bytes(8192)))  # read-only: no address to check, gathered
+        out.write(memoryview(buf)[5:5 + 8192])  # off the boundary
+        out.write(memoryview(buf)[:8192])  # aligned, but after gathered bytes: gathered
+        out.write(memoryview(big))
+        out.finish()
+        direct_still = bool(fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT)
     finally:
         fh.close()
-    assert target.read_bytes() == bytes(8192) + buf[5:5 + 8192] + buf[:8192]
+    assert target.read_bytes() == bytes(8192) + buf[5:5 + 8192] + buf[:8192] + big
+    assert not direct_still  # the last partial block went through the page cache
 
 
 def test_containers_are_plain_files_where_the_filesystem_refuses_o_direct(
@@ -259,7 +270,9 @@ def test_containers_are_plain_files_where_the_filesystem_refuses_o_direct(
     fh = simulator._open_direct(tmp_path / "c")
     try:
         assert not fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT
-        simulator._write_all(fh, memoryview(_pattern(10_000, 1)))
+        out = simulator._BlockWriter(fh)
+        out.write(memoryview(_pattern(10_000, 1)))
+        out.finish()
     finally:
         fh.close()
     assert (tmp_path / "c").read_bytes() == _pattern(10_000, 1)

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import signal
 from collections.abc import Buffer
@@ -259,7 +260,7 @@ class SimulatorTape:
             if replace and target.exists():
                 self._state.give_back(target.stat().st_size)
                 target.unlink()
-            if path.startswith("data/") and DIRECT_WRITES:
+            if DIRECT_WRITES and path.startswith(DIRECT_PATHS):
                 return _open_direct(target)
             return open(target, "xb", buffering=0)  # append-only medium: never overwrite
 
@@ -376,6 +377,7 @@ class SimulatorWriter:
         self._tape = tape
         self._path = path
         self._fh = fh
+        self._out = _BlockWriter(fh)
         self._written = 0
 
     async def write(self, data: Buffer) -> None:
@@ -393,21 +395,26 @@ class SimulatorWriter:
         if tape.discard and self._path.startswith("data/"):
             return
         try:
-            await trio.to_thread.run_sync(_write_all, self._fh, view)
+            await trio.to_thread.run_sync(self._out.write, view)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise TapeFullError(
-                    f"the simulator's disk is full while writing {self._path} to tape "
-                    f"{tape.tape_id}; free space under {tape._state.root.parent}",
-                    bytes_written=tape.bytes_written,
-                ) from e
-            raise FileWriteError(
-                f"write to {self._path} on tape {tape.tape_id} failed: {e}"
-            ) from e
+            raise self._error(e) from e
+
+    def _error(self, e: OSError) -> TapeFullError | FileWriteError:
+        tape = self._tape
+        if e.errno == errno.ENOSPC:
+            return TapeFullError(
+                f"the simulator's disk is full while writing {self._path} to tape "
+                f"{tape.tape_id}; free space under {tape._state.root.parent}",
+                bytes_written=tape.bytes_written,
+            )
+        return FileWriteError(f"write to {self._path} on tape {tape.tape_id} failed: {e}")
 
     async def close(self) -> None:
         try:
+            await trio.to_thread.run_sync(self._out.finish)
             await trio.to_thread.run_sync(self._fh.close)
+        except OSError as e:
+            raise self._error(e) from e
         finally:
             self._fh.close()  # a no-op once closed; closes it if we were cancelled first
         await trio.to_thread.run_sync(self._tape._state.save)
@@ -423,10 +430,13 @@ class SimulatorWriter:
             await trio.to_thread.run_sync(self._tape._state.save)
 
 
-#: Containers are written past the page cache (O_DIRECT) where the filesystem allows it, as
-#: a tape drive takes them: on a VM, copying into fresh page-cache pages can cost more than
-#: the disk (here 0.4-0.6 GB/s buffered against 2.2 GB/s direct). LTOFLOW_SIM_DIRECT=0: never.
+#: Containers and the catalog are written past the page cache (O_DIRECT) where the filesystem
+#: allows it, as a tape drive takes them: on a VM, copying into fresh page-cache pages can cost
+#: more than the disk (here 0.4-0.6 GB/s buffered against 2.2 GB/s direct).
+#: LTOFLOW_SIM_DIRECT=0: never.
 DIRECT_WRITES = os.environ.get("LTOFLOW_SIM_DIRECT", "1") != "0" and hasattr(os, "O_DIRECT")
+#: The files written that way (a catalog written beside the old one is catalog.json.new).
+DIRECT_PATHS = ("data/", "catalog/catalog.json")
 #: The alignment direct writes need (memory address, file offset and length); 4 KiB covers
 #: the logical block size of common disks.
 DIRECT_ALIGN = 4096
@@ -446,7 +456,7 @@ def _open_direct(target: Path) -> BinaryIO:
 
 
 def _direct(fh: BinaryIO) -> bool:
-    return bool(DIRECT_WRITES and fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT)
+    return hasattr(os, "O_DIRECT") and bool(fcntl.fcntl(fh.fileno(), fcntl.F_GETFL) & os.O_DIRECT)
 
 
 def _aligned(view: memoryview) -> bool:
@@ -459,19 +469,56 @@ def _aligned(view: memoryview) -> bool:
     return address % DIRECT_ALIGN == 0
 
 
-def _write_all(fh: BinaryIO, view: memoryview) -> None:
-    """All of view to fh. A file open with O_DIRECT takes the whole blocks of aligned memory
-    at an aligned offset directly; anything else (the tail of the last chunk, memory or an
-    offset off the boundary) switches the file to the page cache for the rest of it."""
-    if view and _direct(fh):
-        fd = fh.fileno()
-        whole = view.nbytes - view.nbytes % DIRECT_ALIGN
-        if whole and _aligned(view) and os.lseek(fd, 0, os.SEEK_CUR) % DIRECT_ALIGN == 0:
-            _write_plain(fh, view[:whole])
-            view = view[whole:]
-        if view:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-    _write_plain(fh, view)
+class _BlockWriter:
+    """Writes to a file, in whole aligned blocks when it is open with O_DIRECT: aligned memory
+    straight from the caller's buffer, anything else gathered in a bounce buffer of its own
+    first (a copy into memory used again and again, which costs far less than the page
+    cache's fresh pages); `finish` writes the last partial block through the page cache. A
+    file without O_DIRECT is written as it comes."""
+
+    BOUNCE = 1 << 20
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._direct = _direct(fh)
+        self._bounce: mmap.mmap | None = None
+        self._fill = 0
+
+    def write(self, view: memoryview) -> None:
+        if not self._direct:
+            _write_plain(self._fh, view)
+            return
+        while view:
+            if not self._fill and view.nbytes >= DIRECT_ALIGN and _aligned(view):
+                whole = view.nbytes - view.nbytes % DIRECT_ALIGN
+                _write_plain(self._fh, view[:whole])
+                view = view[whole:]
+                continue
+            if self._bounce is None:
+                self._bounce = mmap.mmap(-1, self.BOUNCE)
+            n = min(view.nbytes, self.BOUNCE - self._fill)
+            self._bounce[self._fill:self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == self.BOUNCE:
+                _write_plain(self._fh, memoryview(self._bounce))
+                self._fill = 0
+
+    def finish(self) -> None:
+        """Write what is gathered: its whole blocks directly, the rest through the page cache."""
+        if self._bounce is not None and self._fill:
+            gathered = memoryview(self._bounce)[:self._fill]
+            whole = self._fill - self._fill % DIRECT_ALIGN
+            _write_plain(self._fh, gathered[:whole])
+            if whole < self._fill:
+                fd = self._fh.fileno()
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                _write_plain(self._fh, gathered[whole:])
+            del gathered
+            self._fill = 0
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
 
 def _write_plain(fh: BinaryIO, view: memoryview) -> None:
