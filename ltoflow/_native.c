@@ -1514,6 +1514,8 @@ static int parse_string(const char *p, const char *end, const char **next, PyObj
             return 0;
         if (*q == '\\') {
             escaped = 1;
+            if (end - q < 2)
+                return 0;
             q += 2;
         } else {
             q++;
@@ -1821,7 +1823,7 @@ static PyObject *segment_digests(PyObject *self, PyObject *args)
         goto done;
     got++;
     n = b_off.len / 8;
-    if (b_len.len / 8 != n || step < 1 || first < 0 || pos < 0) {
+    if (b_len.len / 8 != n || step < 1 || first < 0 || pos < 0 || pos > LLONG_MAX - chunk.len) {
         PyErr_SetString(PyExc_ValueError, "segment_digests: bad columns, first or step");
         goto done;
     }

@@ -606,11 +606,14 @@ def _native_spec(cls: type) -> tuple[tuple[str, ...], bytes, tuple[object, ...],
     __init__ of a frozen attrs class does, without calling it: None (the Python loop decodes
     them) when that __init__ could do more, or a default is not a plain value."""
     checks = _CHECKS[cls]
+    if checks is None or not attrs.has(cls):
+        return None
     fields = attrs.fields(cls)
-    if (checks is None or len(checks) != len(fields) or not attrs.has(cls)
-            or "__slots__" not in vars(cls) or hasattr(cls, "__attrs_post_init__")
-            or hasattr(cls, "__attrs_pre_init__") or cls.__new__ is not object.__new__
+    if (len(checks) != len(fields) or "__slots__" not in vars(cls)
+            or hasattr(cls, "__attrs_post_init__") or hasattr(cls, "__attrs_pre_init__")
+            or cls.__new__ is not object.__new__
             or any(f.validator is not None or f.converter is not None or not f.init
+                   or f.alias != f.name
                    or (f.default is not attrs.NOTHING and type(f.default) not in _KINDS)
                    for f in fields)):
         return None

@@ -648,14 +648,16 @@ async def write_catalog(
                 h.update(chunk)
                 await writer.write(chunk)
         except BaseException:
-            if ahead is not None:  # its thread is done with the generators before they close
-                await ahead.settle()
-            for given in (lists or {}).values():  # a copy's generator closes its file now
-                close = getattr(given, "close", None)
-                if close is not None:
-                    close()
-            with trio.CancelScope(shield=True):
-                await writer.abort()
+            try:
+                if ahead is not None:  # its thread is done with the generators before they close
+                    await ahead.settle()
+            finally:
+                for given in (lists or {}).values():  # a copy's generator closes its file now
+                    close = getattr(given, "close", None)
+                    if close is not None:
+                        close()
+                with trio.CancelScope(shield=True):
+                    await writer.abort()
             raise
         await writer.close()
         digest = h.hexdigest()
@@ -827,9 +829,18 @@ class _ChunkAhead:
         return chunk
 
     async def settle(self) -> None:
-        """Wait, even when cancelled, for the chunk being made (after an error)."""
+        """Wait, even when cancelled or interrupted, for the chunk being made (after an
+        error): its thread may be inside the generators the caller closes next. A
+        KeyboardInterrupt that comes meanwhile is raised once the thread is done."""
+        interrupted: KeyboardInterrupt | None = None
         with trio.CancelScope(shield=True):
-            await self._done.wait()
+            while not self._done.is_set():
+                try:
+                    await self._done.wait()
+                except KeyboardInterrupt as e:
+                    interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
 
 async def run_backup(

@@ -9,6 +9,7 @@ the container's beside the segments', or big segments shared out between two, on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import operator
@@ -199,6 +200,14 @@ class _ContainerCheck:
         self.results: dict[int, str] = {
             k: cat.EMPTY_SHA256 for k, s in enumerate(segments) if s.length_bytes == 0
         }
+        #: The segments' offsets and lengths as 64-bit columns, for the C extension's
+        #: segment_digests (None, None without it, or for a catalog whose numbers do not fit:
+        #: the Python loop reports those segments).
+        self.columns: tuple[array[int] | None, array[int] | None] = (None, None)
+        if native.MODULE is not None:
+            with contextlib.suppress(OverflowError):
+                self.columns = (array("q", [s.container_offset for s in segments]),
+                                array("q", [s.length_bytes for s in segments]))
 
     def segment_updater(self, part: int, parts: int) -> Callable[[memoryview, int], None]:
         """An update for the segments whose index is `part` modulo `parts`, fed every chunk in
@@ -208,10 +217,7 @@ class _ContainerCheck:
         segs, results = self.segments, self.results
         hashing: dict[int, Any] = {}
         lo = 0
-        module = native.MODULE
-        if module is not None:
-            offsets = array("q", [s.container_offset for s in segs])
-            lengths = array("q", [s.length_bytes for s in segs])
+        module, (offsets, lengths) = native.MODULE, self.columns
 
         def update(data: memoryview, pos: int) -> None:
             nonlocal lo
@@ -220,7 +226,7 @@ class _ContainerCheck:
                 lo += 1
             j = lo + (part - lo) % parts
             while j < len(segs) and segs[j].container_offset < end:
-                if module is not None and j not in hashing:
+                if module is not None and offsets is not None and j not in hashing:
                     digests, stop = module.segment_digests(data, pos, offsets, lengths, j, parts)
                     results.update(zip(range(j, stop, parts), digests, strict=True))
                     j = stop
@@ -439,6 +445,13 @@ class FoundCatalog:
     sha256: str
     found_on: str
     problems: list[Problem]
+    #: On a single drive, the tape it was read from, still loaded (then `found_on` is its
+    #: label); None when it was read from tape `found_on` of a drive that lists its tapes.
+    held: LoadedTape | None = None
+
+    def read_from(self, tape_id: str, loaded: LoadedTape) -> bool:
+        """Whether this catalog was read from this very copy: tape `tape_id`, as `loaded`."""
+        return loaded is self.held if self.held is not None else tape_id == self.found_on
 
 
 async def find_catalog(
@@ -469,7 +482,7 @@ async def find_catalog(
         by_serial = {t.volume_serial: t.tape_id for t in catalog.tapes if t.volume_serial}
         of_container = {c.container_id: c.tape_id for c in catalog.containers}
         holder.tape_id = await identify(loaded, by_serial, of_container)
-        return FoundCatalog(catalog, digest, loaded.label, seen)
+        return FoundCatalog(catalog, digest, loaded.label, seen, held=loaded)
     if not tapes:
         raise CatalogReadError(f"no tapes found in {drive.describe()}")
     for tape_id in tapes:
@@ -528,7 +541,8 @@ async def verify_set(
             try:
                 bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
                                                index=index, counters=counters,
-                                               catalog_checked=t.tape_id == found.found_on)
+                                               catalog_checked=found.read_from(t.tape_id,
+                                                                               loaded))
             except BaseException:
                 await holder.release_after_error()
                 raise

@@ -118,3 +118,17 @@ def test_verify_reads_each_tapes_catalog_once_and_still_checks_every_copy(
     report = verify(config)
     assert [(p.tape_id, "does not match" in p.what) for p in report.problems] == [
         (result.tapes[-1].tape_id, True)]
+
+
+def test_a_catalog_read_on_a_single_drive_counts_as_checked_only_for_the_tape_still_held(
+        ) -> None:
+    from ltoflow.verify import FoundCatalog
+
+    held, other = object(), object()
+    found = FoundCatalog(None, "sha", "volume VOL100L9", [], held=held)  # type: ignore[arg-type]
+    assert found.read_from("TAPE-1", held)  # type: ignore[arg-type]
+    # another cartridge (or the same one loaded again: the operator may have swapped it)
+    assert not found.read_from("TAPE-1", other)  # type: ignore[arg-type]
+    listed = FoundCatalog(None, "sha", "TAPE-1", [])  # type: ignore[arg-type]
+    assert listed.read_from("TAPE-1", other)  # type: ignore[arg-type]
+    assert not listed.read_from("TAPE-2", other)  # type: ignore[arg-type]

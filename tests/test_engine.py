@@ -425,3 +425,42 @@ async def test_a_catalog_write_error_stops_the_encoding_ahead_and_closes_its_sou
     assert closed == ([True] if made else [])
     # every chunk made was copied: those written, and at most one made ahead of the failure
     assert fail_at <= len(copied) <= fail_at + 1
+
+
+async def test_an_interrupt_while_settling_waits_for_the_chunk_being_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (which a shield does not hold off) during settle(): the thread making the next
+    chunk is still waited for, then the interrupt goes on."""
+    import threading
+
+    from ltoflow import engine
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow() -> Generator[bytes]:
+        yield b"first"
+        entered.set()
+        release.wait(10)  # the second chunk is being made when the error comes
+        yield b"second"
+
+    made = slow()
+    ahead = engine._ChunkAhead(made, None)
+    assert await ahead.next() == b"first"
+    real_wait = trio.Event.wait
+    calls: list[str] = []
+
+    async def interrupted_once(event: trio.Event) -> None:
+        if not calls:
+            assert entered.wait(10)
+        calls.append(inspect.getgeneratorstate(made))
+        if len(calls) == 1:
+            release.set()
+            raise KeyboardInterrupt
+        await real_wait(event)
+
+    monkeypatch.setattr(trio.Event, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        await ahead.settle()
+    assert calls[0] == inspect.GEN_RUNNING
+    assert len(calls) == 2  # waited again after the interrupt
+    assert inspect.getgeneratorstate(made) == inspect.GEN_SUSPENDED  # the thread is done

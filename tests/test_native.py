@@ -757,3 +757,26 @@ def test_c_verify_hashes_the_segments_python_hashes(
                    for k, s in enumerate(segments)
                    if s.container_offset + s.length_bytes <= len(data) or not s.length_bytes}
     event(f"C hashed {'none' if not hashed else 'some'} of the segments")
+
+
+def test_c_verify_leaves_offsets_past_64_bits_to_python(native: ModuleType) -> None:
+    """A catalog may hold numbers no 64-bit column takes: the Python loop checks them (and
+    reports the segment as beyond the container's end)."""
+    data = b"0123456789"
+    segments = [cat.SegmentEntry("S0", "F", "C", 0, 0, 5, hashlib.sha256(b"01234").hexdigest()),
+                cat.SegmentEntry("S1", "F", "C", 2**63, 0, 5, "0" * 64)]
+    check = ContainerCheck(segments)
+    assert check.columns == (None, None)
+    update = check.segment_updater(0, 1)
+    update(memoryview(data), 0)
+    assert check.results == {0: segments[0].sha256}
+
+
+def test_an_extension_built_from_older_sources_is_not_used(
+        native: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = (Path(extension.__file__).parent / "_native.pyi").read_text()
+    assert sorted(extension.FUNCTIONS) == sorted(
+        line.split("(")[0][4:] for line in stub.splitlines() if line.startswith("def "))
+    assert extension.load() is native
+    monkeypatch.delattr(native, "segment_digests")
+    assert extension.load() is None  # the Python loops then, not an AttributeError later
