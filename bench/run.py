@@ -926,6 +926,10 @@ def machine_info(workdir: Path, ltoflow: str) -> dict[str, Any]:
         "tar": _first_line(["tar", "--version"]),
         "openssl": _first_line(["openssl", "version"]),
         "peak_rss_method": "/usr/bin/time -f %M" if os.access(TIME_BIN, os.X_OK) else "wait4",
+        # how ltoflow's simulator writes its tapes (the floor's tee: through the page cache)
+        "simulator_writes": ("through the page cache"
+                             if os.environ.get("LTOFLOW_SIM_DIRECT", "1") == "0"
+                             else "O_DIRECT where the filesystem takes it"),
     }
 
 
@@ -1077,7 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ltoflow benchmark, {machine['date']}: {cpu}, {machine['nproc']} CPUs, "
         f"Linux {machine['kernel']}, Python {machine['python']}, "
-        f"runs={args.runs}, size factor {args.size_factor:g}\n"
+        f"runs={args.runs}, size factor {args.size_factor:g}; simulator writes "
+        f"{machine['simulator_writes']}\n"
     )
     if source_note:
         print(source_note, end="")
