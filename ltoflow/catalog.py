@@ -591,7 +591,8 @@ def _checked(cls: type, raw: object) -> dict[str, Any]:
     return kwargs
 
 
-#: Field ids the decoder keeps one string per value of (a file's id is in two records).
+#: Field ids the decoders (C and Python) keep one string per value of (a file's id is in two
+#: records).
 _INTERNED = {
     SegmentEntry: ("file_id", "container_id"),
     ContainerEntry: ("container_id", "tape_id"),
@@ -669,6 +670,7 @@ def _decode_lines(data: bytes) -> Catalog:
             if rest:
                 raise _NotLineFormat
             spec = None if cls is None else _NATIVE_SPECS.get(cls)
+            interned = _INTERNED.get(cls, ()) if cls is not None else ()
             while True:
                 if module is not None and spec is not None:  # C, up to a line it leaves here
                     made, pos, status = module.decode_records(data, pos, cls, *spec, ids,
@@ -689,13 +691,10 @@ def _decode_lines(data: bytes) -> Catalog:
                 if type(raw) is not dict:
                     raise _NotLineFormat
                 if cls is not None:
-                    if cls is SegmentEntry or cls is ContainerEntry:
-                        for k in ("file_id", "container_id", "tape_id"):
-                            v = raw.get(k)
-                            if type(v) is str:
-                                raw[k] = ids.setdefault(v, v)
-                    elif cls is SourceFileEntry and type(raw.get("file_id")) is str:
-                        raw["file_id"] = ids.setdefault(raw["file_id"], raw["file_id"])
+                    for k in interned:
+                        v = raw.get(k)
+                        if type(v) is str:
+                            raw[k] = ids.setdefault(v, v)
                     records.append(cls(**_checked(cls, raw)))
                 if tail == 2:
                     done = line.endswith(b"]}")

@@ -805,7 +805,6 @@ class _ChunkAhead:
     def __init__(self, chunks: Iterator[bytes], copy: Callable[[bytes], object] | None) -> None:
         self._make = partial(_next_chunk, chunks, copy)
         self._token = trio.lowlevel.current_trio_token()
-        self._done = trio.Event()
         self._result: outcome.Outcome[bytes | None] | None = None
         self._start()
 

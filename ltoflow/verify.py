@@ -298,7 +298,8 @@ async def verify_container(
     # Small segments are mostly Python work per segment, unless the C extension hashes them:
     # a second thread would only wait for the interpreter's lock.
     threads = (HASH_THREADS if len(segments) > 1 and (
-        native.MODULE is not None or container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments))
+        check.columns[0] is not None
+        or container.size_bytes >= SHARED_SEGMENT_BYTES * len(segments))
         else 1)
     updates = ([check.segment_updater(0, 1), update_whole] if whole_too
                else [check.segment_updater(k, threads) for k in range(threads)])
