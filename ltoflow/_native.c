@@ -1119,6 +1119,10 @@ static PyObject *encode_files(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "the file columns differ in length");
             goto done;
         }
+        int out_of_range = 0;
+        /* Only the columns (held as buffers: they cannot be resized meanwhile) and raw memory
+         * are touched: the next chunk is encoded while the caller hashes and writes this one. */
+        Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < n && ok; k++) {
             int64_t i = idx[k];
             const unsigned char *path, *digest;
@@ -1126,8 +1130,8 @@ static PyObject *encode_files(PyObject *self, PyObject *args)
             char id[36], iso[64];
             int iso_len;
             if (string_at(&b_paths, &b_ends, i, &path, &len) < 0) {
-                PyErr_SetString(PyExc_IndexError, "file index out of range of the paths");
-                goto done;
+                out_of_range = 1;
+                break;
             }
             digest = digest_at(&b_dig, &b_known, i);
             if (digest == NULL || make_file_id(ctx, ns.buf, path, len, id) < 0) {
@@ -1148,6 +1152,11 @@ static PyObject *encode_files(PyObject *self, PyObject *args)
                  && put_str(&out, "\",\"unix_mode\":") == 0 && put_int(&out, modes[i]) == 0
                  && put_str(&out, ",\"mtime_ns\":") == 0 && put_int(&out, mtimes[i]) == 0
                  && put_str(&out, "}") == 0;
+        }
+        Py_END_ALLOW_THREADS
+        if (out_of_range) {
+            PyErr_SetString(PyExc_IndexError, "file index out of range of the paths");
+            goto done;
         }
     }
     result = records_result(&out, ok);
@@ -1225,6 +1234,8 @@ static PyObject *encode_segments(PyObject *self, PyObject *args)
                       *coff = b_coff.buf, *soff = b_soff.buf, *length = b_len.buf;
         int64_t id_of = -1; /* the file whose id is in `id` */
         char id[36];
+        int out_of_range = 0;
+        Py_BEGIN_ALLOW_THREADS /* as in encode_files */
         for (Py_ssize_t k = start; k < stop && ok; k++) {
             const unsigned char *path, *cid, *digest;
             size_t len, cid_len;
@@ -1232,8 +1243,8 @@ static PyObject *encode_segments(PyObject *self, PyObject *args)
             int part_len;
             if (string_at(&b_paths, &b_ends, file[k], &path, &len) < 0
                 || string_at(&b_cids, &b_cends, cont[k], &cid, &cid_len) < 0) {
-                PyErr_SetString(PyExc_IndexError, "file or container out of range");
-                goto done;
+                out_of_range = 1;
+                break;
             }
             digest = digest_at(&b_dig, &b_known, k);
             if (digest == NULL) {
@@ -1264,6 +1275,11 @@ static PyObject *encode_segments(PyObject *self, PyObject *args)
                  && put_str(&out, ",\"length_bytes\":") == 0 && put_int(&out, length[k]) == 0
                  && put_str(&out, ",\"sha256\":\"") == 0 && put_digest(&out, digest) == 0
                  && put_str(&out, "\"}") == 0;
+        }
+        Py_END_ALLOW_THREADS
+        if (out_of_range) {
+            PyErr_SetString(PyExc_IndexError, "file or container out of range");
+            goto done;
         }
     }
     result = records_result(&out, ok);

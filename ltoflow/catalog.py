@@ -13,7 +13,9 @@ import hashlib
 import operator
 import uuid
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import NoneType
@@ -261,6 +263,8 @@ class SymlinkEntry:
 
 #: Records made (or encoded, or joined into one chunk) at a time.
 _BATCH = 4096
+#: Batches the C extension encodes side by side (one a core).
+ENCODE_THREADS = 2
 _R = TypeVar("_R")
 
 
@@ -714,22 +718,50 @@ def _decode_lines(data: bytes) -> Catalog:
     return Catalog(**kwargs)
 
 
-def _records(records: Sequence[object], cls: type) -> Iterator[bytes]:
+def _records(records: Sequence[object], cls: type) -> Generator[bytes]:
     """The lines of a list of `cls` records: the first after a newline, the others after
     `,` and a newline. The unstructure hook is looked up once, not once per record."""
-    dumps, unstructure = orjson.dumps, converter.get_unstructure_hook(cls)
     lead = b"\n"
-    n = len(records)
-    for i in range(0, n, _BATCH):
-        j = min(n, i + _BATCH)
-        if isinstance(records, RecordColumns):
-            chunk = records.encoded(i, j) if records.encoded is not None else None
-            if chunk is None:
-                chunk = b",\n".join(map(dumps, records.objects(i, j)))
-        else:
-            chunk = b",\n".join(map(dumps, map(unstructure, records[i:j])))
+    for chunk in _batches(records, converter.get_unstructure_hook(cls)):
         yield lead + chunk
         lead = b",\n"
+
+
+def _batches(records: Sequence[object], unstructure: Callable[[Any], Any]) -> Iterator[bytes]:
+    """The records _BATCH at a time, each batch's records joined by `,` and a newline. Batches
+    the C extension encodes (RecordColumns.encoded) are encoded ENCODE_THREADS at a time, a
+    few ahead of the caller: it lets go of the interpreter's lock while it encodes."""
+    dumps, n = orjson.dumps, len(records)
+    starts = range(0, n, _BATCH)
+    if not isinstance(records, RecordColumns):
+        for i in starts:
+            yield b",\n".join(map(dumps, map(unstructure, records[i:i + _BATCH])))
+        return
+    columns = records
+
+    def made(i: int, chunk: bytes | None) -> bytes:
+        return chunk if chunk is not None else b",\n".join(
+            map(dumps, columns.objects(i, min(n, i + _BATCH))))
+
+    encoded = columns.encoded
+    if encoded is None or len(starts) < 2:
+        for i in starts:
+            yield made(i, encoded(i, min(n, i + _BATCH)) if encoded is not None else None)
+        return
+    with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="ltoflow-encode") as pool:
+        ahead: deque[tuple[int, Future[bytes | None]]] = deque()
+        try:
+            for i in starts:
+                ahead.append((i, pool.submit(encoded, i, min(n, i + _BATCH))))
+                if len(ahead) > ENCODE_THREADS:
+                    k, done = ahead.popleft()
+                    yield made(k, done.result())
+            while ahead:
+                k, done = ahead.popleft()
+                yield made(k, done.result())
+        finally:  # closed early, or a batch failed: nothing more is begun
+            for _, left in ahead:
+                left.cancel()
 
 
 def encoded_size(codec: CatalogCodec, catalog: Catalog) -> int:

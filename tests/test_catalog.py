@@ -351,3 +351,61 @@ def test_fast_decoder_reads_odd_names_directories_symlinks_and_skipped_file_ids(
     assert {f.path_bytes for f in fast.source_files} == {b"caf\xe9/n\xff.txt", b"plain.txt"}
     assert {(k.relative_path, k.kind, k.file_id) for k in fast.skipped} == {
         ("gone.txt", "file", cat.file_id_for(b"gone.txt")), ("pipe", "fifo", None)}
+
+
+def _columns(n: int, encoded: object) -> cat.RecordColumns[cat.SkippedEntry]:
+    def objects(i: int, j: int) -> list[dict[str, object]]:
+        return [{"relative_path": f"f{k}", "kind": "file", "reason": "gone"} for k in range(i, j)]
+
+    return cat.RecordColumns(cat.SkippedEntry, n, objects, encoded)  # type: ignore[arg-type]
+
+
+def test_batches_encoded_in_threads_come_out_in_order_and_stop_at_a_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches the C extension would encode (here a stand-in) run a few ahead in threads: the
+    output is in record order whatever order they finish in, a batch it declines (None) is
+    made in Python, and a batch that fails ends the list with its error, with no batch begun
+    far past it."""
+    import threading
+
+    monkeypatch.setattr(cat, "_BATCH", 2)
+    begun: list[int] = []
+    finished = {i: threading.Event() for i in range(0, 200, 2)}
+
+    def encoded(i: int, j: int) -> bytes | None:
+        begun.append(i)
+        if i == 40:
+            raise MemoryError("batch 40")
+        if i % 4 == 0 and j < 20:  # finishes after the batch behind it, in the other thread
+            assert finished[i + 2].wait(10)
+        finished[i].set()
+        if i % 4:
+            return b",\n".join(b'{"relative_path":"f%d","kind":"file","reason":"gone"}' % k
+                               for k in range(i, j))
+        return None
+
+    lines = b"".join(cat._records(_columns(20, encoded), cat.SkippedEntry))
+    assert [json.loads(line.rstrip(b","))["relative_path"] for line in lines.split(b"\n")[1:]
+            ] == [f"f{k}" for k in range(20)]
+
+    begun.clear()
+    with pytest.raises(MemoryError, match="batch 40"):
+        b"".join(cat._records(_columns(200, encoded), cat.SkippedEntry))
+    assert max(begun) <= 40 + 2 * (cat.ENCODE_THREADS + 1)
+
+
+def test_a_list_closed_early_leaves_no_batch_encoding() -> None:
+    """Closing the encoding of a list (the catalog write failed) waits for the batches being
+    encoded and begins no more."""
+    begun: list[int] = []
+
+    def encoded(i: int, j: int) -> bytes | None:
+        begun.append(i)
+        return None
+
+    records = cat._records(_columns(10 * cat._BATCH, encoded), cat.SkippedEntry)
+    next(records)
+    records.close()
+    seen = len(begun)
+    assert seen <= cat.ENCODE_THREADS + 2
+    assert len(begun) == seen

@@ -424,10 +424,12 @@ _TEXT = st.text(st.characters(codec="utf-8", exclude_characters="/"), min_size=1
     container=st.integers(500, 20000),
     unusable=st.sets(st.integers(0, 39), max_size=4),
     root=st.sampled_from(["/srv/records", '/d "quoted"\\back', "/r\u00e9\x01"]),
+    # small batches: many of them, encoded by the C extension in threads, a few ahead
+    batch=st.sampled_from([cat._BATCH, 1, 3]),
 )
 def test_c_catalog_records_are_the_encoders_bytes(
         files: list[tuple[str, int, int, int, bytes | None]], container: int,
-        unusable: set[int], root: str) -> None:
+        unusable: set[int], root: str, batch: int) -> None:
     if BUILT is None:
         pytest.skip("ltoflow._native is not built here")
     table = FileTable()
@@ -442,14 +444,14 @@ def test_c_catalog_records_are_the_encoders_bytes(
     reasons = {i: "vanished: gone" for i in unusable if i < len(table)}
 
     def encoded(module: ModuleType | None) -> bytes:
-        saved = extension.MODULE
+        saved, saved_batch = extension.MODULE, cat._BATCH
         try:
-            extension.MODULE = module
+            extension.MODULE, cat._BATCH = module, batch
             catalog = build_catalog(plan, hashes, set_id="s" * 36, created_at="t",
                                     created_by="ltoflow test", unusable=reasons)
             return b"".join(cat.JsonCatalogCodec().encode(catalog))
         finally:
-            extension.MODULE = saved
+            extension.MODULE, cat._BATCH = saved, saved_batch
 
     used: list[str] = []
 
