@@ -16,11 +16,12 @@ from __future__ import annotations
 import operator
 import os
 import stat
+import threading
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple, overload
+from typing import NamedTuple, cast, overload
 
 import attrs
 
@@ -362,20 +363,22 @@ class _Walk:
 def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
     """The walk itself: depth first, each directory's entries in an order that makes the files
     come out sorted by the bytes of their path, straight into the file table (no list of a
-    million records to sort at the end). Directories and symlinks are sorted at the end."""
+    million records to sort at the end). Directories and symlinks are sorted at the end. With
+    the C extension, directories are listed ahead of the walk on SCAN_THREADS threads."""
     files = FileTable()
     walk = _Walk(root, fds)
-    stack: list[Iterator[_Item]] = [iter(_list_dir(b"", walk, module))]
-    while stack:
-        item = next(stack[-1], None)
-        if item is None:
-            stack.pop()
-        elif isinstance(item, bytes):  # a subdirectory: all of it comes before what follows
-            stack.append(iter(_list_dir(item, walk, module)))
-        elif isinstance(item, FileRun):
-            files.extend_run(item)
-        else:
-            files.append(*item)
+    with _Lister(walk, module) as lister:
+        stack: list[Iterator[_Item]] = [iter(lister.take(b""))]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, bytes):  # a subdirectory: all of it comes before what follows
+                stack.append(iter(lister.take(item)))
+            elif isinstance(item, FileRun):
+                files.extend_run(item)
+            else:
+                files.append(*item)
     # By the rendering they keep (as the catalog lists them), then by their exact bytes:
     # two names may render alike (b"\xff" and a backslash followed by "xff").
     walk.skipped.sort(key=lambda pair: (pair[1].relative_path.encode(), pair[0]))
@@ -383,17 +386,129 @@ def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
     return ScanResult(root, files, skipped, _by_path(walk.dirs), _by_path(walk.links))
 
 
-def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None) -> list[_Item]:
+#: Threads that list directories ahead of the walk, besides the walk's own (the C extension's
+#: listing lets go of the interpreter's lock: the lstat and access calls run on both cores).
+SCAN_THREADS = 2
+#: Directories listed ahead of the walk at most, waiting for it.
+LISTED_AHEAD = 256
+_BUSY = object()  # a directory being listed
+_TAKEN = object()  # a directory whose listing the walk has (never listed again)
+
+
+class _Lister:
+    """Directory listings for the walk, made ahead of it by helper threads (with the C
+    extension; without it, each when the walk asks).
+
+    The directories found and not yet listed are kept as a stack, the latest found on top: the
+    helpers take them from there, close to the order the walk wants them. The walk takes each
+    listing when it gets to that directory: made already, being made (it waits), or not begun
+    (it lists the directory itself). Each thread opens directories through its own DirFds.
+    What goes wrong in a helper other than the directory's own OSError (which _list_dir records
+    as a skipped entry) is raised to the walk when it takes that directory."""
+
+    def __init__(self, walk: _Walk, module: ModuleType | None) -> None:
+        self._walk, self._module = walk, module
+        self._lock = threading.Condition()
+        self._found: list[bytes] = []  # not listed yet (some may be by now: skipped)
+        #: Every directory begun: its listing, _BUSY, what went wrong, or _TAKEN.
+        self._listings: dict[bytes, object] = {}
+        self._ahead = 0  # listings made by helpers and not taken, or being made
+        self._stop = False
+        self._threads = [threading.Thread(target=self._help, name=f"ltoflow-scan-{k}",
+                                          daemon=True)
+                         for k in range(SCAN_THREADS if module is not None else 0)]
+
+    def __enter__(self) -> _Lister:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def take(self, rel_dir: bytes) -> list[_Item]:
+        """The listing of `rel_dir`, for the walk."""
+        with self._lock:
+            got = self._listings.get(rel_dir)
+            if got is None:
+                self._listings[rel_dir] = _BUSY
+            else:
+                while got is _BUSY:
+                    self._lock.wait()
+                    got = self._listings[rel_dir]
+                self._listings[rel_dir] = _TAKEN
+                self._ahead -= 1
+                self._lock.notify_all()
+                if isinstance(got, BaseException):
+                    raise got
+                return cast(list[_Item], got)
+        listing = _list_dir(rel_dir, self._walk, self._module, self._walk.fds)
+        with self._lock:
+            self._listings[rel_dir] = _TAKEN
+            self._found_in(listing)
+        return listing
+
+    def _found_in(self, listing: list[_Item]) -> None:
+        """Keep the subdirectories of `listing` for the helpers (the lock is held)."""
+        subdirs = [item for item in listing if isinstance(item, bytes)]
+        if subdirs and self._threads:
+            self._found.extend(reversed(subdirs))  # the first on top
+            self._lock.notify_all()
+
+    def _next(self) -> bytes | None:
+        """A directory for a helper to list, marked as being listed; None when the walk is
+        over (the lock is held)."""
+        while True:
+            if self._stop:
+                return None
+            if self._ahead < LISTED_AHEAD:
+                while self._found:
+                    rel_dir = self._found.pop()
+                    if rel_dir not in self._listings:  # else the walk took it first
+                        self._listings[rel_dir] = _BUSY
+                        self._ahead += 1
+                        return rel_dir
+            self._lock.wait()
+
+    def _help(self) -> None:
+        fds = DirFds(self._walk.fds.root_fd)
+        try:
+            while True:
+                with self._lock:
+                    rel_dir = self._next()
+                if rel_dir is None:
+                    return
+                got: object
+                try:
+                    got = _list_dir(rel_dir, self._walk, self._module, fds)
+                except BaseException as e:  # for the walk to raise, where it takes this one
+                    got = e
+                with self._lock:
+                    self._listings[rel_dir] = got
+                    if not isinstance(got, BaseException):
+                        self._found_in(got)
+                    self._lock.notify_all()
+        finally:
+            fds.close()
+
+
+def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None,
+              fds: DirFds) -> list[_Item]:
     """Stat the entries of one directory: its files (rows, or runs from the C scan) and
     subdirectories (their paths), in walk order. Everything is looked at before the walk goes
-    deeper, while this directory's descriptor is surely open.
+    deeper, while this directory's descriptor (from `fds`, the calling thread's) is surely
+    open.
 
     The order: a file sorts by its name, a subdirectory by its name and '/', which is where
     all of its paths sort among its siblings (a name has no '/'); so the files of the whole
     walk come out sorted by the bytes of their path.
     """
     try:
-        dir_fd = walk.fds.open(paths.split(rel_dir))
+        dir_fd = fds.open(paths.split(rel_dir))
         if module is not None:
             listing = module.list_dir(dir_fd, rel_dir + b"/" if rel_dir else b"",
                                       path_fields(rel_dir)[1] is None)

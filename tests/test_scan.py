@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ltoflow import native, scan
 from ltoflow.errors import UsageError
+from ltoflow.paths import DirFds
 from ltoflow.scan import scan_tree
 
 
@@ -186,3 +188,89 @@ def test_file_ids_of_a_batch_are_those_of_the_whole_table() -> None:
     assert file_ids_of(odd) == [file_id_for(r.path_bytes) for r in records]
     assert file_ids_of(odd, [2, 1]) == [file_id_for("c/d"), file_id_for(b"b\xff")]
     assert file_ids_of(plain, range(1, 2)) == [file_id_for("c/d")] == file_ids_of(plain)[1:]
+
+
+def _wide_tree(root: Path) -> None:
+    for a in range(4):
+        for b in range(3):
+            d = root / f"d{a}" / f"e{b}"
+            d.mkdir(parents=True)
+            for c in range(3):
+                (d / f"f{c}").write_bytes(b"x" * c)
+            (d / "link").symlink_to("f0")
+        (root / f"d{a}" / "top").write_bytes(b"t")
+    os.mkfifo(root / "d2" / "pipe")
+
+
+def _settled(lister: scan._Lister) -> bool:
+    """The helpers have nothing left to list (or may list no more ahead): call with the lock."""
+    busy = any(v is scan._BUSY for v in lister._listings.values())
+    return not busy and (not lister._found or lister._ahead >= scan.LISTED_AHEAD)
+
+
+def _lister(root: Path) -> tuple[scan._Lister, scan._Walk, int]:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    walk = scan._Walk(root, DirFds(fd))
+    return scan._Lister(walk, native.MODULE), walk, fd
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+@pytest.mark.parametrize("ahead", [1, scan.LISTED_AHEAD])
+def test_directories_listed_ahead_by_helper_threads_scan_as_the_walk_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: int) -> None:
+    _wide_tree(tmp_path)
+    monkeypatch.setattr(scan, "SCAN_THREADS", 0)
+    alone = scan_tree(tmp_path)
+    monkeypatch.setattr(scan, "SCAN_THREADS", 2)
+    monkeypatch.setattr(scan, "LISTED_AHEAD", ahead)
+    assert scan_tree(tmp_path) == alone
+    assert [f.relative_path for f in alone.files][:5] == [
+        "d0/e0/f0", "d0/e0/f1", "d0/e0/f2", "d0/e1/f0", "d0/e1/f1"]
+    assert (len(alone.directories), len(alone.symlinks)) == (16, 12)
+    assert [(k.relative_path, k.kind) for k in alone.skipped] == [("d2/pipe", "fifo")]
+
+    # The helpers list what the walk has found and not reached, up to `ahead` of them, and
+    # the walk takes their listings as they are.
+    lister, walk, fd = _lister(tmp_path)
+    try:
+        with lister:
+            top = lister.take(b"")
+            with lister._lock:  # 16 directories below the root: all, or `ahead` of them
+                assert lister._lock.wait_for(lambda: _settled(lister), 30)
+                assert lister._ahead == min(ahead, 16)
+            mine = scan._list_dir(b"d0", scan._Walk(tmp_path, walk.fds), native.MODULE,
+                                  walk.fds)
+            assert lister.take(b"d0") == mine
+            assert top[:4] == [b"d0", b"d1", b"d2", b"d3"]
+    finally:
+        walk.fds.close()
+        os.close(fd)
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+def test_what_goes_wrong_in_a_helper_is_raised_where_the_walk_takes_that_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _wide_tree(tmp_path)
+    real = scan._list_dir
+
+    def failing(rel_dir: bytes, *args: object) -> object:
+        if rel_dir == b"d1":
+            raise MemoryError("listing d1")
+        return real(rel_dir, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan, "_list_dir", failing)
+    lister, walk, fd = _lister(tmp_path)
+    try:
+        with lister:
+            lister.take(b"")
+            with lister._lock:  # every directory found listed (or failed) by a helper
+                assert lister._lock.wait_for(lambda: _settled(lister), 30)
+                assert lister._ahead == 13  # d1's own three were never found
+            assert lister.take(b"d0")[0] == b"d0/e0"
+            with pytest.raises(MemoryError, match="listing d1"):
+                lister.take(b"d1")
+    finally:
+        walk.fds.close()
+        os.close(fd)
+    with pytest.raises(MemoryError, match="listing d1"):
+        scan_tree(tmp_path)
