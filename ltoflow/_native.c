@@ -30,7 +30,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <unistd.h>
+#include <linux/capability.h>
 
 #include <openssl/evp.h>
 
@@ -530,10 +533,62 @@ static void free_entries(Entry *entries, size_t n)
     PyMem_RawFree(entries);
 }
 
-/* List dir_fd with the GIL released: each entry's lstat, and access(R_OK) for regular files.
- * 0, or -1 with errno set (ENOMEM: out of memory, not a directory that cannot be listed). */
+/* Whether this kernel itself checks permissions on dir_fd's filesystem, by the mode bits
+ * and POSIX ACLs alone (not a server, as NFS and CIFS do, nor a FUSE daemon). */
+static int local_permissions(int dir_fd)
+{
+    struct statfs fs;
+    if (fstatfs(dir_fd, &fs) != 0)
+        return 0;
+    switch ((unsigned long)fs.f_type) {
+    case 0xEF53UL:     /* ext2, ext3, ext4 */
+    case 0x58465342UL: /* xfs */
+    case 0x9123683EUL: /* btrfs */
+    case 0x01021994UL: /* tmpfs */
+    case 0x2FC12FC1UL: /* zfs */
+    case 0xF2F52010UL: /* f2fs */
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Whether root may read any file (CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH permitted; access()
+ * checks the real user with the permitted capabilities). */
+static int may_read_any(void)
+{
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
+    if (getuid() != 0 || syscall(SYS_capget, &head, caps) != 0)
+        return 0;
+    return (caps[0].permitted & ((1U << CAP_DAC_OVERRIDE) | (1U << CAP_DAC_READ_SEARCH))) != 0;
+}
+
+/* The kernel's overflow ids: the owner of a file that this user namespace does not map. */
+#define OVERFLOW_ID 65534
+
+/* Whether access(R_OK) would surely say yes to this regular file, from its lstat alone (then
+ * it is not asked: it costs as much as the lstat): on a filesystem this kernel checks itself,
+ * the reader is root with the capability to read anything and the owner is mapped in this
+ * user namespace (root's capabilities reach only those), or the reader owns the file and its
+ * mode lets the owner read (an ACL never changes the owner's entry). A security module may
+ * still refuse it: the read then says why, as for a file that changes after the scan. */
+static int surely_readable(const struct stat *st, int local, int root_reads, uid_t uid)
+{
+    if (!local)
+        return 0;
+    if (root_reads && st->st_uid != OVERFLOW_ID && st->st_gid != OVERFLOW_ID)
+        return 1;
+    return st->st_uid == uid && (st->st_mode & S_IRUSR);
+}
+
+/* List dir_fd with the GIL released: each entry's lstat, and access(R_OK) for regular files
+ * (unless surely_readable). 0, or -1 with errno set (ENOMEM: out of memory, not a directory
+ * that cannot be listed). */
 static int read_entries(int dir_fd, Entry **out, size_t *count)
 {
+    int local = local_permissions(dir_fd), root_reads = local && may_read_any();
+    uid_t uid = getuid();
     int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0); /* not inherited by a fork meanwhile */
     DIR *d;
     Entry *entries = NULL;
@@ -589,7 +644,8 @@ static int read_entries(int dir_fd, Entry **out, size_t *count)
         } else if (S_ISDIR(e->st.st_mode)) {
             e->kind = E_DIR;
         } else if (S_ISREG(e->st.st_mode)) {
-            e->readable = faccessat(dir_fd, e->name, R_OK, 0) == 0;
+            e->readable = surely_readable(&e->st, local, root_reads, uid)
+                          || faccessat(dir_fd, e->name, R_OK, 0) == 0;
             e->kind = e->readable ? E_FILE : E_OTHER;
         } else {
             e->kind = E_OTHER; /* a symlink, a FIFO, a socket, a device */
@@ -660,7 +716,8 @@ PyDoc_STRVAR(list_dir_doc,
 "list_dir(dir_fd, prefix, prefix_is_utf8)\n"
 "--\n\n"
 "One directory of the scan: its entries sorted in the walk's order (a file by its name, a\n"
-"directory by its name and '/'), each lstat'ed, and regular files probed with access(R_OK).\n"
+"directory by its name and '/'), each lstat'ed, and regular files probed with access(R_OK)\n"
+"unless the lstat answers it (surely_readable).\n"
 "A list of tuples:\n"
 "  (0, paths, ends, sizes, mtimes, modes): a run of plain files (readable, UTF-8 path,\n"
 "      64-bit mtime): paths with `prefix` end to end, ends relative to the run (u64), sizes\n"

@@ -1,5 +1,5 @@
-"""Scan a source tree: stat only (plus an access() probe), never read contents, sorted by the
-path's bytes.
+"""Scan a source tree: stat only (plus an access() probe where the stat cannot tell), never
+read contents, sorted by the path's bytes.
 
 The plan depends only on what the scan returns (names, sizes), so the same tree gives the same
 plan. Regular files, directories and symlinks (never followed) are backed up; anything else
