@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import errno
 import hashlib
+import itertools
 import os
 import stat
 import threading
@@ -286,12 +287,14 @@ class SourceCursor:
                 # file it cannot take as plainly, which then comes to the Python loop.
                 digests = self._read_natively(buf, pos, container if one_container else -1)
                 if digests:
-                    for digest in digests:
-                        length = s_length[k]
-                        pieces.append(Piece(k, pos, length, True, True, digest))
-                        pos += length
-                        k += 1
-                    self.segment = k
+                    n = len(digests)
+                    lengths = s_length[k:k + n]
+                    yes = itertools.repeat(True)
+                    pieces.extend(map(Piece, range(k, k + n),
+                                      itertools.accumulate(lengths, initial=pos), lengths, yes,
+                                      yes, digests))
+                    pos += sum(lengths)
+                    self.segment = k + n
                     continue
                 whole = f not in reasons  # another pass may have found it unusable meanwhile
             if whole:
@@ -697,6 +700,13 @@ class AggregateHasher:
         self.want_files = want_files
         self._containers: dict[int, Any] = {}
         self._files: dict[int, Any] = {}
+        # The segments of the files wanted, in order: a chunk holding none of them (nearly
+        # every chunk: only files split across containers are wanted) skips its pieces.
+        self._file_segments = array("q")
+        f = want_files.find(1)
+        while f >= 0:
+            self._file_segments.extend(range(plan.file_starts[f], plan.file_starts[f + 1]))
+            f = want_files.find(1, f + 1)
 
     def update(
         self, data: memoryview, pieces: list[Piece]
@@ -705,13 +715,19 @@ class AggregateHasher:
         s_container, s_file = plan.segments.container_index, plan.segments.file_index
         containers: list[tuple[int, str]] = []
         files: list[tuple[int, str]] = []
-        # Containers: one update per run of pieces in the same container (usually the chunk).
+        if not pieces:
+            return containers, files
+        # Containers: one update per run of pieces in the same container. The pieces are in
+        # segment order: when the first and the last lie in the same container (nearly always,
+        # a chunk holds one container's bytes), the whole chunk is one run.
+        first, last = pieces[0].segment, pieces[-1].segment
+        run_ends = ([len(pieces) - 1] if s_container[first] == s_container[last] else
+                    [n for n in range(len(pieces)) if n + 1 == len(pieces)
+                     or s_container[pieces[n + 1].segment] != s_container[pieces[n].segment]])
         run_start = 0
-        for n, p in enumerate(pieces):
+        for n in run_ends:
+            p = pieces[n]
             c = s_container[p.segment]
-            ends_run = n + 1 == len(pieces) or s_container[pieces[n + 1].segment] != c
-            if not ends_run:
-                continue
             if self.want_containers[c]:
                 h = self._containers.get(c)
                 if h is None:
@@ -720,6 +736,10 @@ class AggregateHasher:
                 if p.last and p.segment == plan.containers[c].segments[-1]:
                     containers.append((c, self._containers.pop(c).hexdigest()))
             run_start = n + 1
+        wanted = self._file_segments
+        k = bisect.bisect_left(wanted, first)
+        if k == len(wanted) or wanted[k] > last:
+            return containers, files
         for p in pieces:
             f = s_file[p.segment]
             if not self.want_files[f]:

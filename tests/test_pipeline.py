@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import mmap
 from collections.abc import Buffer
 from pathlib import Path
 
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ltoflow.engine import (
     HIGH_WATER,
@@ -263,3 +267,39 @@ async def test_prehasher_waits_while_the_pipeline_runs_low(tmp_path: Path) -> No
     assert None not in recorder.hashes.segments
     assert reads == [plan.total_bytes]
     assert all(h is not None for h in recorder.complete().containers)
+
+
+@settings(max_examples=120, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3_000), min_size=1, max_size=20),
+       container=st.integers(500, 6_000),
+       cuts=st.lists(st.integers(1, 5_000), max_size=12))
+def test_aggregate_hasher_hashes_whole_containers_and_split_files_whatever_the_chunks(
+        sizes: list[int], container: int, cuts: list[int]) -> None:
+    """Chunks cut anywhere (several containers in one, a segment across two): every container
+    and every file of several segments gets the hash of its bytes, and nothing else."""
+    plan = plan_of(sizes, 1 << 40, container)
+    files = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    segs = plan.segments
+    stream = b"".join(
+        files[segs.file_index[k]][segs.source_offset[k]:segs.source_offset[k] + segs.length[k]]
+        for k in range(len(segs)))
+    want_c, want_f = multi_segment_flags(plan, range(len(plan.containers)), 0, len(plan.files))
+    hasher = AggregateHasher(plan, want_c, want_f)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    starts = list(itertools.accumulate(segs.length, initial=0))
+    got_c: dict[int, str] = {}
+    got_f: dict[int, str] = {}
+    for a, b in itertools.pairwise(bounds):
+        pieces = [Piece(k, max(starts[k], a) - a, min(starts[k + 1], b) - max(starts[k], a),
+                        starts[k] >= a, starts[k + 1] <= b)
+                  for k in range(len(segs)) if starts[k] < b and starts[k + 1] > a]
+        containers, done_files = hasher.update(memoryview(stream[a:b]), pieces)
+        got_c.update(containers)
+        got_f.update(done_files)
+    assert got_c == {c: hashlib.sha256(stream[starts[cont.segments.start]:
+                                              starts[cont.segments.stop]]).hexdigest()
+                     for c, cont in enumerate(plan.containers) if want_c[c]}
+    assert got_f == {f: hashlib.sha256(files[f]).hexdigest()
+                     for f in range(len(files)) if want_f[f]}
+    assert any(want_f) or not any(plan.file_starts[f + 1] - plan.file_starts[f] > 1
+                                  for f in range(len(files)))
