@@ -534,7 +534,8 @@ static void free_entries(Entry *entries, size_t n)
 }
 
 /* Whether this kernel itself checks permissions on dir_fd's filesystem, by the mode bits
- * and POSIX ACLs alone (not a server, as NFS and CIFS do, nor a FUSE daemon). */
+ * and POSIX ACLs alone (not a server, as NFS and CIFS do, nor a FUSE daemon; not ZFS, which
+ * may keep NFSv4 ACLs that can refuse even the owner). */
 static int local_permissions(int dir_fd)
 {
     struct statfs fs;
@@ -545,7 +546,6 @@ static int local_permissions(int dir_fd)
     case 0x58465342UL: /* xfs */
     case 0x9123683EUL: /* btrfs */
     case 0x01021994UL: /* tmpfs */
-    case 0x2FC12FC1UL: /* zfs */
     case 0xF2F52010UL: /* f2fs */
         return 1;
     default:
@@ -553,33 +553,49 @@ static int local_permissions(int dir_fd)
     }
 }
 
-/* Whether root may read any file (CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH permitted; access()
- * checks the real user with the permitted capabilities). */
+/* Whether this process runs in the first user namespace (its uid_map maps every id to
+ * itself): elsewhere root's capabilities reach only the files of the ids mapped there. */
+static int first_user_namespace(void)
+{
+    static int known = -1; /* found once; threads that race find the same */
+    if (known < 0) {
+        unsigned long inside, outside, count;
+        char rest[2];
+        FILE *f = fopen("/proc/self/uid_map", "r");
+        int first = 0;
+        if (f != NULL) {
+            first = fscanf(f, "%lu %lu %lu", &inside, &outside, &count) == 3 && inside == 0
+                    && outside == 0 && count == 4294967295UL && fscanf(f, "%1s", rest) != 1;
+            fclose(f);
+        }
+        known = first;
+    }
+    return known;
+}
+
+/* Whether root may read any file here: the first user namespace, and CAP_DAC_OVERRIDE or
+ * CAP_DAC_READ_SEARCH permitted (access() checks the real user with the permitted set). */
 static int may_read_any(void)
 {
     struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct caps[_LINUX_CAPABILITY_U32S_3];
-    if (getuid() != 0 || syscall(SYS_capget, &head, caps) != 0)
+    if (getuid() != 0 || !first_user_namespace() || syscall(SYS_capget, &head, caps) != 0)
         return 0;
     return (caps[0].permitted & ((1U << CAP_DAC_OVERRIDE) | (1U << CAP_DAC_READ_SEARCH))) != 0;
 }
 
-/* The kernel's overflow ids: the owner of a file that this user namespace does not map. */
-#define OVERFLOW_ID 65534
-
 /* Whether access(R_OK) would surely say yes to this regular file, from its lstat alone (then
- * it is not asked: it costs as much as the lstat): on a filesystem this kernel checks itself,
- * the reader is root with the capability to read anything and the owner is mapped in this
- * user namespace (root's capabilities reach only those), or the reader owns the file and its
- * mode lets the owner read (an ACL never changes the owner's entry). A security module may
- * still refuse it: the read then says why, as for a file that changes after the scan. */
-static int surely_readable(const struct stat *st, int local, int root_reads, uid_t uid)
+ * it is not asked: it costs as much as the lstat): it lies on the directory's own filesystem
+ * (not a file mounted over one), which this kernel checks itself, and the reader is root as
+ * may_read_any says, or owns the file and its mode lets the owner read (a POSIX ACL never
+ * changes the owner's entry). A security module may still refuse it: the read then finds it
+ * (see the README's scan). */
+static int surely_readable(const struct stat *st, dev_t dir_dev, int local, int root_reads,
+                           uid_t uid)
 {
-    if (!local)
+    if (!local || st->st_dev != dir_dev)
         return 0;
-    if (root_reads && st->st_uid != OVERFLOW_ID && st->st_gid != OVERFLOW_ID)
-        return 1;
-    return st->st_uid == uid && (st->st_mode & S_IRUSR);
+    return root_reads || (st->st_uid == uid && (st->st_mode & S_IRUSR));
 }
 
 /* List dir_fd with the GIL released: each entry's lstat, and access(R_OK) for regular files
@@ -587,7 +603,9 @@ static int surely_readable(const struct stat *st, int local, int root_reads, uid
  * that cannot be listed). */
 static int read_entries(int dir_fd, Entry **out, size_t *count)
 {
-    int local = local_permissions(dir_fd), root_reads = local && may_read_any();
+    struct stat dir_st;
+    int local = fstat(dir_fd, &dir_st) == 0 && local_permissions(dir_fd);
+    int root_reads = local && may_read_any();
     uid_t uid = getuid();
     int fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0); /* not inherited by a fork meanwhile */
     DIR *d;
@@ -644,7 +662,7 @@ static int read_entries(int dir_fd, Entry **out, size_t *count)
         } else if (S_ISDIR(e->st.st_mode)) {
             e->kind = E_DIR;
         } else if (S_ISREG(e->st.st_mode)) {
-            e->readable = surely_readable(&e->st, local, root_reads, uid)
+            e->readable = surely_readable(&e->st, dir_st.st_dev, local, root_reads, uid)
                           || faccessat(dir_fd, e->name, R_OK, 0) == 0;
             e->kind = e->readable ? E_FILE : E_OTHER;
         } else {

@@ -13,6 +13,7 @@ limited.
 
 from __future__ import annotations
 
+import heapq
 import operator
 import os
 import stat
@@ -399,17 +400,24 @@ class _Lister:
     """Directory listings for the walk, made ahead of it by helper threads (with the C
     extension; without it, each when the walk asks).
 
-    The directories found and not yet listed are kept as a stack, the latest found on top: the
-    helpers take them from there, close to the order the walk wants them. The walk takes each
-    listing when it gets to that directory: made already, being made (it waits), or not begun
-    (it lists the directory itself). Each thread opens directories through its own DirFds.
+    The directories found and not yet listed wait in a heap by their place in the walk (a
+    directory's path and '/' sort as the walk meets them): the helpers always take the one the
+    walk will want first. The walk takes each listing when it gets to that directory: made
+    already, being made (it waits), or not begun (it lists the directory itself). A directory
+    the walk lists itself keeps its first subdirectory for the walk, which goes there next:
+    down a deep, narrow tree the walk does not wait on a helper at every level. Each helper
+    opens directories through its own DirFds, from its own duplicate of the root's descriptor.
     What goes wrong in a helper other than the directory's own OSError (which _list_dir records
-    as a skipped entry) is raised to the walk when it takes that directory."""
+    as a skipped entry) is raised to the walk when it takes that directory.
+
+    The lock is a plain one, entered in C: a Ctrl-C can never leave it held (Condition's own
+    __enter__ runs Python code after it takes the lock)."""
 
     def __init__(self, walk: _Walk, module: ModuleType | None) -> None:
         self._walk, self._module = walk, module
-        self._lock = threading.Condition()
-        self._found: list[bytes] = []  # not listed yet (some may be by now: skipped)
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)
+        self._found: list[bytes] = []  # heap of path + b"/", not listed yet (or taken since)
         #: Every directory begun: its listing, _BUSY, what went wrong, or _TAKEN.
         self._listings: dict[bytes, object] = {}
         self._ahead = 0  # listings made by helpers and not taken, or being made
@@ -424,40 +432,44 @@ class _Lister:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
+        with self._mutex:
             self._stop = True
-            self._lock.notify_all()
+            self._changed.notify_all()
         for thread in self._threads:
             thread.join()
 
     def take(self, rel_dir: bytes) -> list[_Item]:
         """The listing of `rel_dir`, for the walk."""
-        with self._lock:
+        with self._mutex:
             got = self._listings.get(rel_dir)
             if got is None:
                 self._listings[rel_dir] = _BUSY
             else:
                 while got is _BUSY:
-                    self._lock.wait()
+                    self._changed.wait()
                     got = self._listings[rel_dir]
                 self._listings[rel_dir] = _TAKEN
                 self._ahead -= 1
-                self._lock.notify_all()
+                self._changed.notify_all()
                 if isinstance(got, BaseException):
                     raise got
                 return cast(list[_Item], got)
         listing = _list_dir(rel_dir, self._walk, self._module, self._walk.fds)
-        with self._lock:
+        with self._mutex:
             self._listings[rel_dir] = _TAKEN
-            self._found_in(listing)
+            self._found_in(listing, keep_first=True)
         return listing
 
-    def _found_in(self, listing: list[_Item]) -> None:
-        """Keep the subdirectories of `listing` for the helpers (the lock is held)."""
+    def _found_in(self, listing: list[_Item], *, keep_first: bool = False) -> None:
+        """Give the subdirectories of `listing` to the helpers (the lock is held); with
+        `keep_first`, all but the first, which the walk lists itself next."""
+        if not self._threads:
+            return
         subdirs = [item for item in listing if isinstance(item, bytes)]
-        if subdirs and self._threads:
-            self._found.extend(reversed(subdirs))  # the first on top
-            self._lock.notify_all()
+        for rel_dir in subdirs[1:] if keep_first else subdirs:
+            heapq.heappush(self._found, rel_dir + b"/")
+        if subdirs:
+            self._changed.notify_all()
 
     def _next(self) -> bytes | None:
         """A directory for a helper to list, marked as being listed; None when the walk is
@@ -467,18 +479,20 @@ class _Lister:
                 return None
             if self._ahead < LISTED_AHEAD:
                 while self._found:
-                    rel_dir = self._found.pop()
+                    rel_dir = heapq.heappop(self._found)[:-1]
                     if rel_dir not in self._listings:  # else the walk took it first
                         self._listings[rel_dir] = _BUSY
                         self._ahead += 1
                         return rel_dir
-            self._lock.wait()
+            self._changed.wait()
 
     def _help(self) -> None:
-        fds = DirFds(self._walk.fds.root_fd)
+        # Its own descriptor of the root: the walk's may be closed (after a second Ctrl-C,
+        # say) while this thread still finishes a directory.
+        fds = DirFds(os.dup(self._walk.fds.root_fd))
         try:
             while True:
-                with self._lock:
+                with self._mutex:
                     rel_dir = self._next()
                 if rel_dir is None:
                     return
@@ -487,13 +501,14 @@ class _Lister:
                     got = _list_dir(rel_dir, self._walk, self._module, fds)
                 except BaseException as e:  # for the walk to raise, where it takes this one
                     got = e
-                with self._lock:
+                with self._mutex:
                     self._listings[rel_dir] = got
                     if not isinstance(got, BaseException):
                         self._found_in(got)
-                    self._lock.notify_all()
+                    self._changed.notify_all()
         finally:
             fds.close()
+            os.close(fds.root_fd)
 
 
 def _list_dir(rel_dir: bytes, walk: _Walk, module: ModuleType | None,

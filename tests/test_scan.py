@@ -235,12 +235,15 @@ def test_directories_listed_ahead_by_helper_threads_scan_as_the_walk_alone(
     try:
         with lister:
             top = lister.take(b"")
-            with lister._lock:  # 16 directories below the root: all, or `ahead` of them
-                assert lister._lock.wait_for(lambda: _settled(lister), 30)
-                assert lister._ahead == min(ahead, 16)
-            mine = scan._list_dir(b"d0", scan._Walk(tmp_path, walk.fds), native.MODULE,
+            # 16 directories below the root; d0 is the walk's own next one, so its 3 are not
+            # found yet: the other 12, or `ahead` of them
+            with lister._changed:
+                assert lister._changed.wait_for(lambda: _settled(lister), 30)
+                assert lister._ahead == min(ahead, 12)
+                assert b"d0" not in lister._listings
+            mine = scan._list_dir(b"d1", scan._Walk(tmp_path, walk.fds), native.MODULE,
                                   walk.fds)
-            assert lister.take(b"d0") == mine
+            assert lister.take(b"d1") == mine
             assert top[:4] == [b"d0", b"d1", b"d2", b"d3"]
     finally:
         walk.fds.close()
@@ -263,9 +266,9 @@ def test_what_goes_wrong_in_a_helper_is_raised_where_the_walk_takes_that_directo
     try:
         with lister:
             lister.take(b"")
-            with lister._lock:  # every directory found listed (or failed) by a helper
-                assert lister._lock.wait_for(lambda: _settled(lister), 30)
-                assert lister._ahead == 13  # d1's own three were never found
+            with lister._changed:  # every directory found listed (or failed) by a helper
+                assert lister._changed.wait_for(lambda: _settled(lister), 30)
+                assert lister._ahead == 9  # d1, d2, d3 and the 6 below d2 and d3
             assert lister.take(b"d0")[0] == b"d0/e0"
             with pytest.raises(MemoryError, match="listing d1"):
                 lister.take(b"d1")
@@ -274,3 +277,62 @@ def test_what_goes_wrong_in_a_helper_is_raised_where_the_walk_takes_that_directo
         os.close(fd)
     with pytest.raises(MemoryError, match="listing d1"):
         scan_tree(tmp_path)
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+def test_the_walk_waits_for_a_listing_a_helper_is_making(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    _wide_tree(tmp_path)
+    real = scan._list_dir
+    started, release = threading.Event(), threading.Event()
+
+    def slow(rel_dir: bytes, *args: object) -> object:
+        if rel_dir == b"d1":
+            started.set()
+            assert release.wait(30)
+        return real(rel_dir, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan, "_list_dir", slow)
+    lister, walk, fd = _lister(tmp_path)
+    got: list[object] = []
+    try:
+        with lister:
+            lister.take(b"")  # d1 goes to a helper, which is held inside it
+            assert started.wait(30)
+            taker = threading.Thread(target=lambda: got.append(lister.take(b"d1")))
+            taker.start()
+            taker.join(0.2)
+            assert taker.is_alive()  # waiting: it does not list d1 a second time
+            release.set()
+            taker.join(30)
+    finally:
+        walk.fds.close()
+        os.close(fd)
+    fd2 = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fds2 = DirFds(fd2)
+        assert got == [real(b"d1", scan._Walk(tmp_path, fds2), native.MODULE, fds2)]
+        fds2.close()
+    finally:
+        os.close(fd2)
+    assert [d.relative_path for _, d in walk.dirs].count("d1/e0") == 1  # listed once
+
+
+def test_an_interrupt_in_the_walk_stops_the_helpers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    _wide_tree(tmp_path)
+
+    def interrupted(self: object, run: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan.FileTable, "extend_run", interrupted)
+    monkeypatch.setattr(scan.FileTable, "append", interrupted)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        scan_tree(tmp_path)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ltoflow-scan")]
+    assert len(os.listdir("/proc/self/fd")) == before
