@@ -818,9 +818,9 @@ async def run_interruptible[T](
 
 #: How long a thread may keep the interpreter's lock while another waits for it (Python's
 #: default is 5 ms). The jobs' threads spend most of their time in C without it, and each
-#: hand-back (a chunk read, a container hashed) waited up to that long for the lock: at 0.2 ms,
-#: a backup of 100,000 small files streams 5-10% faster. Set by the command line only: the
-#: process is ours.
+#: hand-back (a chunk read, a container hashed) waited up to that long for the lock: at 0.2 ms
+#: the data of 100,000 small files streamed in 0.94-1.03 s instead of 1.11-1.38 s (by hand,
+#: 2026-11-27). Set by the command line only: the process is ours.
 SWITCH_INTERVAL_S = 0.0002
 
 

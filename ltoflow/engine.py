@@ -800,8 +800,7 @@ def _next_chunk(chunks: Iterator[bytes], sinks: Sequence[Callable[[bytes], objec
 class _ChunkAhead:
     """The chunks of an encoding, each also given to every one of `sinks` in order (the
     catalog's hash, the journal's copy), made in a thread one chunk ahead of the caller:
-    encoding and hashing the next chunk overlap with writing this one (for 100,000 small
-    files that takes half off the catalog's time)."""
+    encoding and hashing the next chunk overlap with writing this one."""
 
     def __init__(self, chunks: Iterator[bytes], *sinks: Callable[[bytes], object] | None
                  ) -> None:
