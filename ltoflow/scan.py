@@ -489,7 +489,10 @@ class _Lister:
     def _help(self) -> None:
         # Its own descriptor of the root: the walk's may be closed (after a second Ctrl-C,
         # say) while this thread still finishes a directory.
-        fds = DirFds(os.dup(self._walk.fds.root_fd))
+        try:
+            fds = DirFds(os.dup(self._walk.fds.root_fd))
+        except OSError:  # no descriptor to spare: the walk lists what this thread would have
+            return
         try:
             while True:
                 with self._mutex:

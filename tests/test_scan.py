@@ -336,3 +336,18 @@ def test_an_interrupt_in_the_walk_stops_the_helpers(
         scan_tree(tmp_path)
     assert not [t for t in threading.enumerate() if t.name.startswith("ltoflow-scan")]
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+def test_helpers_without_a_descriptor_to_spare_leave_the_listing_to_the_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    _wide_tree(tmp_path)
+    alone = scan_tree(tmp_path)
+
+    def no_more(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "dup", no_more)
+    assert scan_tree(tmp_path) == alone
