@@ -553,24 +553,33 @@ static int local_permissions(int dir_fd)
     }
 }
 
-/* Whether this process runs in the first user namespace (its uid_map maps every id to
- * itself): elsewhere root's capabilities reach only the files of the ids mapped there. */
+/* Whether `path` (a uid_map or gid_map) maps every id to itself, in one line. */
+static int maps_every_id(const char *path)
+{
+    unsigned long inside, outside, count;
+    char rest[2];
+    int every = 0;
+    FILE *f = fopen(path, "re");
+    if (f != NULL) {
+        every = fscanf(f, "%lu %lu %lu", &inside, &outside, &count) == 3 && inside == 0
+                && outside == 0 && count == 4294967295UL && fscanf(f, "%1s", rest) != 1;
+        fclose(f);
+    }
+    return every;
+}
+
+/* Whether this process runs in the first user namespace (its uid_map and gid_map map every id
+ * to itself): elsewhere root's capabilities reach only the files whose owner and group are
+ * mapped there. Found once (threads that race find the same answer). */
 static int first_user_namespace(void)
 {
-    static int known = -1; /* found once; threads that race find the same */
-    if (known < 0) {
-        unsigned long inside, outside, count;
-        char rest[2];
-        FILE *f = fopen("/proc/self/uid_map", "r");
-        int first = 0;
-        if (f != NULL) {
-            first = fscanf(f, "%lu %lu %lu", &inside, &outside, &count) == 3 && inside == 0
-                    && outside == 0 && count == 4294967295UL && fscanf(f, "%1s", rest) != 1;
-            fclose(f);
-        }
-        known = first;
+    static int known = -1;
+    int first = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (first < 0) {
+        first = maps_every_id("/proc/self/uid_map") && maps_every_id("/proc/self/gid_map");
+        __atomic_store_n(&known, first, __ATOMIC_RELAXED);
     }
-    return known;
+    return first;
 }
 
 /* Whether root may read any file here: the first user namespace, and CAP_DAC_OVERRIDE or
@@ -584,6 +593,10 @@ static int may_read_any(void)
     return (caps[0].permitted & ((1U << CAP_DAC_OVERRIDE) | (1U << CAP_DAC_READ_SEARCH))) != 0;
 }
 
+/* The kernel's overflow id (its default): what a file's owner or group shows as when it is not
+ * mapped where this process runs. */
+#define OVERFLOW_ID 65534
+
 /* Whether access(R_OK) would surely say yes to this regular file, from its lstat alone (then
  * it is not asked: it costs as much as the lstat): it lies on the directory's own filesystem
  * (not a file mounted over one), which this kernel checks itself, and the reader is root as
@@ -593,7 +606,8 @@ static int may_read_any(void)
 static int surely_readable(const struct stat *st, dev_t dir_dev, int local, int root_reads,
                            uid_t uid)
 {
-    if (!local || st->st_dev != dir_dev)
+    if (!local || st->st_dev != dir_dev || st->st_uid == OVERFLOW_ID
+        || st->st_gid == OVERFLOW_ID) /* not mapped here (an id-mapped mount, say) */
         return 0;
     return root_reads || (st->st_uid == uid && (st->st_mode & S_IRUSR));
 }

@@ -392,7 +392,7 @@ def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
 SCAN_THREADS = 2
 #: Directories listed ahead of the walk at most, waiting for it.
 LISTED_AHEAD = 256
-_BUSY = object()  # a directory being listed
+_BUSY = object()  # a directory the walk is listing itself
 _TAKEN = object()  # a directory whose listing the walk has (never listed again)
 
 
@@ -410,21 +410,24 @@ class _Lister:
     What goes wrong in a helper other than the directory's own OSError (which _list_dir records
     as a skipped entry) is raised to the walk when it takes that directory.
 
-    The lock is a plain one, entered in C: a Ctrl-C can never leave it held (Condition's own
-    __enter__ runs Python code after it takes the lock)."""
+    The lock is a plain one, entered in C, and the walk never waits while holding it (it waits
+    on the directory's own event): a Ctrl-C in the walk can neither leave it held nor have
+    Condition.wait give it back unheld."""
 
     def __init__(self, walk: _Walk, module: ModuleType | None) -> None:
         self._walk, self._module = walk, module
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)
         self._found: list[bytes] = []  # heap of path + b"/", not listed yet (or taken since)
-        #: Every directory begun: its listing, _BUSY, what went wrong, or _TAKEN.
+        #: Every directory begun: its listing, what went wrong, _TAKEN, _BUSY (the walk's
+        #: own, being listed) or an Event (a helper's, being listed).
         self._listings: dict[bytes, object] = {}
         self._ahead = 0  # listings made by helpers and not taken, or being made
         self._stop = False
         self._threads = [threading.Thread(target=self._help, name=f"ltoflow-scan-{k}",
                                           daemon=True)
                          for k in range(SCAN_THREADS if module is not None else 0)]
+        self._helping = len(self._threads)  # helpers that have not given up
 
     def __enter__(self) -> _Lister:
         for thread in self._threads:
@@ -444,26 +447,27 @@ class _Lister:
             got = self._listings.get(rel_dir)
             if got is None:
                 self._listings[rel_dir] = _BUSY
-            else:
-                while got is _BUSY:
-                    self._changed.wait()
-                    got = self._listings[rel_dir]
+        if got is None:
+            listing = _list_dir(rel_dir, self._walk, self._module, self._walk.fds)
+            with self._mutex:
                 self._listings[rel_dir] = _TAKEN
-                self._ahead -= 1
-                self._changed.notify_all()
-                if isinstance(got, BaseException):
-                    raise got
-                return cast(list[_Item], got)
-        listing = _list_dir(rel_dir, self._walk, self._module, self._walk.fds)
+                self._found_in(listing, keep_first=True)
+            return listing
+        if isinstance(got, threading.Event):  # a helper is listing it: wait, holding no lock
+            got.wait()
         with self._mutex:
+            got = self._listings[rel_dir]
             self._listings[rel_dir] = _TAKEN
-            self._found_in(listing, keep_first=True)
-        return listing
+            self._ahead -= 1
+            self._changed.notify_all()
+        if isinstance(got, BaseException):
+            raise got
+        return cast(list[_Item], got)
 
     def _found_in(self, listing: list[_Item], *, keep_first: bool = False) -> None:
         """Give the subdirectories of `listing` to the helpers (the lock is held); with
         `keep_first`, all but the first, which the walk lists itself next."""
-        if not self._threads:
+        if not self._helping:
             return
         subdirs = [item for item in listing if isinstance(item, bytes)]
         for rel_dir in subdirs[1:] if keep_first else subdirs:
@@ -471,9 +475,9 @@ class _Lister:
         if subdirs:
             self._changed.notify_all()
 
-    def _next(self) -> bytes | None:
-        """A directory for a helper to list, marked as being listed; None when the walk is
-        over (the lock is held)."""
+    def _next(self) -> tuple[bytes, threading.Event] | None:
+        """A directory for a helper to list, marked as being listed by the event the helper
+        sets when its listing is in; None when the walk is over (the lock is held)."""
         while True:
             if self._stop:
                 return None
@@ -481,9 +485,9 @@ class _Lister:
                 while self._found:
                     rel_dir = heapq.heappop(self._found)[:-1]
                     if rel_dir not in self._listings:  # else the walk took it first
-                        self._listings[rel_dir] = _BUSY
+                        done = self._listings[rel_dir] = threading.Event()
                         self._ahead += 1
-                        return rel_dir
+                        return rel_dir, done
             self._changed.wait()
 
     def _help(self) -> None:
@@ -492,13 +496,16 @@ class _Lister:
         try:
             fds = DirFds(os.dup(self._walk.fds.root_fd))
         except OSError:  # no descriptor to spare: the walk lists what this thread would have
+            with self._mutex:
+                self._helping -= 1
             return
         try:
             while True:
                 with self._mutex:
-                    rel_dir = self._next()
-                if rel_dir is None:
+                    job = self._next()
+                if job is None:
                     return
+                rel_dir, done = job
                 got: object
                 try:
                     got = _list_dir(rel_dir, self._walk, self._module, fds)
@@ -508,7 +515,8 @@ class _Lister:
                     self._listings[rel_dir] = got
                     if not isinstance(got, BaseException):
                         self._found_in(got)
-                    self._changed.notify_all()
+                    self._changed.notify_all()  # for whoever watches the listings (tests)
+                done.set()
         finally:
             fds.close()
             os.close(fds.root_fd)

@@ -204,7 +204,10 @@ def _wide_tree(root: Path) -> None:
 
 def _settled(lister: scan._Lister) -> bool:
     """The helpers have nothing left to list (or may list no more ahead): call with the lock."""
-    busy = any(v is scan._BUSY for v in lister._listings.values())
+    import threading
+
+    busy = any(v is scan._BUSY or isinstance(v, threading.Event)
+               for v in lister._listings.values())
     return not busy and (not lister._found or lister._ahead >= scan.LISTED_AHEAD)
 
 
@@ -320,6 +323,7 @@ def test_the_walk_waits_for_a_listing_a_helper_is_making(
     assert [d.relative_path for _, d in walk.dirs].count("d1/e0") == 1  # listed once
 
 
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
 def test_an_interrupt_in_the_walk_stops_the_helpers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
@@ -351,3 +355,47 @@ def test_helpers_without_a_descriptor_to_spare_leave_the_listing_to_the_walk(
 
     monkeypatch.setattr(os, "dup", no_more)
     assert scan_tree(tmp_path) == alone
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+def test_an_interrupt_while_the_walk_waits_for_a_helper_leaves_the_lister_sound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the walk waits for a listing a helper is making: the walk holds no lock
+    then, so the helper finishes and hands its listing in, and the lock still works."""
+    import threading
+
+    _wide_tree(tmp_path)
+    real = scan._list_dir
+    started, release = threading.Event(), threading.Event()
+
+    def slow(rel_dir: bytes, *args: object) -> object:
+        if rel_dir == b"d1":
+            started.set()
+            assert release.wait(30)
+        return real(rel_dir, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scan, "_list_dir", slow)
+    real_wait = threading.Event.wait
+
+    def interrupted(event: threading.Event, timeout: float | None = None) -> bool:
+        if threading.current_thread() is threading.main_thread() and not release.is_set():
+            release.set()  # the helper goes on while the walk is interrupted
+            raise KeyboardInterrupt
+        return real_wait(event, timeout)
+
+    lister, walk, fd = _lister(tmp_path)
+    try:
+        with lister:
+            lister.take(b"")
+            assert started.wait(30)
+            monkeypatch.setattr(threading.Event, "wait", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                lister.take(b"d1")
+            monkeypatch.setattr(threading.Event, "wait", real_wait)
+            listing = lister.take(b"d1")  # the helper's, handed in under a sound lock
+            assert listing[0] == b"d1/e0"
+            assert lister._mutex.acquire(timeout=30)
+            lister._mutex.release()
+    finally:
+        walk.fds.close()
+        os.close(fd)
