@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,6 @@ def _wide_tree(root: Path) -> None:
 
 def _settled(lister: scan._Lister) -> bool:
     """The helpers have nothing left to list (or may list no more ahead): call with the lock."""
-    import threading
-
     busy = any(v is scan._BUSY or isinstance(v, threading.Event)
                for v in lister._listings.values())
     return not busy and (not lister._found or lister._ahead >= scan.LISTED_AHEAD)
@@ -282,11 +281,10 @@ def test_what_goes_wrong_in_a_helper_is_raised_where_the_walk_takes_that_directo
         scan_tree(tmp_path)
 
 
-@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
-def test_the_walk_waits_for_a_listing_a_helper_is_making(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
+def _held_in_d1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                ) -> tuple[threading.Event, threading.Event]:
+    """A wide tree whose directory d1 is listed only once `release` is set (`started` says a
+    thread is inside it)."""
     _wide_tree(tmp_path)
     real = scan._list_dir
     started, release = threading.Event(), threading.Event()
@@ -298,6 +296,14 @@ def test_the_walk_waits_for_a_listing_a_helper_is_making(
         return real(rel_dir, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(scan, "_list_dir", slow)
+    return started, release
+
+
+@pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
+def test_the_walk_waits_for_a_listing_a_helper_is_making(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = scan._list_dir
+    started, release = _held_in_d1(tmp_path, monkeypatch)
     lister, walk, fd = _lister(tmp_path)
     got: list[object] = []
     try:
@@ -326,8 +332,6 @@ def test_the_walk_waits_for_a_listing_a_helper_is_making(
 @pytest.mark.skipif(native.MODULE is None, reason="helpers list only with the C extension")
 def test_an_interrupt_in_the_walk_stops_the_helpers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
     _wide_tree(tmp_path)
 
     def interrupted(self: object, run: object) -> None:
@@ -362,19 +366,7 @@ def test_an_interrupt_while_the_walk_waits_for_a_helper_leaves_the_lister_sound(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the walk waits for a listing a helper is making: the walk holds no lock
     then, so the helper finishes and hands its listing in, and the lock still works."""
-    import threading
-
-    _wide_tree(tmp_path)
-    real = scan._list_dir
-    started, release = threading.Event(), threading.Event()
-
-    def slow(rel_dir: bytes, *args: object) -> object:
-        if rel_dir == b"d1":
-            started.set()
-            assert release.wait(30)
-        return real(rel_dir, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(scan, "_list_dir", slow)
+    started, release = _held_in_d1(tmp_path, monkeypatch)
     real_wait = threading.Event.wait
 
     def interrupted(event: threading.Event, timeout: float | None = None) -> bool:
