@@ -392,8 +392,7 @@ def _walk(root: Path, fds: DirFds, module: ModuleType | None) -> ScanResult:
 SCAN_THREADS = 2
 #: Directories listed ahead of the walk at most, waiting for it.
 LISTED_AHEAD = 256
-_BUSY = object()  # a directory the walk is listing itself
-_TAKEN = object()  # a directory whose listing the walk has (never listed again)
+_TAKEN = object()  # a directory the walk lists or has (never listed again)
 
 
 class _Lister:
@@ -419,8 +418,8 @@ class _Lister:
         self._mutex = threading.Lock()
         self._changed = threading.Condition(self._mutex)
         self._found: list[bytes] = []  # heap of path + b"/", not listed yet (or taken since)
-        #: Every directory begun: its listing, what went wrong, _TAKEN, _BUSY (the walk's
-        #: own, being listed) or an Event (a helper's, being listed).
+        #: Every directory begun: a helper's listing, what went wrong, an Event (a helper is
+        #: listing it) or _TAKEN (the walk's: listed by the walk, or taken from a helper).
         self._listings: dict[bytes, object] = {}
         self._ahead = 0  # listings made by helpers and not taken, or being made
         self._stop = False
@@ -446,11 +445,10 @@ class _Lister:
         with self._mutex:
             got = self._listings.get(rel_dir)
             if got is None:
-                self._listings[rel_dir] = _BUSY
+                self._listings[rel_dir] = _TAKEN
         if got is None:
             listing = _list_dir(rel_dir, self._walk, self._module, self._walk.fds)
             with self._mutex:
-                self._listings[rel_dir] = _TAKEN
                 self._found_in(listing, keep_first=True)
             return listing
         if isinstance(got, threading.Event):  # a helper is listing it: wait, holding no lock

@@ -205,8 +205,7 @@ def _wide_tree(root: Path) -> None:
 
 def _settled(lister: scan._Lister) -> bool:
     """The helpers have nothing left to list (or may list no more ahead): call with the lock."""
-    busy = any(v is scan._BUSY or isinstance(v, threading.Event)
-               for v in lister._listings.values())
+    busy = any(isinstance(v, threading.Event) for v in lister._listings.values())
     return not busy and (not lister._found or lister._ahead >= scan.LISTED_AHEAD)
 
 
