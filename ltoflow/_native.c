@@ -12,7 +12,10 @@
  *   the Python encoder (orjson) writes.
  * - copy_single_segment_digests: file hashes of files of one segment.
  * - decode_records: catalog record lines back into records, as the Python decoder reads them.
- * - segment_digests: verify's hashes of the segments that lie whole in a chunk it read.
+ * - scan_records: a list's record lines checked without making records, some fields kept as
+ *   columns (verify reads a catalog this way and makes records only of what it reports).
+ * - check_segments, group_segments: verify's checks of the segments that lie whole in a
+ *   chunk it read, and the segments put in container order.
  *
  * This module decides nothing: each function is a faster way to do what a Python loop does,
  * and tests/test_native.py checks that they agree. Build: an optional extension (setup.py);
@@ -1607,66 +1610,84 @@ done:
 /* Results of the parsers below: 1 parsed, 0 left to the Python decoder (which parses it with
  * orjson, or says why it is not a catalog), -1 a Python error (memory). */
 
-/* A JSON string whose body starts at p: its text in *out and *next after its closing quote.
- * Control bytes, \u escapes and text that is not UTF-8 are left to Python. */
-static int parse_string(const char *p, const char *end, const char **next, PyObject **out,
-                        Bytes *tmp)
+/* One field's value as it lies in the line: its kind, and its number, or its string body
+ * (escapes still in it: only the two-character ones, checked). */
+typedef struct {
+    int kind;
+    long long number;
+    const char *text;
+    size_t len;
+    int escaped;
+} Value;
+
+/* A JSON string whose body starts at p, up to its closing quote (*next after it). Control
+ * bytes, \u escapes and text that is not UTF-8 are left to Python. */
+static int scan_string(const char *p, const char *end, const char **next, Value *v)
 {
     const char *q = p;
-    int escaped = 0;
+    int escaped = 0, ascii = 1;
+    /* Eight bytes at a time while none is '"', '\\', a control byte or above 0x7F. */
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    while (end - q >= 8) {
+        uint64_t w, quote, slash;
+        memcpy(&w, q, 8);
+        quote = w ^ (ones * '"');
+        slash = w ^ (ones * '\\');
+        if (((w - ones * 0x20) | (quote - ones) | (slash - ones) | w) & highs)
+            break;
+        q += 8;
+    }
     while (q < end && *q != '"') {
         if ((unsigned char)*q < 0x20)
             return 0;
         if (*q == '\\') {
             escaped = 1;
-            if (end - q < 2)
-                return 0;
+            if (end - q < 2 || !strchr("\"\\/bfnrt", q[1]) || q[1] == '\0')
+                return 0; /* \u and anything else */
             q += 2;
         } else {
+            ascii &= (unsigned char)*q < 0x80;
             q++;
         }
     }
-    if (q >= end)
+    /* The escapes are ASCII on both sides, so the body is UTF-8 exactly when its text is. */
+    if (q >= end || (!ascii && !valid_utf8((const unsigned char *)p, (size_t)(q - p))))
         return 0;
-    if (!escaped) {
-        *out = PyUnicode_DecodeUTF8(p, q - p, NULL);
-    } else {
-        tmp->len = 0;
-        for (const char *s = p; s < q; s++) {
-            char c = *s;
-            if (c == '\\') {
-                switch (*++s) {
-                case '"': c = '"'; break;
-                case '\\': c = '\\'; break;
-                case '/': c = '/'; break;
-                case 'b': c = '\b'; break;
-                case 'f': c = '\f'; break;
-                case 'n': c = '\n'; break;
-                case 'r': c = '\r'; break;
-                case 't': c = '\t'; break;
-                default: return 0; /* \u and anything else */
-                }
-            }
-            if (put(tmp, &c, 1) < 0) {
-                PyErr_NoMemory();
-                return -1;
-            }
-        }
-        *out = PyUnicode_DecodeUTF8(tmp->data ? tmp->data : "", (Py_ssize_t)tmp->len, NULL);
-    }
-    if (*out == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-            return -1;
-        PyErr_Clear();
-        return 0;
-    }
+    v->kind = KIND_STR;
+    v->text = p;
+    v->len = (size_t)(q - p);
+    v->escaped = escaped;
     *next = q + 1;
     return 1;
 }
 
+/* A string's text (its escapes undone), as a str. */
+static PyObject *string_of(const Value *v, Bytes *tmp)
+{
+    if (!v->escaped)
+        return PyUnicode_DecodeUTF8(v->text, (Py_ssize_t)v->len, NULL);
+    tmp->len = 0;
+    for (const char *s = v->text; s < v->text + v->len; s++) {
+        char c = *s;
+        if (c == '\\') {
+            switch (*++s) {
+            case 'b': c = '\b'; break;
+            case 'f': c = '\f'; break;
+            case 'n': c = '\n'; break;
+            case 'r': c = '\r'; break;
+            case 't': c = '\t'; break;
+            default: c = *s; break; /* '"', '\\' and '/' */
+            }
+        }
+        if (put(tmp, &c, 1) < 0)
+            return PyErr_NoMemory();
+    }
+    return PyUnicode_DecodeUTF8(tmp->data ? tmp->data : "", (Py_ssize_t)tmp->len, NULL);
+}
+
 /* A JSON integer of 64-bit magnitude (anything longer, -0, a fraction or an exponent is left
  * to Python). */
-static int parse_int(const char *p, const char *end, const char **next, PyObject **out)
+static int scan_int(const char *p, const char *end, const char **next, Value *out)
 {
     const char *q = p, *digits;
     unsigned long long v = 0; /* 19 digits do not overflow it */
@@ -1674,15 +1695,14 @@ static int parse_int(const char *p, const char *end, const char **next, PyObject
     q += neg;
     digits = q;
     while (q < end && *q >= '0' && *q <= '9')
-        v = v * 10 + (*q++ - '0');
+        v = v * 10 + (unsigned long long)(*q++ - '0');
     if (q == digits || q - digits > 19 || v > LLONG_MAX
         || (*digits == '0' && (q - digits > 1 || neg)))
         return 0;
     if (q < end && (*q == '.' || *q == 'e' || *q == 'E'))
         return 0;
-    *out = PyLong_FromLongLong(neg ? -(long long)v : (long long)v);
-    if (*out == NULL)
-        return -1;
+    out->kind = KIND_INT;
+    out->number = neg ? -(long long)v : (long long)v;
     *next = q;
     return 1;
 }
@@ -1705,11 +1725,16 @@ typedef struct {
     PyObject *defaults[MAX_FIELDS]; /* borrowed; `missing` for a required field */
 } Fields;
 
-/* One record line at p: `{...}` then `,` (1), `],` (2) or `]}` (3), then a newline. Its field
- * values in values[] (new references), *next after the newline. */
-static int parse_record(const Fields *f, const char *p, const char *end, const char **next,
-                        PyObject **values, Bytes *tmp)
+/* One record line at p: `{...}` then `,` (1), `],` (2) or `]}` (3), then a newline. Each
+ * field's value in values[] (kind 0: its key is absent; a repeated or unknown key, or a value
+ * of a kind the field does not take, is left to Python); *next after the newline. Makes no
+ * Python object. */
+static int parse_fields(const Fields *f, const char *p, const char *end, const char **next,
+                        Value *values)
 {
+    Py_ssize_t guess = 0;
+    for (Py_ssize_t i = 0; i < f->count; i++)
+        values[i].kind = 0;
     if (p >= end || *p++ != '{')
         return 0;
     if (p < end && *p == '}') {
@@ -1718,8 +1743,7 @@ static int parse_record(const Fields *f, const char *p, const char *end, const c
         for (;;) {
             const char *key, *q;
             Py_ssize_t i;
-            PyObject *v = NULL;
-            int kind, got;
+            Value v = {0};
             if (p >= end || *p++ != '"')
                 return 0;
             key = p;
@@ -1727,42 +1751,39 @@ static int parse_record(const Fields *f, const char *p, const char *end, const c
                 p++;
             if (p >= end || *p != '"')
                 return 0;
-            for (i = 0; i < f->count; i++)
-                if (f->name_lens[i] == (size_t)(p - key)
-                    && memcmp(f->names[i], key, f->name_lens[i]) == 0)
-                    break;
-            if (i == f->count || values[i] != NULL) /* unknown or repeated: Python's call */
+            /* keys come in field order, as the encoder writes them: try the next one first */
+            i = guess < f->count && f->name_lens[guess] == (size_t)(p - key)
+                && memcmp(f->names[guess], key, (size_t)(p - key)) == 0 ? guess : f->count;
+            for (Py_ssize_t k = 0; i == f->count && k < f->count; k++)
+                if (f->name_lens[k] == (size_t)(p - key)
+                    && memcmp(f->names[k], key, f->name_lens[k]) == 0)
+                    i = k;
+            guess = i + 1;
+            if (i == f->count || values[i].kind != 0) /* unknown or repeated: Python's call */
                 return 0;
             p++;
             if (p >= end || *p++ != ':' || p >= end)
                 return 0;
             q = p;
             if (*p == '"') {
-                kind = KIND_STR;
-                got = parse_string(p + 1, end, &q, &v, tmp);
+                if (!scan_string(p + 1, end, &q, &v))
+                    return 0;
             } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
-                kind = KIND_INT;
-                got = parse_int(p, end, &q, &v);
+                if (!scan_int(p, end, &q, &v))
+                    return 0;
             } else if (literal(p, end, "true", &q)) {
-                kind = KIND_BOOL;
-                v = Py_NewRef(Py_True);
-                got = 1;
+                v.kind = KIND_BOOL;
+                v.number = 1;
             } else if (literal(p, end, "false", &q)) {
-                kind = KIND_BOOL;
-                v = Py_NewRef(Py_False);
-                got = 1;
+                v.kind = KIND_BOOL;
             } else if (literal(p, end, "null", &q)) {
-                kind = KIND_NONE;
-                v = Py_NewRef(Py_None);
-                got = 1;
+                v.kind = KIND_NONE;
             } else {
                 return 0;
             }
-            if (got <= 0)
-                return got;
-            values[i] = v;
-            if (!(f->kinds[i] & kind))
+            if (!(f->kinds[i] & v.kind))
                 return 0;
+            values[i] = v;
             p = q;
             if (p < end && *p == ',') {
                 p++;
@@ -1775,6 +1796,9 @@ static int parse_record(const Fields *f, const char *p, const char *end, const c
             return 0;
         }
     }
+    for (Py_ssize_t i = 0; i < f->count; i++)
+        if (values[i].kind == 0 && f->defaults[i] == NULL)
+            return 0; /* a required field is absent */
     if (end - p >= 2 && p[0] == ',' && p[1] == '\n') {
         *next = p + 2;
         return 1;
@@ -1782,6 +1806,44 @@ static int parse_record(const Fields *f, const char *p, const char *end, const c
     if (end - p >= 3 && p[0] == ']' && (p[1] == ',' || p[1] == '}') && p[2] == '\n') {
         *next = p + 3;
         return p[1] == ',' ? 2 : 3;
+    }
+    return 0;
+}
+
+/* The Python object of a parsed value (a new reference), or NULL with an exception set (a
+ * UnicodeDecodeError cannot happen: scan_string checked the text). */
+static PyObject *object_of(const Value *v, Bytes *tmp)
+{
+    switch (v->kind) {
+    case KIND_STR: return string_of(v, tmp);
+    case KIND_INT: return PyLong_FromLongLong(v->number);
+    case KIND_BOOL: return Py_NewRef(v->number ? Py_True : Py_False);
+    default: return Py_NewRef(Py_None);
+    }
+}
+
+/* The field specification decode_records and scan_records share. */
+static int get_fields(Fields *f, PyObject *names, const Py_buffer *kinds,
+                      const Py_buffer *interned, PyObject *defaults, PyObject *missing,
+                      const char *fn)
+{
+    f->count = PyTuple_GET_SIZE(names);
+    if (f->count > MAX_FIELDS || kinds->len != f->count || interned->len != f->count
+        || PyTuple_GET_SIZE(defaults) != f->count) {
+        PyErr_Format(PyExc_ValueError, "%s: fields do not agree", fn);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < f->count; i++) {
+        Py_ssize_t len;
+        f->names[i] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, i), &len);
+        if (f->names[i] == NULL)
+            return -1;
+        f->name_lens[i] = (size_t)len;
+        f->kinds[i] = ((const unsigned char *)kinds->buf)[i];
+        f->interned[i] = ((const unsigned char *)interned->buf)[i];
+        f->defaults[i] = PyTuple_GET_ITEM(defaults, i);
+        if (f->defaults[i] == missing)
+            f->defaults[i] = NULL;
     }
     return 0;
 }
@@ -1825,26 +1887,15 @@ static PyObject *decode_records(PyObject *self, PyObject *args)
                           &PyTuple_Type, &names, &kinds, &PyTuple_Type, &defaults, &interned,
                           &PyDict_Type, &ids, &missing))
         return NULL;
-    f.count = PyTuple_GET_SIZE(names);
     if (!PyType_Check(cls) || ((PyTypeObject *)cls)->tp_new == NULL) {
         PyErr_SetString(PyExc_TypeError, "decode_records: cls is not a class it can make");
         goto done;
     }
-    if (f.count > MAX_FIELDS || kinds.len != f.count || interned.len != f.count
-        || PyTuple_GET_SIZE(defaults) != f.count || pos < 0 || pos > data.len) {
-        PyErr_SetString(PyExc_ValueError, "decode_records: fields do not agree, or pos is "
-                        "out of range");
+    if (get_fields(&f, names, &kinds, &interned, defaults, missing, "decode_records") < 0)
         goto done;
-    }
-    for (Py_ssize_t i = 0; i < f.count; i++) {
-        Py_ssize_t len;
-        f.names[i] = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(names, i), &len);
-        if (f.names[i] == NULL)
-            goto done;
-        f.name_lens[i] = (size_t)len;
-        f.kinds[i] = ((const unsigned char *)kinds.buf)[i];
-        f.interned[i] = ((const unsigned char *)interned.buf)[i];
-        f.defaults[i] = PyTuple_GET_ITEM(defaults, i);
+    if (pos < 0 || pos > data.len) {
+        PyErr_SetString(PyExc_ValueError, "decode_records: pos is out of range");
+        goto done;
     }
     records = PyList_New(0);
     if (records == NULL)
@@ -1852,17 +1903,20 @@ static PyObject *decode_records(PyObject *self, PyObject *args)
     {
         const char *p = (const char *)data.buf + pos, *end = (const char *)data.buf + data.len;
         while (status == 0) {
+            Value parsed[MAX_FIELDS];
             PyObject *values[MAX_FIELDS] = {NULL};
             PyObject *record = NULL;
             const char *next = p;
-            int got = parse_record(&f, p, end, &next, values, &tmp);
+            int got = parse_fields(&f, p, end, &next, parsed);
             for (Py_ssize_t i = 0; got > 0 && i < f.count; i++) {
+                if (parsed[i].kind == 0) {
+                    values[i] = Py_NewRef(f.defaults[i]);
+                    continue;
+                }
+                values[i] = object_of(&parsed[i], &tmp);
                 if (values[i] == NULL) {
-                    if (f.defaults[i] == missing)
-                        got = 0;
-                    else
-                        values[i] = Py_NewRef(f.defaults[i]);
-                } else if (f.interned[i] && PyUnicode_CheckExact(values[i])) {
+                    got = -1;
+                } else if (f.interned[i] && parsed[i].kind == KIND_STR) {
                     PyObject *kept = PyDict_SetDefault(ids, values[i], values[i]);
                     if (kept == NULL)
                         got = -1;
@@ -1899,27 +1953,199 @@ done:
     return result;
 }
 
-/* ---- segment_digests: verify's hashes of the segments in one chunk of a container ---- */
+/* ---- scan_records: a list's record lines checked, not made; some fields as columns ---- */
 
-PyDoc_STRVAR(segment_digests_doc,
-"segment_digests(chunk, pos, offsets, lengths, first, step)\n"
-"--\n\n"
-"SHA-256s (hex) of segments first, first + step, ... (offsets and lengths: 64-bit columns,\n"
-"offsets into the container, sorted) while each lies wholly in chunk, the container's bytes\n"
-"from pos on; hashed with the GIL released. Returns (digests, the index it stopped at).");
+#define TAKE_INT 1    /* an int64 column */
+#define TAKE_DIGEST 2 /* 32 raw bytes from 64 lowercase hex digits (zeros when not), and a flag */
+#define TAKE_ID 3     /* an int64 column of the value's number in the dict ids (str -> int) */
 
-static PyObject *segment_digests(PyObject *self, PyObject *args)
+/* Lowercase hex digits' values; 16 for every other byte. */
+static unsigned char hex_values[256];
+
+static void init_hex_values(void)
 {
-    Py_buffer chunk, b_off, b_len;
-    PyObject *o_off, *o_len, *digests = NULL, *result = NULL;
+    memset(hex_values, 16, sizeof hex_values);
+    for (int c = 0; c < 16; c++)
+        hex_values[(unsigned char)HEX[c]] = (unsigned char)c;
+}
+
+PyDoc_STRVAR(scan_records_doc,
+"scan_records(data, pos, names, kinds, defaults, missing, take, ids)\n"
+"--\n\n"
+"The record lines of one catalog list from data[pos:], checked as decode_records reads them\n"
+"but not made into records: the lines decode_records would make a record of, up to the end\n"
+"of the list. take: per field, what to keep of it (0 nothing, 1 its integer, 2 its SHA-256\n"
+"as 32 raw bytes, 3 its string's number in ids, a dict of str to int that grows with new\n"
+"strings). Returns (starts, pos, status, columns): starts, 64-bit, where each line begins and\n"
+"where the last one ended; status as decode_records gives it, 0 at the first line it leaves\n"
+"to Python (pos there); columns, per field, its column (bytes: 64-bit integers, or 32-byte\n"
+"digests) or None, and for a digest column a second item: bytes, 1 for a well-formed hash.");
+
+static PyObject *scan_records(PyObject *self, PyObject *args)
+{
+    Py_buffer data, kinds, take;
+    Py_ssize_t pos;
+    PyObject *names, *defaults, *missing, *ids, *result = NULL, *columns = NULL;
+    Fields f;
+    Bytes starts = {0}, cols[MAX_FIELDS], known[MAX_FIELDS];
+    PyObject *last_id[MAX_FIELDS] = {NULL};
+    Value last_text[MAX_FIELDS];
+    int status = 0, failed = 0;
+    static const unsigned char zeros[MAX_FIELDS] = {0};
+    Py_buffer no_interned = {.buf = (void *)zeros};
+    (void)self;
+
+    memset(cols, 0, sizeof cols);
+    memset(known, 0, sizeof known);
+    if (!PyArg_ParseTuple(args, "y*nO!y*O!Oy*O!:scan_records", &data, &pos, &PyTuple_Type,
+                          &names, &kinds, &PyTuple_Type, &defaults, &missing, &take,
+                          &PyDict_Type, &ids))
+        return NULL;
+    no_interned.len = PyTuple_GET_SIZE(names);
+    if (get_fields(&f, names, &kinds, &no_interned, defaults, missing, "scan_records") < 0)
+        goto done;
+    if (take.len != f.count || pos < 0 || pos > data.len) {
+        PyErr_SetString(PyExc_ValueError, "scan_records: take does not agree, or pos is out "
+                        "of range");
+        goto done;
+    }
+    {
+        const unsigned char *want = take.buf;
+        const char *p = (const char *)data.buf + pos, *end = (const char *)data.buf + data.len;
+        Bytes tmp = {0};
+        while (status == 0 && !failed) {
+            Value v[MAX_FIELDS];
+            const char *next = p;
+            int64_t at = p - (const char *)data.buf;
+            int got = parse_fields(&f, p, end, &next, v);
+            if (got == 0)
+                break; /* p is at the line Python reads */
+            failed = put(&starts, &at, 8) < 0;
+            for (Py_ssize_t i = 0; i < f.count && !failed; i++) {
+                if (want[i] == TAKE_INT) {
+                    int64_t n = v[i].kind == KIND_INT ? v[i].number : 0;
+                    failed = put(&cols[i], &n, 8) < 0;
+                } else if (want[i] == TAKE_DIGEST) {
+                    unsigned char raw[SHA256_LEN] = {0};
+                    unsigned char ok = v[i].kind == KIND_STR && v[i].len == 2 * SHA256_LEN
+                                       && !v[i].escaped;
+                    const unsigned char *hex = (const unsigned char *)v[i].text;
+                    unsigned char bad = 0;
+                    for (int k = 0; ok && k < SHA256_LEN; k++) {
+                        unsigned char hi = hex_values[hex[2 * k]], lo = hex_values[hex[2 * k + 1]];
+                        bad |= hi | lo;
+                        raw[k] = (unsigned char)(hi << 4 | (lo & 15));
+                    }
+                    ok = ok && bad < 16;
+                    if (!ok)
+                        memset(raw, 0, sizeof raw);
+                    failed = put(&cols[i], raw, sizeof raw) < 0 || put(&known[i], &ok, 1) < 0;
+                } else if (want[i] == TAKE_ID) {
+                    int64_t n = -1;
+                    if (v[i].kind == KIND_STR) {
+                        /* the same text as the last record's: the same number, no lookup */
+                        if (last_id[i] == NULL || last_text[i].len != v[i].len
+                            || memcmp(last_text[i].text, v[i].text, v[i].len) != 0) {
+                            PyObject *text = string_of(&v[i], &tmp), *number;
+                            if (text == NULL) {
+                                failed = 1;
+                                break;
+                            }
+                            number = PyDict_GetItemWithError(ids, text);
+                            if (number == NULL && !PyErr_Occurred()) {
+                                number = PyLong_FromSsize_t(PyDict_GET_SIZE(ids));
+                                if (number != NULL && PyDict_SetItem(ids, text, number) < 0)
+                                    Py_CLEAR(number);
+                                Py_XDECREF(number); /* the dict holds it */
+                            }
+                            Py_DECREF(text);
+                            if (number == NULL || (n = PyLong_AsLongLong(number)) == -1) {
+                                if (number != NULL && !PyErr_Occurred())
+                                    PyErr_SetString(PyExc_ValueError,
+                                                    "scan_records: ids maps a string to -1");
+                                failed = 1;
+                                break;
+                            }
+                            Py_XSETREF(last_id[i], Py_NewRef(number));
+                            last_text[i] = v[i];
+                        } else {
+                            n = PyLong_AsLongLong(last_id[i]); /* checked when it was got */
+                        }
+                    }
+                    failed = put(&cols[i], &n, 8) < 0;
+                }
+            }
+            if (failed)
+                break;
+            p = next;
+            status = got - 1;
+        }
+        PyMem_RawFree(tmp.data);
+        if (!failed && status) { /* where the last line ended */
+            int64_t at = p - (const char *)data.buf;
+            failed = put(&starts, &at, 8) < 0;
+        }
+        if (failed) {
+            if (!PyErr_Occurred())
+                PyErr_NoMemory();
+            goto done;
+        }
+        columns = PyTuple_New(f.count);
+        if (columns == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < f.count; i++) {
+            PyObject *col;
+            if (want[i] == TAKE_DIGEST)
+                col = Py_BuildValue("(y#y#)", cols[i].data ? cols[i].data : "",
+                                    (Py_ssize_t)cols[i].len, known[i].data ? known[i].data : "",
+                                    (Py_ssize_t)known[i].len);
+            else if (want[i])
+                col = PyBytes_FromStringAndSize(cols[i].data, (Py_ssize_t)cols[i].len);
+            else
+                col = Py_NewRef(Py_None);
+            if (col == NULL)
+                goto done;
+            PyTuple_SET_ITEM(columns, i, col);
+        }
+        result = Py_BuildValue("(y#niO)", starts.data ? starts.data : "", (Py_ssize_t)starts.len,
+                               (Py_ssize_t)(p - (const char *)data.buf), status, columns);
+    }
+
+done:
+    Py_XDECREF(columns);
+    for (Py_ssize_t i = 0; i < MAX_FIELDS; i++) {
+        Py_XDECREF(last_id[i]);
+        PyMem_RawFree(cols[i].data);
+        PyMem_RawFree(known[i].data);
+    }
+    PyMem_RawFree(starts.data);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&kinds);
+    PyBuffer_Release(&take);
+    return result;
+}
+
+/* ---- verify: the segments of a container, checked in the chunks read of it ---- */
+
+PyDoc_STRVAR(check_segments_doc,
+"check_segments(chunk, pos, offsets, lengths, digests, known, status, first, step)\n"
+"--\n\n"
+"Hash segments first, first + step, ... (offsets and lengths: 64-bit columns, offsets into\n"
+"the container, sorted) while each lies wholly in chunk, the container's bytes from pos on,\n"
+"with the GIL released, and set status[k] (a bytearray) to 1 where the SHA-256 is digests[k]\n"
+"(32 raw bytes each) and known[k] is 1, to 2 where it is not. Returns the index it stopped at.");
+
+static PyObject *check_segments(PyObject *self, PyObject *args)
+{
+    Py_buffer chunk, b_off, b_len, b_dig, b_known, b_status;
+    PyObject *o_off, *o_len, *o_dig, *o_known, *o_status, *result = NULL;
     long long pos;
-    Py_ssize_t first, step, stop, n, count = 0;
-    unsigned char *raw = NULL;
+    Py_ssize_t first, step, stop, n;
     int got = 0, failed = 0;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "y*LOOnn:segment_digests", &chunk, &pos, &o_off, &o_len,
-                          &first, &step))
+    if (!PyArg_ParseTuple(args, "y*LOOOOOnn:check_segments", &chunk, &pos, &o_off, &o_len,
+                          &o_dig, &o_known, &o_status, &first, &step))
         return NULL;
     if (get_column(o_off, &b_off, "offsets", 8, 0) < 0)
         goto done;
@@ -1927,33 +2153,39 @@ static PyObject *segment_digests(PyObject *self, PyObject *args)
     if (get_column(o_len, &b_len, "lengths", 8, 0) < 0)
         goto done;
     got++;
+    if (get_column(o_dig, &b_dig, "digests", 1, 0) < 0)
+        goto done;
+    got++;
+    if (get_column(o_known, &b_known, "known", 1, 0) < 0)
+        goto done;
+    got++;
+    if (get_column(o_status, &b_status, "status", 1, 1) < 0)
+        goto done;
+    got++;
     n = b_off.len / 8;
-    if (b_len.len / 8 != n || step < 1 || first < 0 || pos < 0 || pos > LLONG_MAX - chunk.len) {
-        PyErr_SetString(PyExc_ValueError, "segment_digests: bad columns, first or step");
+    if (b_len.len / 8 != n || b_dig.len != n * SHA256_LEN || b_known.len != n
+        || b_status.len != n || step < 1 || first < 0 || pos < 0
+        || pos > LLONG_MAX - chunk.len) {
+        PyErr_SetString(PyExc_ValueError, "check_segments: bad columns, first or step");
         goto done;
     }
     {
         const int64_t *off = b_off.buf, *len = b_len.buf;
+        const unsigned char *want = b_dig.buf, *known = b_known.buf, *base = chunk.buf;
+        unsigned char *status = b_status.buf;
         int64_t end = pos + chunk.len;
-        for (stop = first; stop < n; stop += step) {
-            if (off[stop] < pos || len[stop] < 0 || off[stop] > end - len[stop])
-                break;
-            count++;
-        }
-        raw = PyMem_RawMalloc(count ? (size_t)count * SHA256_LEN : 1);
-        if (raw == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
         Py_BEGIN_ALLOW_THREADS
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-        const unsigned char *base = chunk.buf;
         failed = ctx == NULL;
-        for (Py_ssize_t k = 0; k < count && !failed; k++) {
-            Py_ssize_t j = first + k * step;
+        for (stop = first; stop < n && !failed; stop += step) {
+            unsigned char raw[SHA256_LEN];
+            if (off[stop] < pos || len[stop] < 0 || off[stop] > end - len[stop])
+                break;
             failed = !EVP_DigestInit_ex(ctx, sha256_md, NULL)
-                     || !EVP_DigestUpdate(ctx, base + (off[j] - pos), (size_t)len[j])
-                     || !EVP_DigestFinal_ex(ctx, raw + k * SHA256_LEN, NULL);
+                     || !EVP_DigestUpdate(ctx, base + (off[stop] - pos), (size_t)len[stop])
+                     || !EVP_DigestFinal_ex(ctx, raw, NULL);
+            status[stop] = known[stop] && !memcmp(raw, want + stop * SHA256_LEN, SHA256_LEN)
+                           ? 1 : 2;
         }
         EVP_MD_CTX_free(ctx);
         Py_END_ALLOW_THREADS
@@ -1962,32 +2194,161 @@ static PyObject *segment_digests(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not compute a SHA-256");
         goto done;
     }
-    digests = PyList_New(count);
-    if (digests == NULL)
-        goto done;
-    for (Py_ssize_t k = 0; k < count; k++) {
-        char hex[2 * SHA256_LEN];
-        to_hex(raw + k * SHA256_LEN, hex);
-        PyObject *text = PyUnicode_FromStringAndSize(hex, sizeof hex);
-        if (text == NULL)
-            goto done;
-        PyList_SET_ITEM(digests, k, text);
-    }
-    result = Py_BuildValue("(On)", digests, stop);
+    result = PyLong_FromSsize_t(stop);
 
 done:
-    Py_XDECREF(digests);
-    PyMem_RawFree(raw);
-    if (got > 1)
-        PyBuffer_Release(&b_len);
-    if (got > 0)
-        PyBuffer_Release(&b_off);
+    switch (got) {
+    case 5: PyBuffer_Release(&b_status); /* fall through */
+    case 4: PyBuffer_Release(&b_known); /* fall through */
+    case 3: PyBuffer_Release(&b_dig); /* fall through */
+    case 2: PyBuffer_Release(&b_len); /* fall through */
+    case 1: PyBuffer_Release(&b_off); /* fall through */
+    default: break;
+    }
     PyBuffer_Release(&chunk);
     return result;
 }
 
+PyDoc_STRVAR(group_segments_doc,
+"group_segments(groups, offsets, lengths, count)\n"
+"--\n\n"
+"The segments (64-bit columns: each one's group, a container's number in 0..count-1, or\n"
+"another number for none; its offset and length) in order of group, then offset, then\n"
+"length, then index. Returns (order, starts, ends): order, 64-bit indices, or None when\n"
+"the segments are in that order already; starts, 64-bit, count + 1 of them: group g's\n"
+"segments are order[starts[g]:starts[g + 1]] (segments of no group come last); ends, 64-bit,\n"
+"per group: n when its segments cover bytes 0..n-1 each exactly once, else -1.");
+
+typedef struct {
+    int64_t offset, length, index;
+} Place;
+
+static int by_place(const void *pa, const void *pb)
+{
+    const Place *a = pa, *b = pb;
+    if (a->offset != b->offset)
+        return a->offset < b->offset ? -1 : 1;
+    if (a->length != b->length)
+        return a->length < b->length ? -1 : 1;
+    return a->index < b->index ? -1 : a->index > b->index;
+}
+
+static PyObject *group_segments(PyObject *self, PyObject *args)
+{
+    Py_buffer b_grp, b_off, b_len;
+    PyObject *o_grp, *o_off, *o_len, *order = NULL, *starts = NULL, *ends = NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count, n;
+    int got = 0;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OOOn:group_segments", &o_grp, &o_off, &o_len, &count))
+        return NULL;
+    if (get_column(o_grp, &b_grp, "groups", 8, 0) < 0)
+        goto done;
+    got++;
+    if (get_column(o_off, &b_off, "offsets", 8, 0) < 0)
+        goto done;
+    got++;
+    if (get_column(o_len, &b_len, "lengths", 8, 0) < 0)
+        goto done;
+    got++;
+    n = b_grp.len / 8;
+    if (b_off.len / 8 != n || b_len.len / 8 != n || count < 0) {
+        PyErr_SetString(PyExc_ValueError, "group_segments: the columns differ in length");
+        goto done;
+    }
+    starts = PyBytes_FromStringAndSize(NULL, (count + 1) * 8);
+    if (starts == NULL)
+        goto done;
+    {
+        const int64_t *grp = b_grp.buf, *off = b_off.buf, *len = b_len.buf;
+        int64_t *first = (int64_t *)PyBytes_AS_STRING(starts);
+        int sorted = 1;
+        memset(first, 0, (size_t)(count + 1) * 8);
+        /* counting sort by group (stable), segments of no group last */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t g = grp[i] >= 0 && grp[i] < count ? grp[i] : count;
+            if (g < count)
+                first[g + 1]++;
+            if (i > 0) {
+                int64_t h = grp[i - 1] >= 0 && grp[i - 1] < count ? grp[i - 1] : count;
+                if (h > g || (h == g && g < count
+                              && (off[i - 1] > off[i]
+                                  || (off[i - 1] == off[i] && len[i - 1] > len[i]))))
+                    sorted = 0;
+            }
+        }
+        for (Py_ssize_t g = 0; g < count; g++)
+            first[g + 1] += first[g];
+        if (!sorted) {
+            int64_t *at, *idx;
+            Place *places;
+            order = PyBytes_FromStringAndSize(NULL, n * 8);
+            at = PyMem_RawMalloc((size_t)(count + 1) * 8);
+            places = PyMem_RawMalloc(n ? (size_t)n * sizeof(Place) : 1);
+            if (order == NULL || at == NULL || places == NULL) {
+                PyMem_RawFree(at);
+                PyMem_RawFree(places);
+                if (order != NULL)
+                    PyErr_NoMemory();
+                goto done;
+            }
+            idx = (int64_t *)PyBytes_AS_STRING(order);
+            memcpy(at, first, (size_t)(count + 1) * 8);
+            for (Py_ssize_t i = 0; i < n; i++) {
+                int64_t g = grp[i] >= 0 && grp[i] < count ? grp[i] : count;
+                places[at[g]++] = (Place){off[i], len[i], i};
+            }
+            for (Py_ssize_t g = 0; g < count; g++)
+                qsort(places + first[g], (size_t)(first[g + 1] - first[g]), sizeof(Place),
+                      by_place);
+            for (Py_ssize_t i = 0; i < n; i++)
+                idx[i] = places[i].index;
+            PyMem_RawFree(at);
+            PyMem_RawFree(places);
+        }
+        ends = PyBytes_FromStringAndSize(NULL, count * 8);
+        if (ends == NULL)
+            goto done;
+        {
+            const int64_t *idx = order ? (const int64_t *)PyBytes_AS_STRING(order) : NULL;
+            int64_t *tile = (int64_t *)PyBytes_AS_STRING(ends);
+            for (Py_ssize_t g = 0; g < count; g++) {
+                int64_t at = 0;
+                for (int64_t k = first[g]; k < first[g + 1]; k++) {
+                    int64_t i = idx ? idx[k] : k;
+                    if (len[i] == 0)
+                        continue;
+                    if (off[i] != at || len[i] < 0 || len[i] > INT64_MAX - at) {
+                        at = -1;
+                        break;
+                    }
+                    at += len[i];
+                }
+                tile[g] = at;
+            }
+        }
+    }
+    result = Py_BuildValue("(OOO)", order ? order : Py_None, starts, ends);
+
+done:
+    Py_XDECREF(order);
+    Py_XDECREF(starts);
+    Py_XDECREF(ends);
+    switch (got) {
+    case 3: PyBuffer_Release(&b_len); /* fall through */
+    case 2: PyBuffer_Release(&b_off); /* fall through */
+    case 1: PyBuffer_Release(&b_grp); /* fall through */
+    default: break;
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
-    {"segment_digests", segment_digests, METH_VARARGS, segment_digests_doc},
+    {"check_segments", check_segments, METH_VARARGS, check_segments_doc},
+    {"group_segments", group_segments, METH_VARARGS, group_segments_doc},
+    {"scan_records", scan_records, METH_VARARGS, scan_records_doc},
     {"decode_records", decode_records, METH_VARARGS, decode_records_doc},
     {"copy_single_segment_digests", copy_single_segment_digests, METH_VARARGS,
      copy_single_segment_digests_doc},
@@ -2008,6 +2369,7 @@ static int exec_module(PyObject *module)
     (void)module;
     if (sha256_md != NULL)
         return 0;
+    init_hex_values();
     empty_tuple = PyTuple_New(0);
     if (empty_tuple == NULL)
         return -1;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import mmap
 import operator
 import uuid
 from array import array
@@ -307,7 +308,7 @@ class RecordColumns(Sequence[_R]):
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError("record index out of range")
-        return self.cls(**self._objects(i, i + 1)[0])
+        return next(self._made(i, i + 1))
 
     def _made(self, start: int, stop: int) -> Iterator[_R]:
         cls = self.cls
@@ -332,6 +333,49 @@ class RecordColumns(Sequence[_R]):
 
     def __repr__(self) -> str:
         return f"RecordColumns({self.cls.__name__}, {self._len} records)"
+
+
+class RecordLines(RecordColumns[_R]):
+    """A list of catalog records kept as the lines of the catalog they were read from, each
+    made only when it is read (by the C decoder, which checked every line already).
+
+    For verify: it needs every segment's offset, length and hash (`columns`, taken as the
+    lines were checked) but the records of only the few it reports; making a million file
+    and segment records took most of its time and memory.
+    """
+
+    __slots__ = ("_data", "_ids", "_spec", "_starts", "columns")
+
+    def __init__(self, cls: type[_R], data: bytes | mmap.mmap, starts: memoryview,
+                 spec: tuple[tuple[str, ...], bytes, tuple[object, ...], bytes],
+                 columns: Mapping[str, Any]) -> None:
+        self._data = memoryview(data)
+        #: Where each line starts, and where the last one ends (64-bit).
+        self._starts = starts
+        self._spec = spec
+        self._ids: dict[str, str] = {}
+        #: Columns of some fields, as native.scan_records returns them, plus "ids": the
+        #: numbers it gave the strings of its id columns.
+        self.columns = columns
+        super().__init__(cls, len(starts) - 1, self._dicts)
+
+    def _made(self, start: int, stop: int) -> Iterator[_R]:
+        module, starts = native.MODULE, self._starts
+        assert module is not None  # only made where the C extension read the lines
+        for i in range(start, stop, _BATCH):
+            j = min(stop, i + _BATCH)
+            made, _, _ = module.decode_records(self._data[starts[i]:starts[j]], 0, self.cls,
+                                               *self._spec, self._ids, _MISSING)
+            if len(made) != j - i:  # the lines were checked: only if the bytes changed
+                raise CatalogReadError(f"catalog record lines {i}..{j - 1} no longer decode")
+            yield from made
+
+    def _dicts(self, start: int, stop: int) -> list[dict[str, Any]]:
+        unstructure = converter.get_unstructure_hook(self.cls)
+        return [unstructure(r) for r in self._made(start, stop)]
+
+    def __repr__(self) -> str:
+        return f"RecordLines({self.cls.__name__}, {len(self)} records)"
 
 
 def _kept(records: Sequence[Any]) -> Sequence[Any]:
@@ -421,7 +465,8 @@ class CatalogCodec(Protocol):
 
     def encode(self, catalog: Catalog) -> Iterator[bytes]: ...
 
-    def decode(self, data: bytes, *, source: str) -> Catalog: ...
+    def decode(self, data: bytes | mmap.mmap, *, source: str, lazy: bool = False,
+               ) -> Catalog: ...
 
 
 _HEAD_KEYS = (
@@ -514,16 +559,20 @@ class JsonCatalogCodec:
         of them less its brackets, commas and quotes."""
         return len(orjson.dumps(texts)) - 2 - max(0, len(texts) - 1) - 2 * len(texts)
 
-    def decode(self, data: bytes, *, source: str) -> Catalog:
+    def decode(self, data: bytes | mmap.mmap, *, source: str, lazy: bool = False) -> Catalog:
+        """The catalog in `data` (CatalogReadError when it is not one). With `lazy`, the file
+        and segment records of ltoflow's own layout are checked but made only when read
+        (RecordLines, which keep `data`: a file mapped into memory stays mapped), where the C
+        extension is built."""
         # ltoflow's own layout, record by record: a million-file catalog decoded as one JSON
         # tree held every record twice (dicts, then records), 3.3 GB for a 0.7 GB file.
         try:
             with gc_paused():
-                return _decode_lines(data)
+                return _decode_lines(data, lazy=lazy)
         except _NotLineFormat:
             pass  # someone else's layout, or something to explain: the full decoder below
         try:
-            raw = orjson.loads(data)
+            raw = orjson.loads(data if isinstance(data, bytes) else data[:])
         except orjson.JSONDecodeError as e:
             raise CatalogReadError(f"{source} is not valid JSON ({e}); it is damaged") from e
         if not isinstance(raw, dict):
@@ -632,20 +681,58 @@ def _native_spec(cls: type) -> tuple[tuple[str, ...], bytes, tuple[object, ...],
 
 _NATIVE_SPECS = {cls: spec for cls in _LIST_TYPES.values() if (spec := _native_spec(cls))}
 
+#: What a lazy decode keeps of each field as a column (native.scan_records' `take`): verify
+#: reads these of every segment.
+_TAKE_INT, _TAKE_DIGEST, _TAKE_ID = 1, 2, 3
+_LAZY_TAKE: dict[type, dict[str, int]] = {
+    SourceFileEntry: {},
+    SegmentEntry: {"container_id": _TAKE_ID, "container_offset": _TAKE_INT,
+                   "length_bytes": _TAKE_INT, "sha256": _TAKE_DIGEST},
+}
 
-def _decode_lines(data: bytes) -> Catalog:
+
+def _lazy_list(data: bytes | mmap.mmap, pos: int, cls: type, containers: Sequence[Any] | None,
+               ) -> tuple[RecordLines[Any] | None, int, int]:
+    """The records of one list from data[pos:] as RecordLines, when the C extension takes
+    every line of it: (records, pos after the list, status as decode_records gives it), or
+    (None, pos, 0) to have the list decoded record by record."""
+    module, spec, take = native.MODULE, _NATIVE_SPECS.get(cls), _LAZY_TAKE.get(cls)
+    if module is None or spec is None or take is None:
+        return None, pos, 0
+    names, kinds, defaults, _ = spec
+    # Container ids are numbered by their place in the containers list (read before it),
+    # other ids after them.
+    ids: dict[str, int] = {}
+    for k, c in enumerate(containers or ()):
+        ids.setdefault(c.container_id, k)
+    starts, end, status, cols = module.scan_records(
+        data, pos, names, kinds, defaults, _MISSING,
+        bytes(take.get(name, 0) for name in names), ids)
+    if not status:
+        return None, pos, 0
+    columns: dict[str, Any] = {"ids": ids}
+    for name, col in zip(names, cols, strict=True):
+        if take.get(name) == _TAKE_DIGEST:
+            columns[name] = col  # (32-byte digests, a byte per digest: 1 well-formed)
+        elif col is not None:
+            columns[name] = memoryview(col).cast("q")
+    return RecordLines(cls, data, memoryview(starts).cast("q"), spec, columns), end, status
+
+
+def _decode_lines(data: bytes | mmap.mmap, *, lazy: bool = False) -> Catalog:
     """Decode the layout JsonCatalogCodec.encode writes, one line at a time.
 
     Lines: the head object's keys ending in ','; then per list `"key":[`, its records one a
     line, each followed by ',' or by the list's end `]` plus ',' or the document's '}'. An
-    empty list is `"key":[]` plus ',' or '}'. Raises _NotLineFormat at anything else.
+    empty list is `"key":[]` plus ',' or '}'. Raises _NotLineFormat at anything else. With
+    `lazy`, file and segment records are RecordLines where the C extension takes them.
     """
     end = data.find(b"\n")
-    if not data.startswith(b'{"schema_version":') or end < 0 or data[end - 1:end] != b",":
+    if data[:18] != b'{"schema_version":' or end < 0 or data[end - 1:end] != b",":
         raise _NotLineFormat
     try:
         head = orjson.loads(data[:end - 1] + b"}")
-        lists: dict[str, list[Any]] = {}
+        lists: dict[str, Sequence[Any]] = {}
         ids: dict[str, str] = {}  # one string per container, tape and file id, not one per use
         loads, find, n = orjson.loads, data.find, len(data)
         module = native.MODULE
@@ -673,6 +760,12 @@ def _decode_lines(data: bytes) -> Catalog:
                 continue
             if rest:
                 raise _NotLineFormat
+            if lazy and cls is not None:
+                kept, pos, status = _lazy_list(data, pos, cls, lists.get("containers"))
+                if kept is not None:
+                    lists[name] = kept
+                    done = status == 2
+                    continue
             spec = None if cls is None else _NATIVE_SPECS.get(cls)
             interned = _INTERNED.get(cls, ()) if cls is not None else ()
             while True:
@@ -712,7 +805,9 @@ def _decode_lines(data: bytes) -> Catalog:
     kwargs = _checked(Catalog, head)
     for name in _LIST_TYPES:
         if name in lists:
-            kwargs[name] = tuple(lists[name])
+            records_of = lists[name]
+            kwargs[name] = (records_of if isinstance(records_of, RecordLines)
+                            else tuple(records_of))
         elif name in _REQUIRED_LISTS:
             raise _NotLineFormat
     return Catalog(**kwargs)

@@ -14,7 +14,8 @@ from types import ModuleType
 #: again after an update) lacks some of them and is not used.
 FUNCTIONS = ("read_whole_files", "list_dir", "layout_fit", "digit_total", "json_strings_size",
              "file_ids", "iso_times", "encode_files", "encode_segments",
-             "copy_single_segment_digests", "decode_records", "segment_digests")
+             "copy_single_segment_digests", "decode_records", "scan_records", "check_segments",
+             "group_segments")
 
 
 def load() -> ModuleType | None:

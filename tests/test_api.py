@@ -101,13 +101,13 @@ def test_verify_reads_each_tapes_catalog_once_and_still_checks_every_copy(
     assert len(result.tapes) >= 2
     module = importlib.import_module("ltoflow.verify")  # `ltoflow.verify` is also a function
     read: list[str] = []
-    for name in ("read_tape_catalog", "tape_catalog_sha"):
+    for name in ("read_tape_catalog", "read_and_decode", "tape_catalog_sha"):
         real = getattr(module, name)
 
-        async def counted(tape: object, tape_id: str, *rest: object,
-                          real: Any = real) -> object:
+        async def counted(tape: object, tape_id: str, *rest: object, real: Any = real,
+                          **options: object) -> object:
             read.append(tape_id)
-            return await real(tape, tape_id, *rest)
+            return await real(tape, tape_id, *rest, **options)
 
         monkeypatch.setattr(module, name, counted)
     assert verify(config).ok

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,37 @@ def test_backup_then_verify_is_clean(src: Path, tmp_path: Path,
     assert code == EXIT_OK
     assert "3 of 3 tape(s)" in out
     assert out.rstrip().endswith("clean.")
+
+
+def test_verify_of_a_set_it_wrote_names_the_damaged_file_and_the_files_of_a_lost_tape(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ltoflow's own catalogs are read lazily by verify (records made only for what it
+    reports): the report still names every segment and file."""
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    tapes = sorted(sim.iterdir())
+    doc: dict[str, Any] = load_catalog_json(tapes[0])
+    fid = next(f["file_id"] for f in doc["source_files"] if f["relative_path"] == "a/two.txt")
+    seg = next(s for s in doc["segments"] if s["file_id"] == fid)
+    tape_of = {c["container_id"]: c["tape_id"] for c in doc["containers"]}
+    blob = sim / tape_of[seg["container_id"]] / "data" / seg["container_id"]
+    data = bytearray(blob.read_bytes())
+    data[seg["container_offset"] + 10] ^= 1
+    blob.write_bytes(bytes(data))
+    lost = next(t for t in tapes if t.name != tape_of[seg["container_id"]])
+    on_lost = {f["relative_path"] for f in doc["source_files"]
+               for s in doc["segments"] if s["file_id"] == f["file_id"]
+               and tape_of[s["container_id"]] == lost.name}
+    shutil.rmtree(lost)
+    code, out, _ = cli(capsys, "verify", "--simulator", sim, "--json")
+    assert code == EXIT_DAMAGED
+    problems = json.loads(out)["problems"]
+    assert [(p["what"], p["segment_id"], p["files"]) for p in problems
+            if p["tape_id"] != lost.name] == [("SHA-256 mismatch", seg["segment_id"],
+                                                ["a/two.txt"])]
+    assert [(p["what"], set(p["files"])) for p in problems if p["tape_id"] == lost.name] == [
+        ("tape is missing", on_lost)]
+    assert on_lost
 
 
 def test_backup_json_summary(src: Path, tmp_path: Path,

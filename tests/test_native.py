@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import mmap
 import os
 import tempfile
 from array import array
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import attrs
 import orjson
@@ -27,10 +27,11 @@ from ltoflow import catalog as cat
 from ltoflow import hashing
 from ltoflow import native as extension
 from ltoflow import plan as plan_module
-from ltoflow.errors import BackupPlanError, SourceReadError
+from ltoflow.errors import BackupPlanError, CatalogReadError, SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
 from ltoflow.plan import Hashes, Plan, build_catalog, file_ids_of, make_plan
 from ltoflow.scan import FileTable, ScanResult, StringColumn, scan_tree
+from ltoflow.verify import SegmentTable
 from ltoflow.verify import _ContainerCheck as ContainerCheck
 
 from .conftest import write_tree
@@ -600,6 +601,19 @@ def test_c_digit_total_of_an_unsigned_column(native: ModuleType) -> None:
     assert native.digit_total(array("Q", values)) == sum(len(str(v)) for v in values)
 
 
+def lazily(data: bytes, module: object) -> object:
+    """_decode_lines(lazy=True) with the C loop (`module`) or without, every record made."""
+    saved = extension.MODULE
+    try:
+        extension.MODULE = module  # type: ignore[assignment]
+        c = cat._decode_lines(data, lazy=True)
+        return attrs.evolve(c, source_files=tuple(c.source_files), segments=tuple(c.segments))
+    except cat._NotLineFormat:
+        return "not line format"
+    finally:
+        extension.MODULE = saved
+
+
 def decoded(data: bytes, module: object) -> object:
     """_decode_lines with the C loop (`module`) or without; 'not line format' when it gives up."""
     saved = extension.MODULE
@@ -700,7 +714,68 @@ def test_c_decoder_leaves_every_odd_line_to_python_and_agrees_with_it(
         native: ModuleType, old: bytes, new: bytes) -> None:
     assert SAMPLE.count(old) == 1
     data = SAMPLE.replace(old, new)
-    assert decoded(data, native) == decoded(data, None)
+    assert decoded(data, native) == decoded(data, None) == lazily(data, native)
+
+
+@settings(max_examples=150, deadline=None)
+@given(c=catalogs)
+def test_lazy_decoding_gives_the_same_catalog_and_columns_that_match_its_records(
+        c: cat.Catalog) -> None:
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    data = b"".join(cat.JsonCatalogCodec().encode(c))
+    assert lazily(data, BUILT) == c
+    saved = extension.MODULE
+    try:
+        extension.MODULE = BUILT
+        lazy = cat._decode_lines(data, lazy=True)
+    finally:
+        extension.MODULE = saved
+    kept = lazy.segments
+    event(f"segments kept as lines: {isinstance(kept, cat.RecordLines)}")
+    if isinstance(kept, cat.RecordLines):
+        cols = kept.columns
+        digests, known = cols["sha256"]
+        for k, s in enumerate(c.segments):
+            assert cols["container_offset"][k] == s.container_offset
+            assert cols["length_bytes"][k] == s.length_bytes
+            assert cols["ids"][s.container_id] == cols["container_id"][k]
+            assert (digests[32 * k:32 * k + 32], known[k]) == (bytes.fromhex(s.sha256), 1)
+        assert [cols["ids"][x.container_id] for x in c.containers] == [
+            next(k for k, y in enumerate(c.containers) if y.container_id == x.container_id)
+            for x in c.containers]  # container ids are numbered by their place
+
+
+def test_lines_kept_by_a_lazy_decode_read_as_a_sequence_and_encode_the_same(
+        native: ModuleType, tmp_path: Path) -> None:
+    segments = tuple(cat.SegmentEntry(f"S{i}", f"F{i % 7}", "C1", i, 0, 2**40 + i, "d" * 64)
+                     for i in range(10_000))
+    c = attrs.evolve(cat.JsonCatalogCodec().decode(SAMPLE, source="t"), segments=segments)
+    data = b"".join(cat.JsonCatalogCodec().encode(c))
+    lazy = cat.JsonCatalogCodec().decode(data, source="t", lazy=True)
+    kept = lazy.segments
+    assert isinstance(kept, cat.RecordLines)
+    assert isinstance(lazy.source_files, cat.RecordLines)
+    assert len(kept) == 10_000
+    assert (kept[0], kept[-1], kept[4097]) == (segments[0], segments[-1], segments[4097])
+    assert kept[4094:4099] == segments[4094:4099]  # across two of the decoder's batches
+    with pytest.raises(IndexError):
+        kept[10_000]
+    assert list(kept) == list(segments)
+    assert lazy == c
+    assert b"".join(cat.JsonCatalogCodec().encode(lazy)) == data
+    # from a file mapped into memory, as the simulator gives a catalog to verify
+    path = tmp_path / "catalog.json"
+    path.write_bytes(data)
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert cat.JsonCatalogCodec().decode(mapped, source="t", lazy=True) == c
+        assert cat.JsonCatalogCodec().decode(mapped, source="t") == c
+        damaged = tmp_path / "damaged.json"
+        damaged.write_bytes(data.replace(b'"size_bytes":5,', b'"size_bytes":[],'))
+        with (damaged.open("rb") as fh2,
+              mmap.mmap(fh2.fileno(), 0, access=mmap.ACCESS_READ) as bad,
+              pytest.raises(CatalogReadError, match="not a valid catalog")):
+            cat.JsonCatalogCodec().decode(bad, source="t", lazy=True)
 
 
 def test_c_decoder_reads_a_big_list_to_its_end(native: ModuleType) -> None:
@@ -712,66 +787,118 @@ def test_c_decoder_reads_a_big_list_to_its_end(native: ModuleType) -> None:
     assert counted.made == 10_000 + 1 + 1 + 1  # segments, tapes, containers, files
 
 
+def _one_container(segments: list[cat.SegmentEntry], size: int) -> cat.Catalog:
+    return cat.Catalog("set", "t", "/src", (), (cat.ContainerEntry("C", "set", "T", 1, 0, size),),
+                       (), tuple(segments))
+
+
+def _verdicts(catalog: cat.Catalog, data: bytes, chunk: int, parts: int,
+              module: object) -> bytes:
+    """verify's verdict on each segment of container C (in order of offset) as `data` is
+    read `chunk` bytes at a time by `parts` hashers, with the C loop (`module`) or without."""
+    saved = extension.MODULE
+    try:
+        extension.MODULE = module  # type: ignore[assignment]
+        check = ContainerCheck(SegmentTable(catalog).of("C"))
+        updates = [check.segment_updater(p, parts) for p in range(parts)]
+        for pos in range(0, len(data), chunk):
+            for update in updates:
+                update(memoryview(data)[pos:pos + chunk], pos)
+        check.finish(len(data))
+    finally:
+        extension.MODULE = saved
+    return bytes(check.status)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     data=st.tuples(st.integers(0, 4000), st.integers(0, 250)).map(
         lambda n_seed: bytes((i * 7 + n_seed[1]) % 251 for i in range(n_seed[0]))),
-    # (gap before it, length): mostly tiled, with gaps, overlaps and segments past the end
+    # (gap before it, length, hash right): mostly tiled, with gaps, overlaps, segments past
+    # the end and wrong hashes
     layout=st.lists(st.tuples(st.one_of(st.just(0), st.just(0), st.integers(-300, 500)),
-                              st.one_of(st.integers(0, 60), st.integers(0, 900))), max_size=40),
+                              st.one_of(st.integers(0, 60), st.integers(0, 900)),
+                              st.booleans()), max_size=40),
     chunk=st.integers(1, 1500),
     parts=st.integers(1, 3),
 )
-def test_c_verify_hashes_the_segments_python_hashes(
-        data: bytes, layout: list[tuple[int, int]], chunk: int, parts: int) -> None:
+def test_c_verify_gives_every_segment_the_verdict_python_gives(
+        data: bytes, layout: list[tuple[int, int, bool]], chunk: int, parts: int) -> None:
     if BUILT is None:
         pytest.skip("ltoflow._native is not built here")
-    ends = itertools.accumulate((gap + length for gap, length in layout), initial=0)
-    offsets = [max(0, end + gap) for end, (gap, _) in zip(ends, layout)]  # noqa: B905
-    segments = sorted((cat.SegmentEntry(f"S{k}", "F", "C", off, 0, length, "0" * 64)
-                       for k, (off, (_, length)) in enumerate(zip(offsets, layout, strict=True))),
-                      key=lambda s: (s.container_offset, s.length_bytes))
-    hashed: list[int] = []
+    ends = itertools.accumulate((gap + length for gap, length, _ in layout), initial=0)
+    offsets = [max(0, end + gap) for end, (gap, _, _) in zip(ends, layout)]  # noqa: B905
+    segments = [
+        cat.SegmentEntry(f"S{k}", "F", "C", off, 0, length,
+                         hashlib.sha256(data[off:off + length] + (b"" if right else b"x"))
+                         .hexdigest())
+        for k, (off, (_, length, right)) in enumerate(zip(offsets, layout, strict=True))]
+    catalog = _one_container(segments, len(data))
+    got = _verdicts(catalog, data, chunk, parts, BUILT)
+    assert got == _verdicts(catalog, data, chunk, parts, None)
+    in_order = sorted(segments, key=lambda s: (s.container_offset, s.length_bytes))
+    assert list(got) == [
+        0 if s.container_offset + s.length_bytes > len(data)
+        else 1 if right else 2
+        for s in in_order
+        for right in [s.sha256 == hashlib.sha256(
+            data[s.container_offset:s.container_offset + s.length_bytes]).hexdigest()]]
+    event(f"verdicts {sorted(set(got))}")
 
-    class Counted:
-        def segment_digests(self, *args: Any) -> tuple[list[str], int]:
-            digests, stop = BUILT.segment_digests(*args)  # type: ignore[union-attr]
-            hashed.extend(range(args[4], stop, args[5]))
-            return digests, stop
 
-    def results(module: object) -> dict[int, str]:
+def test_verify_takes_numbers_past_64_bits_and_malformed_hashes_as_never_matching(
+        native: ModuleType) -> None:
+    """A catalog may hold numbers no 64-bit column takes, or a hash that is not 64 lowercase
+    hex digits: such a segment lies beyond the container's end, or does not match."""
+    data = b"0123456789"
+    good = hashlib.sha256(b"01234").hexdigest()
+    segments = [cat.SegmentEntry("S0", "F", "C", 0, 0, 5, good),
+                cat.SegmentEntry("S1", "F", "C", 2**63, 0, 5, "0" * 64),
+                cat.SegmentEntry("S2", "F", "C", 5, 0, 2**70, "0" * 64),
+                cat.SegmentEntry("S3", "F", "C", 0, 0, 5, good.upper()),
+                cat.SegmentEntry("S4", "F", "C", 0, 0, 5, good[:-1])]
+    catalog = _one_container(segments, len(data))
+    for module in (native, None):
+        table = SegmentTable(catalog)
+        # in order of offset, then length: S0, S3, S4 (offset 0), S2, S1
+        assert [table.of("C").record(k).segment_id for k in range(5)] == [
+            "S0", "S3", "S4", "S2", "S1"]
+        assert _verdicts(catalog, data, 4, 2, module) == bytes([1, 2, 2, 0, 0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 4), st.integers(-5, 50), st.integers(-2, 50)),
+                max_size=60), st.integers(0, 4))
+def test_c_groups_segments_as_python_does(
+        rows: list[tuple[int, int, int]], count: int) -> None:
+    from ltoflow.verify import _group
+
+    if BUILT is None:
+        pytest.skip("ltoflow._native is not built here")
+    groups, offsets, lengths = (array("q", [row[k] for row in rows]) for k in range(3))
+
+    def grouped(module: object) -> tuple[list[int], list[int], list[int]]:
         saved = extension.MODULE
         try:
             extension.MODULE = module  # type: ignore[assignment]
-            check = ContainerCheck(segments)
-            updates = [check.segment_updater(p, parts) for p in range(parts)]
+            order, starts, ends = _group(groups, offsets, lengths, count)
         finally:
             extension.MODULE = saved
-        for pos in range(0, len(data), chunk):
-            for update in updates:
-                update(memoryview(data)[pos:pos + chunk], pos)
-        return check.results
+        return (list(range(len(rows))) if order is None else list(order), list(starts),
+                list(ends))
 
-    got = results(Counted())
-    assert got == results(None)
-    assert got == {k: hashlib.sha256(data[s.container_offset:s.container_offset
-                                          + s.length_bytes]).hexdigest()
-                   for k, s in enumerate(segments)
-                   if s.container_offset + s.length_bytes <= len(data) or not s.length_bytes}
-    event(f"C hashed {'none' if not hashed else 'some'} of the segments")
-
-
-def test_c_verify_leaves_offsets_past_64_bits_to_python(native: ModuleType) -> None:
-    """A catalog may hold numbers no 64-bit column takes: the Python loop checks them (and
-    reports the segment as beyond the container's end)."""
-    data = b"0123456789"
-    segments = [cat.SegmentEntry("S0", "F", "C", 0, 0, 5, hashlib.sha256(b"01234").hexdigest()),
-                cat.SegmentEntry("S1", "F", "C", 2**63, 0, 5, "0" * 64)]
-    check = ContainerCheck(segments)
-    assert check.columns == (None, None)
-    update = check.segment_updater(0, 1)
-    update(memoryview(data), 0)
-    assert check.results == {0: segments[0].sha256}
+    got = grouped(BUILT)
+    assert got == grouped(None)
+    order, starts, ends = got
+    key = [(g, off, length, i) if 0 <= g < count else (count, 0, 0, i)
+           for i, (g, off, length) in enumerate(rows)]
+    assert order == sorted(range(len(rows)), key=key.__getitem__)
+    assert starts == [sum(1 for g, *_ in key if g < k) for k in range(count + 1)]
+    for g in range(count):
+        mine = [rows[i] for i in order[starts[g]:starts[g + 1]] if rows[i][2] != 0]
+        tiled = all(m[1] == sum(r[2] for r in mine[:j]) and m[2] > 0
+                    for j, m in enumerate(mine))
+        assert ends[g] == (sum(r[2] for r in mine) if tiled else -1)
 
 
 def test_an_extension_built_from_older_sources_is_not_used(
@@ -780,5 +907,5 @@ def test_an_extension_built_from_older_sources_is_not_used(
     assert sorted(extension.FUNCTIONS) == sorted(
         line.split("(")[0][4:] for line in stub.splitlines() if line.startswith("def "))
     assert extension.load() is native
-    monkeypatch.delattr(native, "segment_digests")
+    monkeypatch.delattr(native, "check_segments")
     assert extension.load() is None  # the Python loops then, not an AttributeError later

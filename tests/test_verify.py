@@ -10,7 +10,7 @@ import pytest
 
 from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape
-from ltoflow.verify import SHARED_SEGMENT_BYTES, CatalogIndex, _tiles, verify_container
+from ltoflow.verify import SHARED_SEGMENT_BYTES, CatalogIndex, verify_container
 
 CID = "CNT-00000000-0000-0000-0000-000000000000-00001"
 
@@ -67,7 +67,7 @@ async def test_segments_tiling_a_container_check_every_byte_and_name_the_damaged
     spans = [(k * segment_bytes, min(len(data), (k + 1) * segment_bytes)) for k in range(8)]
     spans.insert(3, (spans[3][0], spans[3][0]))  # an empty file's segment
     container, index = _container(data, spans)
-    assert _tiles(index.segments[CID], len(data))
+    assert index.table.of(CID).tiles(len(data))
     shared = len(data) >= SHARED_SEGMENT_BYTES * len(spans)
     assert shared == (segment_bytes != 5_000)  # the test covers both ways
 
@@ -88,7 +88,7 @@ async def test_segments_tiling_a_container_check_every_byte_and_name_the_damaged
 async def test_bytes_outside_every_segment_are_checked_by_the_container_hash() -> None:
     data = random.Random(7).randbytes(3_000)
     container, index = _container(data, [(0, 1_000), (2_000, 3_000)])  # a gap: 1,000-2,000
-    assert not _tiles(index.segments[CID], len(data))
+    assert not index.table.of(CID).tiles(len(data))
     assert (await verify_container(cast(LoadedTape, _OneContainerTape(data)), container,
                                    index))[0] == []
     bad = bytearray(data)

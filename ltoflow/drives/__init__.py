@@ -8,6 +8,7 @@ cartridge. Implementations do not inherit from these Protocols; they only match 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Buffer
 from typing import Protocol
 
@@ -77,6 +78,11 @@ class LoadedTape(Protocol):
 
     async def read_small(self, path: str, *, limit: int) -> bytes | None:
         """The whole file (at most `limit` bytes), or None when it does not exist."""
+        ...
+
+    async def read_whole(self, path: str, *, limit: int) -> bytes | mmap.mmap | None:
+        """As read_small, for a file that may be hundreds of MB (a set's catalog): a drive
+        may map it into memory (read-only) instead of copying it."""
         ...
 
     async def size_of(self, path: str) -> int | None: ...

@@ -38,10 +38,12 @@ from ltoflow.errors import (
     TapeReadError,
     UsageError,
 )
-from ltoflow.units import human_bytes
+from ltoflow.units import MiB, human_bytes
 
 TAPE_JSON = "tape.json"
 TAPE_DIR_PREFIX = "TAPE-"
+#: read_whole maps files of this size or more into memory instead of copying them.
+MAP_BYTES = MiB
 
 
 @attrs.frozen
@@ -298,6 +300,26 @@ class SimulatorTape:
             try:
                 with open(self._path(path), "rb") as fh:
                     return fh.read(limit)
+            except FileNotFoundError:
+                return None
+
+        try:
+            return await trio.to_thread.run_sync(_read)
+        except OSError as e:
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+
+    async def read_whole(self, path: str, *, limit: int) -> bytes | mmap.mmap | None:
+        """A file of MAP_BYTES or more is mapped, not copied: a million-file catalog is 700 MB,
+        and copying it into fresh memory took longer than decoding it."""
+        self._check_read(path)
+
+        def _read() -> bytes | mmap.mmap | None:
+            try:
+                with open(self._path(path), "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if not MAP_BYTES <= size <= limit:
+                        return fh.read(limit)
+                    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except FileNotFoundError:
                 return None
 
