@@ -1957,7 +1957,7 @@ done:
 
 #define TAKE_INT 1    /* an int64 column */
 #define TAKE_DIGEST 2 /* 32 raw bytes from 64 lowercase hex digits (zeros when not), and a flag */
-#define TAKE_ID 3     /* an int64 column of the value's number in the dict ids (str -> int) */
+#define TAKE_ID 3     /* an int64 column: the string's number among the ids seen */
 
 /* Lowercase hex digits' values; 16 for every other byte. */
 static unsigned char hex_values[256];
@@ -1969,37 +1969,120 @@ static void init_hex_values(void)
         hex_values[(unsigned char)HEX[c]] = (unsigned char)c;
 }
 
+/* Strings numbered in the order they are added, found by their bytes (open addressing). The
+ * bytes are not copied: they live in the caller's buffers for as long as the table. */
+typedef struct {
+    const char *text;
+    size_t len;
+    int escaped;
+} IdText;
+
+typedef struct {
+    IdText *items;  /* by number */
+    int64_t count, cap;
+    int64_t *slots; /* number + 1, 0 for empty; a power of two of them */
+    int64_t mask;
+} IdTable;
+
+static uint64_t text_hash(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* The slot of s[0:n]: where its number is, or the empty slot it would take. */
+static int64_t *id_slot(const IdTable *t, const char *s, size_t n)
+{
+    uint64_t i = text_hash(s, n) & (uint64_t)t->mask;
+    for (; t->slots[i]; i = (i + 1) & (uint64_t)t->mask) {
+        const IdText *it = &t->items[t->slots[i] - 1];
+        if (it->len == n && memcmp(it->text, s, n) == 0)
+            break;
+    }
+    return &t->slots[i];
+}
+
+/* Number the string s[0:n] next (a string already numbered keeps being found by its first
+ * number); -1 when out of memory. */
+static int64_t id_add(IdTable *t, const char *s, size_t n, int escaped)
+{
+    int64_t *slot;
+    if (2 * (t->count + 1) > t->mask + 1) {
+        int64_t size = t->mask ? 2 * (t->mask + 1) : 64, *slots;
+        slots = PyMem_RawCalloc((size_t)size, sizeof *slots);
+        if (slots == NULL)
+            return -1;
+        PyMem_RawFree(t->slots);
+        t->slots = slots;
+        t->mask = size - 1;
+        for (int64_t k = 0; k < t->count; k++) {
+            int64_t *at = id_slot(t, t->items[k].text, t->items[k].len);
+            if (!*at)
+                *at = k + 1;
+        }
+    }
+    if (t->count == t->cap) {
+        int64_t cap = t->cap ? 2 * t->cap : 64;
+        IdText *items = PyMem_RawRealloc(t->items, (size_t)cap * sizeof *items);
+        if (items == NULL)
+            return -1;
+        t->items = items;
+        t->cap = cap;
+    }
+    t->items[t->count] = (IdText){s, n, escaped};
+    slot = id_slot(t, s, n);
+    if (!*slot)
+        *slot = t->count + 1;
+    return t->count++;
+}
+
+/* The number of s[0:n], numbering it when new; -1 when out of memory. Raw (escaped) text is
+ * compared as it is: the caller merges strings that read the same once unescaped. */
+static int64_t id_number(IdTable *t, const char *s, size_t n, int escaped)
+{
+    if (t->mask) {
+        int64_t *slot = id_slot(t, s, n);
+        if (*slot)
+            return *slot - 1;
+    }
+    return id_add(t, s, n, escaped);
+}
+
 PyDoc_STRVAR(scan_records_doc,
 "scan_records(data, pos, names, kinds, defaults, missing, take, ids)\n"
 "--\n\n"
 "The record lines of one catalog list from data[pos:], checked as decode_records reads them\n"
-"but not made into records: the lines decode_records would make a record of, up to the end\n"
-"of the list. take: per field, what to keep of it (0 nothing, 1 its integer, 2 its SHA-256\n"
-"as 32 raw bytes, 3 its string's number in ids, a dict of str to int that grows with new\n"
-"strings). Returns (starts, pos, status, columns): starts, 64-bit, where each line begins and\n"
-"where the last one ended; status as decode_records gives it, 0 at the first line it leaves\n"
-"to Python (pos there); columns, per field, its column (bytes: 64-bit integers, or 32-byte\n"
-"digests) or None, and for a digest column a second item: bytes, 1 for a well-formed hash.");
+"but not made into records (with the GIL released): the lines decode_records would make a\n"
+"record of, up to the end of the list. take: per field, what to keep of it (0 nothing, 1 its\n"
+"integer, 2 its SHA-256 as 32 raw bytes, 3 its string's number: ids, a tuple of str, are\n"
+"numbers 0, 1, ... and other strings are numbered after them as they come). Returns (starts,\n"
+"pos, status, columns, ids): starts, 64-bit, where each line begins and where the last one\n"
+"ended; status as decode_records gives it, 0 at the first line it leaves to Python (pos\n"
+"there); columns, per field, its column (bytes: 64-bit integers, or 32-byte digests) or None,\n"
+"and for a digest column a second item: bytes, 1 for a well-formed hash; ids, the list of\n"
+"strings by number (a string may appear twice, once as given and once as a line wrote it\n"
+"with escapes).");
 
 static PyObject *scan_records(PyObject *self, PyObject *args)
 {
     Py_buffer data, kinds, take;
-    Py_ssize_t pos;
-    PyObject *names, *defaults, *missing, *ids, *result = NULL, *columns = NULL;
+    Py_ssize_t pos, end_pos = 0;
+    PyObject *names, *defaults, *missing, *known, *result = NULL, *columns = NULL, *ids = NULL;
     Fields f;
-    Bytes starts = {0}, cols[MAX_FIELDS], known[MAX_FIELDS];
-    PyObject *last_id[MAX_FIELDS] = {NULL};
-    Value last_text[MAX_FIELDS];
+    Bytes starts = {0}, cols[MAX_FIELDS], flags[MAX_FIELDS], tmp = {0};
+    IdTable table = {0};
     int status = 0, failed = 0;
     static const unsigned char zeros[MAX_FIELDS] = {0};
     Py_buffer no_interned = {.buf = (void *)zeros};
     (void)self;
 
     memset(cols, 0, sizeof cols);
-    memset(known, 0, sizeof known);
+    memset(flags, 0, sizeof flags);
     if (!PyArg_ParseTuple(args, "y*nO!y*O!Oy*O!:scan_records", &data, &pos, &PyTuple_Type,
                           &names, &kinds, &PyTuple_Type, &defaults, &missing, &take,
-                          &PyDict_Type, &ids))
+                          &PyTuple_Type, &known))
         return NULL;
     no_interned.len = PyTuple_GET_SIZE(names);
     if (get_fields(&f, names, &kinds, &no_interned, defaults, missing, "scan_records") < 0)
@@ -2009,14 +2092,34 @@ static PyObject *scan_records(PyObject *self, PyObject *args)
                         "of range");
         goto done;
     }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(known); k++) {
+        Py_ssize_t len;
+        const char *text;
+        PyObject *item = PyTuple_GET_ITEM(known, k);
+        if (!PyUnicode_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "scan_records: ids must be strings");
+            goto done;
+        }
+        text = PyUnicode_AsUTF8AndSize(item, &len);
+        if (text == NULL)
+            goto done;
+        if (id_add(&table, text, (size_t)len, 0) < 0) { /* numbered as given */
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
     {
         const unsigned char *want = take.buf;
-        const char *p = (const char *)data.buf + pos, *end = (const char *)data.buf + data.len;
-        Bytes tmp = {0};
+        const char *base = data.buf, *p = base + pos, *end = base + data.len;
+        int64_t last_id[MAX_FIELDS];
+        Value last_text[MAX_FIELDS];
+        for (Py_ssize_t i = 0; i < f.count; i++)
+            last_id[i] = -1;
+        Py_BEGIN_ALLOW_THREADS
         while (status == 0 && !failed) {
             Value v[MAX_FIELDS];
             const char *next = p;
-            int64_t at = p - (const char *)data.buf;
+            int64_t at = p - base;
             int got = parse_fields(&f, p, end, &next, v);
             if (got == 0)
                 break; /* p is at the line Python reads */
@@ -2039,40 +2142,22 @@ static PyObject *scan_records(PyObject *self, PyObject *args)
                     ok = ok && bad < 16;
                     if (!ok)
                         memset(raw, 0, sizeof raw);
-                    failed = put(&cols[i], raw, sizeof raw) < 0 || put(&known[i], &ok, 1) < 0;
+                    failed = put(&cols[i], raw, sizeof raw) < 0 || put(&flags[i], &ok, 1) < 0;
                 } else if (want[i] == TAKE_ID) {
                     int64_t n = -1;
                     if (v[i].kind == KIND_STR) {
                         /* the same text as the last record's: the same number, no lookup */
-                        if (last_id[i] == NULL || last_text[i].len != v[i].len
-                            || memcmp(last_text[i].text, v[i].text, v[i].len) != 0) {
-                            PyObject *text = string_of(&v[i], &tmp), *number;
-                            if (text == NULL) {
-                                failed = 1;
-                                break;
-                            }
-                            number = PyDict_GetItemWithError(ids, text);
-                            if (number == NULL && !PyErr_Occurred()) {
-                                number = PyLong_FromSsize_t(PyDict_GET_SIZE(ids));
-                                if (number != NULL && PyDict_SetItem(ids, text, number) < 0)
-                                    Py_CLEAR(number);
-                                Py_XDECREF(number); /* the dict holds it */
-                            }
-                            Py_DECREF(text);
-                            if (number == NULL || (n = PyLong_AsLongLong(number)) == -1) {
-                                if (number != NULL && !PyErr_Occurred())
-                                    PyErr_SetString(PyExc_ValueError,
-                                                    "scan_records: ids maps a string to -1");
-                                failed = 1;
-                                break;
-                            }
-                            Py_XSETREF(last_id[i], Py_NewRef(number));
-                            last_text[i] = v[i];
+                        if (last_id[i] >= 0 && last_text[i].len == v[i].len
+                            && memcmp(last_text[i].text, v[i].text, v[i].len) == 0) {
+                            n = last_id[i];
                         } else {
-                            n = PyLong_AsLongLong(last_id[i]); /* checked when it was got */
+                            n = id_number(&table, v[i].text, v[i].len, v[i].escaped);
+                            failed = n < 0;
+                            last_id[i] = n;
+                            last_text[i] = v[i];
                         }
                     }
-                    failed = put(&cols[i], &n, 8) < 0;
+                    failed = failed || put(&cols[i], &n, 8) < 0;
                 }
             }
             if (failed)
@@ -2080,45 +2165,66 @@ static PyObject *scan_records(PyObject *self, PyObject *args)
             p = next;
             status = got - 1;
         }
-        PyMem_RawFree(tmp.data);
         if (!failed && status) { /* where the last line ended */
-            int64_t at = p - (const char *)data.buf;
+            int64_t at = p - base;
             failed = put(&starts, &at, 8) < 0;
         }
-        if (failed) {
-            if (!PyErr_Occurred())
-                PyErr_NoMemory();
-            goto done;
-        }
-        columns = PyTuple_New(f.count);
-        if (columns == NULL)
-            goto done;
-        for (Py_ssize_t i = 0; i < f.count; i++) {
-            PyObject *col;
-            if (want[i] == TAKE_DIGEST)
-                col = Py_BuildValue("(y#y#)", cols[i].data ? cols[i].data : "",
-                                    (Py_ssize_t)cols[i].len, known[i].data ? known[i].data : "",
-                                    (Py_ssize_t)known[i].len);
-            else if (want[i])
-                col = PyBytes_FromStringAndSize(cols[i].data, (Py_ssize_t)cols[i].len);
-            else
-                col = Py_NewRef(Py_None);
-            if (col == NULL)
-                goto done;
-            PyTuple_SET_ITEM(columns, i, col);
-        }
-        result = Py_BuildValue("(y#niO)", starts.data ? starts.data : "", (Py_ssize_t)starts.len,
-                               (Py_ssize_t)(p - (const char *)data.buf), status, columns);
+        Py_END_ALLOW_THREADS
+        end_pos = p - base;
     }
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ids = PyList_New(table.count);
+    if (ids == NULL)
+        goto done;
+    for (int64_t k = 0; k < table.count; k++) {
+        PyObject *text;
+        if (k < PyTuple_GET_SIZE(known)) {
+            text = Py_NewRef(PyTuple_GET_ITEM(known, k));
+        } else {
+            Value v = {KIND_STR, 0, table.items[k].text, table.items[k].len,
+                       table.items[k].escaped};
+            text = string_of(&v, &tmp);
+            if (text == NULL)
+                goto done;
+        }
+        PyList_SET_ITEM(ids, k, text);
+    }
+    columns = PyTuple_New(f.count);
+    if (columns == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < f.count; i++) {
+        const unsigned char *want = take.buf;
+        PyObject *col;
+        if (want[i] == TAKE_DIGEST)
+            col = Py_BuildValue("(y#y#)", cols[i].data ? cols[i].data : "",
+                                (Py_ssize_t)cols[i].len, flags[i].data ? flags[i].data : "",
+                                (Py_ssize_t)flags[i].len);
+        else if (want[i])
+            col = PyBytes_FromStringAndSize(cols[i].data ? cols[i].data : "",
+                                            (Py_ssize_t)cols[i].len);
+        else
+            col = Py_NewRef(Py_None);
+        if (col == NULL)
+            goto done;
+        PyTuple_SET_ITEM(columns, i, col);
+    }
+    result = Py_BuildValue("(y#niOO)", starts.data ? starts.data : "", (Py_ssize_t)starts.len,
+                           end_pos, status, columns, ids);
 
 done:
     Py_XDECREF(columns);
+    Py_XDECREF(ids);
     for (Py_ssize_t i = 0; i < MAX_FIELDS; i++) {
-        Py_XDECREF(last_id[i]);
         PyMem_RawFree(cols[i].data);
-        PyMem_RawFree(known[i].data);
+        PyMem_RawFree(flags[i].data);
     }
     PyMem_RawFree(starts.data);
+    PyMem_RawFree(tmp.data);
+    PyMem_RawFree(table.items);
+    PyMem_RawFree(table.slots);
     PyBuffer_Release(&data);
     PyBuffer_Release(&kinds);
     PyBuffer_Release(&take);

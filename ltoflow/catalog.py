@@ -355,7 +355,7 @@ class RecordLines(RecordColumns[_R]):
         self._spec = spec
         self._ids: dict[str, str] = {}
         #: Columns of some fields, as native.scan_records returns them, plus "ids": the
-        #: numbers it gave the strings of its id columns.
+        #: strings of its id columns, by the number it gave them.
         self.columns = columns
         super().__init__(cls, len(starts) - 1, self._dicts)
 
@@ -702,12 +702,10 @@ def _lazy_list(data: bytes | mmap.mmap, pos: int, cls: type, containers: Sequenc
     names, kinds, defaults, _ = spec
     # Container ids are numbered by their place in the containers list (read before it),
     # other ids after them.
-    ids: dict[str, int] = {}
-    for k, c in enumerate(containers or ()):
-        ids.setdefault(c.container_id, k)
-    starts, end, status, cols = module.scan_records(
+    known = tuple(c.container_id for c in containers or ())
+    starts, end, status, cols, ids = module.scan_records(
         data, pos, names, kinds, defaults, _MISSING,
-        bytes(take.get(name, 0) for name in names), ids)
+        bytes(take.get(name, 0) for name in names), known)
     if not status:
         return None, pos, 0
     columns: dict[str, Any] = {"ids": ids}
@@ -730,6 +728,10 @@ def _decode_lines(data: bytes | mmap.mmap, *, lazy: bool = False) -> Catalog:
     end = data.find(b"\n")
     if data[:18] != b'{"schema_version":' or end < 0 or data[end - 1:end] != b",":
         raise _NotLineFormat
+    # With `lazy`, the segments are scanned in a thread while the files are (the C scan lets
+    # go of the interpreter's lock): found by their list's opening line, which only the list
+    # can begin with (a record's line breaks are escaped).
+    ahead: dict[int, Future[tuple[RecordLines[Any] | None, int, int]]] = {}
     try:
         head = orjson.loads(data[:end - 1] + b"}")
         lists: dict[str, Sequence[Any]] = {}
@@ -761,7 +763,17 @@ def _decode_lines(data: bytes | mmap.mmap, *, lazy: bool = False) -> Catalog:
             if rest:
                 raise _NotLineFormat
             if lazy and cls is not None:
-                kept, pos, status = _lazy_list(data, pos, cls, lists.get("containers"))
+                if name == "source_files" and module is not None and not ahead:
+                    opening = data.find(b'\n"segments":[\n', pos)
+                    if opening >= 0:
+                        at = opening + len(b'\n"segments":[\n')
+                        scanner = ThreadPoolExecutor(1, thread_name_prefix="ltoflow-ahead")
+                        ahead[at] = scanner.submit(_lazy_list, data, at, SegmentEntry,
+                                                   lists.get("containers"))
+                        scanner.shutdown(wait=False)  # its thread ends after this scan
+                got = ahead.pop(pos, None) if cls is SegmentEntry else None
+                kept, pos, status = (got.result() if got is not None
+                                     else _lazy_list(data, pos, cls, lists.get("containers")))
                 if kept is not None:
                     lists[name] = kept
                     done = status == 2
@@ -800,6 +812,10 @@ def _decode_lines(data: bytes | mmap.mmap, *, lazy: bool = False) -> Catalog:
             raise _NotLineFormat
     except (orjson.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
         raise _NotLineFormat from None
+    finally:  # a scan ahead that was not used (the decode stopped before it) ends first
+        for left in ahead.values():
+            if not left.cancel():
+                left.exception()  # waits for it; what it found is not needed
     if type(head) is not dict or any(k in head for k in _LIST_TYPES):
         raise _NotLineFormat
     kwargs = _checked(Catalog, head)

@@ -131,11 +131,13 @@ class SegmentTable:
         count = len(number)
         columns = getattr(segments, "columns", None)
         if isinstance(segments, cat.RecordLines) and columns is not None:
-            ids: dict[str, int] = columns["ids"]
             groups: Sequence[int] = columns["container_id"]
-            if any(ids.get(cid) != k for cid, k in number.items()):  # not the usual order
-                renumber = {n: number.get(cid, -1) for cid, n in ids.items()}
-                groups = array("q", (renumber.get(g, -1) for g in groups))
+            # The scan numbers the containers list's ids first, as listed, then others as it
+            # meets them; anything else (an id listed twice, or written with escapes) is
+            # numbered again here.
+            renumber = [number.get(cid, -1) for cid in columns["ids"]]
+            if renumber != [*range(count), *[-1] * (len(renumber) - count)]:
+                groups = array("q", (renumber[g] if g >= 0 else -1 for g in groups))
             offsets: Sequence[int] = columns["container_offset"]
             lengths: Sequence[int] = columns["length_bytes"]
             digests, known = columns["sha256"]

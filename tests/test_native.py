@@ -739,11 +739,13 @@ def test_lazy_decoding_gives_the_same_catalog_and_columns_that_match_its_records
         for k, s in enumerate(c.segments):
             assert cols["container_offset"][k] == s.container_offset
             assert cols["length_bytes"][k] == s.length_bytes
-            assert cols["ids"][s.container_id] == cols["container_id"][k]
+            assert cols["ids"][cols["container_id"][k]] == s.container_id
             assert (digests[32 * k:32 * k + 32], known[k]) == (bytes.fromhex(s.sha256), 1)
-        assert [cols["ids"][x.container_id] for x in c.containers] == [
-            next(k for k, y in enumerate(c.containers) if y.container_id == x.container_id)
-            for x in c.containers]  # container ids are numbered by their place
+        # the containers' ids come first, numbered by their place; the others after them
+        ids = cols["ids"]
+        assert ids[:len(c.containers)] == [x.container_id for x in c.containers]
+        assert set(ids[len(c.containers):]) == (
+            {s.container_id for s in c.segments} - {x.container_id for x in c.containers})
 
 
 def test_lines_kept_by_a_lazy_decode_read_as_a_sequence_and_encode_the_same(
@@ -767,15 +769,16 @@ def test_lines_kept_by_a_lazy_decode_read_as_a_sequence_and_encode_the_same(
     # from a file mapped into memory, as the simulator gives a catalog to verify
     path = tmp_path / "catalog.json"
     path.write_bytes(data)
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        assert cat.JsonCatalogCodec().decode(mapped, source="t", lazy=True) == c
-        assert cat.JsonCatalogCodec().decode(mapped, source="t") == c
-        damaged = tmp_path / "damaged.json"
-        damaged.write_bytes(data.replace(b'"size_bytes":5,', b'"size_bytes":[],'))
-        with (damaged.open("rb") as fh2,
-              mmap.mmap(fh2.fileno(), 0, access=mmap.ACCESS_READ) as bad,
-              pytest.raises(CatalogReadError, match="not a valid catalog")):
-            cat.JsonCatalogCodec().decode(bad, source="t", lazy=True)
+    def mapped(path: Path) -> mmap.mmap:  # left open: lazy records keep views of it
+        with path.open("rb") as fh:
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+    assert cat.JsonCatalogCodec().decode(mapped(path), source="t", lazy=True) == c
+    assert cat.JsonCatalogCodec().decode(mapped(path), source="t") == c
+    damaged = tmp_path / "damaged.json"
+    damaged.write_bytes(data.replace(b'"size_bytes":5,', b'"size_bytes":[],'))
+    with pytest.raises(CatalogReadError, match="not a valid catalog"):
+        cat.JsonCatalogCodec().decode(mapped(damaged), source="t", lazy=True)
 
 
 def test_c_decoder_reads_a_big_list_to_its_end(native: ModuleType) -> None:
@@ -864,6 +867,43 @@ def test_verify_takes_numbers_past_64_bits_and_malformed_hashes_as_never_matchin
         assert [table.of("C").record(k).segment_id for k in range(5)] == [
             "S0", "S3", "S4", "S2", "S1"]
         assert _verdicts(catalog, data, 4, 2, module) == bytes([1, 2, 2, 0, 0])
+
+
+def test_verify_finds_a_containers_segments_however_the_lines_write_its_id(
+        native: ModuleType) -> None:
+    """The scan numbers container ids by their raw text: an id written with an escape, or a
+    containers list that comes after the segments, still groups every segment with its
+    container."""
+    data = bytes(range(256)) * 4
+    segments = tuple(cat.SegmentEntry(f"S{k}", "F", cid, off, 0, 256,
+                                      hashlib.sha256(data[off:off + 256]).hexdigest())
+                     for k, (cid, off) in enumerate([("C/1", 0), ("C/1", 256), ("C2", 0),
+                                                     ("C/1", 512), ("C/1", 768), ("C2", 256)]))
+    c = attrs.evolve(cat.JsonCatalogCodec().decode(SAMPLE, source="t"), containers=(
+        cat.ContainerEntry("C/1", "s", "T1", 1, 0, 1024), cat.ContainerEntry("C2", "s", "T1", 2,
+                                                                              1024, 512)),
+        segments=segments)
+    plain = b"".join(cat.JsonCatalogCodec().encode(c))
+    escaped = plain.replace(b'"container_id":"C/1","container_offset":256',
+                            b'"container_id":"C\\/1","container_offset":256')
+    assert escaped.count(b"C\\/1") == 1
+    head, _, rest = plain.partition(b'\n"containers":[')
+    containers, _, tail = rest.partition(b'],\n"source_files"')
+    moved = head + b'\n"source_files"' + tail.replace(
+        b'],\n"skipped":[', b'],\n"containers":[' + containers + b'],\n"skipped":[')
+    for variant in (plain, escaped, moved):
+        lazy = cat.JsonCatalogCodec().decode(variant, source="t", lazy=True)
+        assert isinstance(lazy.segments, cat.RecordLines)
+        assert lazy == c
+        table = SegmentTable(lazy)
+        assert [table.of("C/1").record(k).segment_id for k in range(4)] == ["S0", "S1", "S3",
+                                                                             "S4"]
+        assert [table.of("C2").record(k).segment_id for k in range(2)] == ["S2", "S5"]
+        assert table.of("C/1").tiles(1024)
+        assert table.of("C2").tiles(512)
+        check = ContainerCheck(table.of("C/1"))
+        check.segment_updater(0, 1)(memoryview(data), 0)
+        assert bytes(check.status) == b"\x01" * 4
 
 
 @settings(max_examples=200, deadline=None)
