@@ -357,11 +357,14 @@ class RecordLines(RecordColumns[_R]):
         #: Columns of some fields, as native.scan_records returns them, plus "ids": the
         #: strings of its id columns, by the number it gave them.
         self.columns = columns
-        super().__init__(cls, len(starts) - 1, self._dicts)
+        # (no bound method of its own kept: that would be a cycle, and the catalog's bytes
+        # or mapping would live until the next garbage collection)
+        super().__init__(cls, len(starts) - 1, _no_objects)
 
     def _made(self, start: int, stop: int) -> Iterator[_R]:
         module, starts = native.MODULE, self._starts
-        assert module is not None  # only made where the C extension read the lines
+        if module is None:  # only made where the C extension read the lines
+            raise CatalogReadError("catalog records kept as lines need ltoflow._native")
         for i in range(start, stop, _BATCH):
             j = min(stop, i + _BATCH)
             made, _, _ = module.decode_records(self._data[starts[i]:starts[j]], 0, self.cls,
@@ -370,12 +373,16 @@ class RecordLines(RecordColumns[_R]):
                 raise CatalogReadError(f"catalog record lines {i}..{j - 1} no longer decode")
             yield from made
 
-    def _dicts(self, start: int, stop: int) -> list[dict[str, Any]]:
+    def objects(self, start: int, stop: int) -> list[dict[str, Any]]:
         unstructure = converter.get_unstructure_hook(self.cls)
         return [unstructure(r) for r in self._made(start, stop)]
 
     def __repr__(self) -> str:
         return f"RecordLines({self.cls.__name__}, {len(self)} records)"
+
+
+def _no_objects(start: int, stop: int) -> list[dict[str, Any]]:
+    raise AssertionError("RecordLines makes its records itself")
 
 
 def _kept(records: Sequence[Any]) -> Sequence[Any]:
@@ -465,8 +472,7 @@ class CatalogCodec(Protocol):
 
     def encode(self, catalog: Catalog) -> Iterator[bytes]: ...
 
-    def decode(self, data: bytes | mmap.mmap, *, source: str, lazy: bool = False,
-               ) -> Catalog: ...
+    def decode(self, data: bytes, *, source: str) -> Catalog: ...
 
 
 _HEAD_KEYS = (
@@ -702,7 +708,7 @@ def _lazy_list(data: bytes | mmap.mmap, pos: int, cls: type, containers: Sequenc
     names, kinds, defaults, _ = spec
     # Container ids are numbered by their place in the containers list (read before it),
     # other ids after them.
-    known = tuple(c.container_id for c in containers or ())
+    known = tuple(dict.fromkeys(c.container_id for c in containers or ()))
     starts, end, status, cols, ids = module.scan_records(
         data, pos, names, kinds, defaults, _MISSING,
         bytes(take.get(name, 0) for name in names), known)

@@ -127,7 +127,9 @@ class SegmentTable:
     def __init__(self, catalog: Catalog) -> None:
         segments = catalog.segments
         self._segments = segments
-        number = {c.container_id: k for k, c in enumerate(catalog.containers)}
+        number: dict[str, int] = {}  # a container listed twice is one group
+        for c in catalog.containers:
+            number.setdefault(c.container_id, len(number))
         count = len(number)
         columns = getattr(segments, "columns", None)
         if isinstance(segments, cat.RecordLines) and columns is not None:
@@ -184,9 +186,10 @@ def _raw_digest(text: str) -> bytes | None:
     if len(text) != cat.SHA256_HEX_LEN or text != text.lower():
         return None
     try:
-        return bytes.fromhex(text)
+        raw = bytes.fromhex(text)
     except ValueError:
         return None
+    return raw if len(raw) == cat.SHA256_HEX_LEN // 2 else None  # fromhex skips spaces
 
 
 def _group(groups: Sequence[int], offsets: Sequence[int], lengths: Sequence[int], count: int,
@@ -210,7 +213,7 @@ def _group(groups: Sequence[int], offsets: Sequence[int], lengths: Sequence[int]
         for i in ordered[firsts[g]:firsts[g + 1]]:
             if lengths[i] == 0:
                 continue
-            if offsets[i] != at or lengths[i] < 0:
+            if offsets[i] != at or lengths[i] < 0 or lengths[i] > _INT64_MAX - at:
                 at = -1
                 break
             at += lengths[i]
@@ -306,7 +309,8 @@ async def _catalog_bytes(tape: LoadedTape, tape_id: str, *, mapped: bool = False
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
     if size > MAX_CATALOG_BYTES:
         raise CatalogReadError(f"tape {tape_id}: {cat.CATALOG_JSON} is implausibly large")
-    read = tape.read_whole if mapped else tape.read_small
+    # A drive may map a big file into memory instead of copying it (read_whole: optional).
+    read = getattr(tape, "read_whole", tape.read_small) if mapped else tape.read_small
     data = await read(cat.CATALOG_JSON, limit=size + 1)
     if data is None:
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
@@ -316,9 +320,17 @@ async def _catalog_bytes(tape: LoadedTape, tape_id: str, *, mapped: bool = False
 async def read_and_decode(tape: LoadedTape, tape_id: str, codec: CatalogCodec, source: str,
                           *, lazy: bool = False) -> tuple[Catalog, str]:
     """The loaded tape's catalog and its SHA-256, checked as read_tape_catalog checks it,
-    decoded (`lazy`: as codec.decode takes it, from the file mapped into memory where the
-    drive can) while the hash is taken: one core each."""
+    decoded while the hash is taken: one core each. With `lazy` and ltoflow's own codec, it is
+    decoded as JsonCatalogCodec.decode(lazy=True) does, from the file mapped into memory where
+    the drive can; another codec gets the bytes, as before."""
+    lazy = lazy and isinstance(codec, JsonCatalogCodec)
     data = await _catalog_bytes(tape, tape_id, mapped=lazy)
+    decode: Callable[[], Catalog]
+    if isinstance(codec, JsonCatalogCodec):
+        decode = partial(codec.decode, data, source=source, lazy=lazy)
+    else:
+        decode = partial(codec.decode, data if isinstance(data, bytes) else data[:],
+                         source=source)
     digest = ""
     catalog: Catalog | None = None
     failed: CatalogReadError | None = None
@@ -330,8 +342,7 @@ async def read_and_decode(tape: LoadedTape, tape_id: str, codec: CatalogCodec, s
     async with trio.open_nursery() as nursery:
         nursery.start_soon(take_hash)
         try:
-            catalog = await trio.to_thread.run_sync(
-                partial(codec.decode, data, source=source, lazy=lazy))
+            catalog = await trio.to_thread.run_sync(decode)
         except CatalogReadError as e:  # a damaged copy says so first
             failed = e
     await _check_catalog_sha(tape, tape_id, digest)
@@ -414,6 +425,9 @@ class _ContainerCheck:
                     if j >= n or not starts_in(j, end):
                         break
                 # Segment j does not lie whole in this chunk (or there is no C extension).
+                if offsets[j] < 0 or lengths[j] < 0:  # a damaged record: never checked
+                    j += parts
+                    continue
                 j_end = offsets[j] + lengths[j]
                 h = hashlib.sha256()
                 a = max(offsets[j], pos) - pos

@@ -77,6 +77,37 @@ def test_a_swapped_codec_is_used_for_the_reserve_the_tapes_and_verify(tmp_path: 
     assert report.ok
 
 
+class WrappingCodec:
+    """A codec of its own (not a JsonCatalogCodec) that insists on bytes, as the protocol says."""
+
+    def __init__(self) -> None:
+        self.inner = JsonCatalogCodec()
+        self.decoded = 0
+
+    def encode(self, catalog: Catalog) -> Iterator[bytes]:
+        return self.inner.encode(catalog)
+
+    def decode(self, data: bytes, *, source: str) -> Catalog:
+        assert type(data) is bytes
+        self.decoded += 1
+        return self.inner.decode(data, source=source)
+
+
+def test_verify_gives_a_codec_of_its_own_the_catalogs_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify reads ltoflow's own catalogs lazily, mapped into memory; another codec gets
+    the bytes and a plain decode, as the CatalogCodec protocol promises."""
+    from ltoflow.drives import simulator
+
+    monkeypatch.setattr(simulator, "MAP_BYTES", 1)  # every catalog would be mapped
+    write_tree(tmp_path / "src", TREE)
+    config = two_tape_config(tmp_path)
+    backup(config)
+    codec = WrappingCodec()
+    assert verify(attrs.evolve(compose(config), codec=codec)).ok
+    assert codec.decoded == 1
+
+
 def test_readme_restore_example(tmp_path: Path) -> None:
     from ltoflow import restore
 

@@ -51,10 +51,15 @@ def test_backup_then_verify_is_clean(src: Path, tmp_path: Path,
     assert out.rstrip().endswith("clean.")
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["catalog-mapped", "catalog-read"])
 def test_verify_of_a_set_it_wrote_names_the_damaged_file_and_the_files_of_a_lost_tape(
-        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
     """ltoflow's own catalogs are read lazily by verify (records made only for what it
     reports): the report still names every segment and file."""
+    from ltoflow.drives import simulator
+
+    monkeypatch.setattr(simulator, "MAP_BYTES", 1 if mapped else 1 << 40)
     sim = tmp_path / "tapes"
     assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
     tapes = sorted(sim.iterdir())

@@ -855,18 +855,84 @@ def test_verify_takes_numbers_past_64_bits_and_malformed_hashes_as_never_matchin
     hex digits: such a segment lies beyond the container's end, or does not match."""
     data = b"0123456789"
     good = hashlib.sha256(b"01234").hexdigest()
+    empty = hashlib.sha256(b"").hexdigest()
     segments = [cat.SegmentEntry("S0", "F", "C", 0, 0, 5, good),
                 cat.SegmentEntry("S1", "F", "C", 2**63, 0, 5, "0" * 64),
                 cat.SegmentEntry("S2", "F", "C", 5, 0, 2**70, "0" * 64),
                 cat.SegmentEntry("S3", "F", "C", 0, 0, 5, good.upper()),
-                cat.SegmentEntry("S4", "F", "C", 0, 0, 5, good[:-1])]
+                cat.SegmentEntry("S4", "F", "C", 0, 0, 5, good[:-1]),
+                cat.SegmentEntry("S5", "F", "C", 0, 0, 5, good[:60] + "  " + good[62:]),
+                cat.SegmentEntry("S6", "F", "C", -15, 0, 2, empty),  # ends before 0
+                cat.SegmentEntry("S7", "F", "C", -1, 0, 0, empty),
+                cat.SegmentEntry("S8", "F", "C", 3, 0, -2, empty)]
     catalog = _one_container(segments, len(data))
     for module in (native, None):
         table = SegmentTable(catalog)
-        # in order of offset, then length: S0, S3, S4 (offset 0), S2, S1
-        assert [table.of("C").record(k).segment_id for k in range(5)] == [
-            "S0", "S3", "S4", "S2", "S1"]
-        assert _verdicts(catalog, data, 4, 2, module) == bytes([1, 2, 2, 0, 0])
+        # in order of offset, then length
+        assert [table.of("C").record(k).segment_id for k in range(9)] == [
+            "S6", "S7", "S0", "S3", "S4", "S5", "S8", "S2", "S1"]
+        # only S0 matches: a hash with spaces (which bytes.fromhex skips) does not, and
+        # neither does a record with a negative offset or length
+        for chunk, parts in ((4, 2), (10, 1), (3, 3)):
+            assert _verdicts(catalog, data, chunk, parts, module) == bytes(
+                [0, 0, 1, 2, 2, 2, 0, 0, 0])
+
+
+def test_verify_groups_a_container_listed_twice_once(native: ModuleType) -> None:
+    data = bytes(range(200))
+    segments = tuple(cat.SegmentEntry(f"S{k}", "F", cid, off, 0, 100,
+                                      hashlib.sha256(data[off:off + 100]).hexdigest())
+                     for k, (cid, off) in enumerate([("A", 0), ("B", 0), ("A", 100),
+                                                     ("Z", 0), ("B", 100)]))
+    base = cat.JsonCatalogCodec().decode(SAMPLE, source="t")
+    c = attrs.evolve(base, containers=tuple(cat.ContainerEntry(cid, "s", "T1", k, 0, 200)
+                                            for k, cid in enumerate("ABA")), segments=segments)
+    encoded = b"".join(cat.JsonCatalogCodec().encode(c))
+    for catalog in (c, cat.JsonCatalogCodec().decode(encoded, source="t", lazy=True)):
+        for module in (native, None):
+            saved = extension.MODULE
+            try:
+                extension.MODULE = module  # type: ignore[assignment]
+                table = SegmentTable(catalog)
+            finally:
+                extension.MODULE = saved
+            assert [[table.of(cid).record(k).segment_id for k in range(len(table.of(cid)))]
+                    for cid in "ABZ"] == [["S0", "S2"], ["S1", "S4"], []]
+            assert table.of("A").tiles(200)
+            assert table.of("B").tiles(200)
+            check = ContainerCheck(table.of("A"))
+            check.segment_updater(0, 1)(memoryview(data), 0)
+            assert bytes(check.status) == b"\x01\x01"
+
+
+def test_lazy_records_hold_no_cycle_and_notice_changed_bytes(
+        native: ModuleType, tmp_path: Path) -> None:
+    """A lazily read catalog frees its bytes or mapping when the last reference goes (no
+    garbage collection needed); lines whose bytes changed since are an error, not records."""
+    import gc
+
+    path = tmp_path / "catalog.json"
+    path.write_bytes(SAMPLE)
+    with path.open("rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        lazy = cat.JsonCatalogCodec().decode(mapped, source="t", lazy=True)
+        assert isinstance(lazy.segments, cat.RecordLines)
+        del lazy
+        mapped.close()  # BufferError if the records still held a view of it
+    finally:
+        if enabled:
+            gc.enable()
+    changing = bytearray(SAMPLE)
+    lazy = cat.JsonCatalogCodec().decode(changing, source="t",  # type: ignore[arg-type]
+                                         lazy=True)
+    assert lazy.segments[1].segment_id == "S2"
+    at = SAMPLE.index(b'{"segment_id":"S2"')
+    changing[at:at + 1] = b"["
+    with pytest.raises(CatalogReadError, match="no longer decode"):
+        lazy.segments[1]
 
 
 def test_verify_finds_a_containers_segments_however_the_lines_write_its_id(

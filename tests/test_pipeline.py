@@ -86,9 +86,6 @@ class MemoryTape:
         data = self.files.get(path)
         return None if data is None else data[:limit]
 
-    async def read_whole(self, path: str, *, limit: int) -> bytes | None:
-        return await self.read_small(path, limit=limit)
-
     async def size_of(self, path: str) -> int | None:
         data = self.files.get(path)
         return None if data is None else len(data)

@@ -6,6 +6,7 @@ import hashlib
 import random
 from typing import cast
 
+import attrs
 import pytest
 
 from ltoflow import catalog as cat
@@ -101,8 +102,6 @@ async def test_bytes_outside_every_segment_are_checked_by_the_container_hash() -
 async def test_the_catalogs_own_container_hash_is_checked_when_asked() -> None:
     """Segments that tile the container check its bytes; a wrong container record in the
     catalog (which the recovery kit reads) is found only with `whole`, as backup --verify asks."""
-    import attrs
-
     data = random.Random(8).randbytes(50_000)
     container, index = _container(data, [(0, 20_000), (20_000, 50_000)])
     wrong = attrs.evolve(container, sha256="0" * 64)
@@ -139,3 +138,14 @@ async def test_a_container_that_reads_past_its_size_is_reported() -> None:
     assert read == 10_100
     assert [p.what for p in found] == [
         "container gave 10100 bytes when read, the catalog says 10000"]
+
+
+async def test_an_empty_container_of_empty_files_is_clean_and_a_wrong_empty_hash_is_not() -> None:
+    container, index = _container(b"", [(0, 0), (0, 0)])
+    tape = cast(LoadedTape, _OneContainerTape(b""))
+    assert await verify_container(tape, container, index) == ([], 0)
+    segments = tuple(attrs.evolve(s, sha256="1" * 64) if k else s
+                     for k, s in enumerate(index.catalog.segments))
+    wrong = CatalogIndex(attrs.evolve(index.catalog, segments=segments))
+    found, _ = await verify_container(tape, container, wrong)
+    assert [(p.what, p.segment_id) for p in found] == [("SHA-256 mismatch", "SEG-f1-001")]

@@ -8,7 +8,6 @@ cartridge. Implementations do not inherit from these Protocols; they only match 
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Buffer
 from typing import Protocol
 
@@ -77,12 +76,10 @@ class LoadedTape(Protocol):
     async def open_read(self, path: str) -> TapeReader: ...
 
     async def read_small(self, path: str, *, limit: int) -> bytes | None:
-        """The whole file (at most `limit` bytes), or None when it does not exist."""
-        ...
-
-    async def read_whole(self, path: str, *, limit: int) -> bytes | mmap.mmap | None:
-        """As read_small, for a file that may be hundreds of MB (a set's catalog): a drive
-        may map it into memory (read-only) instead of copying it."""
+        """The whole file (at most `limit` bytes), or None when it does not exist. A drive
+        may also offer `read_whole`, the same for a file that may be hundreds of MB (a set's
+        catalog), which can give it mapped into memory (read-only) instead of copied (the
+        simulator does)."""
         ...
 
     async def size_of(self, path: str) -> int | None: ...

@@ -331,10 +331,6 @@ class LtfsTape:
 
         return await self._io(f"reading {path}", _read, read=True)
 
-    async def read_whole(self, path: str, *, limit: int) -> bytes | None:
-        # Read, not mapped: a FUSE mount may not map files, and the tape reads it once anyway.
-        return await self.read_small(path, limit=limit)
-
     async def size_of(self, path: str) -> int | None:
         def _size() -> int | None:
             try:
