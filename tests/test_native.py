@@ -892,7 +892,7 @@ def test_verify_groups_a_container_listed_twice_once(native: ModuleType) -> None
         for module in (native, None):
             saved = extension.MODULE
             try:
-                extension.MODULE = module  # type: ignore[assignment]
+                extension.MODULE = module
                 table = SegmentTable(catalog)
             finally:
                 extension.MODULE = saved
