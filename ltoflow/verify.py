@@ -4,7 +4,11 @@ Each container is read once, front to back, and all of its segments are hashed i
 pass; the hash of the whole container too, when some of its bytes lie outside every segment
 (they tile it, as ltoflow writes containers, and then the segments check every byte) or when
 asked. Reads run a few chunks ahead of hashing, and the hashes run in threads at their own pace:
-the container's beside the segments', or big segments shared out between two, one per core.
+the container's beside the segments', or the segments shared out between two, one per core.
+
+The segments are checked from columns (SegmentTable: container, offset, length, raw hash). A
+catalog in ltoflow's own layout is read lazily into them: no record is made until a problem
+names one, which is most of the time a million-file verify used to take.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class ContainerSegments:
     `offsets` and `lengths` are 64-bit (a number a catalog holds that does not fit is taken as
     the largest that does: such a segment lies beyond every container's end); `digests` holds
     each one's SHA-256 as 32 raw bytes, `known` a byte each, 1 where the catalog's hash is
-    well-formed (64 lowercase hex digits; any other never matches). `records(k)` is segment k's
+    well-formed (64 lowercase hex digits; any other never matches). `record(k)` is segment k's
     catalog record.
     """
 
