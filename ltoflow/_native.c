@@ -2241,44 +2241,47 @@ PyDoc_STRVAR(check_segments_doc,
 "with the GIL released, and set status[k] (a bytearray) to 1 where the SHA-256 is digests[k]\n"
 "(32 raw bytes each) and known[k] is 1, to 2 where it is not. Returns the index it stopped at.");
 
+/* Columns objs[0..count-1] as views[] (itemsize and writable per column); the count got. */
+static int get_columns(PyObject **objs, Py_buffer *views, const char *const *what,
+                       const Py_ssize_t *itemsize, const int *writable, int count)
+{
+    int got = 0;
+    while (got < count
+           && get_column(objs[got], &views[got], what[got], itemsize[got], writable[got]) == 0)
+        got++;
+    return got;
+}
+
 static PyObject *check_segments(PyObject *self, PyObject *args)
 {
-    Py_buffer chunk, b_off, b_len, b_dig, b_known, b_status;
-    PyObject *o_off, *o_len, *o_dig, *o_known, *o_status, *result = NULL;
+    enum { OFF, LEN, DIG, KNOWN, STATUS, COLUMNS };
+    static const char *const what[] = {"offsets", "lengths", "digests", "known", "status"};
+    static const Py_ssize_t itemsize[] = {8, 8, 1, 1, 1};
+    static const int writable[] = {0, 0, 0, 0, 1};
+    Py_buffer chunk, b[COLUMNS];
+    PyObject *o[COLUMNS], *result = NULL;
     long long pos;
     Py_ssize_t first, step, stop, n;
-    int got = 0, failed = 0;
+    int got, failed = 0;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "y*LOOOOOnn:check_segments", &chunk, &pos, &o_off, &o_len,
-                          &o_dig, &o_known, &o_status, &first, &step))
+    if (!PyArg_ParseTuple(args, "y*LOOOOOnn:check_segments", &chunk, &pos, &o[OFF], &o[LEN],
+                          &o[DIG], &o[KNOWN], &o[STATUS], &first, &step))
         return NULL;
-    if (get_column(o_off, &b_off, "offsets", 8, 0) < 0)
+    got = get_columns(o, b, what, itemsize, writable, COLUMNS);
+    if (got < COLUMNS)
         goto done;
-    got++;
-    if (get_column(o_len, &b_len, "lengths", 8, 0) < 0)
-        goto done;
-    got++;
-    if (get_column(o_dig, &b_dig, "digests", 1, 0) < 0)
-        goto done;
-    got++;
-    if (get_column(o_known, &b_known, "known", 1, 0) < 0)
-        goto done;
-    got++;
-    if (get_column(o_status, &b_status, "status", 1, 1) < 0)
-        goto done;
-    got++;
-    n = b_off.len / 8;
-    if (b_len.len / 8 != n || b_dig.len != n * SHA256_LEN || b_known.len != n
-        || b_status.len != n || step < 1 || first < 0 || pos < 0
+    n = b[OFF].len / 8;
+    if (b[LEN].len / 8 != n || b[DIG].len != n * SHA256_LEN || b[KNOWN].len != n
+        || b[STATUS].len != n || step < 1 || first < 0 || pos < 0
         || pos > LLONG_MAX - chunk.len) {
         PyErr_SetString(PyExc_ValueError, "check_segments: bad columns, first or step");
         goto done;
     }
     {
-        const int64_t *off = b_off.buf, *len = b_len.buf;
-        const unsigned char *want = b_dig.buf, *known = b_known.buf, *base = chunk.buf;
-        unsigned char *status = b_status.buf;
+        const int64_t *off = b[OFF].buf, *len = b[LEN].buf;
+        const unsigned char *want = b[DIG].buf, *known = b[KNOWN].buf, *base = chunk.buf;
+        unsigned char *status = b[STATUS].buf;
         int64_t end = pos + chunk.len;
         Py_BEGIN_ALLOW_THREADS
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
@@ -2303,14 +2306,8 @@ static PyObject *check_segments(PyObject *self, PyObject *args)
     result = PyLong_FromSsize_t(stop);
 
 done:
-    switch (got) {
-    case 5: PyBuffer_Release(&b_status); /* fall through */
-    case 4: PyBuffer_Release(&b_known); /* fall through */
-    case 3: PyBuffer_Release(&b_dig); /* fall through */
-    case 2: PyBuffer_Release(&b_len); /* fall through */
-    case 1: PyBuffer_Release(&b_off); /* fall through */
-    default: break;
-    }
+    while (got > 0)
+        PyBuffer_Release(&b[--got]);
     PyBuffer_Release(&chunk);
     return result;
 }
@@ -2341,26 +2338,23 @@ static int by_place(const void *pa, const void *pb)
 
 static PyObject *group_segments(PyObject *self, PyObject *args)
 {
-    Py_buffer b_grp, b_off, b_len;
-    PyObject *o_grp, *o_off, *o_len, *order = NULL, *starts = NULL, *ends = NULL;
-    PyObject *result = NULL;
+    enum { GRP, OFF, LEN, COLUMNS };
+    static const char *const what[] = {"groups", "offsets", "lengths"};
+    static const Py_ssize_t itemsize[] = {8, 8, 8};
+    static const int writable[] = {0, 0, 0};
+    Py_buffer b[COLUMNS];
+    PyObject *o[COLUMNS], *order = NULL, *starts = NULL, *ends = NULL, *result = NULL;
     Py_ssize_t count, n;
-    int got = 0;
+    int got;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "OOOn:group_segments", &o_grp, &o_off, &o_len, &count))
+    if (!PyArg_ParseTuple(args, "OOOn:group_segments", &o[GRP], &o[OFF], &o[LEN], &count))
         return NULL;
-    if (get_column(o_grp, &b_grp, "groups", 8, 0) < 0)
+    got = get_columns(o, b, what, itemsize, writable, COLUMNS);
+    if (got < COLUMNS)
         goto done;
-    got++;
-    if (get_column(o_off, &b_off, "offsets", 8, 0) < 0)
-        goto done;
-    got++;
-    if (get_column(o_len, &b_len, "lengths", 8, 0) < 0)
-        goto done;
-    got++;
-    n = b_grp.len / 8;
-    if (b_off.len / 8 != n || b_len.len / 8 != n || count < 0) {
+    n = b[GRP].len / 8;
+    if (b[OFF].len / 8 != n || b[LEN].len / 8 != n || count < 0) {
         PyErr_SetString(PyExc_ValueError, "group_segments: the columns differ in length");
         goto done;
     }
@@ -2368,7 +2362,7 @@ static PyObject *group_segments(PyObject *self, PyObject *args)
     if (starts == NULL)
         goto done;
     {
-        const int64_t *grp = b_grp.buf, *off = b_off.buf, *len = b_len.buf;
+        const int64_t *grp = b[GRP].buf, *off = b[OFF].buf, *len = b[LEN].buf;
         int64_t *first = (int64_t *)PyBytes_AS_STRING(starts);
         int sorted = 1;
         memset(first, 0, (size_t)(count + 1) * 8);
@@ -2442,12 +2436,8 @@ done:
     Py_XDECREF(order);
     Py_XDECREF(starts);
     Py_XDECREF(ends);
-    switch (got) {
-    case 3: PyBuffer_Release(&b_len); /* fall through */
-    case 2: PyBuffer_Release(&b_off); /* fall through */
-    case 1: PyBuffer_Release(&b_grp); /* fall through */
-    default: break;
-    }
+    while (got > 0)
+        PyBuffer_Release(&b[--got]);
     return result;
 }
 

@@ -15,9 +15,9 @@ import json
 import mmap
 import os
 import signal
-from collections.abc import Buffer
+from collections.abc import Buffer, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import attrs
 import trio
@@ -44,6 +44,7 @@ TAPE_JSON = "tape.json"
 TAPE_DIR_PREFIX = "TAPE-"
 #: read_whole maps files of this size or more into memory instead of copying them.
 MAP_BYTES = MiB
+_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -294,32 +295,27 @@ class SimulatorTape:
             )
 
     async def read_small(self, path: str, *, limit: int) -> bytes | None:
-        self._check_read(path)
-
-        def _read() -> bytes | None:
-            try:
-                with open(self._path(path), "rb") as fh:
-                    return fh.read(limit)
-            except FileNotFoundError:
-                return None
-
-        try:
-            return await trio.to_thread.run_sync(_read)
-        except OSError as e:
-            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+        return await self._read_whole_file(path, lambda fh: fh.read(limit))
 
     async def read_whole(self, path: str, *, limit: int) -> bytes | mmap.mmap | None:
         """A file of MAP_BYTES or more is mapped, not copied: a million-file catalog is 700 MB,
         and copying it into fresh memory took longer than decoding it."""
+
+        def mapped(fh: BinaryIO) -> bytes | mmap.mmap:
+            if not MAP_BYTES <= os.fstat(fh.fileno()).st_size <= limit:
+                return fh.read(limit)
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+        return await self._read_whole_file(path, mapped)
+
+    async def _read_whole_file(self, path: str, read: Callable[[BinaryIO], _T]) -> _T | None:
+        """read(the open file), in a thread; None when there is no such file."""
         self._check_read(path)
 
-        def _read() -> bytes | mmap.mmap | None:
+        def _read() -> _T | None:
             try:
                 with open(self._path(path), "rb") as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    if not MAP_BYTES <= size <= limit:
-                        return fh.read(limit)
-                    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    return read(fh)
             except FileNotFoundError:
                 return None
 
