@@ -2234,12 +2234,13 @@ done:
 /* ---- verify: the segments of a container, checked in the chunks read of it ---- */
 
 PyDoc_STRVAR(check_segments_doc,
-"check_segments(chunk, pos, offsets, lengths, digests, known, status, first, step)\n"
+"check_segments(chunk, pos, offsets, lengths, digests, known, status, first, limit)\n"
 "--\n\n"
-"Hash segments first, first + step, ... (offsets and lengths: 64-bit columns, offsets into\n"
-"the container, sorted) while each lies wholly in chunk, the container's bytes from pos on,\n"
-"with the GIL released, and set status[k] (a bytearray) to 1 where the SHA-256 is digests[k]\n"
-"(32 raw bytes each) and known[k] is 1, to 2 where it is not. Returns the index it stopped at.");
+"Hash segments first, first + 1, ... (offsets and lengths: 64-bit columns, offsets into the\n"
+"container, sorted) while each starts before offset limit and lies wholly in chunk, the\n"
+"container's bytes from pos on, with the GIL released, and set status[k] (a bytearray) to 1\n"
+"where the SHA-256 is digests[k] (32 raw bytes each) and known[k] is 1, to 2 where it is not.\n"
+"Returns the index it stopped at.");
 
 /* Columns objs[0..count-1] as views[] (itemsize and writable per column); the count got. */
 static int get_columns(PyObject **objs, Py_buffer *views, const char *const *what,
@@ -2260,22 +2261,21 @@ static PyObject *check_segments(PyObject *self, PyObject *args)
     static const int writable[] = {0, 0, 0, 0, 1};
     Py_buffer chunk, b[COLUMNS];
     PyObject *o[COLUMNS], *result = NULL;
-    long long pos;
-    Py_ssize_t first, step, stop, n;
+    long long pos, limit;
+    Py_ssize_t first, stop, n;
     int got, failed = 0;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "y*LOOOOOnn:check_segments", &chunk, &pos, &o[OFF], &o[LEN],
-                          &o[DIG], &o[KNOWN], &o[STATUS], &first, &step))
+    if (!PyArg_ParseTuple(args, "y*LOOOOOnL:check_segments", &chunk, &pos, &o[OFF], &o[LEN],
+                          &o[DIG], &o[KNOWN], &o[STATUS], &first, &limit))
         return NULL;
     got = get_columns(o, b, what, itemsize, writable, COLUMNS);
     if (got < COLUMNS)
         goto done;
     n = b[OFF].len / 8;
     if (b[LEN].len / 8 != n || b[DIG].len != n * SHA256_LEN || b[KNOWN].len != n
-        || b[STATUS].len != n || step < 1 || first < 0 || pos < 0
-        || pos > LLONG_MAX - chunk.len) {
-        PyErr_SetString(PyExc_ValueError, "check_segments: bad columns, first or step");
+        || b[STATUS].len != n || first < 0 || pos < 0 || pos > LLONG_MAX - chunk.len) {
+        PyErr_SetString(PyExc_ValueError, "check_segments: bad columns, first or pos");
         goto done;
     }
     {
@@ -2286,9 +2286,10 @@ static PyObject *check_segments(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
         failed = ctx == NULL;
-        for (stop = first; stop < n && !failed; stop += step) {
+        for (stop = first; stop < n && !failed; stop++) {
             unsigned char raw[SHA256_LEN];
-            if (off[stop] < pos || len[stop] < 0 || off[stop] > end - len[stop])
+            if (off[stop] < pos || off[stop] >= limit || len[stop] < 0
+                || off[stop] > end - len[stop])
                 break;
             failed = !EVP_DigestInit_ex(ctx, sha256_md, NULL)
                      || !EVP_DigestUpdate(ctx, base + (off[stop] - pos), (size_t)len[stop])

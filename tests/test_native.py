@@ -16,6 +16,7 @@ from array import array
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import attrs
 import orjson
@@ -837,7 +838,21 @@ def test_c_verify_gives_every_segment_the_verdict_python_gives(
                          .hexdigest())
         for k, (off, (_, length, right)) in enumerate(zip(offsets, layout, strict=True))]
     catalog = _one_container(segments, len(data))
-    got = _verdicts(catalog, data, chunk, parts, BUILT)
+    hashed: list[int] = []
+
+    class Counted:
+        """The extension, noting each segment check_segments hashed."""
+
+        def check_segments(self, *args: Any) -> int:
+            stop: int = BUILT.check_segments(*args)  # type: ignore[union-attr]
+            hashed.extend(range(args[7], stop))
+            return stop
+
+        def group_segments(self, *args: Any) -> Any:
+            return BUILT.group_segments(*args)  # type: ignore[union-attr]
+
+    got = _verdicts(catalog, data, chunk, parts, Counted())
+    assert len(hashed) == len(set(hashed))  # no segment hashed by two parts, or twice
     assert got == _verdicts(catalog, data, chunk, parts, None)
     in_order = sorted(segments, key=lambda s: (s.container_offset, s.length_bytes))
     assert list(got) == [
