@@ -20,12 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from types import NoneType
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import attrs
-import cattrs
 import orjson
-from cattrs.gen import make_dict_unstructure_fn, override
+
+if TYPE_CHECKING:
+    import cattrs
 
 from ltoflow import native, paths
 from ltoflow.errors import CatalogReadError
@@ -374,7 +375,7 @@ class RecordLines(RecordColumns[_R]):
             yield from made
 
     def objects(self, start: int, stop: int) -> list[dict[str, Any]]:
-        unstructure = converter.get_unstructure_hook(self.cls)
+        unstructure = the_converter().get_unstructure_hook(self.cls)
         return [unstructure(r) for r in self._made(start, stop)]
 
     def __repr__(self) -> str:
@@ -444,27 +445,49 @@ def split_files(catalog: Catalog) -> tuple[int, int]:
     return len(split), len(across)
 
 
-converter = cattrs.Converter()
-# The exact-bytes keys appear only when a name needs them, so ordinary records stay as they were.
-_omit_none = override(omit_if_default=True)
-converter.register_unstructure_hook(
-    SourceFileEntry,
-    make_dict_unstructure_fn(SourceFileEntry, converter, relative_path_b64=_omit_none),
-)
-converter.register_unstructure_hook(
-    DirectoryEntry,
-    make_dict_unstructure_fn(DirectoryEntry, converter, relative_path_b64=_omit_none),
-)
-converter.register_unstructure_hook(
-    SymlinkEntry,
-    make_dict_unstructure_fn(SymlinkEntry, converter, relative_path_b64=_omit_none,
-                             target_b64=_omit_none),
-)
-# `file_id` is written only when there is one, so skipped special files keep the old shape.
-converter.register_unstructure_hook(
-    SkippedEntry,
-    make_dict_unstructure_fn(SkippedEntry, converter, file_id=_omit_none),
-)
+_CONVERTER: cattrs.Converter | None = None
+
+
+def the_converter() -> cattrs.Converter:
+    """The one cattrs converter, made (and cattrs imported) on first use: reading ltoflow's own
+    catalogs never needs it, and importing cattrs is a tenth of verify's start-up."""
+    global _CONVERTER
+    if _CONVERTER is None:
+        import cattrs
+        from cattrs.gen import make_dict_unstructure_fn, override
+
+        made = cattrs.Converter()
+        # The exact-bytes keys appear only when a name needs them, so ordinary records stay
+        # as they were.
+        omit_none = override(omit_if_default=True)
+        made.register_unstructure_hook(
+            SourceFileEntry,
+            make_dict_unstructure_fn(SourceFileEntry, made, relative_path_b64=omit_none),
+        )
+        made.register_unstructure_hook(
+            DirectoryEntry,
+            make_dict_unstructure_fn(DirectoryEntry, made, relative_path_b64=omit_none),
+        )
+        made.register_unstructure_hook(
+            SymlinkEntry,
+            make_dict_unstructure_fn(SymlinkEntry, made, relative_path_b64=omit_none,
+                                     target_b64=omit_none),
+        )
+        # `file_id` is written only when there is one, so skipped special files keep the old
+        # shape.
+        made.register_unstructure_hook(
+            SkippedEntry,
+            make_dict_unstructure_fn(SkippedEntry, made, file_id=omit_none),
+        )
+        _CONVERTER = made
+    return _CONVERTER
+
+
+def __getattr__(name: str) -> cattrs.Converter:
+    """`catalog.converter`: the_converter(), made on first use."""
+    if name == "converter":
+        return the_converter()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CatalogCodec(Protocol):
@@ -547,7 +570,7 @@ class JsonCatalogCodec:
 
     def record_size(self, record: object) -> int:
         """Encoded bytes of one list record, without its separator."""
-        return len(orjson.dumps(converter.unstructure(record)))
+        return len(orjson.dumps(the_converter().unstructure(record)))
 
     @staticmethod
     def list_size(record_bytes: int, count: int) -> int:
@@ -583,8 +606,10 @@ class JsonCatalogCodec:
             raise CatalogReadError(f"{source} is not valid JSON ({e}); it is damaged") from e
         if not isinstance(raw, dict):
             raise CatalogReadError(f"{source} is not a catalog (its JSON is not an object)")
+        import cattrs
+
         try:
-            return converter.structure(raw, Catalog)
+            return the_converter().structure(raw, Catalog)
         except cattrs.BaseValidationError as e:
             problems = cattrs.transform_error(e, path="catalog")
             shown = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
@@ -839,7 +864,7 @@ def _records(records: Sequence[object], cls: type) -> Generator[bytes]:
     """The lines of a list of `cls` records: the first after a newline, the others after
     `,` and a newline. The unstructure hook is looked up once, not once per record."""
     lead = b"\n"
-    for chunk in _batches(records, converter.get_unstructure_hook(cls)):
+    for chunk in _batches(records, the_converter().get_unstructure_hook(cls)):
         yield lead + chunk
         lead = b",\n"
 
