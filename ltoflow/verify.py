@@ -400,7 +400,7 @@ class _ContainerCheck:
         """An update for this part of `parts`, fed every chunk in order: one for each of
         `parts` threads, which share `status` only (each sets its own segments'). Part k takes
         the segments that start in the k-th of `parts` equal stretches of each chunk (a
-        stretch of memory each, not every other segment: a fifth faster on small ones). With
+        stretch of memory each, not every other segment: a tenth faster on small ones). With
         the C extension, the segments that lie whole in a chunk are hashed and compared by one
         call (without the interpreter's lock); the others here, a piece at a time."""
         segs, status, module = self.segments, self.status, native.MODULE
