@@ -91,7 +91,7 @@ class VerifyReport:
 
 
 _INT64_MAX = (1 << 63) - 1
-EMPTY = hashlib.sha256(b"").digest()
+EMPTY = bytes.fromhex(cat.EMPTY_SHA256)
 
 
 @attrs.frozen
@@ -117,6 +117,9 @@ class ContainerSegments:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def records(self) -> list[SegmentEntry]:
+        return [self.record(k) for k in range(len(self))]
+
     def tiles(self, size: int) -> bool:
         return self.tile_end == size
 
@@ -136,8 +139,8 @@ class SegmentTable:
         for c in catalog.containers:
             number.setdefault(c.container_id, len(number))
         count = len(number)
-        columns = getattr(segments, "columns", None)
-        if isinstance(segments, cat.RecordLines) and columns is not None:
+        if isinstance(segments, cat.RecordLines):
+            columns = segments.columns
             groups: Sequence[int] = columns["container_id"]
             # The scan numbers the containers list's ids first, as listed, then others as it
             # meets them; anything else (an id listed twice, or written with escapes) is
@@ -254,8 +257,7 @@ class CatalogIndex:
 
     def segments_of(self, container_id: str) -> list[SegmentEntry]:
         """The records of a container's segments, in order of offset."""
-        segs = self.table.of(container_id)
-        return [segs.record(k) for k in range(len(segs))]
+        return self.table.of(container_id).records()
 
     def files_in(self, segments: Sequence[SegmentEntry]) -> tuple[str, ...]:
         seen: dict[str, None] = {}
@@ -328,14 +330,14 @@ async def read_and_decode(tape: LoadedTape, tape_id: str, codec: CatalogCodec, s
     decoded while the hash is taken: one core each. With `lazy` and ltoflow's own codec, it is
     decoded as JsonCatalogCodec.decode(lazy=True) does, from the file mapped into memory where
     the drive can; another codec gets the bytes, as before."""
-    lazy = lazy and isinstance(codec, JsonCatalogCodec)
-    data = await _catalog_bytes(tape, tape_id, mapped=lazy)
     decode: Callable[[], Catalog]
     if isinstance(codec, JsonCatalogCodec):
+        data = await _catalog_bytes(tape, tape_id, mapped=lazy)
         decode = partial(codec.decode, data, source=source, lazy=lazy)
     else:
-        decode = partial(codec.decode, data if isinstance(data, bytes) else data[:],
-                         source=source)
+        data = await _catalog_bytes(tape, tape_id)
+        assert isinstance(data, bytes)  # read, not mapped
+        decode = partial(codec.decode, data, source=source)
     digest = ""
     catalog: Catalog | None = None
     failed: CatalogReadError | None = None
@@ -403,13 +405,10 @@ class _ContainerCheck:
         stretch of memory each, not every other segment: a tenth faster on small ones). With
         the C extension, the segments that lie whole in a chunk are hashed and compared by one
         call (without the interpreter's lock); the others here, a piece at a time."""
-        segs, status, module = self.segments, self.status, native.MODULE
+        segs, status, module, decide = self.segments, self.status, native.MODULE, self._decide
         offsets, lengths, digests, known = segs.offsets, segs.lengths, segs.digests, segs.known
         n = len(offsets)
         begun: dict[int, Any] = {}  # segments that run on into the next chunk
-
-        def decide(j: int, digest: bytes) -> None:
-            status[j] = 1 if known[j] and digest == digests[32 * j:32 * j + 32] else 2
 
         def update(data: memoryview, pos: int) -> None:
             end = pos + len(data)
@@ -450,8 +449,12 @@ class _ContainerCheck:
             return
         for k in (k for k, verdict in enumerate(status) if not verdict):
             if segs.lengths[k] == 0 and 0 <= segs.offsets[k] <= total:
-                status[k] = 1 if segs.known[k] and segs.digests[32 * k:32 * k + 32] == EMPTY \
-                    else 2
+                self._decide(k, EMPTY)
+
+    def _decide(self, k: int, digest: bytes) -> None:
+        """Segment k's verdict, from the SHA-256 of its bytes."""
+        segs = self.segments
+        self.status[k] = 1 if segs.known[k] and digest == segs.digests[32 * k:32 * k + 32] else 2
 
 
 def read_pool() -> PipelineBuffer:
@@ -472,7 +475,7 @@ async def verify_container(
     segments = index.table.of(container.container_id)
 
     def files() -> tuple[str, ...]:
-        return index.files_in([segments.record(k) for k in range(len(segments))])
+        return index.files_in(segments.records())
 
     where: dict[str, Any] = {
         "tape_id": container.tape_id, "container_id": container.container_id
