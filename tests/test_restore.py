@@ -341,7 +341,11 @@ async def test_read_errors_on_many_containers_never_hang_verify_or_restore(
     async def failing(self: SimulatorReader, buf: memoryview) -> int:
         raise TapeReadError("medium error")
 
+    def failing_map(self: SimulatorReader, offset: int, length: int) -> None:
+        raise TapeReadError("medium error")
+
     monkeypatch.setattr(SimulatorReader, "readinto", failing)
+    monkeypatch.setattr(SimulatorReader, "map_chunk", failing_map)  # verify maps, restore reads
     components = api.Components(drive=SimulatorDrive(tapes))
     with trio.fail_after(60):
         report = await api.verify_async(components)

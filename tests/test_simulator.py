@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,31 @@ async def test_fail_on_read_raises_a_file_write_error(tmp_path: Path) -> None:
     assert isinstance(info.value, TapeReadError)
     with pytest.raises(TapeReadError):
         await tape.read_small("data/a", limit=10)
+
+
+async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 100_000)
+    tape = await drive.load(T1)
+    data = bytes(range(256)) * 50  # 12,800 bytes: three pages and a part
+    w = await tape.open_write("data/a")
+    await w.write(data)
+    await w.close()
+    await (await tape.open_write("data/empty")).close()
+    reader = await tape.open_read("data/a")
+    page = mmap.ALLOCATIONGRANULARITY
+    chunks = [reader.map_chunk(at, 2 * page) for at in range(0, len(data) + 2 * page, 2 * page)]
+    assert [bytes(c) if c is not None else None for c in chunks] == [
+        data[:2 * page], data[2 * page:], None]
+    for c in chunks:
+        if c is not None:
+            with pytest.raises(TypeError):
+                c[0] = 0  # read-only
+            c.close()
+    await reader.close()
+    empty = await tape.open_read("data/empty")
+    assert empty.map_chunk(0, page) is None
+    await empty.close()
+    await drive.unload()
 
 
 async def test_fail_on_load(tmp_path: Path) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import random
-from typing import cast
+from collections.abc import Iterator
+from typing import ClassVar, cast
 
 import attrs
 import pytest
 
 from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape
-from ltoflow.verify import SHARED_SEGMENT_BYTES, CatalogIndex, verify_container
+from ltoflow.errors import TapeReadError
+from ltoflow.verify import READ_CHUNK_BYTES, SHARED_SEGMENT_BYTES, CatalogIndex, verify_container
 
 CID = "CNT-00000000-0000-0000-0000-000000000000-00001"
 
@@ -30,7 +33,28 @@ class _Reader:
         pass
 
 
+class _MappingReader(_Reader):
+    """A reader that also offers map_chunk, as the simulator's does; it keeps every chunk it
+    gave out, to see that verify closed them all."""
+
+    given: ClassVar[list[mmap.mmap]] = []
+    fail_at: ClassVar[int | None] = None  # map_chunk raises for the chunk at this offset
+
+    def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
+        if offset == self.fail_at:
+            raise TapeReadError("read of the container failed: injected")
+        n = min(length, len(self.data) - offset)
+        if n <= 0:
+            return None
+        chunk = mmap.mmap(-1, n)
+        chunk[:] = self.data[offset:offset + n]
+        self.given.append(chunk)
+        return chunk
+
+
 class _OneContainerTape:
+    reader: type[_Reader] = _Reader
+
     def __init__(self, data: bytes) -> None:
         self.data = data
 
@@ -39,7 +63,19 @@ class _OneContainerTape:
 
     async def open_read(self, path: str) -> _Reader:
         assert path == f"data/{CID}"
-        return _Reader(self.data)
+        return self.reader(self.data)
+
+
+@pytest.fixture(autouse=True, params=["read", "mapped"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test twice: with a reader that copies into verify's buffers, and with one that
+    maps chunks (the simulator's); all mapped chunks are closed when verify is done."""
+    given: list[mmap.mmap] = []
+    if request.param == "mapped":
+        monkeypatch.setattr(_OneContainerTape, "reader", _MappingReader)
+        monkeypatch.setattr(_MappingReader, "given", given)
+    yield request.param
+    assert all(chunk.closed for chunk in given)
 
 
 def _container(data: bytes, spans: list[tuple[int, int]]) -> tuple[cat.ContainerEntry,
@@ -119,7 +155,7 @@ async def test_a_container_that_reads_short_of_its_size_is_reported() -> None:
 
     class _Short(_OneContainerTape):
         async def open_read(self, path: str) -> _Reader:
-            return _Reader(self.data[:6_000])  # stat says 10,000; the reads end at 6,000
+            return self.reader(self.data[:6_000])  # stat says 10,000; the reads end at 6,000
 
     found, read = await verify_container(cast(LoadedTape, _Short(data)), container, index)
     assert read == 6_000
@@ -132,7 +168,7 @@ async def test_a_container_that_reads_past_its_size_is_reported() -> None:
 
     class _Long(_OneContainerTape):
         async def open_read(self, path: str) -> _Reader:
-            return _Reader(self.data + b"\0" * 100)  # stat says 10,000: the reads disagree
+            return self.reader(self.data + b"\0" * 100)  # stat says 10,000: the reads disagree
 
     found, read = await verify_container(cast(LoadedTape, _Long(data)), container, index)
     assert read == 10_100
@@ -149,3 +185,24 @@ async def test_an_empty_container_of_empty_files_is_clean_and_a_wrong_empty_hash
     wrong = CatalogIndex(attrs.evolve(index.catalog, segments=segments))
     found, _ = await verify_container(tape, container, wrong)
     assert [(p.what, p.segment_id) for p in found] == [("SHA-256 mismatch", "SEG-f1-001")]
+
+
+async def test_a_read_error_part_way_leaves_no_chunk_mapped(monkeypatch: pytest.MonkeyPatch,
+                                                          reading: str) -> None:
+    data = random.Random(11).randbytes(3 * READ_CHUNK_BYTES + 5)
+    container, index = _container(data, [(0, len(data) // 2), (len(data) // 2, len(data))])
+    if reading == "mapped":
+        monkeypatch.setattr(_MappingReader, "fail_at", 2 * READ_CHUNK_BYTES)
+    else:
+        class _Failing(_Reader):
+            async def readinto(self, buf: memoryview) -> int:
+                if self.pos >= 2 * READ_CHUNK_BYTES:
+                    raise TapeReadError("read of the container failed: injected")
+                return await super().readinto(buf)
+
+        monkeypatch.setattr(_OneContainerTape, "reader", _Failing)
+    with pytest.RaisesGroup(pytest.RaisesExc(TapeReadError, match="injected"),
+                            flatten_subgroups=True):
+        await verify_container(cast(LoadedTape, _OneContainerTape(data)), container, index)
+    if reading == "mapped":  # the fixture checks that they were closed
+        assert len(_MappingReader.given) == 2

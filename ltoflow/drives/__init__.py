@@ -42,6 +42,11 @@ class TapeWriter(Protocol):
 
 
 class TapeReader(Protocol):
+    """One file being read, front to back. A reader may also offer `map_chunk(offset, length)`,
+    the file's bytes from `offset` (a multiple of mmap.ALLOCATIONGRANULARITY) mapped read-only
+    instead of copied, None at the end: verify then hashes them where they lie (the
+    simulator's files on disk do)."""
+
     async def readinto(self, buf: memoryview) -> int: ...
 
     async def seek(self, offset: int) -> None:

@@ -563,6 +563,23 @@ class SimulatorReader:
                 f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
             ) from e
 
+    def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
+        """Up to `length` bytes of the file from `offset`, mapped read-only instead of copied
+        (None at the end of the file). Optional for a reader: verify uses it when offered,
+        and hashes a container straight from the page cache, with no thread to copy it."""
+        self._tape._check_read(self._path)
+        try:
+            fd = self._fh.fileno()
+            size = os.fstat(fd).st_size
+            if offset >= size:
+                return None
+            return mmap.mmap(fd, min(length, size - offset), offset=offset,
+                             access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise TapeReadError(
+                f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
+            ) from e
+
     async def seek(self, offset: int) -> None:
         self._fh.seek(offset)
 
