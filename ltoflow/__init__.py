@@ -1,5 +1,9 @@
 """ltoflow: back up a records archive to LTO tape, streaming, verifiable, self-describing."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from ltoflow.api import (
     BackupConfig,
     Components,
@@ -15,7 +19,6 @@ from ltoflow.api import (
 from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
-from ltoflow.engine import BackupResult
 from ltoflow.errors import (
     BackupError,
     BackupPlanError,
@@ -35,6 +38,9 @@ from ltoflow.errors import (
 )
 from ltoflow.restore import RestoreReport
 from ltoflow.verify import VerifyReport
+
+if TYPE_CHECKING:
+    from ltoflow.engine import BackupResult
 
 __all__ = [
     "BackupConfig",
@@ -74,3 +80,12 @@ __all__ = [
     "verify",
     "verify_async",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine loads on first use: a job that only reads tapes never needs it (start-up).
+    if name == "BackupResult":
+        from ltoflow.engine import BackupResult
+
+        return BackupResult
+    raise AttributeError(f"module 'ltoflow' has no attribute {name!r}")

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -38,25 +39,23 @@ from ltoflow.drives.simulator import (
     SimulatorFailureConfig,
     list_simulated_tapes,
 )
-from ltoflow.engine import BackupResult, EngineSettings, run_backup
 from ltoflow.errors import BackupError, SetExistsError, SkippedEntriesError, UsageError
-from ltoflow.hashing import FaultPolicy
-from ltoflow.journal import Journal, ResumeState, default_state_dir, job_key
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.plan import (
-    SHA256_FILE_BYTES,
-    JsonPlanSizer,
-    Plan,
-    catalog_measurer,
-    make_plan,
-    with_tape_breaks,
-)
 from ltoflow.progress import NullReporter, Reporter
 from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
-from ltoflow.scan import ScanResult, scan_tree
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
+
+if TYPE_CHECKING:
+    from ltoflow.engine import BackupResult
+    from ltoflow.journal import Journal, ResumeState
+    from ltoflow.plan import Plan
+    from ltoflow.scan import ScanResult
+
+# The backup's modules (scan, plan, engine, journal) are imported by the functions that use
+# them: a job that only reads tapes (verify, restore, catalog) starts without them, 40-60 ms
+# sooner on this machine.
 
 DEFAULT_BUFFER_BYTES = 256 * MiB
 ON_CHANGE = ("fail", "skip")
@@ -141,6 +140,8 @@ def compose(
 
 def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) -> Plan:
     """Scan and plan without writing anything. Raises UsageError / BackupPlanError."""
+    from ltoflow.scan import scan_tree
+
     with gc_paused():  # one record per file, none in a reference cycle
         scan = scan_tree(config.source_root)
     return plan_from_scan(scan, config, codec)
@@ -148,6 +149,8 @@ def make_backup_plan(config: BackupConfig, codec: CatalogCodec | None = None) ->
 
 def _measure(codec: CatalogCodec) -> Callable[[Plan], int]:
     # The fast sizer knows how the JSON codec encodes; any other codec is measured by encoding.
+    from ltoflow.plan import JsonPlanSizer, catalog_measurer
+
     if type(codec) is JsonCatalogCodec:
         return JsonPlanSizer(codec, created_by())
     return catalog_measurer(codec, created_by())
@@ -156,6 +159,8 @@ def _measure(codec: CatalogCodec) -> Callable[[Plan], int]:
 def plan_from_scan(scan: ScanResult, config: BackupConfig,
                    codec: CatalogCodec | None = None) -> Plan:
     """The plan of `scan` with `config`'s sizes (deterministic: a resume rebuilds it)."""
+    from ltoflow.plan import make_plan
+
     codec = codec or JsonCatalogCodec()
     return make_plan(
         scan,
@@ -203,6 +208,8 @@ def check_nothing_skipped(plan: Plan) -> None:
 
 def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
     """The journal of backing up `config.source_root` onto `drive` with `config`'s sizes."""
+    from ltoflow.journal import Journal, default_state_dir, job_key
+
     key = job_key(config.source_root, drive.describe(), config.tape_nominal_capacity_bytes,
                   config.max_container_size_bytes)
     return Journal(config.state_dir or default_state_dir(), key)
@@ -224,6 +231,9 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
              clock: Clock) -> _Job:
     """Scan and plan, or read the journal of the job to resume. Writes nothing, so it can be
     abandoned (Ctrl-C during the scan of millions of files)."""
+    from ltoflow.plan import SHA256_FILE_BYTES, with_tape_breaks
+    from ltoflow.scan import scan_tree
+
     journal = job_journal(config, drive)
     where = f"{config.source_root} onto the {drive.describe()}"
     if config.resume:
@@ -304,6 +314,9 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
 async def _write_set(plan: Plan, config: BackupConfig, components: Components,
                      journal: Journal, resume: ResumeState | None, set_id: str,
                      created_at: str) -> BackupResult:
+    from ltoflow.engine import EngineSettings, run_backup
+    from ltoflow.hashing import FaultPolicy
+
     settings = EngineSettings(
         buffer_bytes=config.buffer_bytes,
         verify_after_write=config.verify_after_write,

@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 import orjson
@@ -33,7 +33,6 @@ from ltoflow.drives.simulator import (
     TapeDriveStats,
     Throttle,
 )
-from ltoflow.engine import BackupResult, map_big_blocks
 from ltoflow.errors import (
     BackupError,
     Interrupted,
@@ -41,7 +40,6 @@ from ltoflow.errors import (
     UsageError,
     leaves,
 )
-from ltoflow.journal import Journal
 from ltoflow.operator import (
     CommandOperator,
     ConsolePromptOperator,
@@ -50,11 +48,15 @@ from ltoflow.operator import (
     UnattendedOperator,
 )
 from ltoflow.paths import shown
-from ltoflow.plan import Plan, file_ids_of, source_root_text
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
 from ltoflow.restore import TEMP_PREFIX, RestorePlan, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
 from ltoflow.verify import VerifyReport, load_catalog_file
+
+if TYPE_CHECKING:  # backup's modules: imported where used, so reading jobs start sooner
+    from ltoflow.engine import BackupResult
+    from ltoflow.journal import Journal
+    from ltoflow.plan import Plan
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
@@ -683,6 +685,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def plan_document(plan: Plan) -> dict[str, Any]:
     """The plan as JSON: the catalog's shape without hashes, plus a summary."""
     from ltoflow import catalog as cat
+    from ltoflow.plan import file_ids_of, source_root_text
 
     set_id = "(assigned at backup time)"
     tape_id = [f"TAPE-{n + 1:03d}" for n in range(len(plan.tapes))]
@@ -828,6 +831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     if args.command == "backup":  # from the scan on: big blocks go back to the system
+        from ltoflow.engine import map_big_blocks
+
         map_big_blocks()
     commands = {"backup": cmd_backup, "verify": cmd_verify, "plan": cmd_plan,
                 "restore": cmd_restore, "catalog": cmd_catalog}

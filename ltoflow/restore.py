@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from ltoflow import paths
+from ltoflow.buffers import BufferLease, PipelineBuffer
 from ltoflow.catalog import (
     Catalog,
     ContainerEntry,
@@ -42,7 +43,6 @@ from ltoflow.catalog import (
 )
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.engine import BufferLease, PipelineBuffer
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.paths import SHORT_PATH_BYTES, DirFds

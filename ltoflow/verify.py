@@ -33,10 +33,10 @@ import trio
 
 from ltoflow import catalog as cat
 from ltoflow import native
+from ltoflow.buffers import BufferLease, PipelineBuffer
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.engine import BufferLease, PipelineBuffer
 from ltoflow.errors import BackupError, CatalogReadError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.progress import NullReporter, Reporter, TapeVerified

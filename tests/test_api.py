@@ -163,3 +163,23 @@ def test_a_catalog_read_on_a_single_drive_counts_as_checked_only_for_the_tape_st
     listed = FoundCatalog(None, "sha", "TAPE-1", [])  # type: ignore[arg-type]
     assert listed.read_from("TAPE-1", other)  # type: ignore[arg-type]
     assert not listed.read_from("TAPE-2", other)  # type: ignore[arg-type]
+
+
+def test_reading_jobs_start_without_the_backups_modules() -> None:
+    """verify, restore and catalog need neither the scan, the plan nor the engine: those load
+    when a backup (or a plan) runs, and every public name still resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ltoflow, ltoflow.cli\n"
+            "heavy = {'ltoflow.engine', 'ltoflow.plan', 'ltoflow.scan', 'ltoflow.hashing',"
+            " 'ltoflow.journal'}\n"
+            "print(sorted(heavy & set(sys.modules)))\n"
+            "names = [getattr(ltoflow, n) for n in ltoflow.__all__]\n"
+            "print(ltoflow.BackupResult.__module__, callable(ltoflow.verify),"
+            " callable(ltoflow.restore))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["[]", "ltoflow.engine True True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = importlib.import_module("ltoflow").nothing

@@ -93,16 +93,16 @@ async def test_pool_is_freed_before_every_catalog_and_tape_change(
 ) -> None:
     """A tape's catalog, its unload and the wait for the next tape hold none of the pool's
     buffers: at a million files that is what keeps a multi-tape job within its memory."""
-    from ltoflow import engine
+    from ltoflow import buffers, engine
 
     src, sim = tmp_path / "src", tmp_path / "tapes"
     write_tree(src, TREE)
-    pools: list[engine.PipelineBuffer] = []
+    pools: list[buffers.PipelineBuffer] = []
     held: list[int] = []
-    made = engine.PipelineBuffer.__init__
+    made = buffers.PipelineBuffer.__init__
     write = engine.write_catalog
 
-    def init(self: engine.PipelineBuffer, total_bytes: int) -> None:
+    def init(self: buffers.PipelineBuffer, total_bytes: int) -> None:
         made(self, total_bytes)
         pools.append(self)
 
@@ -110,7 +110,7 @@ async def test_pool_is_freed_before_every_catalog_and_tape_change(
         held.append(pools[0]._allocated)
         return await write(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine.PipelineBuffer, "__init__", init)
+    monkeypatch.setattr(buffers.PipelineBuffer, "__init__", init)
     monkeypatch.setattr(engine, "write_catalog", catalog)
     result = await run(config_for(src, sim))
     assert len(result.tapes) >= 3

@@ -13,14 +13,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ltoflow.engine import (
-    HIGH_WATER,
-    Chunk,
-    PipelineBuffer,
-    WriterStats,
-    prehash_actor,
-    write_actor,
-)
+from ltoflow.buffers import HIGH_WATER, PipelineBuffer
+from ltoflow.engine import Chunk, WriterStats, prehash_actor, write_actor
 from ltoflow.hashing import AggregateHasher, HashRecorder, Piece, multi_segment_flags
 from ltoflow.plan import Plan
 from ltoflow.progress import ListReporter
