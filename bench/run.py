@@ -46,6 +46,7 @@ FEED = "feed"
 FEED_PERSIST = "feed-persist"
 VERIFY_FLOOR = "verify-floor"
 VERIFY = "verify"
+VERIFY_COLD = "verify-cold"
 RESTORE = "restore"
 RESTORE_ONE = "restore-one"
 JOB_ORDER = (
@@ -54,6 +55,7 @@ JOB_ORDER = (
     MULTI,
     VERIFY_FLOOR,
     VERIFY,
+    VERIFY_COLD,
     RESTORE,
     RESTORE_ONE,
     PLAN,
@@ -66,6 +68,7 @@ LABELS = {
     MULTI: "ltoflow backup, multi-tape",
     VERIFY_FLOOR: "floor: openssl dgst -sha256 containers",
     VERIFY: "ltoflow verify, 1 tape",
+    VERIFY_COLD: "ltoflow verify, 1 tape, its catalog from disk",
     RESTORE: "ltoflow restore, 1 tape, all files (ratio: vs backup)",
     RESTORE_ONE: "ltoflow restore, 1 file (~1 MB) on the last tape",
     PLAN: "ltoflow plan --json",
@@ -80,6 +83,7 @@ FLOOR_OF: dict[str, str | None] = {
     MULTI: FLOOR,
     VERIFY_FLOOR: VERIFY_FLOOR,
     VERIFY: VERIFY_FLOOR,
+    VERIFY_COLD: VERIFY_FLOOR,
     RESTORE: SINGLE,
     RESTORE_ONE: None,
     PLAN: None,
@@ -88,11 +92,12 @@ FLOOR_OF: dict[str, str | None] = {
 }
 # Jobs whose MB/s and files/s (set bytes or files / wall time) mean something.  Plan
 # reads no data (files/s only); one-file restore moves one file (neither).
-MB_PER_S_JOBS = {FLOOR, SINGLE, MULTI, VERIFY_FLOOR, VERIFY, RESTORE, FEED, FEED_PERSIST}
+MB_PER_S_JOBS = {FLOOR, SINGLE, MULTI, VERIFY_FLOOR, VERIFY, VERIFY_COLD, RESTORE, FEED,
+                 FEED_PERSIST}
 FILES_PER_S_JOBS = MB_PER_S_JOBS | {PLAN}
 DRIVE_JOBS = (FEED, FEED_PERSIST)
 # Jobs that print a JSON report on stdout.
-JSON_JOBS = {SINGLE, MULTI, VERIFY, RESTORE, RESTORE_ONE, FEED, FEED_PERSIST}
+JSON_JOBS = {SINGLE, MULTI, VERIFY, VERIFY_COLD, RESTORE, RESTORE_ONE, FEED, FEED_PERSIST}
 # Sets that get the jobs only asked of them.
 RESTORE_ONE_SETS = {"mixed"}
 #: Sets whose full restore is timed unless --restore-sets says otherwise. The million-file
@@ -187,6 +192,16 @@ def warm(paths: list[Path]) -> None:
             files.append(str(p))
     if files:
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (they must be clean: after os.sync())."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def remove(path: Path) -> None:
@@ -346,7 +361,7 @@ class SetBench:
         if ds.name in FEED_PERSIST_SETS:
             self.source_jobs += (FEED_PERSIST,)
         self.restore_skipped = ds.name not in cfg.restore_sets
-        self.after_single: tuple[str, ...] = (VERIFY_FLOOR, VERIFY) + (
+        self.after_single: tuple[str, ...] = (VERIFY_FLOOR, VERIFY, VERIFY_COLD) + (
             () if self.restore_skipped else (RESTORE,)
         )
         self.after_multi: tuple[str, ...] = (RESTORE_ONE,) if ds.name in RESTORE_ONE_SETS else ()
@@ -427,7 +442,7 @@ class SetBench:
         if key == VERIFY_FLOOR:
             assert containers
             return ["openssl", "dgst", "-sha256", *map(str, containers)]
-        if key == VERIFY:
+        if key in (VERIFY, VERIFY_COLD):
             return [self.cfg.ltoflow, "verify", "--simulator", str(self.single_dir), "--json"]
         if key == RESTORE:
             return [
@@ -466,7 +481,8 @@ class SetBench:
         }.get(key)
 
     def _measure(
-        self, key: str, rnd: int, warm_paths: list[Path], containers: list[Path] | None = None
+        self, key: str, rnd: int, warm_paths: list[Path], containers: list[Path] | None = None,
+        cold_paths: list[Path] | None = None,
     ) -> bool:
         result = self.results[key]
         out = self.output_of(key)
@@ -476,6 +492,7 @@ class SetBench:
             remove(self.timeline_path)
         warm(warm_paths)
         os.sync()  # no dirty pages from earlier runs are flushed on this run's clock
+        evict(cold_paths or [])
         try:
             seconds, rss, stdout = run_timed(
                 self.command(key, containers), discard_stdout=key == PLAN
@@ -520,7 +537,7 @@ class SetBench:
         return doc
 
     def _check(self, key: str, report: dict[str, Any]) -> None:
-        if key == VERIFY:
+        if key in (VERIFY, VERIFY_COLD):
             if report.get("ok") is not True:
                 self._warn(f"verify reported problems: {report.get('problems')}")
             return
@@ -581,19 +598,27 @@ class SetBench:
     def _after_single(self, rnd: int) -> None:
         """Time verify, its floor and restore on the single-tape set just written.
 
-        The three rotate by one each round, so verify and its floor swap order every round
-        except the third, as with the backups.
+        They rotate by one each round, so verify and its floor change order every round, as
+        the backups do. Each job starts with its input in the page cache, as the backups'
+        source is: openssl's is the containers, verify's the whole tape (containers and
+        catalog). Verify is also timed with its catalog dropped from the cache, read from the
+        disk as it would be from a tape (the backup wrote it past the cache, O_DIRECT).
         """
         containers = sorted(self.single_dir.glob("*/data/*"))
         if not containers:
             self._warn("no container files found under tapes-single/*/data/")
             return
+        catalogs = sorted(self.single_dir.glob("*/catalog/*"))
         jobs = self.after_single
         shift = (rnd - 1) % len(jobs)
         for key in jobs[shift:] + jobs[:shift]:
             if key == RESTORE:
                 self._measure(key, rnd, [self.single_dir])
                 remove(self.restore_dir)
+            elif key == VERIFY:
+                self._measure(key, rnd, [self.single_dir], containers)
+            elif key == VERIFY_COLD:
+                self._measure(key, rnd, containers, containers, cold_paths=catalogs)
             else:
                 self._measure(key, rnd, containers, containers)
 
@@ -680,7 +705,7 @@ class SetBench:
             if backups:
                 row["tapes"] = len(backups[-1]["tapes"])
                 row["containers"] = backups[-1].get("containers")
-            elif key == VERIFY and result.reports:
+            elif key in (VERIFY, VERIFY_COLD) and result.reports:
                 row["tapes"] = result.reports[-1].get("tapes_checked")
                 row["containers"] = result.reports[-1].get("containers_checked")
             elif key in (RESTORE, RESTORE_ONE) and result.reports:
@@ -826,6 +851,11 @@ def markdown(sets: list[dict[str, Any]]) -> str:
         "restore MB/s ÷ single-tape backup MB/s** (same set, same invocation; above 1 restores "
         "faster than it backs up). Plan, one-file restore and the drive feeds have no ratio.",
         "",
+        "Every job starts with its input in the page cache: the source for the backups, the "
+        "containers for openssl, the whole tape (containers and catalog) for verify. \"Its "
+        "catalog from disk\" is verify with the catalog dropped from the cache first, read from "
+        "the disk as from a tape.",
+        "",
     ]
     skipped = [s["name"] for s in sets for row in s["jobs"] if row.get("skipped")]
     if skipped:
@@ -936,6 +966,29 @@ def machine_info(workdir: Path, ltoflow: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
+def compile_bytecode(ltoflow: str) -> str:
+    """Byte-compile the ltoflow package the command runs, as `pip install` does for a regular
+    install. An editable install compiles on first use and keeps the result, unless
+    PYTHONDONTWRITEBYTECODE is set (it is in some sandboxes): then every command compiled
+    ltoflow's sources again, 0.1-0.2 s of each job's start-up that no installed copy pays."""
+    first = Path(ltoflow).read_bytes()[:512].split(b"\n", 1)[0] if Path(ltoflow).is_file() else b""
+    python = first[2:].decode().strip() if first.startswith(b"#!") else sys.executable
+    where = subprocess.run(
+        [python, "-c", "import ltoflow, os; print(os.path.dirname(ltoflow.__file__))"],
+        capture_output=True, text=True, check=False,
+    )
+    if where.returncode != 0:
+        return "not compiled (the ltoflow package was not found)"
+    package = where.stdout.strip()
+    done = subprocess.run([python, "-m", "compileall", "-q", package], capture_output=True,
+                          text=True, check=False)
+    skipped = " (PYTHONDONTWRITEBYTECODE is set)" if os.environ.get(
+        "PYTHONDONTWRITEBYTECODE") else ""
+    if done.returncode != 0:
+        return f"compileall failed{skipped}: {_tail(done.stdout or done.stderr, 2)}"
+    return f"compiled before the run{skipped}: {package}"
+
+
 def default_ltoflow() -> str:
     sibling = Path(sys.executable).parent / "ltoflow"
     if sibling.exists():
@@ -1020,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
         restore_sets=args.restore_set_names,
     )
     machine = machine_info(workdir, cfg.ltoflow)
+    machine["bytecode"] = compile_bytecode(cfg.ltoflow)
+    log(f"ltoflow's bytecode: {machine['bytecode']}")
     source_start = source_state()
     if machine["workdir_fs"] == "tmpfs":
         log(f"WARNING: {workdir} is tmpfs: outputs go to RAM, not to a disk")
@@ -1082,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ltoflow benchmark, {machine['date']}: {cpu}, {machine['nproc']} CPUs, "
         f"Linux {machine['kernel']}, Python {machine['python']}, "
         f"runs={args.runs}, size factor {args.size_factor:g}; simulator writes "
-        f"{machine['simulator_writes']}\n"
+        f"{machine['simulator_writes']}; ltoflow's bytecode {machine['bytecode']}\n"
     )
     if source_note:
         print(source_note, end="")
