@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +102,30 @@ async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) ->
     assert empty.map_chunk(0, page) is None
     await empty.close()
     await drive.unload()
+
+
+async def test_a_reader_copies_the_chunks_a_filesystem_cannot_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tape = await SimulatorDrive(tmp_path, 100_000).load(T1)
+    data = bytes(range(256)) * 40
+    w = await tape.open_write("data/a")
+    await w.write(data)
+    await w.close()
+    real = mmap.mmap
+
+    def no_file_maps(fileno: int, length: int, *args: Any, **kwargs: Any) -> mmap.mmap:
+        if fileno != -1:
+            raise OSError(errno.ENODEV, "No such device")
+        return real(fileno, length, *args, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", no_file_maps)
+    reader = await tape.open_read("data/a")
+    page = mmap.ALLOCATIONGRANULARITY
+    chunks = [reader.map_chunk(at, page) for at in range(0, len(data) + page, page)]
+    assert b"".join(bytes(c) for c in chunks if c is not None) == data
+    assert chunks[-1] is None
+    await reader.close()
 
 
 async def test_fail_on_load(tmp_path: Path) -> None:

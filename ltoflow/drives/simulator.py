@@ -573,8 +573,19 @@ class SimulatorReader:
             size = os.fstat(fd).st_size
             if offset >= size:
                 return None
-            return mmap.mmap(fd, min(length, size - offset), offset=offset,
-                             access=mmap.ACCESS_READ)
+            n = min(length, size - offset)
+            try:
+                return mmap.mmap(fd, n, offset=offset, access=mmap.ACCESS_READ)
+            except OSError as e:
+                if e.errno not in (errno.ENODEV, errno.EINVAL, errno.EACCES):
+                    raise
+            # A filesystem that cannot map files (some FUSE mounts): the bytes are copied.
+            data = os.pread(fd, n, offset)
+            if not data:
+                return None
+            chunk = mmap.mmap(-1, len(data))
+            chunk[:] = data
+            return chunk
         except OSError as e:
             raise TapeReadError(
                 f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
