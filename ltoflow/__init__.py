@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ltoflow._version import __version__
 from ltoflow.api import (
     BackupConfig,
     Components,
@@ -71,6 +72,7 @@ __all__ = [
     "UsageError",
     "VerifyReport",
     "WrongTapeError",
+    "__version__",
     "backup",
     "backup_async",
     "compose",

@@ -183,3 +183,12 @@ def test_reading_jobs_start_without_the_backups_modules() -> None:
     assert out == ["[]", "ltoflow.engine True True"]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = importlib.import_module("ltoflow").nothing
+
+
+def test_catalogs_name_the_installed_version() -> None:
+    """`created_by` comes from ltoflow._version, which pyproject.toml also reads."""
+    from importlib import metadata
+
+    from ltoflow.api import created_by
+
+    assert created_by() == f"ltoflow {metadata.version('ltoflow')}"
