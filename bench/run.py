@@ -971,11 +971,13 @@ def compile_bytecode(ltoflow: str) -> str:
     install. An editable install compiles on first use and keeps the result, unless
     PYTHONDONTWRITEBYTECODE is set (it is in some sandboxes): then every command compiled
     ltoflow's sources again, 0.1-0.2 s of each job's start-up that no installed copy pays."""
-    first = Path(ltoflow).read_bytes()[:512].split(b"\n", 1)[0] if Path(ltoflow).is_file() else b""
-    python = first[2:].decode().strip() if first.startswith(b"#!") else sys.executable
+    # The interpreter beside the command (a venv's), else this one; run away from any
+    # checkout in the current directory, so the package found is the one the command runs.
+    sibling = Path(ltoflow).parent / "python"
+    python = str(sibling) if sibling.exists() else sys.executable
     where = subprocess.run(
         [python, "-c", "import ltoflow, os; print(os.path.dirname(ltoflow.__file__))"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, cwd="/",
     )
     if where.returncode != 0:
         return "not compiled (the ltoflow package was not found)"

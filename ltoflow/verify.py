@@ -16,6 +16,7 @@ names one, which is most of the time a million-file verify used to take.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import mmap
@@ -554,7 +555,7 @@ async def verify_container(
                     if map_chunk is not None:
                         # The slots are this container's: after an error none is needed.
                         await window_slots.acquire()
-                        window = map_chunk(total, READ_CHUNK_BYTES)
+                        window = await map_chunk(total, READ_CHUNK_BYTES)
                         if window is None:
                             window_slots.release()
                             break
@@ -584,7 +585,10 @@ async def verify_container(
                 nursery.start_soon(reader)
     finally:  # after an error, the chunks mapped that no hasher finished
         for window in mapped.values():
-            window.close()
+            # One a failed hasher's traceback still holds cannot close yet: it is unmapped
+            # when that goes, and the error itself must come through.
+            with contextlib.suppress(BufferError):
+                window.close()
 
     check.finish(total)
     status = check.status

@@ -341,7 +341,7 @@ async def test_read_errors_on_many_containers_never_hang_verify_or_restore(
     async def failing(self: SimulatorReader, buf: memoryview) -> int:
         raise TapeReadError("medium error")
 
-    def failing_map(self: SimulatorReader, offset: int, length: int) -> None:
+    async def failing_map(self: SimulatorReader, offset: int, length: int) -> None:
         raise TapeReadError("medium error")
 
     monkeypatch.setattr(SimulatorReader, "readinto", failing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) ->
     await (await tape.open_write("data/empty")).close()
     reader = await tape.open_read("data/a")
     page = mmap.ALLOCATIONGRANULARITY
-    chunks = [reader.map_chunk(at, 2 * page) for at in range(0, len(data) + 2 * page, 2 * page)]
+    chunks = [await reader.map_chunk(at, 2 * page)
+              for at in range(0, len(data) + 2 * page, 2 * page)]
     assert [bytes(c) if c is not None else None for c in chunks] == [
         data[:2 * page], data[2 * page:], None]
     for c in chunks:
@@ -99,7 +101,7 @@ async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) ->
             c.close()
     await reader.close()
     empty = await tape.open_read("data/empty")
-    assert empty.map_chunk(0, page) is None
+    assert await empty.map_chunk(0, page) is None
     await empty.close()
     await drive.unload()
 
@@ -122,9 +124,39 @@ async def test_a_reader_copies_the_chunks_a_filesystem_cannot_map(
     monkeypatch.setattr(mmap, "mmap", no_file_maps)
     reader = await tape.open_read("data/a")
     page = mmap.ALLOCATIONGRANULARITY
-    chunks = [reader.map_chunk(at, page) for at in range(0, len(data) + page, page)]
+    chunks = [await reader.map_chunk(at, page) for at in range(0, len(data) + page, page)]
     assert b"".join(bytes(c) for c in chunks if c is not None) == data
     assert chunks[-1] is None
+    await reader.close()
+
+
+async def test_a_reader_reads_a_chunk_it_cannot_map_and_one_past_a_shrunk_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offset that is not on a page boundary is read, not mapped; a file that shrank after
+    its size was taken gives what is left."""
+    tape = await SimulatorDrive(tmp_path, 100_000).load(T1)
+    data = bytes(range(256)) * 40
+    w = await tape.open_write("data/a")
+    await w.write(data)
+    await w.close()
+    reader = await tape.open_read("data/a")
+    chunk = await reader.map_chunk(100, 1_000)
+    assert chunk is not None
+    assert bytes(chunk) == data[100:1_100]
+    real_fstat = os.fstat
+
+    def stale(fd: int) -> os.stat_result:  # the size from before the file was cut
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], len(data), *st[7:]))
+
+    os.truncate(tmp_path / "TAPE-x-001" / "data" / "a", 5_000)
+    monkeypatch.setattr(os, "fstat", stale)
+    page = mmap.ALLOCATIONGRANULARITY
+    cut = await reader.map_chunk(page, 8 * page)
+    assert cut is not None
+    assert bytes(cut) == data[page:5_000]
+    assert await reader.map_chunk(2 * page, page) is None
     await reader.close()
 
 

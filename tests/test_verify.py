@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import mmap
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar, cast
 
 import attrs
@@ -14,7 +15,13 @@ import pytest
 from ltoflow import catalog as cat
 from ltoflow.drives import LoadedTape
 from ltoflow.errors import TapeReadError
-from ltoflow.verify import READ_CHUNK_BYTES, SHARED_SEGMENT_BYTES, CatalogIndex, verify_container
+from ltoflow.verify import (
+    READ_CHUNK_BYTES,
+    SHARED_SEGMENT_BYTES,
+    CatalogIndex,
+    _ContainerCheck,
+    verify_container,
+)
 
 CID = "CNT-00000000-0000-0000-0000-000000000000-00001"
 
@@ -40,7 +47,7 @@ class _MappingReader(_Reader):
     given: ClassVar[list[mmap.mmap]] = []
     fail_at: ClassVar[int | None] = None  # map_chunk raises for the chunk at this offset
 
-    def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
+    async def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
         if offset == self.fail_at:
             raise TapeReadError("read of the container failed: injected")
         n = min(length, len(self.data) - offset)
@@ -206,3 +213,37 @@ async def test_a_read_error_part_way_leaves_no_chunk_mapped(monkeypatch: pytest.
         await verify_container(cast(LoadedTape, _OneContainerTape(data)), container, index)
     if reading == "mapped":  # the fixture checks that they were closed
         assert len(_MappingReader.given) == 2
+
+
+async def test_a_hasher_that_fails_raises_its_own_error(monkeypatch: pytest.MonkeyPatch,
+                                                       reading: str) -> None:
+    """Not a BufferError from closing a chunk its traceback still holds; the other chunks
+    are closed (the one it holds is unmapped when the error is dropped)."""
+    data = random.Random(12).randbytes(3 * READ_CHUNK_BYTES + 5)
+    container, index = _container(data, [(0, len(data) // 2), (len(data) // 2, len(data))])
+    made = _ContainerCheck.segment_updater
+
+    def failing(self: _ContainerCheck, part: int, parts: int) -> Callable[[memoryview, int],
+                                                                          None]:
+        update = made(self, part, parts)
+
+        def fail_on_the_second_chunk(chunk: memoryview, pos: int) -> None:
+            if pos and part == 0:
+                raise RuntimeError("OpenSSL could not compute a SHA-256")
+            update(chunk, pos)
+
+        return fail_on_the_second_chunk
+
+    monkeypatch.setattr(_ContainerCheck, "segment_updater", failing)
+    raises = pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="OpenSSL"),
+                                flatten_subgroups=True)
+    with raises:
+        await verify_container(cast(LoadedTape, _OneContainerTape(data)), container, index)
+    if reading == "mapped":
+        given = _MappingReader.given
+        assert len(given) >= 2
+        assert sum(not chunk.closed for chunk in given) <= 1
+        del raises  # with the error gone, the chunk its traceback held can close
+        gc.collect()
+        for chunk in given:
+            chunk.close()

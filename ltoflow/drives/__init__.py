@@ -42,10 +42,10 @@ class TapeWriter(Protocol):
 
 
 class TapeReader(Protocol):
-    """One file being read, front to back. A reader may also offer `map_chunk(offset, length)`,
-    the file's bytes from `offset` (a multiple of mmap.ALLOCATIONGRANULARITY) mapped read-only
-    instead of copied, None at the end: verify then hashes them where they lie (the
-    simulator's files on disk do)."""
+    """One file being read, front to back. A reader may also offer `async map_chunk(offset,
+    length)`: up to `length` of the file's bytes from `offset` (where the chunk before it
+    ended) as an mmap verify closes when done, None at the end of the file. Verify then hashes
+    them where they lie (the simulator maps its files on disk)."""
 
     async def readinto(self, buf: memoryview) -> int: ...
 

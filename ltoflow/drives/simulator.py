@@ -547,11 +547,25 @@ def _write_plain(fh: BinaryIO, view: memoryview) -> None:
         view = view[n:]
 
 
+def _read_chunk(fd: int, n: int, offset: int) -> mmap.mmap | None:
+    """Up to `n` bytes of the file at `offset`, read into fresh memory (None at its end)."""
+    chunk = mmap.mmap(-1, n)
+    got = os.preadv(fd, [chunk], offset)
+    if got < n:  # the file is shorter than it was: keep exactly what was read
+        short = mmap.mmap(-1, got) if got else None
+        if short is not None:
+            short[:] = chunk[:got]
+        chunk.close()
+        return short
+    return chunk
+
+
 class SimulatorReader:
     def __init__(self, tape: SimulatorTape, path: str, fh: BinaryIO) -> None:
         self._tape = tape
         self._path = path
         self._fh = fh
+        self._mappable = True
 
     async def readinto(self, buf: memoryview) -> int:
         self._tape._check_read(self._path)
@@ -563,10 +577,16 @@ class SimulatorReader:
                 f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
             ) from e
 
-    def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
+    async def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
         """Up to `length` bytes of the file from `offset`, mapped read-only instead of copied
         (None at the end of the file). Optional for a reader: verify uses it when offered,
-        and hashes a container straight from the page cache, with no thread to copy it."""
+        and hashes a container straight from the page cache, with no thread to copy it.
+
+        A file that shrinks while a chunk of it is mapped ends the process with SIGBUS when
+        the chunk is read (the tape's files are the simulator's own: nothing else should
+        touch them). Where the filesystem will not map the file (some FUSE mounts), or
+        `offset` is not a multiple of mmap.ALLOCATIONGRANULARITY, the chunk is read into
+        memory instead, in a worker thread."""
         self._tape._check_read(self._path)
         try:
             fd = self._fh.fileno()
@@ -574,18 +594,16 @@ class SimulatorReader:
             if offset >= size:
                 return None
             n = min(length, size - offset)
-            try:
-                return mmap.mmap(fd, n, offset=offset, access=mmap.ACCESS_READ)
-            except OSError as e:
-                if e.errno not in (errno.ENODEV, errno.EINVAL, errno.EACCES):
-                    raise
-            # A filesystem that cannot map files (some FUSE mounts): the bytes are copied.
-            data = os.pread(fd, n, offset)
-            if not data:
-                return None
-            chunk = mmap.mmap(-1, len(data))
-            chunk[:] = data
-            return chunk
+            if self._mappable and offset % mmap.ALLOCATIONGRANULARITY == 0:
+                try:
+                    return mmap.mmap(fd, n, offset=offset, access=mmap.ACCESS_READ)
+                except ValueError:  # the file shrank since fstat: read what is there
+                    pass
+                except OSError as e:
+                    if e.errno not in (errno.ENODEV, errno.EINVAL, errno.EACCES):
+                        raise
+                    self._mappable = False
+            return await trio.to_thread.run_sync(_read_chunk, fd, n, offset)
         except OSError as e:
             raise TapeReadError(
                 f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
