@@ -96,6 +96,7 @@ MB_PER_S_JOBS = {FLOOR, SINGLE, MULTI, VERIFY_FLOOR, VERIFY, VERIFY_COLD, RESTOR
                  FEED_PERSIST}
 FILES_PER_S_JOBS = MB_PER_S_JOBS | {PLAN}
 DRIVE_JOBS = (FEED, FEED_PERSIST)
+VERIFY_JOBS = (VERIFY, VERIFY_COLD)
 # Jobs that print a JSON report on stdout.
 JSON_JOBS = {SINGLE, MULTI, VERIFY, VERIFY_COLD, RESTORE, RESTORE_ONE, FEED, FEED_PERSIST}
 # Sets that get the jobs only asked of them.
@@ -442,7 +443,7 @@ class SetBench:
         if key == VERIFY_FLOOR:
             assert containers
             return ["openssl", "dgst", "-sha256", *map(str, containers)]
-        if key in (VERIFY, VERIFY_COLD):
+        if key in VERIFY_JOBS:
             return [self.cfg.ltoflow, "verify", "--simulator", str(self.single_dir), "--json"]
         if key == RESTORE:
             return [
@@ -537,7 +538,7 @@ class SetBench:
         return doc
 
     def _check(self, key: str, report: dict[str, Any]) -> None:
-        if key in (VERIFY, VERIFY_COLD):
+        if key in VERIFY_JOBS:
             if report.get("ok") is not True:
                 self._warn(f"verify reported problems: {report.get('problems')}")
             return
@@ -705,7 +706,7 @@ class SetBench:
             if backups:
                 row["tapes"] = len(backups[-1]["tapes"])
                 row["containers"] = backups[-1].get("containers")
-            elif key in (VERIFY, VERIFY_COLD) and result.reports:
+            elif key in VERIFY_JOBS and result.reports:
                 row["tapes"] = result.reports[-1].get("tapes_checked")
                 row["containers"] = result.reports[-1].get("containers_checked")
             elif key in (RESTORE, RESTORE_ONE) and result.reports:

@@ -573,9 +573,7 @@ class SimulatorReader:
             n: int | None = await trio.to_thread.run_sync(self._fh.readinto, buf)  # type: ignore[attr-defined]  # FileIO has readinto
             return n or 0
         except OSError as e:
-            raise TapeReadError(
-                f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
-            ) from e
+            raise self._read_failed(e) from e
 
     async def map_chunk(self, offset: int, length: int) -> mmap.mmap | None:
         """Up to `length` bytes of the file from `offset`, mapped read-only instead of copied
@@ -605,9 +603,10 @@ class SimulatorReader:
                     self._mappable = False
             return await trio.to_thread.run_sync(_read_chunk, fd, n, offset)
         except OSError as e:
-            raise TapeReadError(
-                f"read of {self._path} on tape {self._tape.tape_id} failed: {e}"
-            ) from e
+            raise self._read_failed(e) from e
+
+    def _read_failed(self, e: OSError) -> TapeReadError:
+        return TapeReadError(f"read of {self._path} on tape {self._tape.tape_id} failed: {e}")
 
     async def seek(self, offset: int) -> None:
         self._fh.seek(offset)
