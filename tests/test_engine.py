@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Generator
@@ -425,6 +426,58 @@ async def test_a_catalog_write_error_stops_the_encoding_ahead_and_closes_its_sou
     assert closed == ([True] if made else [])
     # every chunk made was copied: those written, and at most one made ahead of the failure
     assert fail_at <= len(copied) <= fail_at + 1
+
+
+@pytest.mark.parametrize("fail_at", [None, 9])  # chunk 7 is the first of the list
+async def test_the_catalog_is_encoded_with_its_chunks_kept_on_the_heap(
+        monkeypatch: pytest.MonkeyPatch, fail_at: int | None, tmp_path: Path) -> None:
+    """Where the backup maps big blocks on their own (map_big_blocks), write_catalog lifts
+    that while the catalog's chunks are made, and sets it again after, also after an error.
+    Where it does not, malloc is left alone."""
+    from ltoflow import catalog as cat
+    from ltoflow import engine
+    from ltoflow.errors import CatalogWriteError
+
+    settings: dict[int, int] = {}
+    seen: list[dict[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:
+        settings[param] = value
+        return 1
+
+    def listed() -> Generator[bytes]:
+        for k in range(5):
+            seen.append(dict(settings))
+            yield b"\n{}" if k == 0 else b",\n{}"
+
+    catalog = cat.Catalog(
+        backup_set_id="s", created_at="t", source_root="/src", tapes=(), containers=(),
+        source_files=(), segments=())
+
+    async def write(mapped: bool) -> None:
+        monkeypatch.setattr(engine._MALLOC, "mallopt", mallopt if mapped else None)
+        if fail_at is None:
+            drive = SimulatorDrive(tmp_path / f"tapes-{mapped}", 1 << 30)
+            tape = await drive.load(TapeRequest(f"T{mapped}", 1, "s"))
+        else:
+            tape = _TapeWithFailingWriter(_FailingWriter(fail_at))  # type: ignore[assignment]
+        with pytest.raises(CatalogWriteError) if fail_at else contextlib.nullcontext():
+            await engine.write_catalog(
+                tape, catalog, codec=JsonCatalogCodec(), limit=1 << 20, extra_files=(),
+                lists={"source_files": listed()})
+
+    await write(mapped=False)
+    assert settings == {}
+    assert seen
+    assert all(s == {} for s in seen)
+    seen.clear()
+    await write(mapped=True)
+    kept = {engine._M_MMAP_THRESHOLD: engine.CATALOG_BLOCK,
+            engine._M_TRIM_THRESHOLD: 4 * engine.CATALOG_BLOCK}
+    assert seen
+    assert all(s == kept for s in seen)
+    assert settings == {engine._M_MMAP_THRESHOLD: engine.BIG_BLOCK,
+                        engine._M_TRIM_THRESHOLD: engine._DEFAULT_TRIM_THRESHOLD}
 
 
 async def test_an_interrupt_while_settling_waits_for_the_chunk_being_made(
