@@ -573,8 +573,8 @@ _DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
 #: given back when freed.
 BIG_BLOCK = 1 << 20
 #: While a catalog is written, blocks up to this size (its chunks: 4096 records, a few MB) come
-#: from the heap, and freed ones stay there for the next.
-CATALOG_BLOCK = 64 * MiB
+#: from the heap, and freed ones stay there for the next. glibc's upper limit on 64 bits.
+CATALOG_BLOCK = 32 * MiB
 
 
 @attrs.define
