@@ -392,16 +392,21 @@ async def restore_async(
         if catalog is None:
             catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
         chosen = catalog
-        plan = await trio.to_thread.run_sync(
-            lambda: plan_restore(chosen, patterns, target, overwrite=overwrite))
+
+        def make_plan() -> RestorePlan:
+            with gc_paused():  # a job and a range a file, none in a reference cycle
+                return plan_restore(chosen, patterns, target, overwrite=overwrite)
+
+        plan = await trio.to_thread.run_sync(make_plan)
         if before is not None and not before(plan):
             await holder.release()
             return RestoreReport.from_plan(plan)
-        return await run_restore(
-            plan, target, drive=components.drive, operator=components.operator,
-            clock=components.clock, reporter=components.reporter, overwrite=overwrite,
-            holder=holder,
-        )
+        with gc_frozen():  # the catalog's and the plan's records, alive for the whole job
+            return await run_restore(
+                plan, target, drive=components.drive, operator=components.operator,
+                clock=components.clock, reporter=components.reporter, overwrite=overwrite,
+                holder=holder,
+            )
     finally:
         await holder.release_after_error()  # a no-op unless something above failed
 

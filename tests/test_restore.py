@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -122,6 +123,68 @@ def test_existing_files_are_kept_unless_overwrite(backed_up: tuple[Path, Path, C
     assert (out / "case-2" / "empty.dat").exists()
     assert restore(tapes, out, "case-2", overwrite=True).ok
     assert (out / "case-2" / "ledger.csv").read_bytes() == (src / "case-2/ledger.csv").read_bytes()
+
+
+def test_which_paths_exist_is_asked_once_a_directory_below_one_that_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore's plan asks the target about each file only in directories that exist:
+    a new target costs one question a directory, whatever the number of files."""
+    r = importlib.import_module("ltoflow.restore")  # `ltoflow.restore` is also a function
+
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    (out / "kept" / "there").write_bytes(b"x")
+    (out / "file").write_bytes(b"x")
+    asked: list[tuple[bytes, ...]] = []
+    real = r._exists
+
+    def counting(target: Path, parts: tuple[bytes, ...]) -> bool:
+        asked.append(parts)
+        return bool(real(target, parts))
+
+    monkeypatch.setattr(r, "_exists", counting)
+    exists = r._Existing(out)
+    paths = [(b"kept", b"there"), (b"kept", b"other"), (b"file",), (b"file", b"under"),
+             *((b"new", b"d%d" % (i % 3), b"f%d" % i) for i in range(300))]
+    answers = [exists(p) for p in paths]
+    # the directory kept, the two files in it; the file, as a file and as a directory, and
+    # what would be under it; the directory new, and nothing under it
+    assert asked == [(b"kept",), (b"kept", b"there"), (b"kept", b"other"), (b"file",),
+                     (b"file",), (b"file", b"under"), (b"new",)]
+    assert answers[:4] == [True, False, True, False]
+    assert answers == [real(out, p) for p in paths]
+    assert r._Existing(tmp_path / "none")((b"a", b"b")) is False
+
+
+def test_a_chunk_reaches_the_ranges_it_overlaps_and_passes_the_rest_once() -> None:
+    """Chunks of a span come in order: each range gets every byte it covers exactly once,
+    overlapping ranges (a damaged catalog) included, without the ranges behind being
+    looked at again."""
+    from ltoflow.catalog import SegmentEntry
+
+    r = importlib.import_module("ltoflow.restore")
+
+    bounds = [(0, 10), (10, 25), (12, 14), (25, 26), (26, 60), (70, 71), (71, 100)]
+
+    def rng(start: int, end: int) -> object:
+        return r._Range(0, SegmentEntry("s", "f", "c", start, 0, end - start, "0" * 64))
+
+    ranges = [rng(a, b) for a, b in bounds]
+    span = r._Span(0, 10, [ranges[0]], [0], [10])
+    for x, (a, b) in zip(ranges[1:], bounds[1:], strict=True):
+        span.add(x, a, b)
+    assert span.end == 100
+    got = [0] * len(bounds)
+    passed = []
+    for pos in range(0, 100, 7):
+        end = min(pos + 7, 100)
+        for k in span.reaching(pos, end):
+            a, b = max(span.starts[k], pos), min(span.ends[k], end)
+            got[k] += max(0, b - a)
+        passed.append(span.done)
+    assert got == [b - a for a, b in bounds]
+    assert passed == sorted(passed)
+    assert span.done == len(bounds) - 1  # the last range ends with the span
 
 
 def test_corrupted_container_restores_everything_else_and_names_the_damage(
