@@ -353,7 +353,7 @@ class SetBench:
         self.multi_dir = self.out / "tapes-multi"
         self.feed_dir = self.out / "tapes-feed"
         self.feed_persist_dir = self.out / "tapes-feed-persist"
-        self.restore_dir = self.out / "restore"
+        self.restore_dir = self.out / "restore-1"  # one a round: see _after_single
         self.restore_one_dir = self.out / "restore-one"
         self.timeline_path = self.out / "drive-timeline.json"
         # Jobs that read the source, run round-robin; the ones after a single- or multi-tape
@@ -612,10 +612,14 @@ class SetBench:
         catalogs = sorted(self.single_dir.glob("*/catalog/*"))
         jobs = self.after_single
         shift = (rnd - 1) % len(jobs)
+        # Each round restores into a directory of its own, removed with the set's outputs at
+        # its end: a removal of 100,000 files just before would have the next restore time
+        # the filesystem's search past their inodes (ext4 without a journal skips an inode
+        # freed in the last minute or more, and pays a lookup to find out).
+        self.restore_dir = self.out / f"restore-{rnd}"
         for key in jobs[shift:] + jobs[:shift]:
             if key == RESTORE:
                 self._measure(key, rnd, [self.single_dir])
-                remove(self.restore_dir)
             elif key == VERIFY:
                 self._measure(key, rnd, [self.single_dir], containers)
             elif key == VERIFY_COLD:
