@@ -568,10 +568,12 @@ async def write_catalog(
 #: space at the top of the heap above which the heap gives memory back.
 _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's
 #: Blocks this size and above (scan and layout columns, big reads) are mapped on their own and
 #: given back when freed.
 BIG_BLOCK = 1 << 20
+#: Free space at the top of the heap kept for reuse beside that: twice the mapping threshold,
+#: as glibc's own rule would set it.
+BIG_BLOCK_TRIM = 2 * BIG_BLOCK
 #: While a catalog is written, blocks up to this size (its chunks: 4096 records, a few MB) come
 #: from the heap, and freed ones stay there for the next. glibc's upper limit on 64 bits.
 CATALOG_BLOCK = 32 * MiB
@@ -608,13 +610,16 @@ def map_big_blocks() -> None:
     blocks come from the heap and stay there: at a million files on 3 tapes that kept a
     backup's peak ~25 MB higher. The price: each big block is fresh pages, so big reads into
     new bytes cost more page faults (the later tapes' copy of tape 1's catalog lists, about
-    0.4 s per GB); write_catalog lifts it while it runs (catalog_blocks_kept). Process-wide
-    and for good: the CLI sets it for `backup` only."""
+    0.4 s per GB); write_catalog lifts it while it runs (catalog_blocks_kept). Setting it
+    freezes glibc's trim threshold too, at whatever the imports left it; it is set as well
+    (BIG_BLOCK_TRIM), so that it has a value to go back to. Process-wide and for good: the
+    CLI sets it for `backup` only."""
     import ctypes
 
     mallopt = _libc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, BIG_BLOCK)
+        mallopt(_M_TRIM_THRESHOLD, BIG_BLOCK_TRIM)
         _MALLOC.mallopt = mallopt
 
 
@@ -623,7 +628,7 @@ def catalog_blocks_kept() -> Iterator[None]:
     """While a catalog is encoded and written: its chunks come from the heap, and a freed one
     is reused by the next, instead of each being mapped, faulted in page by page and unmapped
     again (a TLB shootdown on both cores each time). The catalog of 100,000 files took
-    0.39-0.48 s to write with its chunks mapped, 0.23-0.26 s with them kept. Only where
+    0.39-0.48 s to write with its chunks mapped, 0.23-0.28 s with them kept. Only where
     map_big_blocks is in effect, which this undoes and then sets again; with glibc's own
     settings the heap keeps such blocks already. What the catalog leaves on the heap goes back
     with trim_heap."""
@@ -637,7 +642,7 @@ def catalog_blocks_kept() -> Iterator[None]:
         yield
     finally:
         mallopt(_M_MMAP_THRESHOLD, BIG_BLOCK)
-        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, BIG_BLOCK_TRIM)
 
 
 def trim_heap() -> None:

@@ -428,6 +428,30 @@ async def test_a_catalog_write_error_stops_the_encoding_ahead_and_closes_its_sou
     assert fail_at <= len(copied) <= fail_at + 1
 
 
+def test_big_blocks_are_mapped_with_a_trim_threshold_to_go_back_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """map_big_blocks sets the trim threshold as well as the mapping one: setting the one
+    freezes the other wherever glibc had moved it, and catalog_blocks_kept must put both
+    back as they were."""
+    from ltoflow import engine
+
+    settings: dict[int, int] = {}
+
+    def mallopt(param: int, value: int) -> int:
+        settings[param] = value
+        return 1
+
+    monkeypatch.setattr(engine, "_libc", lambda name, *types: mallopt)
+    monkeypatch.setattr(engine._MALLOC, "mallopt", None)
+    engine.map_big_blocks()
+    set_by_map = dict(settings)
+    assert set_by_map == {engine._M_MMAP_THRESHOLD: engine.BIG_BLOCK,
+                          engine._M_TRIM_THRESHOLD: engine.BIG_BLOCK_TRIM}
+    with engine.catalog_blocks_kept():
+        assert settings[engine._M_MMAP_THRESHOLD] == engine.CATALOG_BLOCK
+    assert settings == set_by_map
+
+
 @pytest.mark.parametrize("fail_at", [None, 9])  # chunk 7 is the first of the list
 async def test_the_catalog_is_encoded_with_its_chunks_kept_on_the_heap(
         monkeypatch: pytest.MonkeyPatch, fail_at: int | None, tmp_path: Path) -> None:
@@ -477,7 +501,7 @@ async def test_the_catalog_is_encoded_with_its_chunks_kept_on_the_heap(
     assert seen
     assert all(s == kept for s in seen)
     assert settings == {engine._M_MMAP_THRESHOLD: engine.BIG_BLOCK,
-                        engine._M_TRIM_THRESHOLD: engine._DEFAULT_TRIM_THRESHOLD}
+                        engine._M_TRIM_THRESHOLD: engine.BIG_BLOCK_TRIM}
 
 
 async def test_an_interrupt_while_settling_waits_for_the_chunk_being_made(
