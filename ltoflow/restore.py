@@ -656,12 +656,19 @@ class _Span:
     span of tens of thousands of ranges, read a chunk at a time: `reaching` gives the ranges
     a chunk touches without going over the others each time."""
 
-    start: int
-    end: int
     members: list[_Range]
     starts: list[int]
     ends: list[int]
+    end: int
     done: int = 0  # every range before this one ends before the bytes read so far
+
+    @classmethod
+    def of(cls, r: _Range, start: int, end: int) -> _Span:
+        return cls([r], [start], [end], end)
+
+    @property
+    def start(self) -> int:
+        return self.starts[0]
 
     def add(self, r: _Range, start: int, end: int) -> None:
         self.members.append(r)
@@ -702,7 +709,7 @@ async def _restore_container(
         if spans and spans[-1].start <= start <= spans[-1].end + SEEK_GAP_BYTES:
             spans[-1].add(r, start, end)
         else:
-            spans.append(_Span(start, end, [r], [start], [end]))
+            spans.append(_Span.of(r, start, end))
     reader = await tape.open_read(path)
     send, receive = trio.open_memory_channel[tuple[mmap.mmap, int, int, _Span]](READ_AHEAD)
     read = 0
