@@ -13,7 +13,7 @@ import pytest
 
 from ltoflow import api
 from ltoflow.drives import TapeRequest
-from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig, SimulatorTape
 from ltoflow.errors import (
     FileWriteError,
     TapeFullError,
@@ -80,13 +80,19 @@ async def test_fail_on_read_raises_a_file_write_error(tmp_path: Path) -> None:
         await tape.read_small("data/a", limit=10)
 
 
-async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:
+async def _tape_holding(tmp_path: Path, data: bytes) -> tuple[SimulatorDrive, SimulatorTape]:
+    """A simulated tape in the drive with `data` written to its file data/a."""
     drive = SimulatorDrive(tmp_path, 100_000)
     tape = await drive.load(T1)
-    data = bytes(range(256)) * 50  # 12,800 bytes: three pages and a part
     w = await tape.open_write("data/a")
     await w.write(data)
     await w.close()
+    return drive, tape
+
+
+async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 50  # 12,800 bytes: three pages and a part
+    drive, tape = await _tape_holding(tmp_path, data)
     await (await tape.open_write("data/empty")).close()
     reader = await tape.open_read("data/a")
     page = mmap.ALLOCATIONGRANULARITY
@@ -109,11 +115,8 @@ async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) ->
 async def test_a_reader_copies_the_chunks_a_filesystem_cannot_map(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tape = await SimulatorDrive(tmp_path, 100_000).load(T1)
     data = bytes(range(256)) * 40
-    w = await tape.open_write("data/a")
-    await w.write(data)
-    await w.close()
+    _, tape = await _tape_holding(tmp_path, data)
     real = mmap.mmap
 
     def no_file_maps(fileno: int, length: int, *args: Any, **kwargs: Any) -> mmap.mmap:
@@ -135,11 +138,8 @@ async def test_a_reader_reads_a_chunk_it_cannot_map_and_one_past_a_shrunk_end(
 ) -> None:
     """An offset that is not on a page boundary is read, not mapped; a file that shrank after
     its size was taken gives what is left."""
-    tape = await SimulatorDrive(tmp_path, 100_000).load(T1)
     data = bytes(range(256)) * 40
-    w = await tape.open_write("data/a")
-    await w.write(data)
-    await w.close()
+    _, tape = await _tape_holding(tmp_path, data)
     reader = await tape.open_read("data/a")
     chunk = await reader.map_chunk(100, 1_000)
     assert chunk is not None
