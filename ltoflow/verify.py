@@ -8,9 +8,9 @@ the container's beside the segments', or the segments shared out between two, on
 reader that can map its file (the simulator's) hands over chunks mapped, not copied: the hashers
 read them where they lie, and no thread copies (a third less time on a container).
 
-The segments are checked from columns (SegmentTable: container, offset, length, raw hash). A
-catalog in ltoflow's own layout is read lazily into them: no record is made until a problem
-names one, which is most of the time a million-file verify used to take.
+The segments are checked from columns (SegmentsByContainer: container, offset, length, raw
+hash). A catalog in ltoflow's own layout is read lazily into them: no record is made until a
+problem names one, which is most of the time a million-file verify used to take.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class ContainerSegments:
         return self.tile_end == size
 
 
-class SegmentTable:
+class SegmentsByContainer:
     """Every segment of a catalog, grouped by container: columns verify checks them with.
 
     From a catalog read lazily (RecordLines) the columns are the ones the C decoder took as
@@ -238,7 +238,7 @@ class CatalogIndex:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self.table = SegmentTable(catalog)
+        self.table = SegmentsByContainer(catalog)
         self._paths: dict[str, str] | None = None
         self.containers: dict[str, list[ContainerEntry]] = defaultdict(list)
         for c in catalog.containers:

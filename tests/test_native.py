@@ -32,7 +32,7 @@ from ltoflow.errors import BackupPlanError, CatalogReadError, SourceReadError
 from ltoflow.hashing import FaultPolicy, Piece, SourceCursor, SourceFaults
 from ltoflow.plan import Hashes, Plan, build_catalog, file_ids_of, make_plan
 from ltoflow.scan import FileTable, ScanResult, StringColumn, scan_tree
-from ltoflow.verify import SegmentTable
+from ltoflow.verify import SegmentsByContainer
 from ltoflow.verify import _ContainerCheck as ContainerCheck
 
 from .conftest import write_tree
@@ -803,7 +803,7 @@ def _verdicts(catalog: cat.Catalog, data: bytes, chunk: int, parts: int,
     saved = extension.MODULE
     try:
         extension.MODULE = module  # type: ignore[assignment]
-        check = ContainerCheck(SegmentTable(catalog).of("C"))
+        check = ContainerCheck(SegmentsByContainer(catalog).of("C"))
         updates = [check.segment_updater(p, parts) for p in range(parts)]
         for pos in range(0, len(data), chunk):
             for update in updates:
@@ -882,7 +882,7 @@ def test_verify_takes_numbers_past_64_bits_and_malformed_hashes_as_never_matchin
                 cat.SegmentEntry("S8", "F", "C", 3, 0, -2, empty)]
     catalog = _one_container(segments, len(data))
     for module in (native, None):
-        table = SegmentTable(catalog)
+        table = SegmentsByContainer(catalog)
         # in order of offset, then length
         assert [table.of("C").record(k).segment_id for k in range(9)] == [
             "S6", "S7", "S0", "S3", "S4", "S5", "S8", "S2", "S1"]
@@ -908,7 +908,7 @@ def test_verify_groups_a_container_listed_twice_once(native: ModuleType) -> None
             saved = extension.MODULE
             try:
                 extension.MODULE = module
-                table = SegmentTable(catalog)
+                table = SegmentsByContainer(catalog)
             finally:
                 extension.MODULE = saved
             assert [[table.of(cid).record(k).segment_id for k in range(len(table.of(cid)))]
@@ -976,7 +976,7 @@ def test_verify_finds_a_containers_segments_however_the_lines_write_its_id(
         lazy = cat.JsonCatalogCodec().decode(variant, source="t", lazy=True)
         assert isinstance(lazy.segments, cat.RecordLines)
         assert lazy == c
-        table = SegmentTable(lazy)
+        table = SegmentsByContainer(lazy)
         assert [table.of("C/1").record(k).segment_id for k in range(4)] == ["S0", "S1", "S3",
                                                                              "S4"]
         assert [table.of("C2").record(k).segment_id for k in range(2)] == ["S2", "S5"]
