@@ -63,7 +63,8 @@ class FileProblem:
     what: str
 
     def describe(self) -> str:
-        return f"{self.relative_path}: {self.what}"
+        """One line: the name's control characters (a newline) escaped."""
+        return f"{paths.shown(self.relative_path)}: {self.what}"
 
 
 @attrs.define

@@ -40,6 +40,7 @@ from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, CatalogReadError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
+from ltoflow.paths import shown
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
 from ltoflow.tapes import TapeHolder, check_member, identify, load_requested_tape
 from ltoflow.units import MiB
@@ -73,7 +74,8 @@ class Problem:
                 f"segment {self.segment_id}" if self.segment_id else "",
             ) if part
         )
-        damages = f"; damages {', '.join(self.files)}" if self.files else ""
+        # One line: the names' control characters (a newline) escaped.
+        damages = f"; damages {', '.join(map(shown, self.files))}" if self.files else ""
         return f"{where}: {self.what}{damages}" if where else f"{self.what}{damages}"
 
 
@@ -731,8 +733,8 @@ async def find_catalog(
             seen.append(Problem(str(e), tape_id=tape_id))
         finally:
             await drive.unload()
-    shown = "; ".join(p.describe() for p in seen)
-    raise CatalogReadError(f"no usable catalog on any tape in {drive.describe()}: {shown}")
+    told = "; ".join(p.describe() for p in seen)
+    raise CatalogReadError(f"no usable catalog on any tape in {drive.describe()}: {told}")
 
 
 async def verify_set(

@@ -87,6 +87,30 @@ def test_verify_of_a_set_it_wrote_names_the_damaged_file_and_the_files_of_a_lost
     assert on_lost
 
 
+def test_damage_reports_keep_a_name_with_a_newline_on_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name may hold a newline or a control byte: verify's BAD line and restore's FAILED
+    line show it escaped, one line each, so a name cannot forge a report line."""
+    name = "new\nline\x01"
+    write_tree(tmp_path / "src", {name: 2_000})
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", tmp_path / "src", "--simulator", sim,
+               *SMALL)[0] == EXIT_OK
+    blob = next((sim).glob("*/data/CNT-*"))
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 1
+    blob.write_bytes(bytes(data))
+    code, out, _ = cli(capsys, "verify", "--simulator", sim)
+    assert code == EXIT_DAMAGED
+    [bad] = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert bad.endswith("SHA-256 mismatch; damages new\\nline\\x01")
+    code, out, _ = cli(capsys, "restore", "--simulator", sim, "--target", tmp_path / "out")
+    assert code == EXIT_DAMAGED
+    [failed] = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert failed.startswith("FAILED new\\nline\\x01: ")
+    assert not (tmp_path / "out" / name).exists()
+
+
 def test_backup_json_summary(src: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
