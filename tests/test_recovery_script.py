@@ -459,6 +459,23 @@ def test_symlink_as_final_name_is_not_written_through(
     assert_same_as_source(target, "case-001/notes.txt")
 
 
+def test_a_container_missing_from_a_given_tape_is_named_not_the_tape(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    """Every tape given, one container gone from tape 3: its files fail naming the container
+    and the tape it should be on; the tape is not said to be missing."""
+    blob = container_path(tapes, 6)
+    blob.unlink()
+    proc = run(python, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert (
+        f"FAILED: case-002/scans/page-002.tif: container {blob.name} is missing from tape "
+        f"{TAPE_IDS[2]} ({tapes[2]}), or is not a regular file there"
+    ) in proc.stderr
+    assert "not given" not in output(proc)
+    assert files_under(tmp_path / "out") == ALL_FILES - {"case-002/scans/page-002.tif"}
+
+
 def test_container_id_cannot_point_outside_data(
     python: str, tapes: list[Path], tmp_path: Path
 ) -> None:

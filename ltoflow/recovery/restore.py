@@ -732,6 +732,7 @@ class Restorer:
         self.missing_tapes: Dict[str, int] = {}
         self.tmp_counter = 0
         self._located: Dict[str, Optional[str]] = {}
+        self._given: Optional[Dict[str, str]] = None
         umask = os.umask(0)
         os.umask(umask)
         self.default_mode = 0o666 & ~umask
@@ -783,6 +784,23 @@ class Restorer:
                     break
         self._located[container_id] = found
         return found
+
+    def given_tapes(self) -> Dict[str, str]:
+        """The tapes among the given roots, each with its root: a root is the tape whose
+        containers (by the catalog) it holds."""
+        if self._given is None:
+            self._given = {}
+            for root in self.roots:
+                for folder in (os.path.join(root, "data"), root):
+                    try:
+                        names = os.listdir(folder)
+                    except OSError:
+                        continue
+                    for name in names:
+                        cont = self.cat.containers.get(name)
+                        if cont is not None and cont.tape_id:
+                            self._given.setdefault(cont.tape_id, root)
+        return self._given
 
     def tape_of(self, container_id: str) -> str:
         cont = self.cat.containers.get(container_id)
@@ -889,18 +907,27 @@ class Restorer:
                 self.parent_dir(entry, create=False)
                 self.check_segments(entry)
                 missing: List[str] = []
+                lost: List[str] = []  # not found on a tape that was given
                 for seg in entry.segments:
                     if self.locate(seg.container_id) is None:
                         tape = self.tape_of(seg.container_id)
-                        if tape not in missing:
+                        root = self.given_tapes().get(tape)
+                        if root is not None:
+                            why = "container %s is missing from tape %s (%s), or is not a " \
+                                "regular file there" % (seg.container_id, tape, root)
+                            if why not in lost:
+                                lost.append(why)
+                        elif tape not in missing:
                             missing.append(tape)
+                for tape in missing:
+                    self.missing_tapes[tape] = self.missing_tapes.get(tape, 0) + 1
                 if missing:
-                    for tape in missing:
-                        self.missing_tapes[tape] = self.missing_tapes.get(tape, 0) + 1
-                    raise Problem(
+                    lost.append(
                         "needs tape(s) not given: %s (give the directory of each of these "
                         "tapes as a TAPE_ROOT)" % ", ".join(missing)
                     )
+                if lost:
+                    raise Problem("; ".join(lost))
                 self.check_existing(entry)
             except Problem as exc:
                 self.fail(entry, str(exc))
