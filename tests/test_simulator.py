@@ -90,6 +90,25 @@ async def _tape_holding(tmp_path: Path, data: bytes) -> tuple[SimulatorDrive, Si
     return drive, tape
 
 
+async def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO (or a directory) where a container or the catalog should be: reading it fails at
+    once, saying why, instead of blocking on a writer that never comes."""
+    _, tape = await _tape_holding(tmp_path, b"x")
+    os.mkfifo(tmp_path / T1.tape_id / "data" / "fifo")
+    (tmp_path / T1.tape_id / "data" / "dir").mkdir()
+    for path in ("data/fifo", "data/dir"):
+        with pytest.raises(TapeReadError, match=f"cannot read {path} on tape {T1.tape_id}: "
+                                                ".*not a regular file"):
+            await tape.open_read(path)
+        with pytest.raises(TapeReadError, match="not a regular file"):
+            await tape.read_small(path, limit=10)
+    reader = await tape.open_read("data/a")  # a regular file still reads
+    buf = bytearray(10)
+    assert await reader.readinto(memoryview(buf)) == 1
+    assert buf[:1] == b"x"
+    await reader.close()
+
+
 async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:
     data = bytes(range(256)) * 50  # 12,800 bytes: three pages and a part
     drive, tape = await _tape_holding(tmp_path, data)

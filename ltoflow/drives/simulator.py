@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import signal
+import stat
 from collections.abc import Buffer, Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -281,12 +282,25 @@ class SimulatorTape:
     async def open_read(self, path: str) -> SimulatorReader:
         self._check_read(path)
         try:
-            fh = await trio.to_thread.run_sync(open, self._path(path), "rb", 0)
+            fh = await trio.to_thread.run_sync(self._open_file, path)
         except FileNotFoundError:
             raise TapeReadError(f"tape {self.tape_id} has no {path}") from None
         except OSError as e:
             raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
         return SimulatorReader(self, path, fh)
+
+    def _open_file(self, path: str) -> BinaryIO:
+        """The tape's file at `path`, opened to read. Raises OSError, ENOTSUP when it is not a
+        regular file: a FIFO put in a container's place would block the open and every read."""
+        fd = os.open(self._path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOTSUP, "not a regular file")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return open(fd, "rb", buffering=0)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _check_read(self, path: str) -> None:
         if self._fail and self._failures.fail_on_read:
@@ -314,7 +328,7 @@ class SimulatorTape:
 
         def _read() -> _T | None:
             try:
-                with open(self._path(path), "rb") as fh:
+                with self._open_file(path) as fh:
                     return read(fh)
             except FileNotFoundError:
                 return None
