@@ -226,10 +226,15 @@ async def write_actor(
                 cid = container_ids[chunk.container]
                 if chunk.first:
                     size = plan.containers[chunk.container].size
+                    if replace:  # what an interrupted job left of it goes first (the room
+                        # it took comes back where the medium frees it, as the simulator's
+                        # does); if this one does not fit after all, the abort removes it
+                        writer = await tape.open_write(f"data/{cid}", replace=True)
                     await _require_room(tape, tape_id, size + reserve,
                                         f"container {cid} and the catalog",
                                         container=chunk.container)
-                    writer = await tape.open_write(f"data/{cid}", replace=replace)
+                    if writer is None:
+                        writer = await tape.open_write(f"data/{cid}")
                     stats.current = cid
                     started = trio.current_time()
                 assert writer is not None, "a container's first chunk always comes first"

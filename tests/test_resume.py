@@ -121,6 +121,32 @@ def test_kill_9_at_any_moment_then_resume_gives_the_whole_set(
     assert_complete_set(tapes, contents)
 
 
+def test_a_crash_in_a_full_tapes_last_container_resumes_on_that_tape(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """The plan fills tape 1 to its last byte. Killed half-way through its last container,
+    the backup leaves half of that container on the tape: the resume writes it over that
+    leftover on the same tape (its room is the leftover's), and nothing else is left behind."""
+    root, contents = src
+    plan = the_plan(root)
+    t1 = plan.tapes[0]
+    last = plan.containers[t1.containers[-1]]
+    tapes = tmp_path / "tapes"
+    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                   f"crash_after_bytes_written={t1.data_bytes - 10}",
+                                   "--sim-fault", "failed_tape_ids=1"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    [tape1] = tapes.iterdir()
+    leftover = sorted((tape1 / "data").iterdir())[-1]
+    leftover.write_bytes(os.urandom(last.size - 10))  # what reached the medium before the kill
+
+    resumed = ltoflow(*backup_args(root, tapes, "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+    assert leftover.stat().st_size == last.size
+
+
 def test_resume_after_a_crash_during_the_resume(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
