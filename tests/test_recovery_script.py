@@ -476,6 +476,22 @@ def test_a_container_missing_from_a_given_tape_is_named_not_the_tape(
     assert files_under(tmp_path / "out") == ALL_FILES - {"case-002/scans/page-002.tif"}
 
 
+def test_a_piece_of_a_container_left_on_another_tape_is_passed_over(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    """An interrupted backup may leave the start of a container on a tape that filled, and
+    write it whole on the next one: the whole one, on the catalog's tape, is read."""
+    blob = container_path(tapes, 6)
+    assert blob.parent.parent == tapes[2]
+    (tapes[0] / "data" / blob.name).write_bytes(blob.read_bytes()[:1000])
+    target = tmp_path / "out"
+    proc = run(python, "--target", target, *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert files_under(target) == ALL_FILES
+    for rel in ALL_FILES:
+        assert_same_as_source(target, rel)
+
+
 def test_container_id_cannot_point_outside_data(
     python: str, tapes: list[Path], tmp_path: Path
 ) -> None:

@@ -715,6 +715,13 @@ class Dirs:
 # --------------------------------------------------------------------------- the restore
 
 
+def _size_of(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 class Restorer:
     def __init__(self, cat: Catalog, roots: List[str], target: str, overwrite: bool) -> None:
         self.cat = cat
@@ -761,10 +768,12 @@ class Restorer:
     # ---- where things are
 
     def locate(self, container_id: str) -> Optional[str]:
-        """Path of the container's blob on one of the given roots, or None."""
+        """Path of the container's blob on one of the given roots, or None. Where several
+        roots have a file of that name (a piece an interrupted backup left on another tape),
+        the one of the catalog's size wins, on the root of the catalog's tape first."""
         if container_id in self._located:
             return self._located[container_id]
-        found = None
+        found: List[str] = []
         if (
             container_id
             and "\0" not in container_id
@@ -772,25 +781,28 @@ class Restorer:
             and "\\" not in container_id
             and container_id not in (".", "..")
         ):
-            for root in self.roots:
+            own = self.given_tapes().get(self.tape_of(container_id))
+            for root in ([own] if own else []) + [r for r in self.roots if r != own]:
                 for path in (
                     os.path.join(root, "data", container_id),
                     os.path.join(root, container_id),
                 ):
                     if os.path.isfile(path):
-                        found = path
+                        found.append(path)
                         break
-                if found:
-                    break
-        self._located[container_id] = found
-        return found
+        cont = self.cat.containers.get(container_id)
+        size = cont.size_bytes if cont is not None else None
+        best = next((p for p in found if size is None or _size_of(p) == size), None)
+        self._located[container_id] = best or (found[0] if found else None)
+        return self._located[container_id]
 
     def given_tapes(self) -> Dict[str, str]:
-        """The tapes among the given roots, each with its root: a root is the tape whose
-        containers (by the catalog) it holds."""
+        """The tapes among the given roots, each with its root: a root is the tape most of
+        whose containers (by the catalog) it holds."""
         if self._given is None:
             self._given = {}
             for root in self.roots:
+                count: Dict[str, int] = {}
                 for folder in (os.path.join(root, "data"), root):
                     try:
                         names = os.listdir(folder)
@@ -799,7 +811,9 @@ class Restorer:
                     for name in names:
                         cont = self.cat.containers.get(name)
                         if cont is not None and cont.tape_id:
-                            self._given.setdefault(cont.tape_id, root)
+                            count[cont.tape_id] = count.get(cont.tape_id, 0) + 1
+                if count:
+                    self._given.setdefault(max(sorted(count), key=lambda t: count[t]), root)
         return self._given
 
     def tape_of(self, container_id: str) -> str:
