@@ -24,7 +24,7 @@ demo:
 # Every check CI runs: tests, strict typing, lint.
 test:
     pytest -q
-    mypy --strict ltoflow tests
+    mypy --strict ltoflow ltoflow_command.py tests
     ruff check .
 
 # Benchmarks against the tar | tee | openssl floor (see bench/README.md).

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ltoflow.cli import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, EXIT_WARNINGS, main
+from ltoflow.cli import (
+    EXIT_DAMAGED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_WARNINGS,
+    main,
+)
 
 from .conftest import load_catalog_json, write_tree
 
@@ -109,6 +118,33 @@ def test_damage_reports_keep_a_name_with_a_newline_on_one_line(
     [failed] = [line for line in out.splitlines() if line.startswith("FAILED")]
     assert failed.startswith("FAILED new\\nline\\x01: ")
     assert not (tmp_path / "out" / name).exists()
+
+
+def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The console script's entry (ltoflow_command) turns a KeyboardInterrupt while the
+    package imports, or one the job lets through, into one line and exit 130."""
+    import types
+
+    import ltoflow_command
+
+    def interrupted(name: str) -> object:
+        raise KeyboardInterrupt
+
+    loading = types.ModuleType("ltoflow.cli")
+    loading.__getattr__ = interrupted  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "ltoflow.cli", loading)
+    with pytest.raises(SystemExit) as exited:
+        ltoflow_command.main()
+    assert exited.value.code == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "ltoflow: interrupted while starting\n"
+
+    monkeypatch.undo()
+    monkeypatch.setattr("ltoflow.cli.entry", lambda: interrupted("entry"))
+    with pytest.raises(SystemExit) as exited:
+        ltoflow_command.main()
+    assert exited.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "ltoflow: interrupted\n"
 
 
 def test_backup_json_summary(src: Path, tmp_path: Path,

@@ -1,0 +1,24 @@
+"""The `ltoflow` command's entry point, outside the package: importing `ltoflow` loads the
+engine (a third of a second), and a Ctrl-C meanwhile should end the command as quietly as one
+a moment later does, with no traceback."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from ltoflow.cli import EXIT_INTERRUPTED, entry
+    except KeyboardInterrupt:
+        print("ltoflow: interrupted while starting", file=sys.stderr)
+        sys.exit(130)  # EXIT_INTERRUPTED, which this import did not get to
+    try:
+        entry()
+    except KeyboardInterrupt:  # before or after the job's own handling
+        print("ltoflow: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()
