@@ -12,8 +12,14 @@ MB = 10**6
 MiB = 2**20
 
 
+#: More than any tape, container or buffer holds (1 EB): byte counts stay well within 64 bits,
+#: where the C loops and the catalog's readers keep them.
+MAX_BYTES = 10**18
+
+
 def parse_decimal_bytes(text: str, unit: int, *, flag: str) -> int:
-    """Turn a decimal number of `unit`s into whole bytes; raise UsageError if it is not positive."""
+    """Turn a decimal number of `unit`s into whole bytes; raise UsageError if it is not
+    positive, or more than MAX_BYTES."""
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
@@ -23,6 +29,9 @@ def parse_decimal_bytes(text: str, unit: int, *, flag: str) -> int:
     nbytes = int(value * unit)
     if nbytes < 1:
         raise UsageError(f"{flag} {text} is less than one byte")
+    if nbytes > MAX_BYTES:
+        raise UsageError(f"{flag} {text} is beyond any real size (at most 1 EB, "
+                         f"{MAX_BYTES // unit:,} in this flag's unit); check the value")
     return nbytes
 
 
