@@ -791,8 +791,12 @@ async def run_restore(
     started = clock.monotonic()
 
     def open_target() -> _FileWriter:
-        target.mkdir(parents=True, exist_ok=True)
-        return _FileWriter(target, plan.jobs, overwrite=overwrite)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            return _FileWriter(target, plan.jobs, overwrite=overwrite)
+        except OSError as e:  # a file in its path, a read-only filesystem, no permission
+            raise UsageError(f"cannot create the restore target {target}: {e.strerror}; "
+                             "give --target a directory this user can write to") from e
 
     writer = await trio.to_thread.run_sync(open_target)
     pool = read_pool()

@@ -23,7 +23,7 @@ import mmap
 import operator
 import queue
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -752,6 +752,8 @@ async def verify_set(
     try:
         found = await find_catalog(drive, codec, holder, lazy=True)
         catalog, digest, problems = found.catalog, found.sha256, found.problems
+        # Tapes whose copy the search found wanting: said once, not read again.
+        searched = Counter(p.tape_id for p in problems)
         index = CatalogIndex(catalog)
         inventory = await drive.inventory()
         counters = [0, 0]
@@ -774,7 +776,8 @@ async def verify_set(
                 bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
                                                index=index, counters=counters,
                                                catalog_checked=found.read_from(t.tape_id,
-                                                                               loaded))
+                                                                               loaded)
+                                               or t.tape_id in searched)
             except BaseException:
                 await holder.release_after_error()
                 raise
@@ -782,7 +785,7 @@ async def verify_set(
             tapes_checked += 1
             problems.extend(bad)
             reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
-                                        len(bad)))
+                                        len(bad) + searched[t.tape_id]))
     except BaseException:
         await holder.release_after_error()
         raise
