@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from ltoflow import api
@@ -107,6 +108,20 @@ async def test_a_fifo_in_place_of_a_file_is_refused_not_waited_on(tmp_path: Path
     assert await reader.readinto(memoryview(buf)) == 1
     assert buf[:1] == b"x"
     await reader.close()
+
+
+async def test_a_damaged_tape_json_keeps_a_tape_readable_but_not_writable(
+        tmp_path: Path) -> None:
+    """tape.json is the simulator's own accounting, not part of what a tape holds: reading
+    does without it; writing, which needs it, is refused."""
+    drive, _ = await _tape_holding(tmp_path, b"kept")
+    await drive.unload()
+    (tmp_path / T1.tape_id / "tape.json").write_text("garbage\n")
+    reading = await drive.load(attrs.evolve(T1, purpose="read"))
+    assert await reading.read_small("data/a", limit=10) == b"kept"
+    await drive.unload()
+    with pytest.raises(TapeNotLoadedError, match=r"cannot read its tape\.json"):
+        await drive.load(T1)
 
 
 async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:

@@ -166,19 +166,26 @@ class SimulatorDrive:
             raise TapeNotLoadedError(
                 f"tape {request.describe()} is not in the simulator directory {self.root}"
             )
-        state = await trio.to_thread.run_sync(self._read_state, request.tape_id, tape_root)
+        state = await trio.to_thread.run_sync(self._read_state, request.tape_id, tape_root,
+                                              request.purpose == "read")
         self.loads.append(request.tape_id)
         model = self.throttle.model() if self.throttle and request.purpose == "write" else None
         discard = bool(self.throttle and self.throttle.discard)
         self._loaded = SimulatorTape(state, self.failures, model=model, discard=discard)
         return self._loaded
 
-    def _read_state(self, tape_id: str, tape_root: Path) -> _TapeState:
+    def _read_state(self, tape_id: str, tape_root: Path, reading: bool) -> _TapeState:
+        """The tape's accounting, from its tape.json. Only writing needs it: a tape loaded to
+        be read whose tape.json is damaged is read all the same."""
         try:
             doc = json.loads((tape_root / TAPE_JSON).read_text())
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
         except FileNotFoundError:
             return _TapeState(tape_id, tape_root, self.capacity_bytes, 0)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
+            if reading:
+                return _TapeState(tape_id, tape_root, None, 0)
             raise TapeNotLoadedError(f"tape {tape_id}: cannot read its {TAPE_JSON}: {e}") from e
         capacity = doc.get("capacity_bytes", self.capacity_bytes)
         # A crash can leave bytes on the tape that its tape.json has not counted yet.
