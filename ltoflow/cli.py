@@ -508,15 +508,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
         tapes = ", ".join(f"{t.tape_id} (tape {t.sequence_number}"
                           f"{', volume ' + t.volume_serial if t.volume_serial else ''})"
                           for t in plan.tapes)
-        print(f"Restore of {len(plan.jobs)} file(s) needs {len(plan.tapes)} tape(s), in this "
-              f"order: {tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
+        present = f" ({plan.present} more already there, identical)" if plan.present else ""
+        print(f"Restore of {len(plan.jobs)} file(s){present} needs {len(plan.tapes)} tape(s), "
+              f"in this order: {tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
               file=out, flush=True)
         return not args.dry_run
 
-    report = trio.run(run_interruptible, lambda: api.restore_async(
-        components, target, args.patterns, catalog=given, overwrite=args.overwrite,
-        before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
-                                     "target, and the tape in the drive was not unloaded"))
+    try:
+        report = trio.run(run_interruptible, lambda: api.restore_async(
+            components, target, args.patterns, catalog=given, overwrite=args.overwrite,
+            before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
+                                         "target, and the tape in the drive was not unloaded"))
+    except* Interrupted as group:
+        raise Interrupted(
+            f"{group.exceptions[0]}; the files restored so far are whole: run the same restore "
+            "again to go on (it leaves them be and reads only what is missing)") from None
     if args.json:
         _print_json({
             "dry_run": report.dry_run, "requested": report.requested,
@@ -525,6 +531,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "directories_restored": report.directories_restored,
             "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
             "tapes": list(report.tapes), "ok": report.ok,
+            "already_present": report.already_present,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
         })
@@ -538,8 +545,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         for p in report.problems:
             print(f"FAILED {p.describe()}")
         rate = report.bytes_restored / report.seconds / 1e6 if report.seconds else 0.0
+        present = (f", {report.already_present} already there (identical, left as they were)"
+                   if report.already_present else "")
         print(f"Restored {report.restored} of {report.requested} file(s) "
-              f"({human_bytes(report.bytes_restored)}), {report.symlinks_restored} symlink(s) "
+              f"({human_bytes(report.bytes_restored)}){present}, "
+              f"{report.symlinks_restored} symlink(s) "
               f"and {report.directories_restored} directories into {target} from "
               f"{len(report.tapes)} tape(s) in {report.seconds:.1f} s ({rate:.0f} MB/s); "
               f"{len(report.problems)} failed.")

@@ -126,6 +126,8 @@ class RestorePlan:
     requested_files: int = 0
     #: Entries the backup skipped that the patterns select: listed, never restored.
     skipped: tuple[SkippedEntry, ...] = ()
+    #: Selected files the target already holds, identical (an interrupted restore's): left be.
+    present: int = 0
 
     @property
     def files(self) -> int:
@@ -146,18 +148,22 @@ class RestoreReport:
     directories_restored: int = 0
     #: Selected entries the backup skipped (not on tape, or their bytes unusable): not restored.
     skipped: tuple[SkippedEntry, ...] = ()
+    #: Selected files already in the target, identical to the backup (read and hashed to
+    #: tell): not restored again.
+    already_present: int = 0
 
     @property
     def ok(self) -> bool:
         if self.dry_run:
             return not self.problems
-        return not self.problems and self.restored == self.requested
+        return not self.problems and self.restored + self.already_present == self.requested
 
     @classmethod
     def from_plan(cls, plan: RestorePlan) -> RestoreReport:
         """What a dry run reports: the plan, nothing restored."""
         return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
-                   plan.bytes_to_read, dry_run=True, skipped=plan.skipped)
+                   plan.bytes_to_read, dry_run=True, skipped=plan.skipped,
+                   already_present=plan.present)
 
 
 def safe_parts(relative_path: bytes) -> tuple[bytes, ...] | None:
@@ -279,6 +285,7 @@ def plan_restore(
     ranges: dict[str, list[_Range]] = defaultdict(list)
     needed_tapes: set[str] = set()
     total = 0
+    present = 0
     id_counts: dict[str, int] = defaultdict(int)
     for f in catalog.source_files:
         id_counts[f.file_id] += 1
@@ -300,7 +307,11 @@ def plan_restore(
         segs = sorted(by_file.get(f.file_id, []), key=lambda s: s.source_offset)
         why = _check_segments(f, segs, containers, tapes)
         if why is None and not overwrite and exists(parts):
-            why = "already exists in the target; use --overwrite to replace it"
+            if _identical(target, parts, f):  # restored before (an interrupted restore)
+                present += 1
+                continue
+            why = ("already exists in the target and differs from the backup; use --overwrite "
+                   "to replace it")
         if why is not None:
             problems.append(FileProblem(f.relative_path, why))
             continue
@@ -318,8 +329,10 @@ def plan_restore(
         if parts is None:
             continue
         if not overwrite and exists(parts):
-            problems.append(FileProblem(
-                link.relative_path, "already exists in the target; use --overwrite to replace it"))
+            if not _same_link(target, parts, link.target_bytes):  # else made before: left be
+                problems.append(FileProblem(
+                    link.relative_path, "already exists in the target and differs from the "
+                    "backup; use --overwrite to replace it"))
         else:
             links.append(_TreeJob(link, parts))
     dirs: list[_TreeJob] = []
@@ -339,6 +352,7 @@ def plan_restore(
         directories=tuple(dirs),
         requested_files=len(files),
         skipped=tuple(skipped),
+        present=present,
     )
 
 
@@ -386,6 +400,49 @@ def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
         dirs.close()
         os.close(root_fd)
     return True
+
+
+def _identical(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> bool:
+    """Whether the target already holds this file whole: a regular file (no symlink followed
+    on the way) of its size whose SHA-256 is the catalog's, as an interrupted restore leaves
+    the files it finished. It is read to tell."""
+    try:
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    dirs = DirFds(root_fd)
+    fd = -1
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dirs.open(parts[:-1]))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size_bytes:
+            return False
+        with open(fd, "rb", buffering=0, closefd=False) as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest() == entry.sha256
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        dirs.close()
+        os.close(root_fd)
+
+
+def _same_link(target: Path, parts: tuple[bytes, ...], points_to: bytes) -> bool:
+    """Whether the target already holds this symlink, pointing where the backup's did."""
+    try:
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    dirs = DirFds(root_fd)
+    try:
+        return os.readlink(parts[-1], dir_fd=dirs.open(parts[:-1])) == points_to
+    except OSError:
+        return False
+    finally:
+        dirs.close()
+        os.close(root_fd)
 
 
 class _Existing:
@@ -852,6 +909,7 @@ async def run_restore(
         symlinks_restored=writer.symlinks,
         directories_restored=writer.directories,
         skipped=plan.skipped,
+        already_present=plan.present,
     )
 
 

@@ -159,6 +159,28 @@ def test_a_restore_target_that_cannot_be_made_is_a_usage_error(
                         "Not a directory; give --target a directory")
 
 
+def test_restoring_again_leaves_identical_files_and_names_changed_ones(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A restore run again into the same target (after an interruption, say) reads what is
+    there: identical files are left as they are, one that differs is named, not replaced."""
+    sim, out = tmp_path / "tapes", tmp_path / "out"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    assert cli(capsys, "restore", "--simulator", sim, "--target", out)[0] == EXIT_OK
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out)
+    assert code == EXIT_OK
+    assert "Restored 0 of 4 file(s) (0 B), 4 already there (identical, left as they were)" \
+        in text
+    (out / "a" / "two.txt").write_bytes(b"changed since")
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--json")
+    assert code == EXIT_DAMAGED
+    doc = json.loads(text)
+    assert (doc["restored"], doc["already_present"]) == (0, 3)
+    assert doc["problems"] == [{"relative_path": "a/two.txt", "what": "already exists in the "
+                                "target and differs from the backup; use --overwrite to "
+                                "replace it"}]
+    assert (out / "a" / "two.txt").read_bytes() == b"changed since"
+
+
 def test_backup_json_summary(src: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",

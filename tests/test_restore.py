@@ -590,7 +590,8 @@ def test_a_second_restore_replaces_links_only_with_overwrite(
     (out / "docs" / "to-readme").write_bytes(b"not a link")
     again = restore(tapes, out, "docs/to-readme")
     assert [(p.relative_path, p.what) for p in again.problems] == [
-        ("docs/to-readme", "already exists in the target; use --overwrite to replace it")]
+        ("docs/to-readme", "already exists in the target and differs from the backup; use "
+                           "--overwrite to replace it")]
     assert restore(tapes, out, "docs", overwrite=True).ok
     assert (out / "docs" / "to-readme").readlink() == Path("readme.txt")
     want = {k: v for k, v in tree_snapshot(src).items() if k.startswith(b"docs")}

@@ -456,6 +456,15 @@ async def test_ctrl_c_during_a_restore_leaves_whole_files_and_no_temporary_ones(
     for rel, path in files.items():
         assert path.read_bytes() == contents[rel]
 
+    # The same restore again goes on: the files already there are read, found identical and
+    # left be; the rest are restored.
+    again = await api.restore_async(api.Components(drive=SimulatorDrive(tapes)), target)
+    assert again.ok, again.problems
+    assert (again.already_present, again.restored) == (len(files), len(contents) - len(files))
+    restored = {p.relative_to(target).as_posix(): p.read_bytes()
+                for p in target.rglob("*") if p.is_file()}
+    assert restored == contents
+
 
 def test_a_tape_that_runs_out_mid_container_is_replaced_by_a_blank_one(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
