@@ -31,6 +31,7 @@ from ltoflow.catalog import (
     gc_frozen,
     gc_paused,
     iso_utc,
+    set_of,
 )
 from ltoflow.clock import Clock, SystemClock
 from ltoflow.drives import TapeDrive
@@ -181,7 +182,7 @@ def check_simulator_is_free(root: Path) -> None:
         else:
             tapes.append(name)
     if tapes:
-        set_id = tapes[0].removeprefix("TAPE-").rsplit("-", 1)[0]
+        set_id = set_of(tapes[0])
         raise SetExistsError(
             f"simulator directory {root} already holds backup set {set_id} "
             f"({len(tapes)} tape(s)); use an empty directory for a new backup"

@@ -144,6 +144,11 @@ def tape_id_for(set_id: str, sequence_number: int) -> str:
     return f"TAPE-{set_id}-{sequence_number:03d}"
 
 
+def set_of(tape_id: str) -> str:
+    """The backup set a tape id names (tape_id_for's `set_id`)."""
+    return tape_id.removeprefix("TAPE-").rsplit("-", 1)[0]
+
+
 def container_id_for(set_id: str, sequence_number: int) -> str:
     return f"CNT-{set_id}-{sequence_number:05d}"
 

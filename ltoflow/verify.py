@@ -38,7 +38,7 @@ from ltoflow.buffers import BufferLease, PipelineBuffer
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, CatalogReadError, leaves
+from ltoflow.errors import BackupError, CatalogReadError, UsageError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.paths import shown
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
@@ -718,6 +718,11 @@ async def find_catalog(
         return FoundCatalog(catalog, digest, loaded.label, seen, held=loaded)
     if not tapes:
         raise CatalogReadError(f"no tapes found in {drive.describe()}")
+    sets = Counter(map(cat.set_of, tapes))
+    if len(sets) > 1:
+        held = ", ".join(f"set {s}: {n} tape(s)" for s, n in sets.items())
+        raise UsageError(f"{drive.describe()} holds tapes of {len(sets)} backup sets ({held}); "
+                         "give a directory that holds the tapes of one set")
     for tape_id in tapes:
         request = TapeRequest(tape_id, 0, "", purpose="read")
         try:

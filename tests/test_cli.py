@@ -181,6 +181,24 @@ def test_restoring_again_leaves_identical_files_and_names_changed_ones(
     assert (out / "a" / "two.txt").read_bytes() == b"changed since"
 
 
+def test_a_directory_holding_two_sets_is_refused_not_half_verified(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mixed = tmp_path / "mixed"
+    for name in ("one", "two"):
+        assert cli(capsys, "backup", "--source", src, "--simulator", tmp_path / name,
+                   *SMALL)[0] == EXIT_OK
+        for tape in (tmp_path / name).iterdir():
+            shutil.copytree(tape, mixed / tape.name)
+    commands: list[list[str | Path]] = [
+        ["verify"], ["restore", "--target", tmp_path / "out"], ["catalog", "show"]]
+    for command in commands:
+        code, _, err = cli(capsys, command[0], "--simulator", mixed, *command[1:])
+        assert code == EXIT_USAGE
+        one_line_error(err, "holds tapes of 2 backup sets", ": 3 tape(s), set ",
+                       "give a directory that holds the tapes of one set")
+    assert not (tmp_path / "out").exists()
+
+
 def test_backup_json_summary(src: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
