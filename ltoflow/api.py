@@ -185,7 +185,7 @@ def check_simulator_is_free(root: Path) -> None:
         set_id = set_of(tapes[0])
         raise SetExistsError(
             f"simulator directory {root} already holds backup set {set_id} "
-            f"({len(tapes)} tape(s)); use an empty directory for a new backup"
+            f"({len(tapes)} tape(s)); use an empty directory for a new backup", set_id
         )
 
 
@@ -235,9 +235,11 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
     where = f"{config.source_root} onto the {drive.describe()}"
     if config.resume:
         if not journal.exists():
+            other = _started_otherwise(config, drive, journal.state_dir)
             raise UsageError(
-                f"there is no interrupted backup of {where} to resume (no journal "
-                f"{journal.path}); run without --resume to start a new one"
+                f"there is no interrupted backup of {where} with these sizes to resume (no "
+                f"journal {journal.path}); "
+                + (f"there is {other}" if other else "run without --resume to start a new one")
             )
         resume = journal.load(codec)
         planned = plan_from_scan(resume.scan, config, codec)
@@ -265,7 +267,15 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
             f"or delete {journal.path} to start a new one"
         )
     if config.tapes_root is not None and isinstance(drive, SimulatorDrive):
-        check_simulator_is_free(config.tapes_root)
+        try:
+            check_simulator_is_free(config.tapes_root)
+        except SetExistsError as e:
+            other = _started_otherwise(config, drive, journal.state_dir, set_id=e.set_id)
+            if other is None:
+                raise
+            raise SetExistsError(
+                f"simulator directory {config.tapes_root} holds {other}; for a new backup use "
+                "an empty directory", e.set_id) from None
     with gc_paused():  # one record per file, none in a reference cycle
         scan = scan_tree(config.source_root)
     plan = plan_from_scan(scan, config, codec)
@@ -274,7 +284,38 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
     return _Job(plan, journal, None, str(uuid.uuid4()), iso_utc(clock.now()), scan)
 
 
-def _claim(job: _Job) -> None:
+def _started_otherwise(config: BackupConfig, drive: TapeDrive, state_dir: Path, *,
+                       set_id: str | None = None) -> str | None:
+    """When this job has no journal: the interrupted backup of this source onto this drive
+    (or of set `set_id`) that another journal in `state_dir` records, named with the sizes it
+    was started with (job_key sets jobs apart by them), or None."""
+    from ltoflow.journal import interrupted_jobs
+
+    source = str(config.source_root.absolute())
+    for job in interrupted_jobs(state_dir):
+        if set_id is not None:
+            ours = job.set_id == set_id
+        else:
+            ours = job.source_root == source and job.target in (None, drive.describe())
+        if not ours:
+            continue
+        if job.capacity_bytes and job.container_bytes:
+            sizes = (f"--capacity-tb {_in(job.capacity_bytes, TB)} --container-size-gb "
+                     f"{_in(job.container_bytes, GB)}")
+        else:
+            sizes = "other --capacity-tb or --container-size-gb"
+        return (f"the interrupted backup of set {job.set_id} from {job.source_root}, started "
+                f"with {sizes} (journal {job.path}); to go on with it, run the command it was "
+                "started with, adding --resume")
+    return None
+
+
+def _in(nbytes: int, unit: int) -> str:
+    """`nbytes` in `unit`s, as a flag takes it: exact, no exponent."""
+    return format((Decimal(nbytes) / unit).normalize(), "f")
+
+
+def _claim(job: _Job, config: BackupConfig, drive: TapeDrive) -> None:
     """Open the journal for this run: take over the interrupted job's, or start one."""
     if job.resume is not None:
         job.journal.reopen()
@@ -282,7 +323,10 @@ def _claim(job: _Job) -> None:
     if job.journal.exists():  # stale (see _prepare): nobody is writing it
         job.journal.finish()
     job.journal.begin(set_id=job.set_id, created_at=job.created_at, scan=job.scan,
-                      containers=len(job.plan.containers), tapes=len(job.plan.tapes))
+                      containers=len(job.plan.containers), tapes=len(job.plan.tapes),
+                      target=drive.describe(),
+                      capacity_bytes=config.tape_nominal_capacity_bytes,
+                      container_bytes=config.max_container_size_bytes)
 
 
 async def backup_async(config: BackupConfig, components: Components) -> BackupResult:
@@ -295,7 +339,7 @@ async def backup_async(config: BackupConfig, components: Components) -> BackupRe
         _prepare, config, components.drive, components.codec, components.clock,
         abandon_on_cancel=True,  # a scan of millions of files must not hold up Ctrl-C
     )
-    await trio.to_thread.run_sync(_claim, job)
+    await trio.to_thread.run_sync(_claim, job, config, components.drive)
     plan, journal, resume, set_id, created_at = (job.plan, job.journal, job.resume, job.set_id,
                                                  job.created_at)
     try:

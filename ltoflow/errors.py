@@ -87,7 +87,11 @@ class WrongTapeError(BackupError):
 
 
 class SetExistsError(UsageError):
-    """The simulator directory already holds another backup set."""
+    """The simulator directory already holds another backup set, `set_id`."""
+
+    def __init__(self, message: str, set_id: str) -> None:
+        super().__init__(message)
+        self.set_id = set_id
 
 
 class SourceReadError(BackupError):

@@ -52,6 +52,38 @@ def job_key(source_root: Path, target: str, capacity_bytes: int, container_bytes
 
 
 @attrs.frozen
+class JobStart:
+    """What a journal's first line says of its job: which set, from where, onto what, with
+    which sizes (None in journals written before they were kept)."""
+
+    path: Path
+    set_id: str
+    source_root: str
+    target: str | None
+    capacity_bytes: int | None
+    container_bytes: int | None
+
+
+def interrupted_jobs(state_dir: Path) -> list[JobStart]:
+    """The jobs whose journals are in `state_dir` (those whose first line can be read), by
+    path."""
+    found = []
+    try:
+        paths = sorted(state_dir.glob("job-*.journal"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                rec = orjson.loads(fh.readline())
+            found.append(JobStart(path, rec["set_id"], rec["source_root"], rec.get("target"),
+                                  rec.get("capacity_bytes"), rec.get("container_bytes")))
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+    return found
+
+
+@attrs.frozen
 class ContainerDone:
     index: int
     sha256: str | None
@@ -208,7 +240,8 @@ class Journal:
         return not (first.startswith(b'{"kind":"begin"') and first.endswith(b"\n"))
 
     def begin(self, *, set_id: str, created_at: str, scan: ScanResult,
-              containers: int, tapes: int) -> None:
+              containers: int, tapes: int, target: str, capacity_bytes: int,
+              container_bytes: int) -> None:
         """Start a new journal: claimed (created exclusively and locked) first, then the
         scan, then its first line, so a journal with a beginning always has its scan."""
         try:
@@ -227,7 +260,10 @@ class Journal:
         self._io(lambda: _write_durably(self.scan_path, [_scan_bytes(scan)]))
         self._append({"kind": "begin", "version": JOURNAL_VERSION, "set_id": set_id,
                       "created_at": created_at, "source_root": str(scan.root),
-                      "containers": containers, "tapes": tapes})
+                      "containers": containers, "tapes": tapes,
+                      # what job_key hashes, for a resume given other flags to name them
+                      "target": target, "capacity_bytes": capacity_bytes,
+                      "container_bytes": container_bytes})
         self.has_progress = False
 
     def reopen(self) -> None:

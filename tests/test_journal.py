@@ -24,7 +24,8 @@ def journal(tmp_path: Path) -> Journal:
     write_tree(tmp_path / "src", {"a": 10})
     j = Journal(tmp_path / "state", "job-test")
     j.begin(set_id="set-1", created_at="2026-11-26T00:00:00.000000+00:00",
-            scan=scan_tree(tmp_path / "src"), containers=3, tapes=1)
+            scan=scan_tree(tmp_path / "src"), containers=3, tapes=1, target="the simulator",
+            capacity_bytes=10**12, container_bytes=10**9)
     return j
 
 

@@ -261,6 +261,32 @@ def test_resume_without_an_interrupted_backup_says_so(
     assert "no interrupted backup" in capsys.readouterr().err
 
 
+def test_resume_with_other_sizes_names_the_flags_the_backup_was_started_with(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sizes are part of what makes a job (its journal's key): given other ones, neither a
+    resume nor a new backup finds the interrupted job, and both say how to go on with it."""
+    root, _ = src
+    tapes = tmp_path / "tapes"
+    started = [str(a) for a in backup_args(root, tapes)]
+    assert main([*started, "--sim-fault", "fail_after_bytes_written=100000"]) == EXIT_FAILED
+    capsys.readouterr()
+    other = [a if a != "0.00006" else "0.00005" for a in started]
+    advice = ("started with --capacity-tb 0.00000045 --container-size-gb 0.00006 (journal ",
+              "); to go on with it, run the command it was started with, adding --resume")
+
+    assert main([*other, "--resume"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "there is no interrupted backup of" in err
+    assert all(part in err for part in advice), err
+    assert main(other) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"simulator directory {tapes} holds the interrupted backup of set " in err
+    assert all(part in err for part in advice), err
+
+    assert main([*started, "--resume"]) == EXIT_OK
+
+
 @pytest.mark.parametrize("fault", ["fail_on_load", "fail_after_bytes_written=1000"])
 def test_a_failure_before_any_container_is_on_tape_leaves_nothing_to_resume(
     fault: str, src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
