@@ -142,7 +142,9 @@ def _add_drive(p: argparse.ArgumentParser, *, write: bool) -> None:
                         "libraries that unload with their robot)")
     p.add_argument("--tape-change-command", metavar="CMD",
                    help="run CMD (through the shell) whenever a tape is needed; it gets "
-                        "LTOFLOW_TAPE_ID, LTOFLOW_TAPE_SEQ and LTOFLOW_SET_ID")
+                        "LTOFLOW_TAPE_ID, LTOFLOW_TAPE_SEQ, LTOFLOW_SET_ID, LTOFLOW_PURPOSE "
+                        "(write or read), LTOFLOW_VOLUME_SERIAL (when known) and, when asked "
+                        "again, LTOFLOW_PROBLEM")
     p.add_argument("--yes", action="store_true",
                    help="never wait at a prompt: use --tape-change-command or fail clearly")
     p.add_argument("--sim-fault", metavar="NAME[=VALUE]", type=_fault, action="append",
@@ -198,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the job journal lives (default $LTOFLOW_STATE_DIR, else "
                         "$XDG_STATE_HOME/ltoflow, else ~/.local/state/ltoflow)")
     b.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    b.add_argument("--verbose", action="store_true",
-                   help="container lines above the live view, tracebacks with errors")
-    b.add_argument("--quiet", action="store_true", help="only errors and the summary")
+    say = b.add_mutually_exclusive_group()
+    say.add_argument("--verbose", action="store_true",
+                     help="container lines above the live view, tracebacks with errors")
+    say.add_argument("--quiet", action="store_true", help="only errors and the summary")
 
     v = sub.add_parser("verify", help="check every tape of a set against its catalog")
     _add_drive(v, write=False)
@@ -234,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
 
     pl = sub.add_parser("plan", help="show the plan for a source tree without writing anything")
-    pl.add_argument("--source", metavar="DIR", type=Path, required=True)
+    pl.add_argument("--source", metavar="DIR", type=Path, required=True,
+                    help="directory tree to plan (scanned, never read)")
     pl.add_argument("--capacity-tb", metavar="TB", type=_size(TB, "--capacity-tb"),
-                    required=True)
+                    required=True, help="nominal tape capacity in TB, as for backup")
     pl.add_argument("--container-size-gb", metavar="GB", required=True,
-                    type=_size(GB, "--container-size-gb"))
+                    type=_size(GB, "--container-size-gb"), help="maximum container size in GB")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -338,7 +342,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except* Interrupted as group:
         if isinstance(reporter, LiveReporter):
             reporter.close()
-        raise Interrupted(f"{group.exceptions[0]}; {_resume_hint(journal)}") from None
+        raise Interrupted(f"{group.exceptions[0]}; "
+                          f"{_resume_hint(journal, interrupted=True)}") from None
     except* UsageError:
         raise
     except* BackupError as group:
@@ -767,9 +772,11 @@ def print_plan(plan: Plan) -> None:
         print(f"  will skip {s.relative_path} ({s.kind}): {s.reason}")
 
 
-def _resume_hint(journal: Journal, changed: str | None = None) -> str:
+def _resume_hint(journal: Journal, changed: str | None = None, *,
+                 interrupted: bool = False) -> str:
     """One line on what is safe on tape and how to go on (when `changed` names a source file
-    that changed, a resume only helps if it is put back)."""
+    that changed, a resume only helps if it is put back; after an `interrupted` job there is
+    no cause to fix)."""
     if not journal.exists():
         return "nothing was written to tape that a resume could use"
     try:
@@ -781,8 +788,8 @@ def _resume_hint(journal: Journal, changed: str | None = None) -> str:
                 f"{shown(changed)} as it was when scanned (or, before tape 1's catalog "
                 f"is written, with --on-change=skip); to back up its new content, delete "
                 f"{journal.path} and start again on blank tapes")
-    return (f"{done}, all safe on tape; fix the cause and run the same command with "
-            "--resume to continue")
+    then = "" if interrupted else "fix the cause and "
+    return f"{done}, all safe on tape; {then}run the same command with --resume to continue"
 
 
 def _abort_now(left: str) -> Callable[[], None]:

@@ -270,7 +270,8 @@ async def _require_room(tape: LoadedTape, tape_id: str, needed: int, what: str, 
     TapeFilledEarlyError when `what` is `container`, TapeFullError otherwise."""
     free = await tape.free_bytes()
     if free is not None and free < needed:
-        message = (f"tape {tape_id} ({tape.label}) has {human_bytes(free)} free, not enough "
+        named = tape_id if tape.label == tape_id else f"{tape_id} ({tape.label})"
+        message = (f"tape {named} has {human_bytes(free)} free, not enough "
                    f"for {what} ({human_bytes(needed)})")
         written = getattr(tape, "bytes_written", 0)
         if container is not None:

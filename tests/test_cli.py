@@ -233,6 +233,8 @@ def test_backup_json_summary(src: Path, tmp_path: Path,
          ["--simulator", "--device"]),
         (["backup", "--source", "S", "--simulator", "T", "--capacity-tb", "1",
           "--container-size-gb", "1", "--sim-fault", "explode"], ["unknown fault"]),
+        (["backup", "--source", "S", "--simulator", "T", "--capacity-tb", "1",
+          "--container-size-gb", "1", "--verbose", "--quiet"], ["--quiet: not allowed with"]),
         (["nonsense"], ["invalid choice"]),
     ],
 )
