@@ -12,7 +12,10 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -168,6 +171,24 @@ def plan_from_scan(scan: ScanResult, config: BackupConfig,
     )
 
 
+def check_simulator_is_writable(root: Path) -> None:
+    """Refuse, before the scan, a simulator directory that could not be made or written to:
+    a file is made and removed in it, or in the nearest directory above it that exists (it is
+    made only when the first tape is)."""
+    there = root.absolute()
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    try:
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fd, probe = tempfile.mkstemp(prefix=".ltoflow-probe-", dir=there)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to the simulator directory {root}: {e.strerror}; "
+                         "give --simulator a directory this user can write to") from e
+
+
 def check_simulator_is_free(root: Path) -> None:
     """Refuse a simulator directory that already holds a backup set.
 
@@ -267,6 +288,7 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
             f"or delete {journal.path} to start a new one"
         )
     if config.tapes_root is not None and isinstance(drive, SimulatorDrive):
+        check_simulator_is_writable(config.tapes_root)
         try:
             check_simulator_is_free(config.tapes_root)
         except SetExistsError as e:

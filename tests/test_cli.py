@@ -254,6 +254,22 @@ def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     one_line_error(err, "does not exist", "nope")
 
 
+def test_a_simulator_directory_that_cannot_be_written_is_refused_before_the_scan(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_bytes(b"")
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator",
+                       tmp_path / "afile" / "tapes", *SMALL)
+    assert code == EXIT_USAGE
+    one_line_error(err, f"cannot write to the simulator directory {tmp_path / 'afile'}",
+                   "Not a directory; give --simulator a directory this user can write to")
+    # A directory that does not exist yet is checked where it would be made, not made
+    # before the job can start (here the source is missing).
+    code, _, err = cli(capsys, "backup", "--source", tmp_path / "missing", "--simulator",
+                       tmp_path / "new" / "tapes", *SMALL)
+    assert code == EXIT_USAGE
+    assert not (tmp_path / "new").exists()
+
+
 def test_container_larger_than_usable_capacity(src: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
