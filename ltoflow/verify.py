@@ -774,6 +774,8 @@ async def verify_set(
             try:
                 loaded = await holder.get(request, check_member)
             except BackupError as e:
+                if searched[t.tape_id]:  # the search said so too: this says it with the files
+                    problems = [p for p in problems if p.tape_id != t.tape_id]
                 problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
                                         files=index.files_on_tape(t.tape_id)))
                 continue

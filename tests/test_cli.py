@@ -199,6 +199,23 @@ def test_a_directory_holding_two_sets_is_refused_not_half_verified(
     assert not (tmp_path / "out").exists()
 
 
+def test_swapped_tape_directories_are_said_once_each_as_such(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    one, two, _ = sorted(sim.iterdir())
+    one.rename(sim / "swap")
+    two.rename(one)
+    (sim / "swap").rename(two)
+    code, out, _ = cli(capsys, "verify", "--simulator", sim)
+    assert code == EXIT_DAMAGED
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert [line.split(": damages")[0].split("; no operator")[0] for line in bad] == [
+        f"BAD tape {a.name}: cannot be loaded: the simulator's directory {a.name} holds tape "
+        f"{b.name} (its tape.json says so): tape directories were renamed or swapped; give "
+        "each its tape's name back" for a, b in ((one, two), (two, one))]
+
+
 def test_backup_json_summary(src: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",

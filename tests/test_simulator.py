@@ -124,6 +124,23 @@ async def test_a_damaged_tape_json_keeps_a_tape_readable_but_not_writable(
         await drive.load(T1)
 
 
+async def test_swapped_tape_directories_are_named_not_read_as_the_wrong_tape(
+        tmp_path: Path) -> None:
+    drive = SimulatorDrive(tmp_path, 100_000)
+    for request in (T1, T2):
+        tape = await drive.load(request)
+        await (await tape.open_write("data/x")).close()
+        await drive.unload()
+    (tmp_path / T1.tape_id).rename(tmp_path / "swap")
+    (tmp_path / T2.tape_id).rename(tmp_path / T1.tape_id)
+    (tmp_path / "swap").rename(tmp_path / T2.tape_id)
+    for purpose in ("read", "write"):
+        with pytest.raises(TapeNotLoadedError,
+                           match=rf"directory {T1.tape_id} holds tape {T2.tape_id} \(its "
+                                 r"tape\.json says so\): tape directories were renamed"):
+            await drive.load(attrs.evolve(T1, purpose=purpose))
+
+
 async def test_a_reader_maps_chunks_of_the_file_until_its_end(tmp_path: Path) -> None:
     data = bytes(range(256)) * 50  # 12,800 bytes: three pages and a part
     drive, tape = await _tape_holding(tmp_path, data)

@@ -187,6 +187,11 @@ class SimulatorDrive:
             if reading:
                 return _TapeState(tape_id, tape_root, None, 0)
             raise TapeNotLoadedError(f"tape {tape_id}: cannot read its {TAPE_JSON}: {e}") from e
+        if doc.get("tape_id", tape_id) != tape_id:
+            raise TapeNotLoadedError(
+                f"the simulator's directory {tape_id} holds tape {doc['tape_id']} (its "
+                f"{TAPE_JSON} says so): tape directories were renamed or swapped; give each "
+                "its tape's name back")
         capacity = doc.get("capacity_bytes", self.capacity_bytes)
         # A crash can leave bytes on the tape that its tape.json has not counted yet.
         on_disk = sum(
