@@ -22,7 +22,7 @@ import mmap
 import os
 import stat
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -383,22 +383,28 @@ def _check_segments(
     return None
 
 
+@contextlib.contextmanager
+def _parent_of(target: Path | bytes, parts: tuple[bytes, ...]) -> Iterator[int]:
+    """The descriptor of the directory that holds `parts` under `target`, reached one
+    component at a time, no symlink followed; OSError when it cannot be."""
+    root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = DirFds(root_fd)
+    try:
+        yield dirs.open(parts[:-1])
+    finally:
+        dirs.close()
+        os.close(root_fd)
+
+
 def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
     root = os.fsencode(target)
     if len(root) + sum(len(p) + 1 for p in parts) < SHORT_PATH_BYTES:
         return os.path.lexists(os.path.join(root, *parts))
     try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with _parent_of(root, parts) as parent:
+            os.lstat(parts[-1], dir_fd=parent)
     except OSError:
         return False
-    dirs = DirFds(root_fd)
-    try:
-        os.lstat(parts[-1], dir_fd=dirs.open(parts[:-1]))
-    except OSError:
-        return False
-    finally:
-        dirs.close()
-        os.close(root_fd)
     return True
 
 
@@ -407,42 +413,24 @@ def _identical(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -
     on the way) of its size whose SHA-256 is the catalog's, as an interrupted restore leaves
     the files it finished. It is read to tell."""
     try:
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    dirs = DirFds(root_fd)
-    fd = -1
-    try:
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dirs.open(parts[:-1]))
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size_bytes:
-            return False
-        with open(fd, "rb", buffering=0, closefd=False) as fh:
+        with _parent_of(target, parts) as parent, open(os.open(
+                parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=parent), "rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size_bytes:
+                return False
             return hashlib.file_digest(fh, "sha256").hexdigest() == entry.sha256
     except OSError:
         return False
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        dirs.close()
-        os.close(root_fd)
 
 
 def _same_link(target: Path, parts: tuple[bytes, ...], points_to: bytes) -> bool:
     """Whether the target already holds this symlink, pointing where the backup's did."""
     try:
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with _parent_of(target, parts) as parent:
+            return os.readlink(parts[-1], dir_fd=parent) == points_to
     except OSError:
         return False
-    dirs = DirFds(root_fd)
-    try:
-        return os.readlink(parts[-1], dir_fd=dirs.open(parts[:-1])) == points_to
-    except OSError:
-        return False
-    finally:
-        dirs.close()
-        os.close(root_fd)
 
 
 class _Existing:
