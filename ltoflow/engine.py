@@ -923,9 +923,20 @@ async def run_backup(
                     *(path for path, _ in settings.extra_files),
                 ])
                 first_size = plan.containers[first].size if first < tape.containers.stop else 0
-                await _require_room(loaded, request.tape_id,
-                                    first_size + plan.reserve_bytes - leftovers,
-                                    "even one container and the catalog (nothing written)")
+                resumed_inside = tape.containers.start < first < tape.containers.stop
+                try:
+                    await _require_room(
+                        loaded, request.tape_id, first_size + plan.reserve_bytes - leftovers,
+                        f"container {container_ids[first]} and the catalog" if resumed_inside
+                        else "even one container and the catalog (nothing written)",
+                        container=first if resumed_inside else None)
+                except TapeFilledEarlyError as e:
+                    # Some of its containers are on it: the tape ends there (it holds a bit
+                    # less than planned), and the rest go to an extra tape, without the piece
+                    # of the next one that the interrupted job left.
+                    await _drop(loaded, [f"data/{container_ids[c]}"
+                                         for c in range(first, tape.containers.stop)])
+                    raise await _filled_early(e, tape, request.tape_id, journal) from None
                 free = await loaded.free_bytes()
                 if free is not None and free < todo + plan.reserve_bytes - leftovers:
                     reporter.event(Note(
@@ -1084,6 +1095,15 @@ def _same_layout(catalog: Catalog, plan: Plan, tape_ids: Sequence[str]) -> bool:
         entry.tape_id == tape_ids[c.tape_index]
         for entry, c in zip(catalog.containers, plan.containers, strict=True)
     )
+
+
+async def _drop(loaded: LoadedTape, paths: Sequence[str]) -> None:
+    """Remove those of `paths` that are on the tape (a file given up is replaced by nothing:
+    opened to be replaced, then aborted)."""
+    for path in paths:
+        if await loaded.size_of(path) is not None:
+            writer = await loaded.open_write(path, replace=True)
+            await writer.abort()
 
 
 async def _filled_early(e: TapeFilledEarlyError, tape: Tape, tape_id: str,

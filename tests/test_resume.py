@@ -147,6 +147,37 @@ def test_a_crash_in_a_full_tapes_last_container_resumes_on_that_tape(
     assert leftover.stat().st_size == last.size
 
 
+def test_a_crash_in_the_last_container_of_a_tape_that_holds_less_goes_on_to_an_extra_tape(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """As above, but the tape holds a little less than planned: its last container no longer
+    fits. The resume ends the tape there (a break in the journal, the piece removed), and the
+    next one writes its catalog and puts the rest on an extra tape."""
+    root, contents = src
+    t1 = the_plan(root).tapes[0]
+    tapes = tmp_path / "tapes"
+    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                   f"crash_after_bytes_written={t1.data_bytes - 10}",
+                                   "--sim-fault", "failed_tape_ids=1"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    [tape1] = tapes.iterdir()
+    piece = sorted((tape1 / "data").iterdir())[-1]
+    piece.write_bytes(os.urandom(20_000))
+    doc = json.loads((tape1 / "tape.json").read_text())
+    doc["capacity_bytes"] -= 5_000  # the medium holds a little less than its nominal size
+    (tape1 / "tape.json").write_text(json.dumps(doc))
+
+    first = ltoflow(*backup_args(root, tapes, "--resume"))
+    assert first.returncode == EXIT_FAILED
+    assert "filled before its planned share: it holds 5 of its 6 containers" in first.stderr
+    assert not piece.exists()
+    again = ltoflow(*backup_args(root, tapes, "--resume"))
+    assert again.returncode == EXIT_OK, again.stderr
+    assert len(list(tapes.iterdir())) == 4
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+
+
 def test_resume_after_a_crash_during_the_resume(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
