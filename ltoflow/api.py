@@ -259,8 +259,9 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
             other = _started_otherwise(config, drive, journal.state_dir)
             raise UsageError(
                 f"there is no interrupted backup of {where} with these sizes to resume (no "
-                f"journal {journal.path}); "
-                + (f"there is {other}" if other else "run without --resume to start a new one")
+                f"journal {journal.path}); there is {other}" if other else
+                f"there is no interrupted backup of {where} to resume (no journal "
+                f"{journal.path}); run without --resume to start a new one"
             )
         resume = journal.load(codec)
         planned = plan_from_scan(resume.scan, config, codec)
@@ -464,7 +465,8 @@ async def restore_async(
             with gc_paused():  # a job and a range a file, none in a reference cycle
                 return plan_restore(chosen, patterns, target, overwrite=overwrite)
 
-        plan = await trio.to_thread.run_sync(make_plan)
+        # It reads the files already in the target: a Ctrl-C does not wait for that.
+        plan = await trio.to_thread.run_sync(make_plan, abandon_on_cancel=True)
         if before is not None and not before(plan):
             await holder.release()
             return RestoreReport.from_plan(plan)

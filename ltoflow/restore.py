@@ -307,11 +307,11 @@ def plan_restore(
         segs = sorted(by_file.get(f.file_id, []), key=lambda s: s.source_offset)
         why = _check_segments(f, segs, containers, tapes)
         if why is None and not overwrite and exists(parts):
-            if _identical(target, parts, f):  # restored before (an interrupted restore)
+            differs = _differs(target, parts, f)
+            if differs is None:  # restored before (by an interrupted restore, say)
                 present += 1
                 continue
-            why = ("already exists in the target and differs from the backup; use --overwrite "
-                   "to replace it")
+            why = f"already exists in the target and {differs}; use --overwrite to replace it"
         if why is not None:
             problems.append(FileProblem(f.relative_path, why))
             continue
@@ -408,20 +408,25 @@ def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
     return True
 
 
-def _identical(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> bool:
-    """Whether the target already holds this file whole: a regular file (no symlink followed
-    on the way) of its size whose SHA-256 is the catalog's, as an interrupted restore leaves
-    the files it finished. It is read to tell."""
+def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> str | None:
+    """None when the target already holds this file whole, as a restore leaves it (an
+    interrupted one, run again): a regular file (no symlink followed on the way) of its size
+    and mtime whose SHA-256 is the catalog's (it is read to tell); else how it differs."""
     try:
-        with _parent_of(target, parts) as parent, open(os.open(
-                parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                dir_fd=parent), "rb", buffering=0) as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size_bytes:
-                return False
-            return hashlib.file_digest(fh, "sha256").hexdigest() == entry.sha256
-    except OSError:
-        return False
+        with _parent_of(target, parts) as parent:
+            st = os.lstat(parts[-1], dir_fd=parent)  # a device is never opened
+            if not stat.S_ISREG(st.st_mode):
+                return "is not a regular file"
+            mtime = _mtime_ns(entry)
+            if st.st_size != entry.size_bytes or mtime not in (None, st.st_mtime_ns):
+                return "differs from the backup (size or modification time)"
+            with open(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=parent), "rb", buffering=0) as fh:
+                if hashlib.file_digest(fh, "sha256").hexdigest() != entry.sha256:
+                    return "differs from the backup (its SHA-256)"
+    except OSError as e:
+        return f"cannot be read to compare ({e.strerror})"
+    return None
 
 
 def _same_link(target: Path, parts: tuple[bytes, ...], points_to: bytes) -> bool:
@@ -639,7 +644,7 @@ class _FileWriter:
             self.fail(job, "the restored file came out the wrong size (is the target full?)")
             return
         os.fchmod(job.fd, stat.S_IMODE(f.unix_mode))
-        mtime = f.mtime_ns if f.mtime_ns is not None else _ns_from_iso(f.modified_at)
+        mtime = _mtime_ns(f)
         if mtime is not None:
             os.utime(job.fd, ns=(mtime, mtime))
         os.close(job.fd)
@@ -683,6 +688,11 @@ def _hash_fd(fd: int, size: int) -> str:
         h.update(data)
         offset += len(data)
     return h.hexdigest()
+
+
+def _mtime_ns(f: SourceFileEntry) -> int | None:
+    """The mtime a restored file gets: the catalog's, to the nanosecond when it has that."""
+    return f.mtime_ns if f.mtime_ns is not None else _ns_from_iso(f.modified_at)
 
 
 def _ns_from_iso(text: str) -> int | None:

@@ -171,13 +171,21 @@ def test_restoring_again_leaves_identical_files_and_names_changed_ones(
     assert "Restored 0 of 4 file(s) (0 B), 4 already there (identical, left as they were)" \
         in text
     (out / "a" / "two.txt").write_bytes(b"changed since")
+    three = out / "b" / "three.bin"  # the same size and mtime, one byte changed
+    st = three.stat()
+    with open(three, "r+b") as fh:
+        fh.seek(1000)
+        fh.write(bytes([fh.read(1)[0] ^ 1]))
+    os.utime(three, ns=(st.st_atime_ns, st.st_mtime_ns))
     code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--json")
     assert code == EXIT_DAMAGED
     doc = json.loads(text)
-    assert (doc["restored"], doc["already_present"]) == (0, 3)
-    assert doc["problems"] == [{"relative_path": "a/two.txt", "what": "already exists in the "
-                                "target and differs from the backup; use --overwrite to "
-                                "replace it"}]
+    assert (doc["restored"], doc["already_present"]) == (0, 2)
+    assert doc["problems"] == [
+        {"relative_path": path, "what": f"already exists in the target and differs from the "
+                                        f"backup ({how}); use --overwrite to replace it"}
+        for path, how in (("a/two.txt", "size or modification time"),
+                          ("b/three.bin", "its SHA-256"))]
     assert (out / "a" / "two.txt").read_bytes() == b"changed since"
 
 
@@ -244,6 +252,8 @@ def test_backup_json_summary(src: Path, tmp_path: Path,
                                        "1,000,000 in this flag's unit"]),
         (["plan", "--source", "S", "--capacity-tb", "1", "--container-size-gb", "1e12"],
          ["--container-size-gb 1e12 is beyond any real size"]),
+        (["plan", "--source", "S", "--capacity-tb", "1e999999", "--container-size-gb", "1"],
+         ["--capacity-tb 1e999999 is beyond any real size"]),
         (["backup", "--source", "S", "--simulator", "T", "--device", "/dev/nst0",
           "--capacity-tb", "1", "--container-size-gb", "1"], ["not allowed with"]),
         (["backup", "--source", "S", "--capacity-tb", "1", "--container-size-gb", "1"],
