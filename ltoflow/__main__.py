@@ -1,5 +1,6 @@
-"""`python -m ltoflow` is the `ltoflow` command."""
+"""`python -m ltoflow` is the `ltoflow` command (through the same entry point, which handles a
+Ctrl-C while the engine loads; here the package is loaded before it runs)."""
 
-from ltoflow.cli import entry
+from ltoflow_command import main
 
-entry()
+main()

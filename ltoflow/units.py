@@ -26,12 +26,12 @@ def parse_decimal_bytes(text: str, unit: int, *, flag: str) -> int:
         raise UsageError(f"{flag} expects a number, got {text!r}") from None
     if not value.is_finite() or value <= 0:
         raise UsageError(f"{flag} must be a positive number, got {text!r}")
+    if value > Decimal(MAX_BYTES) / unit:  # before multiplying: 1e999999 is a number too
+        raise UsageError(f"{flag} {text} is beyond any real size (at most 1 EB, "
+                         f"{MAX_BYTES // unit:,} in this flag's unit); check the value")
     nbytes = int(value * unit)
     if nbytes < 1:
         raise UsageError(f"{flag} {text} is less than one byte")
-    if nbytes > MAX_BYTES:
-        raise UsageError(f"{flag} {text} is beyond any real size (at most 1 EB, "
-                         f"{MAX_BYTES // unit:,} in this flag's unit); check the value")
     return nbytes
 
 

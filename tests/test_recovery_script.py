@@ -490,6 +490,13 @@ def test_a_piece_of_a_container_left_on_another_tape_is_passed_over(
     assert files_under(target) == ALL_FILES
     for rel in ALL_FILES:
         assert_same_as_source(target, rel)
+    # Without tape 3, pieces are not taken for its containers: tape 3 is asked for.
+    other = container_path(tapes, 5)  # page-002.tif lies in containers 5 and 6
+    (tapes[0] / "data" / other.name).write_bytes(other.read_bytes()[:1000])
+    proc = run(python, "--target", tmp_path / "out2", tapes[0], tapes[1], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert (f"FAILED: case-002/scans/page-002.tif: needs tape(s) not given: {TAPE_IDS[2]}"
+            in proc.stderr)
 
 
 def test_container_id_cannot_point_outside_data(

@@ -774,6 +774,7 @@ class Restorer:
         if container_id in self._located:
             return self._located[container_id]
         found: List[str] = []
+        own: Optional[str] = None
         if (
             container_id
             and "\0" not in container_id
@@ -793,8 +794,10 @@ class Restorer:
         cont = self.cat.containers.get(container_id)
         size = cont.size_bytes if cont is not None else None
         best = next((p for p in found if size is None or _size_of(p) == size), None)
-        self._located[container_id] = best or (found[0] if found else None)
-        return self._located[container_id]
+        if best is None and own and found and found[0].startswith(own):
+            best = found[0]  # cut short on its own tape: reported as damaged when read
+        self._located[container_id] = best  # a piece on another tape is not it
+        return best
 
     def given_tapes(self) -> Dict[str, str]:
         """The tapes among the given roots, each with its root: a root is the tape most of
