@@ -121,6 +121,20 @@ def test_kill_9_at_any_moment_then_resume_gives_the_whole_set(
     assert_complete_set(tapes, contents)
 
 
+def killed_in_tape_ones_last_container(root: Path, tapes: Path, plan: Plan,
+                                       reached: int) -> tuple[Path, Path]:
+    """Back up, killed (kill -9) in tape 1's last container, and leave `reached` bytes of
+    it on the tape, as the medium would have them: (tape 1's directory, that piece)."""
+    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                   f"crash_after_bytes_written={plan.tapes[0].data_bytes - 10}",
+                                   "--sim-fault", "failed_tape_ids=1"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    [tape1] = tapes.iterdir()
+    piece = sorted((tape1 / "data").iterdir())[-1]
+    piece.write_bytes(os.urandom(reached))
+    return tape1, piece
+
+
 def test_a_crash_in_a_full_tapes_last_container_resumes_on_that_tape(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
@@ -129,16 +143,9 @@ def test_a_crash_in_a_full_tapes_last_container_resumes_on_that_tape(
     leftover on the same tape (its room is the leftover's), and nothing else is left behind."""
     root, contents = src
     plan = the_plan(root)
-    t1 = plan.tapes[0]
-    last = plan.containers[t1.containers[-1]]
+    last = plan.containers[plan.tapes[0].containers[-1]]
     tapes = tmp_path / "tapes"
-    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault",
-                                   f"crash_after_bytes_written={t1.data_bytes - 10}",
-                                   "--sim-fault", "failed_tape_ids=1"))
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    [tape1] = tapes.iterdir()
-    leftover = sorted((tape1 / "data").iterdir())[-1]
-    leftover.write_bytes(os.urandom(last.size - 10))  # what reached the medium before the kill
+    _, leftover = killed_in_tape_ones_last_container(root, tapes, plan, last.size - 10)
 
     resumed = ltoflow(*backup_args(root, tapes, "--resume"))
     assert resumed.returncode == EXIT_OK, resumed.stderr
@@ -154,15 +161,8 @@ def test_a_crash_in_the_last_container_of_a_tape_that_holds_less_goes_on_to_an_e
     fits. The resume ends the tape there (a break in the journal, the piece removed), and the
     next one writes its catalog and puts the rest on an extra tape."""
     root, contents = src
-    t1 = the_plan(root).tapes[0]
     tapes = tmp_path / "tapes"
-    crashed = ltoflow(*backup_args(root, tapes, "--sim-fault",
-                                   f"crash_after_bytes_written={t1.data_bytes - 10}",
-                                   "--sim-fault", "failed_tape_ids=1"))
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
-    [tape1] = tapes.iterdir()
-    piece = sorted((tape1 / "data").iterdir())[-1]
-    piece.write_bytes(os.urandom(20_000))
+    tape1, piece = killed_in_tape_ones_last_container(root, tapes, the_plan(root), 20_000)
     doc = json.loads((tape1 / "tape.json").read_text())
     doc["capacity_bytes"] -= 5_000  # the medium holds a little less than its nominal size
     (tape1 / "tape.json").write_text(json.dumps(doc))
