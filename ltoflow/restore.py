@@ -420,8 +420,10 @@ def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> 
             mtime = _mtime_ns(entry)
             if st.st_size != entry.size_bytes or mtime not in (None, st.st_mtime_ns):
                 return "differs from the backup (size or modification time)"
-            with open(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=parent), "rb", buffering=0) as fh:
+            with open(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                              | os.O_CLOEXEC, dir_fd=parent), "rb", buffering=0) as fh:
+                if not os.path.samestat(st, os.fstat(fh.fileno())):  # replaced meanwhile
+                    return "changed while it was compared"
                 if hashlib.file_digest(fh, "sha256").hexdigest() != entry.sha256:
                     return "differs from the backup (its SHA-256)"
     except OSError as e:
