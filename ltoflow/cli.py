@@ -49,7 +49,7 @@ from ltoflow.operator import (
 )
 from ltoflow.paths import shown
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
-from ltoflow.restore import TEMP_PREFIX, RestorePlan, select
+from ltoflow.restore import TEMP_PREFIX, RestorePlan, RestoreReport, select
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
 from ltoflow.verify import VerifyReport, load_catalog_file
 
@@ -557,8 +557,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
               f"{report.symlinks_restored} symlink(s) "
               f"and {report.directories_restored} directories into {target} from "
               f"{len(report.tapes)} tape(s) in {report.seconds:.1f} s ({rate:.0f} MB/s); "
-              f"{len(report.problems)} failed.")
+              f"{_failed(report)}.")
     return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def _failed(report: RestoreReport) -> str:
+    """How many files failed, and how many problems besides (symlinks, directories)."""
+    files = report.requested - report.restored - report.already_present
+    others = len(report.problems) - files
+    return f"{files} file(s) failed" + (
+        f", {others} other problem(s) (symlinks, directories)" if others > 0 else "")
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:

@@ -76,7 +76,12 @@ class Problem:
         )
         # One line: the names' control characters (a newline) escaped.
         damages = f"; damages {', '.join(map(shown, self.files))}" if self.files else ""
-        return f"{where}: {self.what}{damages}" if where else f"{self.what}{damages}"
+        what = self.what
+        for lead in (f"tape {self.tape_id}: ", f"tape {self.tape_id} "):
+            if self.tape_id and what.startswith(lead):  # said in `where` already
+                what = what.removeprefix(lead)
+                break
+        return f"{where}: {what}{damages}" if where else f"{what}{damages}"
 
 
 @attrs.frozen

@@ -170,6 +170,7 @@ def test_restoring_again_leaves_identical_files_and_names_changed_ones(
     assert code == EXIT_OK
     assert "Restored 0 of 4 file(s) (0 B), 4 already there (identical, left as they were)" \
         in text
+    assert text.rstrip().endswith("; 0 file(s) failed.")
     (out / "a" / "two.txt").write_bytes(b"changed since")
     three = out / "b" / "three.bin"  # the same size and mtime, one byte changed
     st = three.stat()
@@ -407,7 +408,7 @@ def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
     assert code == EXIT_DAMAGED
     # Said once: the search for a good catalog found it, and the tape's check does not again.
     assert [line for line in out.splitlines() if line.startswith("BAD")] == [
-        f"BAD tape {tapes[0].name}: tape {tapes[0].name}: catalog/catalog.json does not "
+        f"BAD tape {tapes[0].name}: catalog/catalog.json does not "
         "match catalog/catalog.sha256 (the catalog on this tape is damaged)"]
     assert "6 container(s)" in out
     assert out.rstrip().endswith("1 problem(s).")
