@@ -225,6 +225,21 @@ def test_swapped_tape_directories_are_said_once_each_as_such(
         "each its tape's name back" for a, b in ((one, two), (two, one))]
 
 
+def test_bytes_appended_to_a_container_are_reported_without_blaming_its_files(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    blob = sorted(sim.glob("*/data/CNT-*"))[0]
+    size = blob.stat().st_size
+    with open(blob, "ab") as fh:
+        fh.write(b"appended later")
+    code, out, _ = cli(capsys, "verify", "--simulator", sim)
+    assert code == EXIT_DAMAGED
+    assert [line for line in out.splitlines() if line.startswith("BAD")] == [
+        f"BAD tape {blob.parent.parent.name} container {blob.name}: container holds "
+        f"{size + 14} bytes, the catalog says {size}: the bytes past that belong to no file"]
+
+
 def test_backup_json_summary(src: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
