@@ -11,7 +11,9 @@ import os
 import re
 from pathlib import Path
 
+import attrs
 import pytest
+import trio
 
 from ltoflow import api
 from ltoflow.cli import EXIT_FAILED, EXIT_OK, main
@@ -78,6 +80,20 @@ async def test_unload_waits_for_ltfs_to_finish_its_index(fake_ltfs: FakeLtfs) ->
     await drive.unload()
     assert fake_ltfs.is_ejected(dev)
     assert not fake_ltfs.is_corrupted(dev)
+
+
+async def test_a_cancelled_unload_still_waits_for_ltfs_and_ejects(fake_ltfs: FakeLtfs) -> None:
+    """Ctrl-C while ltfs writes its index after the unmount: the unload goes on to the end
+    (a tape ejected before ltfs is done may be unreadable), and only then does the cancel
+    take effect."""
+    dev = fake_ltfs.cartridge("t1", unmount_delay_s=0.5)
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    await drive.load(REQ)
+    with trio.CancelScope() as interrupted:
+        interrupted.cancel()
+        await drive.unload()
+    assert fake_ltfs.daemons() == []
+    assert fake_ltfs.is_ejected(dev)
 
 
 async def test_unload_that_times_out_never_ejects(fake_ltfs: FakeLtfs) -> None:
@@ -181,6 +197,30 @@ async def test_lost_mount_is_reported_as_the_drive_lost(fake_ltfs: FakeLtfs) -> 
     await w.abort()
     await drive.unload()
     assert not fake_ltfs.is_mounted()
+
+
+async def test_a_mount_lost_while_reading_is_the_drive_lost_even_after_the_close(
+        fake_ltfs: FakeLtfs) -> None:
+    """verify and restore close what they read in a `finally`: closing the file of a dead
+    ltfs (ENOTCONN) must not replace the drive-lost error with an internal one."""
+    dev = fake_ltfs.cartridge("lost", files={"data/x": b"x" * (16 * MiB)})
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point, eject=False)
+    tape = await drive.load(attrs.evolve(REQ, purpose="read"))
+    reader = await tape.open_read("data/x")
+    buf = bytearray(10)
+    assert await reader.readinto(memoryview(buf)) == 10
+    fake_ltfs.crash(dev)
+
+    async def read_then_close() -> None:
+        try:
+            await reader.seek(12 * MiB)  # past what the kernel may have read ahead
+            await reader.readinto(memoryview(buf))
+        finally:
+            await reader.close()
+
+    with pytest.raises(DriveLostError, match=r"LTFS mount at .* was lost"):
+        await read_then_close()
+    await drive.unload()
 
 
 async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_for(

@@ -201,9 +201,17 @@ class LtfsDrive:
         return tape
 
     async def unload(self) -> None:
-        """Unmount, wait for ltfs to finish its index and exit, then eject (unless disabled)."""
+        """Unmount, wait for ltfs to finish its index and exit, then eject (unless disabled).
+
+        Once begun it is not cancelled (a Ctrl-C waits for it, at most the unmount timeout):
+        a tape ejected, or left to be ejected, while ltfs still writes its index may be
+        unreadable. A second Ctrl-C still ends the command at once, saying so."""
         if self._tape is None:
             return
+        with trio.CancelScope(shield=True):
+            await self._unload()
+
+    async def _unload(self) -> None:
         mp = self.mount_point
         self._tape = None
         pid = self._pid
@@ -419,6 +427,10 @@ class LtfsReader:
         self._pos = offset
 
     async def close(self) -> None:
+        """Closing a file only read tells nothing about its bytes, and the descriptor is gone
+        whatever close() says; what it says (ENOTCONN from a dead ltfs) is not raised over the
+        error that is already on its way (the drive lost, at the read)."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
