@@ -862,6 +862,9 @@ async def run_restore(
     for cid in plan.ranges:
         c = plan.containers[cid]
         by_tape[c.tape_id].append(c)
+    # The right tape of the set, by its containers where the catalog has no serial.
+    check = partial(check_member, tape_of={c.container_id: c.tape_id
+                                           for c in catalog.containers})
     try:
         for job in plan.jobs:
             if not job.segments:
@@ -873,7 +876,7 @@ async def run_restore(
             containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset,
                                                                      c.sequence_number))
             try:
-                loaded = await holder.get(request, check_member)
+                loaded = await holder.get(request, check)
             except BackupError as e:
                 for c in containers:
                     _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 import trio
@@ -142,9 +142,12 @@ async def check_resumable(tape: LoadedTape, request: TapeRequest, *,
         )
 
 
-async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
+async def check_member(tape: LoadedTape, request: TapeRequest, *,
+                       tape_of: Mapping[str, str] | None = None) -> None:
     """For reading: the tape must belong to the requested set (a damaged or unreadable catalog
-    is let in, so that verify can report what exactly is wrong)."""
+    is let in, so that verify can report what exactly is wrong), and be the requested tape:
+    by its volume serial where the catalog knows it, else (`tape_of`: the set's container ids
+    and their tapes) by the containers on it."""
     try:
         head = await _catalog_head(tape)
     except TapeReadError:
@@ -165,6 +168,11 @@ async def check_member(tape: LoadedTape, request: TapeRequest) -> None:
             f"{tape.label} is another tape of this set, not volume {request.volume_serial}; "
             f"insert {request.describe()}"
         )
+    if tape_of is not None and not (request.volume_serial and serial):
+        which = await identify(tape, {}, tape_of)
+        if which is not None and which != request.tape_id:
+            raise WrongTapeError(f"{tape.label} is {which} of this set (by the containers on "
+                                 f"it); insert {request.describe()}")
 
 
 class TapeHolder:
@@ -209,8 +217,8 @@ class TapeHolder:
             await self.release()
 
 
-async def identify(tape: LoadedTape, tape_ids_by_serial: dict[str, str],
-                   tape_of_container: dict[str, str]) -> str | None:
+async def identify(tape: LoadedTape, tape_ids_by_serial: Mapping[str, str],
+                   tape_of_container: Mapping[str, str]) -> str | None:
     """Which tape of the set this is: by its volume serial, else by the containers on it."""
     serial = tape.volume_serial
     if serial and serial in tape_ids_by_serial:

@@ -770,6 +770,9 @@ async def verify_set(
         searched = Counter(p.tape_id for p in problems)
         index = CatalogIndex(catalog)
         inventory = await drive.inventory()
+        # The right tape of the set, by its containers where the catalog has no serial.
+        check = partial(check_member, tape_of={c.container_id: c.tape_id
+                                               for c in catalog.containers})
         counters = [0, 0]
         tapes_checked = 0
         for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
@@ -781,7 +784,7 @@ async def verify_set(
                                   len(catalog.tapes), purpose="read",
                                   volume_serial=t.volume_serial)
             try:
-                loaded = await holder.get(request, check_member)
+                loaded = await holder.get(request, check)
             except BackupError as e:
                 if searched[t.tape_id]:  # the search said so too: this says it with the files
                     problems = [p for p in problems if p.tape_id != t.tape_id]

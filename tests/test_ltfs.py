@@ -280,6 +280,37 @@ def test_cli_three_tapes_through_a_library_then_verify_and_restore(
     assert got == contents
 
 
+def test_verify_and_restore_ask_again_for_another_tape_of_the_set_loaded_in_its_place(
+    fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tape 1's catalog knows no later tape's volume serial: when the library first loads
+    tape 3 for tape 2, the containers on it tell, and tape 2 is asked for again (instead of
+    its containers reported missing and its files failed)."""
+    drive_args = library(fake_ltfs, tmp_path, [64 * MiB] * 3)
+    contents = write_tree(tmp_path / "src", {f"case/{i:02d}.bin": 1_000_000 for i in range(5)})
+    assert main(["backup", "--source", str(tmp_path / "src"), *drive_args, "--capacity-tb",
+                 "0.000002", "--container-size-gb", "0.0005", "--quiet"]) == EXIT_OK
+    dev = Path(drive_args[1])
+    told = tmp_path / "problems"
+    wrong_first = (f'echo "$LTOFLOW_PROBLEM" >> {told}; n=$LTOFLOW_TAPE_SEQ; '
+                   f'if [ $n = 2 ] && [ -z "$LTOFLOW_PROBLEM" ]; then n=3; fi; '
+                   f'ln -sfn {fake_ltfs.drives_dir}/t$n {dev} && mt -f {dev} load')
+    mixed_up = [*drive_args[:-2], wrong_first, "--yes"]
+    for job in (["verify"], ["restore", "--target", str(tmp_path / "out")]):
+        dev.unlink()
+        dev.symlink_to(fake_ltfs.drives_dir / "t1")
+        told.unlink(missing_ok=True)
+        assert main([*job, *mixed_up]) == EXIT_OK
+        problems = [line for line in told.read_text().splitlines() if line]
+        assert len(problems) == 1, problems
+        assert re.fullmatch(r"volume LIB003L9 is TAPE-\S+-003 of this set \(by the "
+                            r"containers on it\); insert TAPE-\S+-002 \(tape 2 of 3\)",
+                            problems[0]), problems
+    got = {str(p.relative_to(tmp_path / "out")): p.read_bytes()
+           for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert got == contents
+
+
 def test_cli_resume_through_a_library_after_a_cartridge_fills_early(
     fake_ltfs: FakeLtfs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
