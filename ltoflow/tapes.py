@@ -82,6 +82,11 @@ async def _which_of_ours(tape: LoadedTape) -> str:
     return "a tape of this set"
 
 
+#: What a blank tape may hold: the simulator's own accounting (tape.json), and an empty
+#: directory that a job stopped before its first container left.
+_BOOKKEEPING = frozenset({"tape.json", "tape.json.tmp", "data"})
+
+
 async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
     """For writing: the tape must be blank. A tape of another set is never written to."""
     head = await _catalog_head(tape)
@@ -101,6 +106,13 @@ async def check_blank(tape: LoadedTape, request: TapeRequest) -> None:
         raise WrongTapeError(
             f"{tape.label} already holds data files but no catalog; insert a blank tape for "
             f"{request.describe()}"
+        )
+    others = [n for n in await tape.list_dir("") if n not in _BOOKKEEPING]
+    if others:  # someone's own files: a set written beside them would mix with them
+        raise WrongTapeError(
+            f"{tape.label} is not blank (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}) and is never written to; insert a blank "
+            f"tape for {request.describe()}"
         )
 
 

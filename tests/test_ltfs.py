@@ -223,11 +223,17 @@ async def test_a_mount_lost_while_reading_is_the_drive_lost_even_after_the_close
     await drive.unload()
 
 
+@pytest.mark.parametrize(("files", "told"), [
+    ({"catalog/catalog.json": json.dumps({"schema_version": "2.0",
+                                          "backup_set_id": "other-set"}).encode()},
+     "holds backup set other-set and is never overwritten"),
+    ({"README": b"mine", "projects/thesis.docx": b"draft"},
+     "is not blank (it holds README, projects) and is never written to"),
+], ids=["another-set", "someones-files"])
 async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_for(
-    fake_ltfs: FakeLtfs, tmp_path: Path
+    fake_ltfs: FakeLtfs, tmp_path: Path, files: dict[str, bytes], told: str
 ) -> None:
-    foreign = json.dumps({"schema_version": "2.0", "backup_set_id": "other-set"}).encode()
-    fake_ltfs.cartridge("foreign", files={"catalog/catalog.json": foreign})
+    fake_ltfs.cartridge("foreign", files=files)
     fake_ltfs.cartridge("blank")
     cartridges = fake_ltfs.drives_dir
     dev = tmp_path / "nst0"
@@ -240,8 +246,8 @@ async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_
     result = await api.backup_async(config(tmp_path / "src"),
                                     components(drive, CommandOperator(command)))
     assert result.tapes[0].volume_serial == "BLANK0L9"
-    assert "holds backup set other-set and is never overwritten" in (tmp_path / "told").read_text()
-    assert fake_ltfs.tape_files(cartridges / "foreign") == {"catalog/catalog.json": foreign}
+    assert told in (tmp_path / "told").read_text()
+    assert fake_ltfs.tape_files(cartridges / "foreign") == files
 
 
 def library(fake_ltfs: FakeLtfs, tmp_path: Path, capacities: list[int]) -> list[str]:
