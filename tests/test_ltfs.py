@@ -19,7 +19,7 @@ from ltoflow import api
 from ltoflow.cli import EXIT_FAILED, EXIT_OK, main
 from ltoflow.drives import TapeRequest
 from ltoflow.drives.ltfs import LtfsDrive, mount_is_ltfs
-from ltoflow.errors import DriveLostError, TapeFullError, TapeNotLoadedError
+from ltoflow.errors import DriveLostError, TapeFullError, TapeNotLoadedError, UsageError
 from ltoflow.operator import CommandOperator, UnattendedOperator
 from tests.fakes.harness import FakeLtfs
 
@@ -229,11 +229,13 @@ async def test_a_mount_lost_while_reading_is_the_drive_lost_even_after_the_close
      "holds backup set other-set and is never overwritten"),
     ({"README": b"mine", "projects/thesis.docx": b"draft"},
      "is not blank (it holds README, projects) and is never written to"),
-], ids=["another-set", "someones-files"])
+    ({}, "volume FOREIGL9 is write-protected or full (LTFS mounted it read-only); insert a "
+         "blank tape"),
+], ids=["another-set", "someones-files", "write-protected"])
 async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_for(
     fake_ltfs: FakeLtfs, tmp_path: Path, files: dict[str, bytes], told: str
 ) -> None:
-    fake_ltfs.cartridge("foreign", files=files)
+    fake_ltfs.cartridge("foreign", files=files, write_protected=not files)
     fake_ltfs.cartridge("blank")
     cartridges = fake_ltfs.drives_dir
     dev = tmp_path / "nst0"
@@ -248,6 +250,24 @@ async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_
     assert result.tapes[0].volume_serial == "BLANK0L9"
     assert told in (tmp_path / "told").read_text()
     assert fake_ltfs.tape_files(cartridges / "foreign") == files
+
+
+async def test_a_mount_left_behind_stops_the_job_without_asking_for_tapes(
+        fake_ltfs: FakeLtfs, tmp_path: Path) -> None:
+    """An LTFS mount an earlier job left (kill -9, a second Ctrl-C) is no reason to have the
+    robot load tapes five times: the job stops at once, saying what to do."""
+    dev = fake_ltfs.cartridge("t1")
+    done = await trio.run_process(["ltfs", "-o", f"devname={dev}", str(fake_ltfs.mount_point)],
+                                  capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
+    asked = tmp_path / "asked"
+    write_tree(tmp_path / "src", {"a": 5000})
+    drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
+    with Raises(UsageError, match=r"is already an LTFS mount \(left by an earlier job\?\); "
+                                  r"unmount it \(umount "):
+        await api.backup_async(config(tmp_path / "src"),
+                               components(drive, CommandOperator(f"echo x >> {asked}")))
+    assert len(asked.read_text().splitlines()) == 1  # asked for tape 1 once, as always
 
 
 def library(fake_ltfs: FakeLtfs, tmp_path: Path, capacities: list[int]) -> list[str]:

@@ -166,9 +166,10 @@ class LtfsDrive:
         if not is_dir:
             raise UsageError(f"mount point {mp} does not exist; create it (mkdir -p {mp})")
         if await trio.to_thread.run_sync(mount_is_ltfs, mp):
-            raise TapeNotLoadedError(
-                f"{mp} is already an LTFS mount; unmount it (umount {mp}) before ltoflow "
-                "mounts the tape itself"
+            # Not a tape to ask for again: the operator (or a robot) cannot fix it by loading.
+            raise UsageError(
+                f"{mp} is already an LTFS mount (left by an earlier job?); unmount it "
+                f"(umount {mp}), wait for its ltfs process to exit, and run the job again"
             )
         argv = ["ltfs", "-o", f"devname={self.device}"]
         for opt in self.options:
@@ -198,6 +199,11 @@ class LtfsDrive:
             "reading the volume serial", lambda: _xattr(mp, "user.ltfs.volumeSerial") or "")
         tape.volume_uuid = await tape._io(
             "reading the volume UUID", lambda: _xattr(mp, "user.ltfs.volumeUUID") or "")
+        if request.purpose == "write" and await trio.to_thread.run_sync(_read_only, mp):
+            await self.unload()
+            raise TapeNotLoadedError(
+                f"{tape.label} is write-protected or full (LTFS mounted it read-only); "
+                f"insert a blank tape for {request.describe()}")
         return tape
 
     async def unload(self) -> None:
@@ -251,6 +257,10 @@ class LtfsDrive:
                 raise TapeNotLoadedError(
                     f"mt could not eject the tape from {self.device}: {_ltfs_message(done)}"
                 )
+
+
+def _read_only(mp: Path) -> bool:
+    return bool(os.statvfs(mp).f_flag & os.ST_RDONLY)
 
 
 def _ltfs_message(done: object) -> str:
