@@ -96,6 +96,27 @@ async def test_a_cancelled_unload_still_waits_for_ltfs_and_ejects(fake_ltfs: Fak
     assert fake_ltfs.is_ejected(dev)
 
 
+async def test_an_unload_whose_umount_hangs_gives_up_after_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """Not cancelled by a Ctrl-C, an unload still has a limit of its own: a `umount` of a hung
+    FUSE daemon can block for good."""
+    from ltoflow.drives import ltfs
+
+    async def hung(*args: object, **kwargs: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(trio, "run_process", hung)
+    drive = LtfsDrive("/dev/nst9", tmp_path, unmount_timeout=60)
+    drive._tape = ltfs.LtfsTape(tmp_path, "", "")  # as if mounted
+    started = trio.current_time()
+    with trio.CancelScope() as interrupted:
+        interrupted.cancel()
+        with pytest.raises(TapeNotLoadedError, match=r"did not finish in 660 s .*do NOT eject"):
+            await drive.unload()
+    assert trio.current_time() - started == pytest.approx(660)
+
+
 async def test_unload_that_times_out_never_ejects(fake_ltfs: FakeLtfs) -> None:
     dev = fake_ltfs.cartridge("stuck", unmount_delay_s=3.0)
     drive = LtfsDrive(str(dev), fake_ltfs.mount_point, unmount_timeout=0.3)
@@ -229,8 +250,8 @@ async def test_a_mount_lost_while_reading_is_the_drive_lost_even_after_the_close
      "holds backup set other-set and is never overwritten"),
     ({"README": b"mine", "projects/thesis.docx": b"draft"},
      "is not blank (it holds README, projects) and is never written to"),
-    ({}, "volume FOREIGL9 is write-protected or full (LTFS mounted it read-only); insert a "
-         "blank tape"),
+    ({}, "volume FOREIGL9 is write-protected or full (LTFS mounted it read-only); "
+         "write-enable it, or insert another writable tape"),
 ], ids=["another-set", "someones-files", "write-protected"])
 async def test_a_tape_of_another_set_is_never_written_and_the_next_one_is_asked_for(
     fake_ltfs: FakeLtfs, tmp_path: Path, files: dict[str, bytes], told: str
@@ -263,8 +284,8 @@ async def test_a_mount_left_behind_stops_the_job_without_asking_for_tapes(
     asked = tmp_path / "asked"
     write_tree(tmp_path / "src", {"a": 5000})
     drive = LtfsDrive(str(dev), fake_ltfs.mount_point)
-    with Raises(UsageError, match=r"is already an LTFS mount \(left by an earlier job\?\); "
-                                  r"unmount it \(umount "):
+    with Raises(UsageError, match=r"is already an LTFS mount \(left by an earlier job, or an "
+                                  r"unmount that failed\); unmount it \(umount "):
         await api.backup_async(config(tmp_path / "src"),
                                components(drive, CommandOperator(f"echo x >> {asked}")))
     assert len(asked.read_text().splitlines()) == 1  # asked for tape 1 once, as always

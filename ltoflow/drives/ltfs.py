@@ -48,6 +48,9 @@ LTFS_BLOCK = 524288
 RESERVE_FRACTION = 0.01
 #: How long the ltfs process may take to write its index and exit after `umount`.
 DEFAULT_UNMOUNT_TIMEOUT = 1800.0
+#: What an unload may take besides waiting for ltfs: `umount`, and `mt offline` (a rewind and
+#: an unload of the cartridge, a minute or two).
+UNLOAD_COMMANDS_S = 600.0
 _POLL = 0.1
 
 T = TypeVar("T")
@@ -168,8 +171,9 @@ class LtfsDrive:
         if await trio.to_thread.run_sync(mount_is_ltfs, mp):
             # Not a tape to ask for again: the operator (or a robot) cannot fix it by loading.
             raise UsageError(
-                f"{mp} is already an LTFS mount (left by an earlier job?); unmount it "
-                f"(umount {mp}), wait for its ltfs process to exit, and run the job again"
+                f"{mp} is already an LTFS mount (left by an earlier job, or an unmount that "
+                f"failed); unmount it (umount {mp}), wait for its ltfs process to exit, and run "
+                "the job again"
             )
         argv = ["ltfs", "-o", f"devname={self.device}"]
         for opt in self.options:
@@ -199,23 +203,31 @@ class LtfsDrive:
             "reading the volume serial", lambda: _xattr(mp, "user.ltfs.volumeSerial") or "")
         tape.volume_uuid = await tape._io(
             "reading the volume UUID", lambda: _xattr(mp, "user.ltfs.volumeUUID") or "")
-        if request.purpose == "write" and await trio.to_thread.run_sync(_read_only, mp):
+        if request.purpose == "write" and await tape._io(
+                "reading the mount's flags", lambda: _read_only(mp)):
             await self.unload()
             raise TapeNotLoadedError(
                 f"{tape.label} is write-protected or full (LTFS mounted it read-only); "
-                f"insert a blank tape for {request.describe()}")
+                f"write-enable it, or insert another writable tape for {request.describe()}")
         return tape
 
     async def unload(self) -> None:
         """Unmount, wait for ltfs to finish its index and exit, then eject (unless disabled).
 
-        Once begun it is not cancelled (a Ctrl-C waits for it, at most the unmount timeout):
-        a tape ejected, or left to be ejected, while ltfs still writes its index may be
-        unreadable. A second Ctrl-C still ends the command at once, saying so."""
+        Once begun it is not cancelled (a Ctrl-C waits for it): a tape ejected, or left to be
+        ejected, while ltfs still writes its index may be unreadable. It has a limit of its
+        own, the unmount timeout plus UNLOAD_COMMANDS_S for the commands (a `umount` of a hung
+        FUSE daemon can block for good). A second Ctrl-C still ends the command at once."""
         if self._tape is None:
             return
-        with trio.CancelScope(shield=True):
+        limit = self.unmount_timeout + UNLOAD_COMMANDS_S
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as scope:
             await self._unload()
+        if scope.cancelled_caught:
+            raise TapeNotLoadedError(
+                f"unloading the tape in {self.device} did not finish in {limit:.0f} s (umount, "
+                f"the ltfs process, or mt hangs); do NOT eject it until no ltfs process is "
+                f"left, then unmount {self.mount_point} by hand if it still is")
 
     async def _unload(self) -> None:
         mp = self.mount_point
