@@ -48,7 +48,7 @@ from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.paths import SHORT_PATH_BYTES, DirFds
 from ltoflow.progress import Note, NullReporter, Reporter
-from ltoflow.tapes import TapeHolder, check_member
+from ltoflow.tapes import TapeHolder, check_member_of
 from ltoflow.units import MiB
 from ltoflow.verify import READ_AHEAD, READ_CHUNK_BYTES, read_pool
 
@@ -862,9 +862,7 @@ async def run_restore(
     for cid in plan.ranges:
         c = plan.containers[cid]
         by_tape[c.tape_id].append(c)
-    # The right tape of the set, by its containers where the catalog has no serial.
-    check = partial(check_member, tape_of={c.container_id: c.tape_id
-                                           for c in catalog.containers})
+    check = check_member_of(catalog)
     try:
         for job in plan.jobs:
             if not job.segments:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import orjson
 import trio
@@ -185,6 +186,13 @@ async def check_member(tape: LoadedTape, request: TapeRequest, *,
         if which is not None and which != request.tape_id:
             raise WrongTapeError(f"{tape.label} is {which} of this set (by the containers on "
                                  f"it); insert {request.describe()}")
+
+
+def check_member_of(catalog: cat.Catalog) -> Check:
+    """check_member for reading the tapes of `catalog`: the right tape of the set, by its
+    volume serial, else by the containers on it."""
+    return partial(check_member,
+                   tape_of={c.container_id: c.tape_id for c in catalog.containers})
 
 
 class TapeHolder:

@@ -42,7 +42,13 @@ from ltoflow.errors import BackupError, CatalogReadError, UsageError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.paths import shown
 from ltoflow.progress import NullReporter, Reporter, TapeVerified
-from ltoflow.tapes import TapeHolder, check_member, identify, load_requested_tape
+from ltoflow.tapes import (
+    TapeHolder,
+    check_member,
+    check_member_of,
+    identify,
+    load_requested_tape,
+)
 from ltoflow.units import MiB
 
 READ_CHUNK_BYTES = 8 * MiB
@@ -770,9 +776,7 @@ async def verify_set(
         searched = Counter(p.tape_id for p in problems)
         index = CatalogIndex(catalog)
         inventory = await drive.inventory()
-        # The right tape of the set, by its containers where the catalog has no serial.
-        check = partial(check_member, tape_of={c.container_id: c.tape_id
-                                               for c in catalog.containers})
+        check = check_member_of(catalog)
         counters = [0, 0]
         tapes_checked = 0
         for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
