@@ -46,7 +46,7 @@ from ltoflow.drives.simulator import (
 )
 from ltoflow.errors import BackupError, SetExistsError, SkippedEntriesError, UsageError
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.progress import NullReporter, Reporter
+from ltoflow.progress import NullReporter, ReadMeter, Reporter, reporting
 from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
@@ -461,12 +461,15 @@ async def restore_async(
             catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
         chosen = catalog
 
+        meter = ReadMeter("comparing the files already in the target", 0)
+
         def make_plan() -> RestorePlan:
             with gc_paused():  # a job and a range a file, none in a reference cycle
-                return plan_restore(chosen, patterns, target, overwrite=overwrite)
+                return plan_restore(chosen, patterns, target, overwrite=overwrite, meter=meter)
 
         # It reads the files already in the target: a Ctrl-C does not wait for that.
-        plan = await trio.to_thread.run_sync(make_plan, abandon_on_cancel=True)
+        with reporting(meter, components.reporter):
+            plan = await trio.to_thread.run_sync(make_plan, abandon_on_cancel=True)
         if before is not None and not before(plan):
             await holder.release()
             return RestoreReport.from_plan(plan)

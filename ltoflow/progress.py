@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, TextIO
 
 import attrs
+import trio
 
 from ltoflow.paths import shown
 from ltoflow.units import human_bytes
@@ -74,6 +77,76 @@ class TapeVerified:
 
 
 @attrs.frozen
+class ReadProgress:
+    """How far a job that reads (verify, restore, restore's check of the files already in its
+    target) has come, sent every READ_TICK_SECONDS while it runs."""
+
+    job: str
+    elapsed: float
+    done_bytes: int
+    total_bytes: int
+    #: Bytes a second since the last report: a tape streams at one speed, and this one drops
+    #: to 0 while a tape is changed, where an average since the start would not.
+    rate: float
+    tape_id: str = ""
+    sequence_number: int = 0
+    total_tapes: int = 0
+
+
+#: How often a read job says how far it has come: a tape takes hours to read, and without
+#: these lines its log shows nothing between "loaded" and "done".
+READ_TICK_SECONDS = 30.0
+
+
+@attrs.define
+class ReadMeter:
+    """A read job's running count, kept by the job (a thread may add to `done_bytes`) and read
+    by `reporting`. `tape_id` is the tape being read, empty when none is."""
+
+    job: str
+    total_bytes: int
+    total_tapes: int = 0
+    done_bytes: int = 0
+    tape_id: str = ""
+    sequence_number: int = 0
+
+    def snapshot(self, elapsed: float, rate: float) -> ReadProgress:
+        return ReadProgress(self.job, elapsed, self.done_bytes, self.total_bytes, rate,
+                            self.tape_id, self.sequence_number, self.total_tapes)
+
+
+@contextmanager
+def reporting(meter: ReadMeter, reporter: Reporter,
+              every: float = READ_TICK_SECONDS) -> Iterator[None]:
+    """Send `meter`'s snapshot to `reporter` every `every` seconds while the body runs (none
+    for a job shorter than that, nor while its total is 0: not known yet). The reports come
+    from a task of their own, beside the job rather than in a nursery around it, so that the
+    job's errors come out as they are."""
+    scope = trio.CancelScope()
+
+    async def tick() -> None:
+        with scope:
+            started = last = trio.current_time()
+            done = meter.done_bytes
+            while True:
+                await trio.sleep(every)
+                now, now_done = trio.current_time(), meter.done_bytes
+                rate = (now_done - done) / (now - last) if now > last else 0.0
+                try:
+                    if meter.total_bytes:
+                        reporter.event(meter.snapshot(now - started, rate))
+                except OSError:  # the log went away (a closed pipe): the job goes on
+                    return
+                last, done = now, now_done
+
+    trio.lowlevel.spawn_system_task(tick)
+    try:
+        yield
+    finally:
+        scope.cancel()
+
+
+@attrs.frozen
 class Note:
     text: str
 
@@ -88,7 +161,7 @@ class FileSkipped:
 
 Event = (
     TapeStarted | ContainerWritten | TapeFinished | CatalogWritten | TapeVerified | Note
-    | FileSkipped | Progress
+    | FileSkipped | Progress | ReadProgress
 )
 
 
@@ -158,8 +231,30 @@ class LogReporter:
                 self._say(event.text)
             case FileSkipped():
                 self._say(f"warning: skipping {shown(event.relative_path)}: {event.reason}")
+            case ReadProgress():
+                self._say(read_progress_line(event))
             case _:
                 pass
+
+
+def read_progress_line(p: ReadProgress) -> str:
+    """`  restoring: 1.20 TB of 4.00 TB (30%), tape 1/3, 312 MB/s, about 2 h 30 min left`."""
+    share = f" ({100 * p.done_bytes // p.total_bytes}%)" if p.total_bytes else ""
+    tape = f", tape {p.sequence_number}/{p.total_tapes}" if p.tape_id else ""
+    left = ""
+    if p.rate > 0 and p.total_bytes > p.done_bytes:
+        left = f", {_time_left((p.total_bytes - p.done_bytes) / p.rate)}"
+    return (f"  {p.job}: {human_bytes(p.done_bytes)} of {human_bytes(p.total_bytes)}{share}"
+            f"{tape}, {p.rate / 1e6:.0f} MB/s{left}")
+
+
+def _time_left(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "under a minute left"
+    if minutes < 60:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60} min left"
 
 
 class LiveReporter:
@@ -196,7 +291,7 @@ class LiveReporter:
             case Progress():
                 self._progress(event)
             case (TapeStarted() | TapeFinished() | CatalogWritten() | TapeVerified() | Note()
-                  | FileSkipped()):
+                  | FileSkipped() | ReadProgress()):
                 self._print(event)
             case ContainerWritten() if self.verbose:
                 self._print(event)

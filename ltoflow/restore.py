@@ -47,8 +47,8 @@ from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.paths import SHORT_PATH_BYTES, DirFds
-from ltoflow.progress import Note, NullReporter, Reporter
-from ltoflow.tapes import TapeHolder, check_member_of
+from ltoflow.progress import Note, NullReporter, ReadMeter, Reporter, reporting
+from ltoflow.tapes import Check, TapeHolder, check_member_of
 from ltoflow.units import MiB
 from ltoflow.verify import READ_AHEAD, READ_CHUNK_BYTES, read_pool
 
@@ -259,9 +259,11 @@ def _tree_parts(entry: SymlinkEntry | DirectoryEntry,
 
 
 def plan_restore(
-    catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool
+    catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool,
+    meter: ReadMeter | None = None,
 ) -> RestorePlan:
-    """Check every selected file against the catalog and the target; order the reads."""
+    """Check every selected file against the catalog and the target; order the reads.
+    `meter` counts the bytes of the files already in the target as they are compared."""
     chosen = select(catalog, patterns)
     files = chosen.files
     skipped = select_skipped(catalog, patterns)
@@ -289,6 +291,7 @@ def plan_restore(
     id_counts: dict[str, int] = defaultdict(int)
     for f in catalog.source_files:
         id_counts[f.file_id] += 1
+    checked: list[tuple[SourceFileEntry, tuple[bytes, ...], list[SegmentEntry]]] = []
     for f in files:
         try:
             parts = safe_parts(f.path_bytes)
@@ -306,14 +309,24 @@ def plan_restore(
             continue
         segs = sorted(by_file.get(f.file_id, []), key=lambda s: s.source_offset)
         why = _check_segments(f, segs, containers, tapes)
-        if why is None and not overwrite and exists(parts):
-            differs = _differs(target, parts, f)
-            if differs is None:  # restored before (by an interrupted restore, say)
-                present += 1
-                continue
-            why = f"already exists in the target and {differs}; use --overwrite to replace it"
         if why is not None:
             problems.append(FileProblem(f.relative_path, why))
+            continue
+        checked.append((f, parts, segs))
+    # Files already in the target (an interrupted restore's, say) are read to compare them:
+    # that can be hours of reading, so it is counted for `meter`.
+    there = [] if overwrite else [k for k, (_, parts, _) in enumerate(checked) if exists(parts)]
+    if meter is not None:
+        meter.total_bytes = sum(checked[k][0].size_bytes for k in there)
+    differs = {k: _differs(target, checked[k][1], checked[k][0], meter) for k in there}
+    for k, (f, parts, segs) in enumerate(checked):
+        if k in differs:
+            if differs[k] is None:  # restored before, whole: left be
+                present += 1
+            else:
+                problems.append(FileProblem(
+                    f.relative_path, f"already exists in the target and {differs[k]}; use "
+                    "--overwrite to replace it"))
             continue
         job = len(jobs)
         jobs.append(_FileJob(f, parts, segs, len(segs)))
@@ -408,10 +421,13 @@ def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
     return True
 
 
-def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> str | None:
+def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry,
+             meter: ReadMeter | None = None) -> str | None:
     """None when the target already holds this file whole, as a restore leaves it (an
     interrupted one, run again): a regular file (no symlink followed on the way) of its size
-    and mtime whose SHA-256 is the catalog's (it is read to tell); else how it differs."""
+    and mtime whose SHA-256 is the catalog's (it is read to tell); else how it differs.
+    `meter` counts its bytes as they are read, and the rest of its size once told."""
+    counted = 0
     try:
         with _parent_of(target, parts) as parent:
             st = os.lstat(parts[-1], dir_fd=parent)  # a device is never opened
@@ -424,10 +440,20 @@ def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry) -> 
                               | os.O_CLOEXEC, dir_fd=parent), "rb", buffering=0) as fh:
                 if not os.path.samestat(st, os.fstat(fh.fileno())):  # replaced meanwhile
                     return "changed while it was compared"
-                if hashlib.file_digest(fh, "sha256").hexdigest() != entry.sha256:
+                h = hashlib.sha256()
+                buf = bytearray(min(MiB, entry.size_bytes + 1))  # one read for a small file
+                while n := fh.readinto(buf):
+                    h.update(memoryview(buf)[:n])
+                    if meter is not None:
+                        meter.done_bytes += n
+                        counted += n
+                if h.hexdigest() != entry.sha256:
                     return "differs from the backup (its SHA-256)"
     except OSError as e:
         return f"cannot be read to compare ({e.strerror})"
+    finally:  # the rest of it, not read (different, unreadable, or grown)
+        if meter is not None:
+            meter.done_bytes += max(0, entry.size_bytes - counted)
     return None
 
 
@@ -758,8 +784,10 @@ async def _restore_container(
     ranges: list[_Range],
     writer: _FileWriter,
     pool: PipelineBuffer,
+    meter: ReadMeter | None = None,
 ) -> int:
-    """Read the wanted ranges of one container in order; return the bytes read."""
+    """Read the wanted ranges of one container in order; return the bytes read. `meter`
+    counts the bytes of the ranges as they are written."""
     path = f"data/{container.container_id}"
     spans: list[_Span] = []
     for r in ranges:
@@ -791,8 +819,10 @@ async def _restore_container(
 
     hashes = _SegmentHashes()
 
-    def consume(buf: mmap.mmap, pos: int, n: int, span: _Span) -> None:
+    def consume(buf: mmap.mmap, pos: int, n: int, span: _Span) -> int:
+        """Hash and write the ranges' bytes in this chunk; return how many there were."""
         data = memoryview(buf)[:n]
+        taken = 0
         end = pos + n
         members, starts, ends = span.members, span.starts, span.ends
         for k in span.reaching(pos, end):
@@ -807,14 +837,18 @@ async def _restore_container(
             piece = data[a - pos:b - pos]
             h.update(piece)
             writer.write(r.job, r.segment, piece, a - starts[k])
+            taken += b - a
             if b == ends[k]:
                 writer.segment_done(r.job, r.segment, hashes.open.pop(key).hexdigest())
+        return taken
 
     async def write_files() -> None:
         with receive:
             async for buf, pos, n, members in receive:
-                await trio.to_thread.run_sync(consume, buf, pos, n, members)
+                taken = await trio.to_thread.run_sync(consume, buf, pos, n, members)
                 lease.give_back(buf)
+                if meter is not None:
+                    meter.done_bytes += taken
 
     try:
         with BufferLease(pool) as lease:
@@ -863,36 +897,13 @@ async def run_restore(
         c = plan.containers[cid]
         by_tape[c.tape_id].append(c)
     check = check_member_of(catalog)
+    meter = ReadMeter("restoring", plan.bytes_to_read, len(catalog.tapes))
     try:
         for job in plan.jobs:
             if not job.segments:
                 await trio.to_thread.run_sync(writer.start_empty, job)
-        for t in plan.tapes:
-            request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
-                                  len(catalog.tapes), purpose="read",
-                                  volume_serial=t.volume_serial)
-            containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset,
-                                                                     c.sequence_number))
-            try:
-                loaded = await holder.get(request, check)
-            except BackupError as e:
-                for c in containers:
-                    _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
-                continue
-            try:
-                for c in containers:
-                    ranges = plan.ranges[c.container_id]
-                    try:
-                        await _restore_container(loaded, c, ranges, writer, pool)
-                    except* (BackupError, _ShortContainer) as group:
-                        why = "; ".join(str(e) for e in leaves(group))
-                        _fail_ranges(writer, ranges,
-                                     f"container {c.container_id} on tape {t.tape_id}: {why}")
-                reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
-            except BaseException:
-                await holder.release_after_error()
-                raise
-            await holder.release_or_warn(reporter)
+        with reporting(meter, reporter):
+            await _restore_tapes(plan, by_tape, writer, pool, meter, holder, check, reporter)
         await holder.release()  # a tape read for the catalog and never needed
         await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
     finally:
@@ -912,6 +923,42 @@ async def run_restore(
         skipped=plan.skipped,
         already_present=plan.present,
     )
+
+
+async def _restore_tapes(
+    plan: RestorePlan, by_tape: dict[str, list[ContainerEntry]], writer: _FileWriter,
+    pool: PipelineBuffer, meter: ReadMeter, holder: TapeHolder,
+    check: Check, reporter: Reporter,
+) -> None:
+    """Load each tape the plan needs, in order, and restore its containers' ranges."""
+    catalog = plan.catalog
+    for t in plan.tapes:
+        request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
+                              len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
+        containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset, c.sequence_number))
+        try:
+            loaded = await holder.get(request, check)
+        except BackupError as e:
+            for c in containers:
+                _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
+                meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id])
+            continue
+        meter.tape_id, meter.sequence_number = t.tape_id, t.sequence_number
+        try:
+            for c in containers:
+                ranges = plan.ranges[c.container_id]
+                try:
+                    await _restore_container(loaded, c, ranges, writer, pool, meter)
+                except* (BackupError, _ShortContainer) as group:
+                    why = "; ".join(str(e) for e in leaves(group))
+                    _fail_ranges(writer, ranges,
+                                 f"container {c.container_id} on tape {t.tape_id}: {why}")
+            reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
+        except BaseException:
+            await holder.release_after_error()
+            raise
+        meter.tape_id = ""
+        await holder.release_or_warn(reporter)
 
 
 def _fail_ranges(writer: _FileWriter, ranges: Sequence[_Range], what: str) -> None:

@@ -41,7 +41,7 @@ from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, CatalogReadError, UsageError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
 from ltoflow.paths import shown
-from ltoflow.progress import NullReporter, Reporter, TapeVerified
+from ltoflow.progress import NullReporter, ReadMeter, Reporter, TapeVerified, reporting
 from ltoflow.tapes import (
     TapeHolder,
     check_member,
@@ -480,7 +480,7 @@ def read_pool() -> PipelineBuffer:
 
 async def verify_container(
     tape: LoadedTape, container: ContainerEntry, index: CatalogIndex,
-    pool: PipelineBuffer | None = None, *, whole: bool = False,
+    pool: PipelineBuffer | None = None, *, whole: bool = False, meter: ReadMeter | None = None,
 ) -> tuple[list[Problem], int]:
     """Read one container front to back; return its problems and the bytes read.
 
@@ -588,6 +588,8 @@ async def verify_container(
                     for chunks in queues:
                         chunks.put((buf, n, total))
                     total += n
+                    if meter is not None:
+                        meter.done_bytes += n
             finally:
                 await reader_.close()
         finally:
@@ -661,6 +663,7 @@ async def verify_loaded_tape(
     counters: list[int] | None = None,
     whole: bool = False,
     catalog_checked: bool = False,
+    meter: ReadMeter | None = None,
 ) -> list[Problem]:
     """Check this tape's catalog copy and every container the catalog puts on it (`whole`: as
     verify_container takes it; `catalog_checked`: this tape's copy is the one `catalog` was
@@ -673,7 +676,8 @@ async def verify_loaded_tape(
         found: list[Problem] = []
         nbytes = 0
         try:
-            found, nbytes = await verify_container(tape, container, index, pool, whole=whole)
+            found, nbytes = await verify_container(tape, container, index, pool, whole=whole,
+                                                   meter=meter)
         except* BackupError as group:
             segs = index.segments_of(container.container_id)
             found = [Problem(f"cannot be read: {e}", tape_id=tape_id,
@@ -779,36 +783,46 @@ async def verify_set(
         check = check_member_of(catalog)
         counters = [0, 0]
         tapes_checked = 0
-        for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
-            if inventory is not None and t.tape_id not in inventory:
-                problems.append(Problem("tape is missing", tape_id=t.tape_id,
-                                        files=index.files_on_tape(t.tape_id)))
-                continue
-            request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
-                                  len(catalog.tapes), purpose="read",
-                                  volume_serial=t.volume_serial)
-            try:
-                loaded = await holder.get(request, check)
-            except BackupError as e:
-                if searched[t.tape_id]:  # the search said so too: this says it with the files
-                    problems = [p for p in problems if p.tape_id != t.tape_id]
-                problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
-                                        files=index.files_on_tape(t.tape_id)))
-                continue
-            try:
-                bad = await verify_loaded_tape(loaded, catalog, t.tape_id, catalog_sha=digest,
-                                               index=index, counters=counters,
-                                               catalog_checked=found.read_from(t.tape_id,
-                                                                               loaded)
-                                               or t.tape_id in searched)
-            except BaseException:
-                await holder.release_after_error()
-                raise
-            await holder.release_or_warn(reporter)
-            tapes_checked += 1
-            problems.extend(bad)
-            reporter.event(TapeVerified(t.tape_id, len(index.containers.get(t.tape_id, [])),
-                                        len(bad) + searched[t.tape_id]))
+        on_tape = Counter[str]()
+        for c in catalog.containers:
+            on_tape[c.tape_id] += c.size_bytes
+        meter = ReadMeter("verifying", on_tape.total(), len(catalog.tapes))
+        with reporting(meter, reporter):
+            for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
+                if inventory is not None and t.tape_id not in inventory:
+                    problems.append(Problem("tape is missing", tape_id=t.tape_id,
+                                            files=index.files_on_tape(t.tape_id)))
+                    meter.total_bytes -= on_tape[t.tape_id]
+                    continue
+                request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
+                                      len(catalog.tapes), purpose="read",
+                                      volume_serial=t.volume_serial)
+                try:
+                    loaded = await holder.get(request, check)
+                except BackupError as e:
+                    if searched[t.tape_id]:  # the search said so too: this says it with files
+                        problems = [p for p in problems if p.tape_id != t.tape_id]
+                    problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
+                                            files=index.files_on_tape(t.tape_id)))
+                    meter.total_bytes -= on_tape[t.tape_id]
+                    continue
+                meter.tape_id, meter.sequence_number = t.tape_id, t.sequence_number
+                try:
+                    bad = await verify_loaded_tape(
+                        loaded, catalog, t.tape_id, catalog_sha=digest, index=index,
+                        counters=counters, meter=meter,
+                        catalog_checked=found.read_from(t.tape_id, loaded)
+                        or t.tape_id in searched)
+                except BaseException:
+                    await holder.release_after_error()
+                    raise
+                meter.tape_id = ""
+                await holder.release_or_warn(reporter)
+                tapes_checked += 1
+                problems.extend(bad)
+                reporter.event(TapeVerified(
+                    t.tape_id, len(index.containers.get(t.tape_id, [])),
+                    len(bad) + searched[t.tape_id]))
     except BaseException:
         await holder.release_after_error()
         raise
