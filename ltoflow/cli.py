@@ -310,8 +310,22 @@ def _throttle(args: argparse.Namespace) -> Throttle | None:
         raise UsageError("--throttle needs --drive lto5..lto10 to know the drive's speeds")
     if not 0 <= args.reposition_seconds < 3600:  # also refuses nan
         raise UsageError("--reposition-seconds must be between 0 and 3600")
+    if args.drive_timeline is not None:
+        _check_can_write(args.drive_timeline, "--drive-timeline")
     return Throttle(PROFILES[args.drive], args.drive_buffer_mb, args.reposition_seconds,
                     discard=args.discard)
+
+
+def _check_can_write(path: Path, flag: str) -> None:
+    """Refuse, before the job, a file the job could only fail to write at its end."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    where = path if path.exists() else path.parent
+    if where == path.parent and not where.is_dir():
+        raise UsageError(f"{flag} {path}: directory {where} does not exist")
+    if not os.access(where, os.W_OK):
+        raise UsageError(f"{flag} {path} cannot be written by this user (or its filesystem "
+                         "is read-only); give another path")
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -535,7 +549,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "symlinks_restored": report.symlinks_restored,
             "directories_restored": report.directories_restored,
             "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
-            "tapes": list(report.tapes), "ok": report.ok,
+            "tapes": list(report.tapes), "tapes_read": list(report.tapes_read),
+            "ok": report.ok,
             "already_present": report.already_present,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
@@ -552,11 +567,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         rate = report.bytes_restored / report.seconds / 1e6 if report.seconds else 0.0
         present = (f", {report.already_present} already there (identical, left as they were)"
                    if report.already_present else "")
+        read, needed = len(report.tapes_read), len(report.tapes)
+        tapes = (f"{read} tape(s)" if read == needed
+                 else f"{read} of the {needed} tape(s) it needs")
         print(f"Restored {report.restored} of {report.requested} file(s) "
               f"({human_bytes(report.bytes_restored)}){present}, "
               f"{report.symlinks_restored} symlink(s) "
-              f"and {report.directories_restored} directories into {target} from "
-              f"{len(report.tapes)} tape(s) in {report.seconds:.1f} s ({rate:.0f} MB/s); "
+              f"and {report.directories_restored} directories into {target} from {tapes} "
+              f"in {report.seconds:.1f} s ({rate:.0f} MB/s); "
               f"{_failed(report)}.")
     return EXIT_OK if report.ok else EXIT_DAMAGED
 

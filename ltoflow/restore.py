@@ -151,6 +151,8 @@ class RestoreReport:
     #: Selected files already in the target, identical to the backup (read and hashed to
     #: tell): not restored again.
     already_present: int = 0
+    #: The tapes of `tapes` (those needed) that were loaded and read.
+    tapes_read: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -903,7 +905,8 @@ async def run_restore(
             if not job.segments:
                 await trio.to_thread.run_sync(writer.start_empty, job)
         with reporting(meter, reporter):
-            await _restore_tapes(plan, by_tape, writer, pool, meter, holder, check, reporter)
+            read = await _restore_tapes(plan, by_tape, writer, pool, meter, holder, check,
+                                        reporter)
         await holder.release()  # a tape read for the catalog and never needed
         await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
     finally:
@@ -922,6 +925,7 @@ async def run_restore(
         directories_restored=writer.directories,
         skipped=plan.skipped,
         already_present=plan.present,
+        tapes_read=tuple(read),
     )
 
 
@@ -929,9 +933,11 @@ async def _restore_tapes(
     plan: RestorePlan, by_tape: dict[str, list[ContainerEntry]], writer: _FileWriter,
     pool: PipelineBuffer, meter: ReadMeter, holder: TapeHolder,
     check: Check, reporter: Reporter,
-) -> None:
-    """Load each tape the plan needs, in order, and restore its containers' ranges."""
+) -> list[str]:
+    """Load each tape the plan needs, in order, and restore its containers' ranges; return the
+    tapes that could be loaded."""
     catalog = plan.catalog
+    read: list[str] = []
     for t in plan.tapes:
         request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
                               len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
@@ -944,6 +950,7 @@ async def _restore_tapes(
                 meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id])
             continue
         meter.tape_id, meter.sequence_number = t.tape_id, t.sequence_number
+        read.append(t.tape_id)
         try:
             for c in containers:
                 ranges = plan.ranges[c.container_id]
@@ -959,6 +966,7 @@ async def _restore_tapes(
             raise
         meter.tape_id = ""
         await holder.release_or_warn(reporter)
+    return read
 
 
 def _fail_ranges(writer: _FileWriter, ranges: Sequence[_Range], what: str) -> None:

@@ -96,6 +96,22 @@ def test_verify_of_a_set_it_wrote_names_the_damaged_file_and_the_files_of_a_lost
     assert on_lost
 
 
+def test_restore_with_a_lost_tape_counts_only_the_tapes_it_read(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    tapes = sorted(t.name for t in sim.iterdir())
+    assert len(tapes) >= 2
+    shutil.rmtree(sim / tapes[-1])
+    code, out, _ = cli(capsys, "restore", "--simulator", sim, "--target", tmp_path / "a")
+    assert code == EXIT_DAMAGED
+    assert f"from {len(tapes) - 1} of the {len(tapes)} tape(s) it needs in " in out
+    code, out, _ = cli(capsys, "restore", "--simulator", sim, "--target", tmp_path / "b",
+                       "--json")
+    doc = json.loads(out)
+    assert (doc["tapes"], doc["tapes_read"]) == (tapes, tapes[:-1])
+
+
 def test_damage_reports_keep_a_name_with_a_newline_on_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file name may hold a newline or a control byte: verify's BAD line and restore's FAILED
@@ -483,6 +499,21 @@ def test_throttle_flags_are_checked(src: Path, tmp_path: Path,
                        "--container-size-gb", "1")
     assert code == EXIT_USAGE
     one_line_error(err, "--capacity-tb")
+
+
+@pytest.mark.parametrize(("timeline", "why"), [
+    ("no-such-dir/timeline.json", "does not exist"),
+    (".", "is a directory"),
+])
+def test_a_drive_timeline_that_cannot_be_written_is_refused_before_the_backup(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], timeline: str, why: str
+) -> None:
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       "--drive", "lto9", "--throttle", "--container-size-gb", "1",
+                       "--drive-timeline", tmp_path / timeline)
+    assert code == EXIT_USAGE
+    one_line_error(err, why)
+    assert not (tmp_path / "t").exists()  # nothing written
 
 
 def test_drive_sets_the_capacity_and_the_summary_shows_the_drive_model(

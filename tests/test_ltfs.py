@@ -213,7 +213,8 @@ async def test_lost_mount_is_reported_as_the_drive_lost(fake_ltfs: FakeLtfs) -> 
         await w.write(b"b" * 1000)
         await w.close()
 
-    with pytest.raises(DriveLostError, match=r"LTFS mount at .* was lost .*fusermount -u"):
+    with pytest.raises(DriveLostError, match=r"LTFS mount at .* was lost .*clear the mount "
+                       r"if it is still there \(`fusermount -u"):
         await more()
     await w.abort()
     await drive.unload()

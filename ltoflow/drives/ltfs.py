@@ -306,8 +306,9 @@ class LtfsTape:
         # ECONNABORTED: a request in flight when the ltfs process died.
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             return DriveLostError(
-                f"the LTFS mount at {self.root} was lost while {what} (ltfs exited); clear it "
-                f"with `fusermount -u {self.root}`, check the drive, and run the job again"
+                f"the LTFS mount at {self.root} was lost while {what} (ltfs exited); check the "
+                f"drive, clear the mount if it is still there (`fusermount -u {self.root}`; "
+                "ltoflow unmounts it when it can), and run the job again"
             )
         if e.errno == errno.ENOSPC:
             return TapeFullError(
