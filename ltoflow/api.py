@@ -462,6 +462,7 @@ async def restore_async(
         chosen = catalog
 
         meter = ReadMeter("comparing the files already in the target", 0)
+        started = components.clock.monotonic()
 
         def make_plan() -> RestorePlan:
             with gc_paused():  # a job and a range a file, none in a reference cycle
@@ -477,7 +478,7 @@ async def restore_async(
             return await run_restore(
                 plan, target, drive=components.drive, operator=components.operator,
                 clock=components.clock, reporter=components.reporter, overwrite=overwrite,
-                holder=holder,
+                holder=holder, started=started,
             )
     finally:
         await holder.release_after_error()  # a no-op unless something above failed

@@ -877,11 +877,14 @@ async def run_restore(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     holder: TapeHolder | None = None,
+    started: float | None = None,
 ) -> RestoreReport:
-    """Restore `plan` into `target`, loading each needed tape once, in sequence order."""
+    """Restore `plan` into `target`, loading each needed tape once, in sequence order.
+    `started`: when the job began (its plan compared the files already in the target, say),
+    on `clock`; now by default."""
     reporter = reporter or NullReporter()
     holder = holder or TapeHolder(drive, operator)
-    started = clock.monotonic()
+    started = clock.monotonic() if started is None else started
 
     def open_target() -> _FileWriter:
         try:

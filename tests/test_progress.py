@@ -1,16 +1,22 @@
 """What read jobs (verify, restore, restore's comparison of files already there) say about how
-far they have come while they run, on trio's virtual clock."""
+far they have come while they run: the reports on trio's virtual clock, the counts they come
+from at the end of real jobs."""
 
 from __future__ import annotations
 
+import importlib
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from ltoflow import BackupConfig, backup
-from ltoflow.api import Components, restore_async, verify_async
+from ltoflow import BackupConfig, api, backup, restore, verify
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.progress import (
     Event,
@@ -24,10 +30,6 @@ from ltoflow.progress import (
 from .conftest import write_tree
 
 TREE = {f"case-{k}/scan-{j}.tif": 40_000 + 1_000 * j for k in range(3) for j in range(4)}
-
-
-def _reads(events: list[Event]) -> list[ReadProgress]:
-    return [e for e in events if isinstance(e, ReadProgress)]
 
 
 async def test_a_read_job_is_reported_every_interval_with_the_rate_since_the_last(
@@ -86,44 +88,89 @@ def tape_set(tmp_path: Path) -> Path:
     return tmp_path / "tapes"
 
 
-def _in_order(reads: list[ReadProgress], job: str, total: int) -> None:
-    assert reads, "no progress reported"
-    assert {r.job for r in reads} == {job}
-    assert {r.total_bytes for r in reads} == {total}
-    done = [r.done_bytes for r in reads]
-    assert done == sorted(done)
-    assert done[-1] <= total
+@pytest.fixture
+def meters(monkeypatch: pytest.MonkeyPatch) -> list[ReadMeter]:
+    """Every meter a job reports from, kept to look at once the job is over (the reports
+    themselves come every 30 seconds, tested above on the virtual clock)."""
+    kept: list[ReadMeter] = []
+
+    @contextmanager
+    def keep(meter: ReadMeter, reporter: object) -> Iterator[None]:
+        kept.append(meter)
+        yield
+
+    # `ltoflow.restore` and `ltoflow.verify` are the API's functions; these are the modules.
+    for module in (api, importlib.import_module("ltoflow.restore"),
+                   importlib.import_module("ltoflow.verify")):
+        monkeypatch.setattr(module, "reporting", keep)
+    return kept
 
 
-async def test_verify_reports_its_progress_over_the_containers_of_every_tape(
-    tape_set: Path, autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Every wait for a hashing thread lets the virtual clock jump to the next report.
-    reporter = ListReporter()
-    report = await verify_async(Components(drive=SimulatorDrive(tape_set), reporter=reporter))
+def test_verify_counts_every_container_of_every_tape(tape_set: Path,
+                                                     meters: list[ReadMeter]) -> None:
+    report = verify(tape_set)
     assert report.ok
     assert report.tapes_checked >= 2
-    reads = _reads(reporter.events)
-    _in_order(reads, "verifying", report.bytes_checked)
-    assert {r.sequence_number for r in reads if r.tape_id} >= {1, 2}
+    [meter] = meters
+    assert (meter.job, meter.total_tapes) == ("verifying", report.tapes_checked)
+    assert meter.done_bytes == meter.total_bytes == report.bytes_checked
 
 
-async def test_restore_reports_its_progress_and_then_the_comparison_of_a_second_run(
-    tape_set: Path, tmp_path: Path, autojump_clock: trio.testing.MockClock,
-) -> None:
+def test_verify_leaves_a_missing_tape_out_of_its_total(tape_set: Path,
+                                                       meters: list[ReadMeter]) -> None:
+    lost = sorted(tape_set.iterdir())[-1]
+    shutil.rmtree(lost)
+    report = verify(tape_set)
+    assert not report.ok
+    [meter] = meters
+    assert meter.done_bytes == meter.total_bytes == report.bytes_checked > 0
+
+
+def test_restore_counts_the_bytes_it_restores_and_a_second_run_those_it_compares(
+        tape_set: Path, tmp_path: Path, meters: list[ReadMeter]) -> None:
     target = tmp_path / "restored"
-    first = ListReporter()
-    report = await restore_async(Components(drive=SimulatorDrive(tape_set), reporter=first),
-                                 target)
-    assert report.ok
+    report = restore(tape_set, target)
     assert report.restored == len(TREE)
-    _in_order(_reads(first.events), "restoring", sum(TREE.values()))
+    compared, restored = meters
+    assert compared.total_bytes == 0  # nothing was there yet: never reported
+    assert (restored.job, restored.done_bytes, restored.total_bytes) == (
+        "restoring", sum(TREE.values()), sum(TREE.values()))
 
-    again = ListReporter()
-    report = await restore_async(Components(drive=SimulatorDrive(tape_set), reporter=again),
-                                 target)
-    assert report.ok
+    meters.clear()
+    report = restore(tape_set, target)
     assert report.already_present == len(TREE)
     assert report.restored == 0
-    _in_order(_reads(again.events), "comparing the files already in the target",
-              sum(TREE.values()))
+    compared, restored = meters
+    assert compared.job == "comparing the files already in the target"
+    assert compared.done_bytes == compared.total_bytes == sum(TREE.values())
+    assert restored.total_bytes == 0
+
+
+def test_a_restore_times_its_comparison_of_the_files_already_there(
+        tape_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its summary's seconds are the whole job's: a second run that only compares used to say
+    `in 0.0 s` after comparing for hours."""
+    target = tmp_path / "restored"
+    assert restore(tape_set, target).restored == len(TREE)
+
+    class Stepping:  # stands still but for the comparisons, an hour each
+        t = 0.0
+
+        def now(self) -> datetime:
+            return datetime(2026, 11, 27, tzinfo=UTC)
+
+        def monotonic(self) -> float:
+            return self.t
+
+    clock = Stepping()
+    module = importlib.import_module("ltoflow.restore")
+    differs: Callable[..., str | None] = module._differs
+
+    def slow_differs(*args: Any) -> str | None:
+        clock.t += 3600
+        return differs(*args)
+
+    monkeypatch.setattr(module, "_differs", slow_differs)
+    report = restore(api.Components(drive=SimulatorDrive(tape_set), clock=clock), target)
+    assert report.already_present == len(TREE)
+    assert report.seconds == 3600 * len(TREE)
