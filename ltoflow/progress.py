@@ -121,8 +121,11 @@ def reporting(meter: ReadMeter, reporter: Reporter,
     """Send `meter`'s snapshot to `reporter` every `every` seconds while the body runs (none
     for a job shorter than that, nor while its total is 0: not known yet). The reports come
     from a task of their own, beside the job rather than in a nursery around it, so that the
-    job's errors come out as they are."""
+    job's errors come out as they are. A reporter that fails stops the reports: its error
+    is raised when the body is done (unless the body failed), or dropped for an OSError (the
+    log went away, a closed pipe say: the job goes on)."""
     scope = trio.CancelScope()
+    failed: list[Exception] = []
 
     async def tick() -> None:
         with scope:
@@ -135,7 +138,10 @@ def reporting(meter: ReadMeter, reporter: Reporter,
                 try:
                     if meter.total_bytes:
                         reporter.event(meter.snapshot(now - started, rate))
-                except OSError:  # the log went away (a closed pipe): the job goes on
+                except OSError:
+                    return
+                except Exception as e:  # a system task's error would end trio.run itself
+                    failed.append(e)
                     return
                 last, done = now, now_done
 
@@ -144,6 +150,8 @@ def reporting(meter: ReadMeter, reporter: Reporter,
         yield
     finally:
         scope.cancel()
+    if failed:
+        raise failed[0]
 
 
 @attrs.frozen

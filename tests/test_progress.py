@@ -174,3 +174,22 @@ def test_a_restore_times_its_comparison_of_the_files_already_there(
     report = restore(api.Components(drive=SimulatorDrive(tape_set), clock=clock), target)
     assert report.already_present == len(TREE)
     assert report.seconds == 3600 * len(TREE)
+
+
+async def test_a_reporter_that_fails_otherwise_stops_the_reports_and_its_error_comes_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Faulty:
+        def event(self, event: Event) -> None:
+            raise ValueError("a bug in the caller's reporter")
+
+    finished = []
+
+    async def job() -> None:
+        with reporting(ReadMeter("verifying", 10), Faulty(), every=5):
+            await trio.sleep(60)
+            finished.append(trio.current_time())
+
+    with pytest.raises(ValueError, match="a bug in the caller's reporter"):
+        await job()
+    assert finished  # the job itself ran to its end
