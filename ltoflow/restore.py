@@ -589,6 +589,11 @@ class _FileWriter:
                                              f"cannot restore its metadata: {e}"))
 
     def fail(self, job: _FileJob, what: str) -> None:
+        """Give up on this file, unless it is done: restored whole and checked, it stays (a
+        container cut short fails every range it was read for, but only the files not done
+        before the cut fail)."""
+        if job.done:
+            return
         if not job.failed:
             job.failed = True
             self.problems.append(FileProblem(job.entry.relative_path, what))
@@ -787,9 +792,13 @@ async def _restore_container(
     writer: _FileWriter,
     pool: PipelineBuffer,
     meter: ReadMeter | None = None,
+    completed: set[int] | None = None,
 ) -> int:
     """Read the wanted ranges of one container in order; return the bytes read. `meter`
-    counts the bytes of the ranges as they are written."""
+    counts the bytes of the ranges as they are written; `completed` gets the id() of each
+    range written whole, for the caller to fail only the others after an error. A container
+    that ends before the ranges do has every chunk read before the end written, then raises
+    _ShortContainer."""
     path = f"data/{container.container_id}"
     spans: list[_Span] = []
     for r in ranges:
@@ -801,9 +810,11 @@ async def _restore_container(
     reader = await tape.open_read(path)
     send, receive = trio.open_memory_channel[tuple[mmap.mmap, int, int, _Span]](READ_AHEAD)
     read = 0
+    short_at: int | None = None
+    whole = completed if completed is not None else set()
 
     async def read_spans() -> None:
-        nonlocal read
+        nonlocal read, short_at
         with send:
             for span in spans:
                 await reader.seek(span.start)
@@ -812,9 +823,10 @@ async def _restore_container(
                     buf = await lease.take()
                     view = memoryview(buf)[: min(len(buf), span.end - pos)]
                     n = await reader.readinto(view)
-                    if not n:
+                    if not n:  # the chunks before it are still written
                         lease.give_back(buf)
-                        raise _ShortContainer(pos)
+                        short_at = pos
+                        return
                     await send.send((buf, pos, n, span))
                     pos += n
                     read += n
@@ -842,6 +854,7 @@ async def _restore_container(
             taken += b - a
             if b == ends[k]:
                 writer.segment_done(r.job, r.segment, hashes.open.pop(key).hexdigest())
+                whole.add(key)
         return taken
 
     async def write_files() -> None:
@@ -859,6 +872,8 @@ async def _restore_container(
                 nursery.start_soon(write_files)
     finally:
         await reader.close()
+    if short_at is not None:
+        raise _ShortContainer(short_at)
     return read
 
 
@@ -957,11 +972,12 @@ async def _restore_tapes(
         try:
             for c in containers:
                 ranges = plan.ranges[c.container_id]
+                completed: set[int] = set()
                 try:
-                    await _restore_container(loaded, c, ranges, writer, pool, meter)
+                    await _restore_container(loaded, c, ranges, writer, pool, meter, completed)
                 except* (BackupError, _ShortContainer) as group:
                     why = "; ".join(str(e) for e in leaves(group))
-                    _fail_ranges(writer, ranges,
+                    _fail_ranges(writer, [r for r in ranges if id(r) not in completed],
                                  f"container {c.container_id} on tape {t.tape_id}: {why}")
             reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
         except BaseException:

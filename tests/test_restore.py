@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -162,7 +163,8 @@ def test_which_paths_exist_is_asked_once_a_directory_below_one_that_does_not(
 
 
 class _ContainerReader:
-    """A container's bytes, read back at most `rng`-chosen lengths at a time."""
+    """A container's bytes, read back at most `rng`-chosen lengths at a time (none past the
+    end, where a seek may go)."""
 
     def __init__(self, data: bytes, rng: random.Random) -> None:
         self.data, self.pos, self.rng = data, 0, rng
@@ -171,7 +173,7 @@ class _ContainerReader:
         self.pos = pos
 
     async def readinto(self, view: memoryview) -> int:
-        n = min(len(view), len(self.data) - self.pos, self.rng.randint(1, len(view)))
+        n = max(0, min(len(view), len(self.data) - self.pos, self.rng.randint(1, len(view))))
         view[:n] = self.data[self.pos:self.pos + n]
         self.pos += n
         return n
@@ -232,6 +234,42 @@ async def test_every_range_of_a_container_gets_its_bytes_once_however_the_reads_
             assert sink.digests[x.job] == [hashlib.sha256(want).hexdigest()], case
 
 
+@pytest.mark.parametrize("seed", range(0, 100, 20))
+async def test_a_container_cut_short_writes_every_range_before_the_cut(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunks read before the end are all written, those still queued included: every
+    range that ends by the cut is completed with its bytes, none past it is, and the container
+    is reported short only when some range goes past the cut."""
+    r = importlib.import_module("ltoflow.restore")
+    monkeypatch.setattr(r, "READ_AHEAD", 8)  # room for many chunks in the queue at the end
+    for case in range(seed, seed + 20):
+        rng = random.Random(case)
+        size = rng.randint(50, 400)
+        data = rng.randbytes(size)
+        cut = rng.randint(0, size)
+        ranges = []
+        for job in range(rng.randint(1, 30)):
+            start = rng.randrange(size - 1)
+            end = rng.randint(start + 1, min(size, start + rng.choice([2, 10, 80])))
+            ranges.append(r._Range(job, SegmentEntry(f"s{job}", "f", "c", start, 0, end - start,
+                                                     "0" * 64)))
+        ranges.sort(key=lambda x: (x.start, x.end))
+        pool = PipelineBuffer(1 << 20)
+        pool.chunk_bytes = rng.randint(1, 16)
+        tape = SimpleNamespace(open_read=partial(_open_reader, data[:cut], rng))
+        sink = _RangeSink()
+        completed: set[int] = set()
+        short = any(x.end > cut for x in ranges)
+        with Raises(r._ShortContainer, "ends at byte") if short else contextlib.nullcontext():
+            await r._restore_container(tape, SimpleNamespace(container_id="c"), ranges, sink,
+                                       pool, None, completed)
+        assert {x.job for x in ranges if id(x) in completed} == {
+            x.job for x in ranges if x.end <= cut}, case
+        for x in ranges:
+            if x.end <= cut:
+                assert bytes(sink.bytes[x.job]) == data[x.start:x.end], case
+
+
 async def _open_reader(data: bytes, rng: random.Random, path: str) -> _ContainerReader:
     assert path == "data/c"
     return _ContainerReader(data, rng)
@@ -258,6 +296,31 @@ def test_corrupted_container_restores_everything_else_and_names_the_damage(
     assert "case-2/ledger.csv" not in restored
     assert {k: v for k, v in tree_state(src).items() if k != "case-2/ledger.csv"} == restored
     assert not list((tmp_path / "out").rglob(TEMP_PREFIX + "*"))
+
+
+def test_a_container_cut_short_fails_only_the_files_it_holds_past_the_cut(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path
+) -> None:
+    src, tapes, catalog = backed_up
+    copy = tmp_path / "tapes"
+    shutil.copytree(tapes, copy)
+    by_id = {f.file_id: f.relative_path for f in catalog.source_files}
+    scan = next(f for f in catalog.source_files if f.relative_path == "case-3/scans/p05.tif")
+    seg = next(s for s in catalog.segments if s.file_id == scan.file_id)
+    cont = next(c for c in catalog.containers if c.container_id == seg.container_id)
+    cut = seg.container_offset + 100
+    blob = copy / cont.tape_id / "data" / cont.container_id
+    blob.write_bytes(blob.read_bytes()[:cut])
+    in_it = [s for s in catalog.segments if s.container_id == cont.container_id]
+    before = {by_id[s.file_id] for s in in_it if s.container_offset + s.length_bytes <= cut}
+    past = {by_id[s.file_id] for s in in_it if s.container_offset + s.length_bytes > cut}
+    assert before - past  # files wholly before the cut, in the same container
+    report = restore(copy, tmp_path / "out")
+    assert {p.relative_path for p in report.problems} == past
+    assert all("ends at byte" in p.what for p in report.problems)
+    assert report.restored == len(TREE) - len(past)
+    restored = tree_state(tmp_path / "out")
+    assert {k: v for k, v in tree_state(src).items() if k not in past} == restored
 
 
 def test_missing_tape_fails_only_its_files(backed_up: tuple[Path, Path, Catalog],
