@@ -12,10 +12,7 @@ the reporter; everything else receives them. Pass your own `Components` to swap 
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -25,7 +22,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ltoflow import recovery
+from ltoflow import paths, recovery
 from ltoflow._version import __version__
 from ltoflow.catalog import (
     Catalog,
@@ -175,15 +172,8 @@ def check_simulator_is_writable(root: Path) -> None:
     """Refuse, before the scan, a simulator directory that could not be made or written to:
     a file is made and removed in it, or in the nearest directory above it that exists (it is
     made only when the first tape is)."""
-    there = root.absolute()
-    while not there.exists() and there != there.parent:
-        there = there.parent
     try:
-        if not there.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        fd, probe = tempfile.mkstemp(prefix=".ltoflow-probe-", dir=there)
-        os.close(fd)
-        Path(probe).unlink()
+        paths.check_writable(root)
     except OSError as e:
         raise UsageError(f"cannot write to the simulator directory {root}: {e.strerror}; "
                          "give --simulator a directory this user can write to") from e

@@ -49,7 +49,13 @@ from ltoflow.operator import (
 )
 from ltoflow.paths import shown
 from ltoflow.progress import LiveReporter, LogReporter, Reporter
-from ltoflow.restore import TEMP_PREFIX, RestorePlan, RestoreReport, select
+from ltoflow.restore import (
+    TEMP_PREFIX,
+    RestorePlan,
+    RestoreReport,
+    check_target_is_writable,
+    select,
+)
 from ltoflow.units import GB, TB, MiB, human_bytes, parse_decimal_bytes
 from ltoflow.verify import VerifyReport, load_catalog_file
 
@@ -517,6 +523,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     target: Path = args.target
     if target.exists() and not target.is_dir():
         raise UsageError(f"--target {target} exists and is not a directory")
+    if not args.dry_run:  # before the catalog is looked for, on tape
+        check_target_is_writable(target)
     given = None
     if args.catalog is not None:
         given, _ = load_catalog_file(args.catalog, components.codec)

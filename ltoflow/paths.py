@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import os
+import tempfile
+from pathlib import Path
 
 #: Directory descriptors one `DirFds` keeps open; the oldest are closed first.
 DIR_FD_LIMIT = 64
@@ -21,6 +24,19 @@ SHORT_PATH_BYTES = 4000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: For directories only used to open what is in them: search permission is enough.
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_writable(root: Path) -> None:
+    """Raise OSError unless a file can be made in directory `root`, or, where it does not exist
+    yet, in the nearest directory above it that does (a file is made there and removed)."""
+    there = root.absolute()
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not there.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
+    fd, probe = tempfile.mkstemp(prefix=".ltoflow-probe-", dir=there)
+    os.close(fd)
+    Path(probe).unlink()
 
 
 def display(raw: bytes) -> str:

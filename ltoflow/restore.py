@@ -882,6 +882,17 @@ class _ShortContainer(Exception):
         super().__init__(f"the container ends at byte {at}, before the data the catalog lists")
 
 
+def check_target_is_writable(target: Path) -> None:
+    """Refuse a restore target nothing could be written to (read-only, no permission), before
+    hours of reading tapes for it: a file is made and removed in it, or in the nearest
+    directory above it that exists."""
+    try:
+        paths.check_writable(target)
+    except OSError as e:
+        raise UsageError(f"cannot write into the restore target {target}: {e.strerror}; "
+                         "give --target a directory this user can write to") from e
+
+
 async def run_restore(
     plan: RestorePlan,
     target: Path,
@@ -902,6 +913,7 @@ async def run_restore(
     started = clock.monotonic() if started is None else started
 
     def open_target() -> _FileWriter:
+        check_target_is_writable(target)
         try:
             target.mkdir(parents=True, exist_ok=True)
             return _FileWriter(target, plan.jobs, overwrite=overwrite)

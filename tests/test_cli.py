@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ltoflow import api
 from ltoflow.cli import (
     EXIT_DAMAGED,
     EXIT_FAILED,
@@ -20,6 +23,7 @@ from ltoflow.cli import (
     EXIT_WARNINGS,
     main,
 )
+from ltoflow.errors import UsageError
 
 from .conftest import load_catalog_json, write_tree
 
@@ -171,8 +175,34 @@ def test_a_restore_target_that_cannot_be_made_is_a_usage_error(
     code, _, err = cli(capsys, "restore", "--simulator", sim, "--target",
                        tmp_path / "afile" / "sub")
     assert code == EXIT_USAGE
-    one_line_error(err, f"cannot create the restore target {tmp_path / 'afile' / 'sub'}: "
+    one_line_error(err, f"cannot write into the restore target {tmp_path / 'afile' / 'sub'}: "
                         "Not a directory; give --target a directory")
+
+
+def test_a_restore_target_that_cannot_be_written_is_refused_before_any_tape_is_read(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only filesystem (made here by failing the probe file, as root writes anywhere
+    else): one line and exit 2 before the catalog is looked for, not a FAILED line a file
+    after hours of reading; a dry run writes nothing, and goes on."""
+    sim, out = tmp_path / "tapes", tmp_path / "out"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    out.mkdir()
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code, text, err = cli(capsys, "restore", "--simulator", sim, "--target", out)
+    assert code == EXIT_USAGE
+    assert text == ""  # not even the tapes it needs: the catalog was not looked for
+    one_line_error(err, f"cannot write into the restore target {out}: Read-only file system; "
+                        "give --target a directory this user can write to")
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--dry-run")
+    assert code == EXIT_OK
+    assert text.startswith("Restore of ")
+    with pytest.raises(UsageError, match="cannot write into the restore target"):
+        api.restore(sim, out)  # the API checks it too, before the containers are read
 
 
 def test_restoring_again_leaves_identical_files_and_names_changed_ones(
