@@ -476,6 +476,20 @@ def test_a_container_missing_from_a_given_tape_is_named_not_the_tape(
     assert files_under(tmp_path / "out") == ALL_FILES - {"case-002/scans/page-002.tif"}
 
 
+def test_a_given_tape_whose_data_is_gone_is_known_by_its_name_not_called_missing(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    """A tape whose data/ is empty (its LTFS index lost, say) holds none of the containers
+    that tell which tape a root is: its folder's name does (or the simulator's tape.json),
+    and its files fail naming the missing containers, not a tape "not given"."""
+    for blob in (tapes[2] / "data").iterdir():
+        blob.unlink()
+    proc = run(python, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"is missing from tape {TAPE_IDS[2]} ({tapes[2]}), or is not a regular" in proc.stderr
+    assert "not given" not in output(proc)
+
+
 def test_a_piece_of_a_container_left_on_another_tape_is_passed_over(
     python: str, tapes: list[Path], tmp_path: Path
 ) -> None:
@@ -609,6 +623,21 @@ def test_readme_is_plain_narrow_text_covering_every_catalog_field() -> None:
         assert tool in text
 
 
+def test_the_readmes_python_step_prints_the_record_and_its_pieces_in_order() -> None:
+    """Section 5's Step 1, run as printed (its indentation removed) in a tape's root."""
+    lines = README.read_text(encoding="ascii").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  python3 - catalog/"))
+    end = lines.index("  END", start)
+    script = "\n".join(line[2:] for line in lines[start:end + 1]) + "\n"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                          cwd=FIXTURE / "tapes" / TAPE_IDS[0], timeout=60)
+    record, *pieces = proc.stdout.splitlines()
+    assert "'relative_path': 'case-001/video.bin'" in record
+    assert [p.split()[1][-5:] + " " + p.split()[2] for p in pieces] == [
+        "00001 skip=1200", "00002 skip=0", "00003 skip=0", "00004 skip=0"]
+    assert pieces[2].startswith(TAPE_IDS[1])
+
+
 # ------------------------------------------------------------------------------- odd trees
 
 
@@ -642,6 +671,26 @@ def test_odd_tree_comes_back_exactly(python: str, odd_tapes: tuple[Path, list[Pa
     again = run(python, "--target", target, *roots, cwd=tmp_path)  # a rerun keeps it all
     assert again.returncode == 0, output(again)
     assert tree_snapshot(target) == before
+
+
+def test_a_rerun_gives_identical_files_their_backed_up_mode_and_time(
+        python: str, odd_tapes: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """A file already there with the backed-up bytes but another mode or time (a copy made by
+    hand, say) is counted identical and given the backed-up mode and time."""
+    src, roots = odd_tapes
+    target = tmp_path / "out"
+    assert run(python, "--target", target, *roots, cwd=tmp_path).returncode == 0
+    rel = next(p.relative_to(src) for d in (src, *sorted(src.iterdir()))
+               if d.is_dir() and not d.is_symlink() for p in sorted(d.iterdir())
+               if p.is_file() and not p.is_symlink() and p.stat().st_size
+               and p.name.isascii() and os.access(p, os.W_OK))
+    changed = target / rel
+    changed.chmod(0o600)
+    os.utime(changed, ns=(0, 0))
+    proc = run(python, "--target", target, *roots, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert "were already present in the target and verified identical" in proc.stdout
+    assert tree_snapshot(target) == tree_snapshot(src)
 
 
 def test_odd_names_are_selected_by_exact_bytes(python: str, odd_tapes: tuple[Path, list[Path]],
@@ -731,3 +780,58 @@ def test_read_only_directory_does_not_stop_an_unprivileged_restore(
         assert (target / "docs" / "locked").stat().st_mode & 0o777 == 0o555
     finally:
         shutil.rmtree(work)  # as root: read-only directories are no obstacle
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(),
+                    reason="needs root to run the script as an unprivileged user")
+def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path) -> None:
+    """A directory and a file backed up with mode 000 come back so; a normal user running the
+    kit again (for more tapes, say) could neither enter the one nor read the other. The kit
+    opens up its own user's entries for the run and puts their modes back. A target that user
+    cannot write to is refused at once, before any tape is read."""
+    import tempfile
+
+    from ltoflow import BackupConfig, backup
+
+    nobody = 65534
+    work = Path(tempfile.mkdtemp(dir="/tmp", prefix="ltoflow-nobody-"))
+    try:
+        work.chmod(0o755)
+        src = work / "src"
+        (src / "locked").mkdir(parents=True)
+        (src / "locked" / "in.txt").write_bytes(b"inside")
+        (src / "zero.txt").write_bytes(b"unreadable")
+        (src / "plain.txt").write_bytes(b"plain")
+        (src / "zero.txt").chmod(0o000)
+        (src / "locked").chmod(0o000)
+        result = backup(BackupConfig(source_root=src, tapes_root=work / "tapes",
+                                     tape_nominal_capacity_bytes=2_000_000,
+                                     max_container_size_bytes=4_000))
+        roots = [work / "tapes" / t.tape_id for t in result.catalog.tapes]
+
+        def kit(target: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [SYSTEM_PYTHON, "-I", SCRIPT, "--target", target, *roots],
+                capture_output=True, text=True, timeout=60, check=False, cwd=work,
+                user=nobody, group=nobody, extra_groups=[])
+
+        target = work / "out"
+        target.mkdir()
+        os.chown(target, nobody, nobody)
+        for run_ in range(3):
+            proc = kit(target)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            if run_:
+                assert "3 file(s) were already present" in proc.stdout
+            assert (target / "locked").stat().st_mode & 0o777 == 0
+            assert (target / "zero.txt").stat().st_mode & 0o777 == 0
+        assert (target / "locked" / "in.txt").read_bytes() == b"inside"
+
+        proc = kit(work)  # root's, 0o755
+        assert proc.returncode == 2
+        assert proc.stderr.strip().endswith(
+            f"cannot write into --target {work}: Permission denied; give a directory this "
+            "user can write to")
+        assert "reading" not in proc.stdout
+    finally:
+        shutil.rmtree(work)

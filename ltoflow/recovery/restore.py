@@ -34,6 +34,7 @@ import os
 import re
 import stat
 import sys
+import tempfile
 from typing import IO, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 CHUNK = 8 * 1024 * 1024  # read and write in pieces of this size; never whole containers
@@ -598,9 +599,37 @@ def dfd(where: Where) -> Optional[int]:
     return where if isinstance(where, int) else None
 
 
+def chmod_here(dir_fd: int, name: bytes, mode: int) -> bool:
+    """Set the mode of NAME in DIR_FD without following a symbolic link put there meanwhile
+    (through an O_PATH descriptor, on Linux); False where that cannot be done safely."""
+    if not hasattr(os, "O_PATH") or not os.path.isdir("/proc/self/fd"):
+        return False
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return False
+        os.chmod("/proc/self/fd/%d" % fd, mode)
+    finally:
+        os.close(fd)
+    return True
+
+
+def own_entry(dir_fd: int, name: bytes) -> Optional[os.stat_result]:
+    """NAME's lstat when it belongs to the user running this (who may change its mode)."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+    return st if st.st_uid == os.geteuid() else None
+
+
 class Dirs:
     """The directories under the target, reached one component at a time, never through a
-    symbolic link: a link (or a file) where a directory should be is refused with a Problem."""
+    symbolic link: a link (or a file) where a directory should be is refused with a Problem.
+
+    A directory of the target this user cannot enter but owns (an earlier run gave it its
+    backed-up mode, 0o000 say) is opened up for this run (owner rwx added) and its mode put
+    back by put_back(), unless the restore sets it (set_mode)."""
 
     def __init__(self, target: str) -> None:
         self.target = os.fsencode(target)
@@ -609,6 +638,7 @@ class Dirs:
             self.root_fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY)
         self.fds: Dict[Tuple[bytes, ...], int] = {}
         self.target_real = os.path.realpath(self.target)
+        self.opened_up: Dict[Tuple[bytes, ...], int] = {}  # directory: its mode before
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -648,7 +678,7 @@ class Dirs:
                             % (show_bytes(b"/".join(key[: i + 1])), exc.strerror)
                         ) from None
                 try:
-                    new = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    new = self._open(fd, name, key[: i + 1])
                 except FileNotFoundError:
                     if create:
                         raise Problem(
@@ -674,6 +704,36 @@ class Dirs:
             os.close(self.fds.pop(next(iter(self.fds))))
         self.fds[key] = fd
         return fd
+
+    def _open(self, fd: int, name: bytes, key: Tuple[bytes, ...]) -> int:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        try:
+            return os.open(name, flags, dir_fd=fd)
+        except PermissionError:
+            st = own_entry(fd, name)
+            if st is None or not stat.S_ISDIR(st.st_mode) or key in self.opened_up:
+                raise
+            if not chmod_here(fd, name, stat.S_IMODE(st.st_mode) | 0o700):
+                raise
+            self.opened_up[key] = stat.S_IMODE(st.st_mode)
+            return os.open(name, flags, dir_fd=fd)
+
+    def set_mode(self, key: Tuple[bytes, ...]) -> None:
+        """The restore has given this directory its mode: put_back() leaves it."""
+        self.opened_up.pop(tuple(key), None)
+
+    def put_back(self) -> None:
+        """Give the directories opened up for this run their modes back, deepest first."""
+        for key in sorted(self.opened_up, key=len, reverse=True):
+            try:
+                parent = self.get(key[:-1], create=False)
+                if isinstance(parent, int) and not chmod_here(parent, key[-1],
+                                                              self.opened_up[key]):
+                    raise OSError(errno.ENOTSUP, "cannot be done safely here")
+            except (OSError, Problem) as exc:
+                warn("cannot give directory %s its mode %o back: %s"
+                     % (show_bytes(b"/".join(key)), self.opened_up[key], exc))
+        self.opened_up.clear()
 
     def _by_path(self, key: Tuple[bytes, ...], create: bool) -> Optional[bytes]:
         current = self.target
@@ -801,9 +861,12 @@ class Restorer:
 
     def given_tapes(self) -> Dict[str, str]:
         """The tapes among the given roots, each with its root: a root is the tape most of
-        whose containers (by the catalog) it holds."""
+        whose containers (by the catalog) it holds; one that holds none of them (its data/
+        lost or empty) is the tape its tape.json names (ltoflow's simulator keeps one), else
+        the tape its folder is named after, when the catalog has a tape of that name."""
         if self._given is None:
             self._given = {}
+            unknown: List[str] = []
             for root in self.roots:
                 count: Dict[str, int] = {}
                 for folder in (os.path.join(root, "data"), root):
@@ -817,7 +880,25 @@ class Restorer:
                             count[cont.tape_id] = count.get(cont.tape_id, 0) + 1
                 if count:
                     self._given.setdefault(max(sorted(count), key=lambda t: count[t]), root)
+                else:
+                    unknown.append(root)
+            for root in unknown:
+                tape = self._named_tape(root)
+                if tape is not None:
+                    self._given.setdefault(tape, root)
         return self._given
+
+    def _named_tape(self, root: str) -> Optional[str]:
+        tapes = set(self.cat.tape_seq)
+        try:
+            with open(os.path.join(root, "tape.json"), "rb") as fh:
+                named = json.loads(fh.read().decode("utf-8")).get("tape_id")
+            if named in tapes:
+                return str(named)
+        except (OSError, ValueError, AttributeError):
+            pass
+        name = os.path.basename(os.path.normpath(root))
+        return name if name in tapes else None
 
     def tape_of(self, container_id: str) -> str:
         cont = self.cat.containers.get(container_id)
@@ -898,15 +979,51 @@ class Restorer:
         if self.overwrite:
             return
         if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
-            flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(at(parent, name), flags, dir_fd=dfd(parent))
-            if hash_fd(fd) == entry.sha256:
+            if self.same_as_backup(entry, parent, name, st):
                 entry.already_present = True
                 return
         raise Problem(
             "already exists in the target and differs from the backup; "
             "not overwritten (use --overwrite to replace it)"
         )
+
+    def same_as_backup(self, entry: Entry, parent: Where, name: bytes,
+                       st: os.stat_result) -> bool:
+        """Whether the regular file NAME, of the entry's size, holds the backed-up bytes; if
+        so it gets the backed-up mode and time too (a restore before, or a copy by hand, may
+        have left others). One of this user's that cannot be read (mode 0o000, as restored)
+        is made readable to tell, and given its mode back if it differs."""
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+        where, d = at(parent, name), dfd(parent)
+        opened_up = False
+        try:
+            fd = os.open(where, flags, dir_fd=d)
+        except PermissionError:
+            if not isinstance(parent, int) or own_entry(parent, name) is None:
+                raise
+            if not chmod_here(parent, name, stat.S_IMODE(st.st_mode) | 0o400):
+                raise
+            opened_up = True
+            fd = os.open(where, flags, dir_fd=d)
+        try:
+            same = hash_fd(os.dup(fd)) == entry.sha256
+            mode = stat.S_IMODE(st.st_mode)
+            if same:
+                mode = entry.mode if entry.mode is not None else mode
+                try:
+                    if entry.mtime_ns is not None and os.utime in os.supports_fd:
+                        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+                    if (opened_up or entry.mode is not None) and os.chmod in os.supports_fd:
+                        os.chmod(fd, mode)
+                        opened_up = False
+                except (OSError, OverflowError, ValueError) as exc:
+                    warn("%s: identical to the backup, but its mode or time cannot be set: %s"
+                         % (entry.name(), exc))
+            if opened_up and os.chmod in os.supports_fd:
+                os.chmod(fd, stat.S_IMODE(st.st_mode))
+        finally:
+            os.close(fd)
+        return same
 
     def plan(self, entries: List[Entry]) -> Dict[str, List[Segment]]:
         by_container: Dict[str, List[Segment]] = {}
@@ -1272,6 +1389,7 @@ class Restorer:
         if isinstance(where, int):
             if d.mode is not None:
                 os.chmod(where, d.mode)
+                self.dirs.set_mode(tuple(d.components))
             if d.mtime_ns is not None:
                 os.utime(where, ns=(d.mtime_ns, d.mtime_ns))
         else:  # pragma: no cover - no dir_fd support (Windows)
@@ -1289,6 +1407,7 @@ class Restorer:
 
     def close(self) -> None:
         if self.dirs is not None:
+            self.dirs.put_back()
             self.dirs.close()
             self.dirs = None
 
@@ -1433,6 +1552,15 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(target, exist_ok=True)
     except OSError as exc:
         raise UsageError("cannot create --target %s: %s" % (target, exc.strerror)) from None
+    try:  # before hours of reading: a read-only filesystem, no permission
+        fd, probe = tempfile.mkstemp(prefix=".ltoflow-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            "cannot write into --target %s: %s; give a directory this user can write to"
+            % (target, exc.strerror)
+        ) from None
 
     restorer = Restorer(cat, roots, target, args.overwrite)
     try:
