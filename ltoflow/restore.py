@@ -128,6 +128,9 @@ class RestorePlan:
     skipped: tuple[SkippedEntry, ...] = ()
     #: Selected files the target already holds, identical (an interrupted restore's): left be.
     present: int = 0
+    #: Those of them whose bytes are the backup's but not their mode or mtime (copied back by
+    #: hand, say): given the backup's by the restore (a dry run changes nothing).
+    retouch: tuple[tuple[SourceFileEntry, tuple[bytes, ...]], ...] = ()
 
     @property
     def files(self) -> int:
@@ -321,10 +324,13 @@ def plan_restore(
     if meter is not None:
         meter.total_bytes = sum(checked[k][0].size_bytes for k in there)
     differs = {k: _differs(target, checked[k][1], checked[k][0], meter) for k in there}
+    retouch: list[tuple[SourceFileEntry, tuple[bytes, ...]]] = []
     for k, (f, parts, segs) in enumerate(checked):
         if k in differs:
-            if differs[k] is None:  # restored before, whole: left be
+            if differs[k] is None or differs[k] is _RETOUCH:  # restored before, whole
                 present += 1
+                if differs[k] is _RETOUCH:
+                    retouch.append((f, parts))
             else:
                 problems.append(FileProblem(
                     f.relative_path, f"already exists in the target and {differs[k]}; use "
@@ -368,6 +374,7 @@ def plan_restore(
         requested_files=len(files),
         skipped=tuple(skipped),
         present=present,
+        retouch=tuple(retouch),
     )
 
 
@@ -423,21 +430,25 @@ def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
     return True
 
 
+#: _differs: the file's bytes are the backup's, its mode or mtime not.
+_RETOUCH = "its bytes are the backup's, its mode or modification time not"
+
+
 def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry,
              meter: ReadMeter | None = None) -> str | None:
     """None when the target already holds this file whole, as a restore leaves it (an
     interrupted one, run again): a regular file (no symlink followed on the way) of its size
-    and mtime whose SHA-256 is the catalog's (it is read to tell); else how it differs.
-    `meter` counts its bytes as they are read, and the rest of its size once told."""
+    whose SHA-256 is the catalog's (it is read to tell), with its mode and mtime; _RETOUCH
+    when only those differ; else how it differs. `meter` counts its bytes as they are read,
+    and the rest of its size once told."""
     counted = 0
     try:
         with _parent_of(target, parts) as parent:
             st = os.lstat(parts[-1], dir_fd=parent)  # a device is never opened
             if not stat.S_ISREG(st.st_mode):
                 return "is not a regular file"
-            mtime = _mtime_ns(entry)
-            if st.st_size != entry.size_bytes or mtime not in (None, st.st_mtime_ns):
-                return "differs from the backup (size or modification time)"
+            if st.st_size != entry.size_bytes:
+                return "differs from the backup (its size)"
             with open(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                               | os.O_CLOEXEC, dir_fd=parent), "rb", buffering=0) as fh:
                 if not os.path.samestat(st, os.fstat(fh.fileno())):  # replaced meanwhile
@@ -451,6 +462,9 @@ def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry,
                         counted += n
                 if h.hexdigest() != entry.sha256:
                     return "differs from the backup (its SHA-256)"
+            if (_mtime_ns(entry) not in (None, st.st_mtime_ns)
+                    or stat.S_IMODE(st.st_mode) != stat.S_IMODE(entry.unix_mode)):
+                return _RETOUCH
     except OSError as e:
         return f"cannot be read to compare ({e.strerror})"
     finally:  # the rest of it, not read (different, unreadable, or grown)
@@ -517,6 +531,7 @@ class _FileWriter:
         self.bytes = 0
         self.symlinks = 0
         self.directories = 0
+        self.retouch_failed = 0
         self.problems: list[FileProblem] = []
 
     def _discard_unfinished(self) -> None:
@@ -587,6 +602,30 @@ class _FileWriter:
         except (OverflowError, ValueError) as e:  # a time or mode no system can hold
             self.problems.append(FileProblem(job.entry.relative_path,
                                              f"cannot restore its metadata: {e}"))
+
+    def retouch(self, files: Sequence[tuple[SourceFileEntry, tuple[bytes, ...]]]) -> None:
+        """Give files already there with the backup's bytes its mode and mtime as well."""
+        for f, parts in files:
+            try:
+                parent = self._dir_fd(parts[:-1]) if len(parts) > 1 else self.root_fd
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=parent)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size_bytes:
+                        raise OSError(errno.ESTALE, "it changed since it was compared")
+                    os.fchmod(fd, stat.S_IMODE(f.unix_mode))
+                    mtime = _mtime_ns(f)
+                    if mtime is not None:
+                        os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
+            except (OSError, _Refused) as e:
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                self.retouch_failed += 1  # not as the backup had it: a file failed
+                self.problems.append(FileProblem(
+                    f.relative_path, "is already there with the backup's bytes, but its mode "
+                    f"and modification time could not be set ({why})"))
 
     def fail(self, job: _FileJob, what: str) -> None:
         """Give up on this file, unless it is done: restored whole and checked, it stays (a
@@ -922,6 +961,8 @@ async def run_restore(
                              "give --target a directory this user can write to") from e
 
     writer = await trio.to_thread.run_sync(open_target)
+    if plan.retouch:
+        await trio.to_thread.run_sync(writer.retouch, plan.retouch)
     pool = read_pool()
     catalog = plan.catalog
     by_tape: dict[str, list[ContainerEntry]] = defaultdict(list)
@@ -954,7 +995,7 @@ async def run_restore(
         symlinks_restored=writer.symlinks,
         directories_restored=writer.directories,
         skipped=plan.skipped,
-        already_present=plan.present,
+        already_present=plan.present - writer.retouch_failed,
         tapes_read=tuple(read),
     )
 
