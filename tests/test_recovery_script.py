@@ -476,6 +476,19 @@ def test_a_container_missing_from_a_given_tape_is_named_not_the_tape(
     assert files_under(tmp_path / "out") == ALL_FILES - {"case-002/scans/page-002.tif"}
 
 
+def test_bytes_appended_to_a_container_are_said_to_be_no_files_not_damage(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    blob = container_path(tapes, 6)
+    with blob.open("ab") as fh:
+        fh.write(b"appended later")
+    proc = run(python, "--target", tmp_path / "out", *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert "the bytes past that belong to no file" in proc.stderr
+    assert "does not match its SHA-256" not in proc.stderr
+    assert files_under(tmp_path / "out") == ALL_FILES
+
+
 def test_a_given_tape_whose_data_is_gone_is_known_by_its_name_not_called_missing(
     python: str, tapes: list[Path], tmp_path: Path
 ) -> None:
@@ -562,6 +575,10 @@ def test_no_verified_catalog_stops_unless_forced(
 
     for root in tapes[1:]:
         (root / "catalog" / "catalog.sha256").write_text("0" * 64)
+    proc = run(python, "--target", tmp_path / "o2", *tapes, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert ("(all 3 copies of catalog.json are identical, so their catalog.sha256 files are "
+            "more likely the damaged part)") in proc.stderr
     proc = run(python, "--force-catalog", "--target", tmp_path / "o2", *tapes, cwd=tmp_path)
     assert proc.returncode == 0, output(proc)
     assert "using an UNVERIFIED catalog" in proc.stderr
@@ -594,8 +611,10 @@ def test_explicit_catalog_is_checked_against_the_tapes(
         (["--target", "{tmp}/out", "{tmp}/no-such-tape"], "is not a directory"),
         (["{tape}"], "--target"),
         (["--target", "{tmp}/out", "{tmp}"], "no catalog found"),
+        (["--target", "{tmp}/out", "--catalog", "{tmp}/nope.json", "{tape}"],
+         "cannot read --catalog {tmp}/nope.json: No such file or directory"),
     ],
-    ids=["missing-root", "no-target", "no-catalog"],
+    ids=["missing-root", "no-target", "no-catalog", "unreadable-catalog-file"],
 )
 def test_usage_errors_exit_2(
     python: str, tapes: list[Path], tmp_path: Path, args: list[str], message: str
@@ -603,7 +622,7 @@ def test_usage_errors_exit_2(
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{tape}", str(tapes[0])) for a in args]
     proc = run(python, *argv, cwd=tmp_path)
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
 
 
 # ------------------------------------------------------------------------------- the README

@@ -485,6 +485,10 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
         try:
             actual = hash_file(path)
         except OSError as exc:
+            if path == catalog_arg:
+                raise UsageError(
+                    "cannot read --catalog %s: %s" % (path, exc.strerror or exc)
+                ) from None
             warn("cannot read catalog %s: %s" % (path, exc.strerror or exc))
             continue
         expected = [e for e in (_expected_sha(p) for p in sha_files) if e is not None]
@@ -507,10 +511,14 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
     choices = verified
     if not verified:
         if not force:
+            alike = ""
+            if len(unverified) > 1 and len({digest for _, digest in unverified}) == 1:
+                alike = (" (all %d copies of catalog.json are identical, so their "
+                         "catalog.sha256 files are more likely the damaged part)" % len(unverified))
             raise UsageError(
-                "no catalog could be verified against its catalog.sha256; give another tape "
+                "no catalog could be verified against its catalog.sha256%s; give another tape "
                 "of the set (every tape holds the full catalog), or use --force-catalog to use "
-                "an unverified catalog at your own risk"
+                "an unverified catalog at your own risk" % alike
             )
         warn("--force-catalog: using an UNVERIFIED catalog; its checksums may be wrong too")
         choices = unverified
@@ -1252,8 +1260,10 @@ class Restorer:
             cont = self.cat.containers.get(container_id)
             if cont is not None and cont.size_bytes is not None and cont.size_bytes != actual_size:
                 warn(
-                    "container %s holds %d bytes but the catalog says %d"
-                    % (path, actual_size, cont.size_bytes)
+                    "container %s holds %d bytes but the catalog says %d%s"
+                    % (path, actual_size, cont.size_bytes,
+                       "; the bytes past that belong to no file" if actual_size > cont.size_bytes
+                       else "")
                 )
             chash: Optional[Any] = hashlib.sha256() if cont is not None and cont.sha256 else None
             pos = 0  # -1: position unknown
@@ -1296,9 +1306,9 @@ class Restorer:
                 if entry.remaining == 0:
                     self.finalize(entry)
             if cont is not None and cont.sha256 and chash is not None and pos >= 0:
-                try:
-                    tail = actual_size - pos
-                    if tail <= READ_THROUGH_GAP:
+                try:  # up to the catalog's size: bytes appended later are no file's
+                    tail = min(actual_size, cont.size_bytes or actual_size) - pos
+                    if 0 <= tail <= READ_THROUGH_GAP:
                         skip_by_reading(src, tail, chash)
                         if chash.hexdigest() != cont.sha256:
                             warn(
