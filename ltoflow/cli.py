@@ -7,6 +7,7 @@ raises BackupError subclasses.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import signal
@@ -21,7 +22,7 @@ import attrs
 import orjson
 import trio
 
-from ltoflow import api
+from ltoflow import api, paths
 from ltoflow.catalog import Catalog, JsonCatalogCodec, SkippedEntry, iso_from_ns, split_files
 from ltoflow.drives import TapeDrive
 from ltoflow.drives.ltfs import LtfsDrive
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _operator(args: argparse.Namespace) -> Operator:
     if args.simulator is not None:
+        if args.tape_change_command:
+            raise UsageError("--tape-change-command is for a real drive (--device): the "
+                             "simulator has every tape of its directory at hand")
         return NoPromptOperator()
     if args.tape_change_command:
         return CommandOperator(args.tape_change_command)
@@ -323,15 +327,21 @@ def _throttle(args: argparse.Namespace) -> Throttle | None:
 
 
 def _check_can_write(path: Path, flag: str) -> None:
-    """Refuse, before the job, a file the job could only fail to write at its end."""
+    """Refuse, before the job, a file the job could only fail to write at its end: a file is
+    made and removed beside it."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
-    where = path if path.exists() else path.parent
-    if where == path.parent and not where.is_dir():
-        raise UsageError(f"{flag} {path}: directory {where} does not exist")
-    if not os.access(where, os.W_OK):
-        raise UsageError(f"{flag} {path} cannot be written by this user (or its filesystem "
-                         "is read-only); give another path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path} cannot be written by this user; give another path")
+    try:
+        if not path.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"directory {path.parent} does not exist"
+                                    if not path.parent.exists()
+                                    else f"{path.parent} is not a directory")
+        paths.check_writable(path.parent)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written ({e.strerror}); give another "
+                         "path") from e
 
 
 def cmd_backup(args: argparse.Namespace) -> int:

@@ -318,9 +318,10 @@ def plan_restore(
             problems.append(FileProblem(f.relative_path, why))
             continue
         checked.append((f, parts, segs))
-    # Files already in the target (an interrupted restore's, say) are read to compare them:
-    # that can be hours of reading, so it is counted for `meter`.
-    there = [] if overwrite else [k for k, (_, parts, _) in enumerate(checked) if exists(parts)]
+    # Files already in the target (an interrupted restore's, say) are read to compare them,
+    # with --overwrite too (an identical one need not come from tape again): that can be
+    # hours of reading, so it is counted for `meter`.
+    there = [k for k, (_, parts, _) in enumerate(checked) if exists(parts)]
     if meter is not None:
         meter.total_bytes = sum(checked[k][0].size_bytes for k in there)
     differs = {k: _differs(target, checked[k][1], checked[k][0], meter) for k in there}
@@ -331,11 +332,12 @@ def plan_restore(
                 present += 1
                 if differs[k] is _RETOUCH:
                     retouch.append((f, parts))
-            else:
+                continue
+            if not overwrite:
                 problems.append(FileProblem(
                     f.relative_path, f"already exists in the target and {differs[k]}; use "
                     "--overwrite to replace it"))
-            continue
+                continue
         job = len(jobs)
         jobs.append(_FileJob(f, parts, segs, len(segs)))
         for s in segs:

@@ -236,6 +236,23 @@ def test_restoring_again_leaves_identical_files_and_names_changed_ones(
     assert (out / "a" / "two.txt").read_bytes() == b"changed since"
 
 
+def test_restoring_again_with_overwrite_reads_only_the_files_that_differ(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite replaces what differs; an identical file is left, not read from tape again
+    (an interrupted --overwrite restore goes on where it stopped)."""
+    sim, out = tmp_path / "tapes", tmp_path / "out"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    assert cli(capsys, "restore", "--simulator", sim, "--target", out)[0] == EXIT_OK
+    (out / "a" / "two.txt").write_bytes(b"changed since")
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--overwrite",
+                        "--json")
+    assert code == EXIT_OK
+    doc = json.loads(text)
+    assert (doc["restored"], doc["already_present"], doc["bytes_to_read"]) == (
+        1, 3, TREE["a/two.txt"])
+    assert (out / "a" / "two.txt").stat().st_size == TREE["a/two.txt"]
+
+
 def test_restoring_again_gives_a_file_with_the_backups_bytes_its_mode_and_time(
         src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file already there with the backup's bytes but another mode or mtime (copied back
@@ -355,6 +372,14 @@ def test_bad_flags_give_one_line_and_exit_2(
         main(args)
     assert info.value.code == EXIT_USAGE
     one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_a_tape_change_command_with_the_simulator_is_refused_not_ignored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "restore", "--simulator", tmp_path, "--target", tmp_path / "o",
+                       "--tape-change-command", "true")
+    assert code == EXIT_USAGE
+    one_line_error(err, "--tape-change-command is for a real drive (--device)")
 
 
 def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -555,10 +580,12 @@ def test_throttle_flags_are_checked(src: Path, tmp_path: Path,
 @pytest.mark.parametrize(("timeline", "why"), [
     ("no-such-dir/timeline.json", "does not exist"),
     (".", "is a directory"),
+    ("afile/timeline.json", "afile is not a directory"),
 ])
 def test_a_drive_timeline_that_cannot_be_written_is_refused_before_the_backup(
     src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], timeline: str, why: str
 ) -> None:
+    (tmp_path / "afile").write_bytes(b"")
     code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
                        "--drive", "lto9", "--throttle", "--container-size-gb", "1",
                        "--drive-timeline", tmp_path / timeline)
