@@ -111,6 +111,11 @@ class DriveLostError(BackupError):
     """The drive (the LTFS mount) went away in the middle of the job."""
 
 
+class TargetFullError(BackupError):
+    """The restore's target filesystem is full (or the user's quota spent): nothing more can
+    be written, so reading on from tape would only fail file after file."""
+
+
 class JournalError(BackupError):
     """The job journal (the record that makes --resume possible) cannot be written or read."""
 

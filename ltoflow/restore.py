@@ -44,7 +44,7 @@ from ltoflow.catalog import (
 )
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
-from ltoflow.errors import BackupError, UsageError, leaves
+from ltoflow.errors import BackupError, TargetFullError, UsageError, leaves
 from ltoflow.operator import Operator
 from ltoflow.paths import SHORT_PATH_BYTES, DirFds
 from ltoflow.progress import Note, NullReporter, ReadMeter, Reporter, reporting
@@ -523,6 +523,7 @@ class _FileWriter:
     """
 
     def __init__(self, target: Path, jobs: Sequence[_FileJob], *, overwrite: bool) -> None:
+        self.target = target
         self.jobs = jobs
         self.overwrite = overwrite
         self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -748,6 +749,12 @@ class _FileWriter:
             self.fail(job, f"refused: {e}")
         except OSError as e:
             self.fail(job, f"cannot write it: {e.strerror}")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # every file after it would fail too
+                raise TargetFullError(
+                    f"the restore target {self.target} is full ({e.strerror}) after "
+                    f"{self.restored} file(s); free some space and run the same restore "
+                    "again (it leaves the files restored so far and reads only what is "
+                    "missing)") from e
 
 
 class _Refused(Exception):
@@ -1030,6 +1037,8 @@ async def _restore_tapes(
                 completed: set[int] = set()
                 try:
                     await _restore_container(loaded, c, ranges, writer, pool, meter, completed)
+                except* TargetFullError:
+                    raise  # the job's end, not this container's
                 except* (BackupError, _ShortContainer) as group:
                     why = "; ".join(str(e) for e in leaves(group))
                     _fail_ranges(writer, [r for r in ranges if id(r) not in completed],

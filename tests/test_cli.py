@@ -253,6 +253,31 @@ def test_restoring_again_with_overwrite_reads_only_the_files_that_differ(
     assert (out / "a" / "two.txt").stat().st_size == TREE["a/two.txt"]
 
 
+def test_a_full_restore_target_stops_the_restore_with_one_line(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC ends the restore at once (exit 3), saying how to go on, instead of reading every
+    tape left to fail file after file; the files finished before stay, no temporary file."""
+    sim, out = tmp_path / "tapes", tmp_path / "out"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    real, writes = os.pwrite, []
+
+    def filling(fd: int, data: Any, at: int) -> int:
+        writes.append(len(data))
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    code, text, err = cli(capsys, "restore", "--simulator", sim, "--target", out)
+    assert code == EXIT_FAILED
+    assert "FAILED" not in text
+    one_line_error(err, f"the restore target {out} is full (No space left on device) after ",
+                   "run the same restore again")
+    assert len(writes) == 2  # nothing more was tried
+    assert not [p for p in out.rglob("*") if p.name.startswith(".ltoflow-restore-")]
+
+
 def test_restoring_again_gives_a_file_with_the_backups_bytes_its_mode_and_time(
         src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A file already there with the backup's bytes but another mode or mtime (copied back
