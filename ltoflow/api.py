@@ -430,6 +430,17 @@ async def find_set_catalog(components: Components) -> Catalog:
     return catalog
 
 
+async def check_catalog_fits_drive(catalog: Catalog, drive: TapeDrive) -> None:
+    """Refuse a catalog given from elsewhere whose tapes a drive that lists its tapes (the
+    simulator) holds none of: another set's catalog would fail every file, one by one."""
+    inventory = await drive.inventory()
+    if inventory and not any(t.tape_id in inventory for t in catalog.tapes):
+        raise UsageError(
+            f"the catalog given is of backup set {catalog.backup_set_id}, but "
+            f"{drive.describe()} holds none of its tapes (it holds {', '.join(inventory[:2])}"
+            f"{', ...' if len(inventory) > 2 else ''}); give that set's catalog, or its tapes")
+
+
 async def restore_async(
     components: Components,
     target: Path,
@@ -449,6 +460,8 @@ async def restore_async(
     try:
         if catalog is None:
             catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
+        else:
+            await check_catalog_fits_drive(catalog, components.drive)
         chosen = catalog
 
         meter = ReadMeter("comparing the files already in the target", 0)

@@ -546,9 +546,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           f"{', volume ' + t.volume_serial if t.volume_serial else ''})"
                           for t in plan.tapes)
         present = f" ({plan.present} more already there, identical)" if plan.present else ""
-        print(f"Restore of {len(plan.jobs)} file(s){present} needs {len(plan.tapes)} tape(s), "
-              f"in this order: {tapes or 'none'}; {human_bytes(plan.bytes_to_read)} to read.",
-              file=out, flush=True)
+        needs = (f"needs {len(plan.tapes)} tape(s), in this order: {tapes}; "
+                 f"{human_bytes(plan.bytes_to_read)} to read" if plan.tapes
+                 else "needs no tape")
+        print(f"Restore of {len(plan.jobs)} file(s){present} {needs}.", file=out, flush=True)
         return not args.dry_run
 
     try:

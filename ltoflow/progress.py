@@ -90,7 +90,10 @@ class ReadProgress:
     rate: float
     tape_id: str = ""
     sequence_number: int = 0
+    #: The tapes this job reads, and which of them this one is (1-based): a restore of a few
+    #: files may need tapes 2 and 3 of 4 only.
     total_tapes: int = 0
+    tape_index: int = 0
 
 
 #: How often a read job says how far it has come: a tape takes hours to read, and without
@@ -109,10 +112,17 @@ class ReadMeter:
     done_bytes: int = 0
     tape_id: str = ""
     sequence_number: int = 0
+    tape_index: int = 0
+
+    def begin_tape(self, tape_id: str, sequence_number: int) -> None:
+        """The job reads its next tape (of `total_tapes`), `sequence_number` of the set."""
+        self.tape_id, self.sequence_number = tape_id, sequence_number
+        self.tape_index += 1
 
     def snapshot(self, elapsed: float, rate: float) -> ReadProgress:
         return ReadProgress(self.job, elapsed, self.done_bytes, self.total_bytes, rate,
-                            self.tape_id, self.sequence_number, self.total_tapes)
+                            self.tape_id, self.sequence_number, self.total_tapes,
+                            self.tape_index)
 
 
 @contextmanager
@@ -234,7 +244,7 @@ class LogReporter:
                 )
             case TapeVerified():
                 state = "clean" if not event.problems else f"{event.problems} PROBLEMS"
-                self._say(f"  verified {event.tape_id}: {event.containers} containers, {state}")
+                self._say(f"  verified {event.tape_id}: {event.containers} container(s), {state}")
             case Note():
                 self._say(event.text)
             case FileSkipped():
@@ -246,9 +256,11 @@ class LogReporter:
 
 
 def read_progress_line(p: ReadProgress) -> str:
-    """`  restoring: 1.20 TB of 4.00 TB (30%), tape 1/3, 312 MB/s, about 2 h 30 min left`."""
+    """`  restoring: 1.20 TB of 4.00 TB (30%), tape 3 (2 of 2 to read), 312 MB/s, about 2 h 30
+    min left`: tape 3 of the set, the second of the two this job reads."""
     share = f" ({100 * p.done_bytes // p.total_bytes}%)" if p.total_bytes else ""
-    tape = f", tape {p.sequence_number}/{p.total_tapes}" if p.tape_id else ""
+    tape = (f", tape {p.sequence_number} ({p.tape_index} of {p.total_tapes} to read)"
+            if p.tape_id else "")
     left = ""
     if p.rate > 0 and p.total_bytes > p.done_bytes:
         left = f", {_time_left((p.total_bytes - p.done_bytes) / p.rate)}"

@@ -979,7 +979,7 @@ async def run_restore(
         c = plan.containers[cid]
         by_tape[c.tape_id].append(c)
     check = check_member_of(catalog)
-    meter = ReadMeter("restoring", plan.bytes_to_read, len(catalog.tapes))
+    meter = ReadMeter("restoring", plan.bytes_to_read, len(plan.tapes))
     try:
         for job in plan.jobs:
             if not job.segments:
@@ -1022,14 +1022,15 @@ async def _restore_tapes(
         request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
                               len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
         containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset, c.sequence_number))
+        meter.begin_tape(t.tape_id, t.sequence_number)  # loading it counts too
         try:
             loaded = await holder.get(request, check)
         except BackupError as e:
             for c in containers:
                 _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
                 meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id])
+            meter.tape_id = ""
             continue
-        meter.tape_id, meter.sequence_number = t.tape_id, t.sequence_number
         read.append(t.tape_id)
         try:
             for c in containers:

@@ -303,8 +303,9 @@ def load_catalog_file(path: Path, codec: CatalogCodec) -> tuple[Catalog, str]:
     when there is one. Raises CatalogReadError."""
     try:
         data = path.read_bytes()
-    except OSError as e:
-        raise CatalogReadError(f"cannot read catalog {path}: {e.strerror}") from e
+    except OSError as e:  # a path the user gave
+        raise UsageError(f"cannot read the catalog file {path}: {e.strerror}; give the path "
+                         "of a catalog.json") from e
     digest = hashlib.sha256(data).hexdigest()
     beside = path.with_name("catalog.sha256")
     if beside.is_file() and parse_sha256_file(beside.read_bytes()) != digest:
@@ -786,7 +787,8 @@ async def verify_set(
         on_tape = Counter[str]()
         for c in catalog.containers:
             on_tape[c.tape_id] += c.size_bytes
-        meter = ReadMeter("verifying", on_tape.total(), len(catalog.tapes))
+        meter = ReadMeter("verifying", on_tape.total(), sum(
+            1 for t in catalog.tapes if inventory is None or t.tape_id in inventory))
         with reporting(meter, reporter):
             for t in sorted(catalog.tapes, key=lambda t: t.sequence_number):
                 if inventory is not None and t.tape_id not in inventory:
@@ -797,6 +799,7 @@ async def verify_set(
                 request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
                                       len(catalog.tapes), purpose="read",
                                       volume_serial=t.volume_serial)
+                meter.begin_tape(t.tape_id, t.sequence_number)  # loading it counts too
                 try:
                     loaded = await holder.get(request, check)
                 except BackupError as e:
@@ -805,8 +808,8 @@ async def verify_set(
                     problems.append(Problem(f"cannot be loaded: {e}", tape_id=t.tape_id,
                                             files=index.files_on_tape(t.tape_id)))
                     meter.total_bytes -= on_tape[t.tape_id]
+                    meter.tape_id = ""
                     continue
-                meter.tape_id, meter.sequence_number = t.tape_id, t.sequence_number
                 try:
                     bad = await verify_loaded_tape(
                         loaded, catalog, t.tape_id, catalog_sha=digest, index=index,

@@ -544,7 +544,7 @@ def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
         "match catalog/catalog.sha256 (the catalog on this tape is damaged)"]
     assert "6 container(s)" in out
     assert out.rstrip().endswith("1 problem(s).")
-    assert f"verified {tapes[0].name}: 2 containers, 1 PROBLEMS" in err
+    assert f"verified {tapes[0].name}: 2 container(s), 1 PROBLEMS" in err
 
 
 def test_skipped_entries_exit_with_warnings(tmp_path: Path,

@@ -36,18 +36,24 @@ async def test_a_read_job_is_reported_every_interval_with_the_rate_since_the_las
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     reporter = ListReporter()
-    meter = ReadMeter("restoring", 6_000, total_tapes=3)
+    meter = ReadMeter("restoring", 6_000, total_tapes=2)  # tapes 2 and 4 of the set
     with reporting(meter, reporter, every=30):
         await trio.sleep(29.9)
         assert reporter.events == []  # a job shorter than one interval says nothing
-        meter.done_bytes, meter.tape_id, meter.sequence_number = 600, "T2", 2
+        meter.begin_tape("T2", 2)
+        meter.done_bytes = 600
         await trio.sleep(0.2)
-        assert reporter.events == [ReadProgress("restoring", 30.0, 600, 6_000, 20.0, "T2", 2, 3)]
+        assert reporter.events == [
+            ReadProgress("restoring", 30.0, 600, 6_000, 20.0, "T2", 2, 2, 1)]
         meter.tape_id = ""  # between tapes: nothing read for the next interval
         await trio.sleep(30)
-        assert reporter.events[-1] == ReadProgress("restoring", 60.0, 600, 6_000, 0.0, "", 2, 3)
+        assert reporter.events[-1] == ReadProgress("restoring", 60.0, 600, 6_000, 0.0, "", 2, 2,
+                                                   1)
+        meter.begin_tape("T4", 4)
+        await trio.sleep(30)
+        assert reporter.events[-1].tape_index == 2
     await trio.sleep(100)
-    assert len(reporter.events) == 2  # none once the job is over
+    assert len(reporter.events) == 3  # none once the job is over
 
 
 async def test_a_log_that_cannot_be_written_stops_the_reports_not_the_job(
@@ -68,15 +74,15 @@ async def test_a_log_that_cannot_be_written_stops_the_reports_not_the_job(
 
 def test_the_progress_line_gives_the_share_the_tape_the_rate_and_the_time_left() -> None:
     line = read_progress_line(
-        ReadProgress("restoring", 600.0, 1_200_000_000_000, 4_000_000_000_000, 312e6, "T2", 2,
-                     3))
-    assert line == ("  restoring: 1.20 TB of 4.00 TB (30%), tape 2/3, 312 MB/s, "
+        ReadProgress("restoring", 600.0, 1_200_000_000_000, 4_000_000_000_000, 312e6, "T3", 3,
+                     2, 2))
+    assert line == ("  restoring: 1.20 TB of 4.00 TB (30%), tape 3 (2 of 2 to read), 312 MB/s, "
                     "about 2 h 30 min left")
     waiting = read_progress_line(ReadProgress("verifying", 90.0, 500, 1_000, 0.0))
     assert waiting == "  verifying: 500 B of 1.00 kB (50%), 0 MB/s"
     ending = read_progress_line(
-        ReadProgress("verifying", 90.0, 990_000_000, 10**9, 300e6, "T1", 1, 1))
-    assert ending.endswith(", tape 1/1, 300 MB/s, under a minute left")
+        ReadProgress("verifying", 90.0, 990_000_000, 10**9, 300e6, "T1", 1, 1, 1))
+    assert ending.endswith(", tape 1 (1 of 1 to read), 300 MB/s, under a minute left")
 
 
 @pytest.fixture
@@ -113,6 +119,7 @@ def test_verify_counts_every_container_of_every_tape(tape_set: Path,
     assert report.tapes_checked >= 2
     [meter] = meters
     assert (meter.job, meter.total_tapes) == ("verifying", report.tapes_checked)
+    assert meter.tape_index == report.tapes_checked
     assert meter.done_bytes == meter.total_bytes == report.bytes_checked
 
 
@@ -123,6 +130,7 @@ def test_verify_leaves_a_missing_tape_out_of_its_total(tape_set: Path,
     report = verify(tape_set)
     assert not report.ok
     [meter] = meters
+    assert meter.tape_index == meter.total_tapes == report.tapes_checked  # not the lost one
     assert meter.done_bytes == meter.total_bytes == report.bytes_checked > 0
 
 

@@ -19,7 +19,7 @@ import pytest
 from ltoflow import BackupConfig, api, backup
 from ltoflow.buffers import PipelineBuffer
 from ltoflow.catalog import Catalog, JsonCatalogCodec, SegmentEntry
-from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, main
+from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.restore import TEMP_PREFIX, RestoreReport
 
@@ -456,6 +456,28 @@ def test_cli_restore_from_a_catalog_file_reports_failures_with_exit_1(
     assert code == EXIT_DAMAGED
     assert "FAILED ../x: refused" in out
     assert f"Restored {len(TREE) - 1} of {len(TREE)} file(s)" in out
+
+
+def test_cli_restore_refuses_a_catalog_of_another_set_and_a_missing_one(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, catalog = backed_up
+    write_tree(tmp_path / "other", {"x.txt": 10})
+    other = backup(BackupConfig(source_root=tmp_path / "other", tapes_root=tmp_path / "o",
+                                tape_nominal_capacity_bytes=450 * KB,
+                                max_container_size_bytes=100 * KB))
+    cat_file = next((tmp_path / "o").iterdir()) / "catalog" / "catalog.json"
+    target = tmp_path / "out"
+    for given, needle in ((cat_file, f"the catalog given is of backup set "
+                                     f"{other.catalog.backup_set_id}, but simulator"),
+                          (tmp_path / "nope.json", "cannot read the catalog file")):
+        code = main(["restore", "--simulator", str(tapes), "--target", str(target),
+                     "--catalog", str(given)])
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert needle in err
+        assert len(err.strip().splitlines()) == 1
+        assert not target.exists()
 
 
 def test_cli_catalog_ls_and_show(backed_up: tuple[Path, Path, Catalog],
