@@ -461,7 +461,7 @@ def test_cli_restore_from_a_catalog_file_reports_failures_with_exit_1(
 def test_cli_restore_refuses_a_catalog_of_another_set_and_a_missing_one(
     backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, tapes, catalog = backed_up
+    _, tapes, _ = backed_up
     write_tree(tmp_path / "other", {"x.txt": 10})
     other = backup(BackupConfig(source_root=tmp_path / "other", tapes_root=tmp_path / "o",
                                 tape_nominal_capacity_bytes=450 * KB,
