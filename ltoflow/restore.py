@@ -208,8 +208,8 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
                          list(catalog.symlinks), [])
     tests: list[tuple[str, bytes, str, bytes]] = []
     for pattern in patterns:
-        p = pattern.strip("/")
-        tests.append((p, os.fsencode(p), pattern, os.fsencode(pattern)))
+        p = _relative(pattern)
+        tests.append((p, os.fsencode(p), p, os.fsencode(p)))
     found: set[int] = set()
 
     def matches(entry: SourceFileEntry | DirectoryEntry | SymlinkEntry) -> bool:
@@ -234,11 +234,19 @@ def _matches(relative_path: str, pattern: str) -> bool:
     """A skipped entry keeps only the readable rendering of its path: a pattern matches it as
     given or rendered the same way (the exact bytes of an odd name, as the shell passes it)."""
     for pat in {pattern, paths.display(os.fsencode(pattern))}:
-        p = pat.strip("/")
+        p = _relative(pat)
         if (relative_path == p or relative_path.startswith(p + "/")
-                or fnmatch.fnmatchcase(relative_path, pat)):
+                or fnmatch.fnmatchcase(relative_path, p)):
             return True
     return False
+
+
+def _relative(pattern: str) -> str:
+    """A pattern as the catalog's relative paths are written: `./case-1/` is `case-1`."""
+    p = pattern.strip("/")
+    while p.startswith("./"):
+        p = p[2:].lstrip("/")
+    return "" if p == "." else p
 
 
 def select_skipped(catalog: Catalog, patterns: Sequence[str]) -> list[SkippedEntry]:

@@ -103,6 +103,10 @@ def test_file_split_across_three_tapes_comes_back(backed_up: tuple[Path, Path, C
         (["case-2"], {"case-2/ledger.csv", "case-2/empty.dat"}),
         (["case-3/scans/p0?.tif"], {f"case-3/scans/p0{i}.tif" for i in range(10)}),
         (["*.csv", "case-1/notes.txt"], {"case-2/ledger.csv", "case-1/notes.txt"}),
+        # written as the shell completes them, relative to the target
+        (["./case-2/", "./case-3/scans/p0?.tif"],
+         {"case-2/ledger.csv", "case-2/empty.dat",
+          *(f"case-3/scans/p0{i}.tif" for i in range(10))}),
     ],
 )
 def test_selections_restore_only_what_they_name(
