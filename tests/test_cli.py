@@ -528,6 +528,11 @@ def test_verify_reports_missing_container_and_tape(
     assert (tapes[2].name, "tape is missing") in whats
     missing_tape = next(p for p in doc["problems"] if p["what"] == "tape is missing")
     assert "case-002/scans/page-002.tif" in missing_tape["files"]
+    containers = load_catalog_json(tapes[0])["containers"]
+    assert isinstance(containers, list)
+    # checked: those of the tapes there, less the one missing from tape 1
+    assert doc["containers_checked"] == sum(
+        1 for c in containers if c["tape_id"] != tapes[2].name) - 1
 
 
 def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
