@@ -279,16 +279,24 @@ async def _open_reader(data: bytes, rng: random.Random, path: str) -> _Container
     return _ContainerReader(data, rng)
 
 
+def _copy_and_find(backed_up: tuple[Path, Path, Catalog], tmp_path: Path,
+                   rel: str) -> tuple[Path, SegmentEntry, Path]:
+    """A copy of the set's tapes to damage; the first segment of file `rel`, and the file of
+    its container in the copy."""
+    _, tapes, catalog = backed_up
+    copy = tmp_path / "tapes"
+    shutil.copytree(tapes, copy)
+    entry = next(f for f in catalog.source_files if f.relative_path == rel)
+    seg = next(s for s in catalog.segments if s.file_id == entry.file_id)
+    cont = next(c for c in catalog.containers if c.container_id == seg.container_id)
+    return copy, seg, copy / cont.tape_id / "data" / cont.container_id
+
+
 def test_corrupted_container_restores_everything_else_and_names_the_damage(
     backed_up: tuple[Path, Path, Catalog], tmp_path: Path
 ) -> None:
-    src, tapes, catalog = backed_up
-    copy = tmp_path / "tapes"
-    shutil.copytree(tapes, copy)
-    ledger = next(f for f in catalog.source_files if f.relative_path == "case-2/ledger.csv")
-    seg = next(s for s in catalog.segments if s.file_id == ledger.file_id)
-    cont = next(c for c in catalog.containers if c.container_id == seg.container_id)
-    blob = copy / cont.tape_id / "data" / cont.container_id
+    src = backed_up[0]
+    copy, seg, blob = _copy_and_find(backed_up, tmp_path, "case-2/ledger.csv")
     data = bytearray(blob.read_bytes())
     data[seg.container_offset + 10] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -305,17 +313,12 @@ def test_corrupted_container_restores_everything_else_and_names_the_damage(
 def test_a_container_cut_short_fails_only_the_files_it_holds_past_the_cut(
     backed_up: tuple[Path, Path, Catalog], tmp_path: Path
 ) -> None:
-    src, tapes, catalog = backed_up
-    copy = tmp_path / "tapes"
-    shutil.copytree(tapes, copy)
+    src, _, catalog = backed_up
+    copy, seg, blob = _copy_and_find(backed_up, tmp_path, "case-3/scans/p05.tif")
     by_id = {f.file_id: f.relative_path for f in catalog.source_files}
-    scan = next(f for f in catalog.source_files if f.relative_path == "case-3/scans/p05.tif")
-    seg = next(s for s in catalog.segments if s.file_id == scan.file_id)
-    cont = next(c for c in catalog.containers if c.container_id == seg.container_id)
     cut = seg.container_offset + 100
-    blob = copy / cont.tape_id / "data" / cont.container_id
     blob.write_bytes(blob.read_bytes()[:cut])
-    in_it = [s for s in catalog.segments if s.container_id == cont.container_id]
+    in_it = [s for s in catalog.segments if s.container_id == seg.container_id]
     before = {by_id[s.file_id] for s in in_it if s.container_offset + s.length_bytes <= cut}
     past = {by_id[s.file_id] for s in in_it if s.container_offset + s.length_bytes > cut}
     assert before - past  # files wholly before the cut, in the same container
