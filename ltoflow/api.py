@@ -434,11 +434,13 @@ async def check_catalog_fits_drive(catalog: Catalog, drive: TapeDrive) -> None:
     """Refuse a catalog given from elsewhere whose tapes a drive that lists its tapes (the
     simulator) holds none of: another set's catalog would fail every file, one by one."""
     inventory = await drive.inventory()
-    if inventory and not any(t.tape_id in inventory for t in catalog.tapes):
+    if inventory is not None and not any(t.tape_id in inventory for t in catalog.tapes):
+        holds = (f"it holds {', '.join(inventory[:2])}{', ...' if len(inventory) > 2 else ''}"
+                 if inventory else "it holds no tape at all")
         raise UsageError(
             f"the catalog given is of backup set {catalog.backup_set_id}, but "
-            f"{drive.describe()} holds none of its tapes (it holds {', '.join(inventory[:2])}"
-            f"{', ...' if len(inventory) > 2 else ''}); give that set's catalog, or its tapes")
+            f"{drive.describe()} holds none of its tapes ({holds}); give that set's catalog, "
+            "or its tapes")
 
 
 async def restore_async(

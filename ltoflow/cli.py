@@ -327,12 +327,15 @@ def _throttle(args: argparse.Namespace) -> Throttle | None:
 
 
 def _check_can_write(path: Path, flag: str) -> None:
-    """Refuse, before the job, a file the job could only fail to write at its end: a file is
-    made and removed beside it."""
+    """Refuse, before the job, a file the job could only fail to write at its end: one that
+    does not exist yet is tried by making and removing a file beside it."""
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{flag} {path} cannot be written by this user; give another path")
+    if path.exists():  # a file to overwrite, or a device (/dev/stdout): it is all it needs
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} cannot be written by this user; give another "
+                             "path")
+        return
     try:
         if not path.parent.is_dir():
             raise FileNotFoundError(errno.ENOENT, f"directory {path.parent} does not exist"
@@ -570,7 +573,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "bytes_to_read": report.bytes_to_read, "seconds": round(report.seconds, 3),
             "tapes": list(report.tapes), "tapes_read": list(report.tapes_read),
             "ok": report.ok,
-            "already_present": report.already_present,
+            "already_present": report.already_present, "retouched": report.retouched,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
         })
@@ -584,8 +587,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         for p in report.problems:
             print(f"FAILED {p.describe()}")
         rate = report.bytes_restored / report.seconds / 1e6 if report.seconds else 0.0
-        present = (f", {report.already_present} already there (identical, left as they were)"
-                   if report.already_present else "")
+        present = ""
+        if report.already_present:
+            how = (f"; {report.retouched} of them given the backup's mode and time"
+                   if report.retouched else ", left as they were")
+            present = f", {report.already_present} already there (identical{how})"
         read, needed = len(report.tapes_read), len(report.tapes)
         tapes = (f"{read} tape(s)" if read == needed
                  else f"{read} of the {needed} tape(s) it needs")

@@ -156,6 +156,8 @@ class RestoreReport:
     already_present: int = 0
     #: The tapes of `tapes` (those needed) that were loaded and read.
     tapes_read: tuple[str, ...] = ()
+    #: Of `already_present`, those given the backup's mode and mtime (their bytes were its).
+    retouched: int = 0
 
     @property
     def ok(self) -> bool:
@@ -992,11 +994,12 @@ async def run_restore(
         for job in plan.jobs:
             if not job.segments:
                 await trio.to_thread.run_sync(writer.start_empty, job)
-        with reporting(meter, reporter):
+        with reporting(meter, reporter):  # a reporter's own error comes out at its end
             read = await _restore_tapes(plan, by_tape, writer, pool, meter, holder, check,
                                         reporter)
-        await holder.release()  # a tape read for the catalog and never needed
-        await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks, plan.directories)
+            await holder.release()  # a tape read for the catalog and never needed
+            await trio.to_thread.run_sync(writer.finish_tree, plan.symlinks,
+                                          plan.directories)
     finally:
         await holder.release_after_error()  # a no-op unless something above failed
         with trio.CancelScope(shield=True):  # Ctrl-C too: no temporary file stays behind
@@ -1013,6 +1016,7 @@ async def run_restore(
         directories_restored=writer.directories,
         skipped=plan.skipped,
         already_present=plan.present - writer.retouch_failed,
+        retouched=len(plan.retouch) - writer.retouch_failed,
         tapes_read=tuple(read),
     )
 
@@ -1044,14 +1048,21 @@ async def _restore_tapes(
             for c in containers:
                 ranges = plan.ranges[c.container_id]
                 completed: set[int] = set()
+                counted = meter.done_bytes
                 try:
                     await _restore_container(loaded, c, ranges, writer, pool, meter, completed)
-                except* TargetFullError:
-                    raise  # the job's end, not this container's
+                except* TargetFullError as group:  # the job's end, not this container's
+                    full = leaves(group)[0]
+                    raise full from full.__cause__  # unwrapped, for the API's callers too
                 except* (BackupError, _ShortContainer) as group:
                     why = "; ".join(str(e) for e in leaves(group))
-                    _fail_ranges(writer, [r for r in ranges if id(r) not in completed],
+                    lost = [r for r in ranges if id(r) not in completed]
+                    _fail_ranges(writer, lost,
                                  f"container {c.container_id} on tape {t.tape_id}: {why}")
+                    # what was written of the ranges given up no longer counts, nor do they
+                    meter.done_bytes = counted + sum(
+                        r.end - r.start for r in ranges if id(r) in completed)
+                    meter.total_bytes -= sum(r.end - r.start for r in lost)
             reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: done"))
         except BaseException:
             await holder.release_after_error()

@@ -591,9 +591,9 @@ async def verify_container(
                     users[id(buf)] = len(queues)
                     for chunks in queues:
                         chunks.put((buf, n, total))
+                    if meter is not None:  # bytes past the catalog's size are no file's
+                        meter.done_bytes += max(0, min(n, container.size_bytes - total))
                     total += n
-                    if meter is not None:
-                        meter.done_bytes += n
             finally:
                 await reader_.close()
         finally:

@@ -23,7 +23,7 @@ from ltoflow.cli import (
     EXIT_WARNINGS,
     main,
 )
-from ltoflow.errors import UsageError
+from ltoflow.errors import TargetFullError, UsageError
 
 from .conftest import load_catalog_json, write_tree
 
@@ -276,6 +276,8 @@ def test_a_full_restore_target_stops_the_restore_with_one_line(
                    "run the same restore again")
     assert len(writes) == 2  # nothing more was tried
     assert not [p for p in out.rglob("*") if p.name.startswith(".ltoflow-restore-")]
+    with pytest.raises(TargetFullError, match="is full"):  # plain, for the API's callers
+        api.restore(sim, tmp_path / "out2")
 
 
 def test_restoring_again_gives_a_file_with_the_backups_bytes_its_mode_and_time(
@@ -295,8 +297,12 @@ def test_restoring_again_gives_a_file_with_the_backups_bytes_its_mode_and_time(
     code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--json")
     assert code == EXIT_OK
     doc = json.loads(text)
-    assert (doc["restored"], doc["already_present"], doc["problems"]) == (0, 4, [])
+    assert (doc["restored"], doc["already_present"], doc["retouched"], doc["problems"]) == (
+        0, 4, 1, [])
     assert (one.stat().st_mode, one.stat().st_mtime_ns) == (want.st_mode, want.st_mtime_ns)
+    os.utime(one, ns=(0, 0))
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out)
+    assert "4 already there (identical; 1 of them given the backup's mode and time)" in text
 
 
 def test_a_directory_holding_two_sets_is_refused_not_half_verified(
@@ -622,6 +628,29 @@ def test_a_drive_timeline_that_cannot_be_written_is_refused_before_the_backup(
     assert code == EXIT_USAGE
     one_line_error(err, why)
     assert not (tmp_path / "t").exists()  # nothing written
+
+
+def test_a_drive_timeline_that_exists_and_can_be_written_is_taken_as_it_is(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file there to overwrite, or a device (/dev/stdout), needs no file made beside it: its
+    directory may be one this user cannot write to (/dev), made so here by failing the probe."""
+    timeline = tmp_path / "locked" / "timeline.json"
+    timeline.parent.mkdir()
+    timeline.write_bytes(b"")
+    real = tempfile.mkstemp
+
+    def no_probe(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        if kwargs.get("dir") == timeline.parent:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_probe)
+    code, _, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                     "--drive", "lto9", "--throttle", "--container-size-gb", "1",
+                     "--drive-timeline", timeline)
+    assert code == EXIT_OK
+    assert timeline.read_bytes()
 
 
 def test_drive_sets_the_capacity_and_the_summary_shows_the_drive_model(

@@ -154,6 +154,39 @@ def test_restore_counts_the_bytes_it_restores_and_a_second_run_those_it_compares
     assert restored.total_bytes == 0
 
 
+def test_a_container_cut_short_takes_what_it_lost_off_the_restores_count(
+        tape_set: Path, tmp_path: Path, meters: list[ReadMeter]) -> None:
+    """Its ranges not completed leave the total and what was counted of them: the count
+    still ends at its total, and a verify of bytes appended counts only the catalog's."""
+    blob = max(tape_set.glob("*/data/CNT-*"), key=lambda p: p.stat().st_size)
+    data = blob.read_bytes()
+    blob.write_bytes(data[:len(data) // 2])
+    report = restore(tape_set, tmp_path / "out")
+    assert report.problems
+    _, restored = meters
+    assert restored.done_bytes == restored.total_bytes < sum(TREE.values())
+    blob.write_bytes(data + b"appended")
+    meters.clear()
+    verify(tape_set)
+    [checked] = meters
+    assert checked.done_bytes == checked.total_bytes
+
+
+def test_a_reporter_that_fails_leaves_the_restores_links_and_directories_done(
+        tape_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    @contextmanager
+    def failing(meter: ReadMeter, reporter: object) -> Iterator[None]:
+        yield
+        raise ValueError("the reporter's own bug")
+
+    monkeypatch.setattr(importlib.import_module("ltoflow.restore"), "reporting", failing)
+    with pytest.raises(ValueError, match="the reporter's own bug"):
+        restore(tape_set, tmp_path / "out")
+    # the directories got their times, which is the restore's last step
+    for d in (tmp_path / "out").iterdir():
+        assert d.stat().st_mtime_ns == (tape_set.parent / "src" / d.name).stat().st_mtime_ns
+
+
 def test_a_restore_times_its_comparison_of_the_files_already_there(
         tape_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its summary's seconds are the whole job's: a second run that only compares used to say

@@ -501,6 +501,16 @@ def test_a_given_tape_whose_data_is_gone_is_known_by_its_name_not_called_missing
     assert proc.returncode == 1
     assert f"is missing from tape {TAPE_IDS[2]} ({tapes[2]}), or is not a regular" in proc.stderr
     assert "not given" not in output(proc)
+    # under another name, it is its tape.json that tells (a damaged one, nothing: no traceback)
+    renamed = tapes[2].with_name("third")
+    tapes[2].rename(renamed)
+    (renamed / "tape.json").write_text(json.dumps({"tape_id": TAPE_IDS[2]}))
+    proc = run(python, "--target", tmp_path / "o2", *tapes[:2], renamed, cwd=tmp_path)
+    assert f"is missing from tape {TAPE_IDS[2]} ({renamed})" in proc.stderr
+    (renamed / "tape.json").write_text(json.dumps({"tape_id": [TAPE_IDS[2]]}))
+    proc = run(python, "--target", tmp_path / "o3", *tapes[:2], renamed, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"needs tape(s) not given: {TAPE_IDS[2]}" in proc.stderr
 
 
 def test_a_piece_of_a_container_left_on_another_tape_is_passed_over(
@@ -804,10 +814,11 @@ def test_read_only_directory_does_not_stop_an_unprivileged_restore(
 @pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(),
                     reason="needs root to run the script as an unprivileged user")
 def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path) -> None:
-    """A directory and a file backed up with mode 000 come back so; a normal user running the
-    kit again (for more tapes, say) could neither enter the one nor read the other. The kit
-    opens up its own user's entries for the run and puts their modes back. A target that user
-    cannot write to is refused at once, before any tape is read."""
+    """A directory and a file backed up with mode 000, and a directory with 0o555, come back
+    so; a normal user running the kit again (for more tapes, say) could neither enter the
+    first, nor read the second, nor make a file in the third. The kit opens up its own user's
+    entries for the run and puts their modes back. A target that user cannot write to is
+    refused at once, before any tape is read."""
     import tempfile
 
     from ltoflow import BackupConfig, backup
@@ -819,10 +830,13 @@ def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path
         src = work / "src"
         (src / "locked").mkdir(parents=True)
         (src / "locked" / "in.txt").write_bytes(b"inside")
+        (src / "ro").mkdir()
+        (src / "ro" / "a.txt").write_bytes(b"read-only directory")
         (src / "zero.txt").write_bytes(b"unreadable")
         (src / "plain.txt").write_bytes(b"plain")
         (src / "zero.txt").chmod(0o000)
         (src / "locked").chmod(0o000)
+        (src / "ro").chmod(0o555)
         result = backup(BackupConfig(source_root=src, tapes_root=work / "tapes",
                                      tape_nominal_capacity_bytes=2_000_000,
                                      max_container_size_bytes=4_000))
@@ -837,14 +851,19 @@ def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path
         target = work / "out"
         target.mkdir()
         os.chown(target, nobody, nobody)
-        for run_ in range(3):
+        for run_ in range(4):
+            if run_ == 3:  # lost since (removed as root): to be made again in both
+                (target / "ro" / "a.txt").unlink()
+                (target / "locked" / "in.txt").unlink()
             proc = kit(target)
             assert proc.returncode == 0, proc.stdout + proc.stderr
-            if run_:
-                assert "3 file(s) were already present" in proc.stdout
+            if run_ in (1, 2):
+                assert "4 file(s) were already present" in proc.stdout
             assert (target / "locked").stat().st_mode & 0o777 == 0
+            assert (target / "ro").stat().st_mode & 0o777 == 0o555
             assert (target / "zero.txt").stat().st_mode & 0o777 == 0
         assert (target / "locked" / "in.txt").read_bytes() == b"inside"
+        assert (target / "ro" / "a.txt").read_bytes() == b"read-only directory"
 
         proc = kit(work)  # root's, 0o755
         assert proc.returncode == 2

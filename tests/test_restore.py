@@ -475,10 +475,13 @@ def test_cli_restore_refuses_a_catalog_of_another_set_and_a_missing_one(
                                 max_container_size_bytes=100 * KB))
     cat_file = next((tmp_path / "o").iterdir()) / "catalog" / "catalog.json"
     target = tmp_path / "out"
-    for given, needle in ((cat_file, f"the catalog given is of backup set "
-                                     f"{other.catalog.backup_set_id}, but simulator"),
-                          (tmp_path / "nope.json", "cannot read the catalog file")):
-        code = main(["restore", "--simulator", str(tapes), "--target", str(target),
+    (tmp_path / "empty").mkdir()
+    for given, sim, needle in (
+            (cat_file, tapes, f"the catalog given is of backup set "
+                              f"{other.catalog.backup_set_id}, but simulator"),
+            (cat_file, tmp_path / "empty", "(it holds no tape at all)"),
+            (tmp_path / "nope.json", tapes, "cannot read the catalog file")):
+        code = main(["restore", "--simulator", str(sim), "--target", str(target),
                      "--catalog", str(given)])
         assert code == EXIT_USAGE
         err = capsys.readouterr().err

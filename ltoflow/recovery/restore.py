@@ -726,13 +726,36 @@ class Dirs:
             self.opened_up[key] = stat.S_IMODE(st.st_mode)
             return os.open(name, flags, dir_fd=fd)
 
+    def open_up(self, key: Tuple[bytes, ...]) -> bool:
+        """Add owner rwx to directory KEY, one of this user's that it may enter but not write
+        to (a backed-up mode 0o555, given by a run before); False when it cannot or was."""
+        if not key or key in self.opened_up or not HAVE_DIR_FD:
+            return False
+        parent = self.get(key[:-1], create=False)
+        if not isinstance(parent, int):
+            return False
+        st = own_entry(parent, key[-1])
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return False
+        if not chmod_here(parent, key[-1], stat.S_IMODE(st.st_mode) | 0o700):
+            return False
+        self.opened_up[key] = stat.S_IMODE(st.st_mode)
+        return True
+
     def set_mode(self, key: Tuple[bytes, ...]) -> None:
         """The restore has given this directory its mode: put_back() leaves it."""
         self.opened_up.pop(tuple(key), None)
 
     def put_back(self) -> None:
-        """Give the directories opened up for this run their modes back, deepest first."""
-        for key in sorted(self.opened_up, key=len, reverse=True):
+        """Give the directories opened up for this run their modes back, deepest first (one
+        reached on the way that must be opened up again is put back in its turn)."""
+        done: Set[Tuple[bytes, ...]] = set()
+        while True:
+            pending = [k for k in self.opened_up if k not in done]
+            if not pending:
+                break
+            key = max(pending, key=len)
+            done.add(key)
             try:
                 parent = self.get(key[:-1], create=False)
                 if isinstance(parent, int) and not chmod_here(parent, key[-1],
@@ -901,8 +924,8 @@ class Restorer:
         try:
             with open(os.path.join(root, "tape.json"), "rb") as fh:
                 named = json.loads(fh.read().decode("utf-8")).get("tape_id")
-            if named in tapes:
-                return str(named)
+            if isinstance(named, str) and named in tapes:
+                return named
         except (OSError, ValueError, AttributeError):
             pass
         name = os.path.basename(os.path.normpath(root))
@@ -1027,9 +1050,12 @@ class Restorer:
                 except (OSError, OverflowError, ValueError) as exc:
                     warn("%s: identical to the backup, but its mode or time cannot be set: %s"
                          % (entry.name(), exc))
+        finally:  # also after a read error or a Ctrl-C: the mode it had
             if opened_up and os.chmod in os.supports_fd:
-                os.chmod(fd, stat.S_IMODE(st.st_mode))
-        finally:
+                try:
+                    os.chmod(fd, stat.S_IMODE(st.st_mode))
+                except OSError:
+                    pass
             os.close(fd)
         return same
 
@@ -1116,6 +1142,11 @@ class Restorer:
                 fd = os.open(at(parent, name), flags | os.O_CREAT | os.O_EXCL, 0o600,
                              dir_fd=dfd(parent))
             except FileExistsError:
+                continue
+            except PermissionError:  # a directory of ours a run before made read-only?
+                assert self.dirs is not None
+                if not self.dirs.open_up(tuple(entry.components[:-1])):
+                    raise
                 continue
             entry.tmp_name = name
             return os.fdopen(fd, "wb")
