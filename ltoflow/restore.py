@@ -156,7 +156,8 @@ class RestoreReport:
     already_present: int = 0
     #: The tapes of `tapes` (those needed) that were loaded and read.
     tapes_read: tuple[str, ...] = ()
-    #: Of `already_present`, those given the backup's mode and mtime (their bytes were its).
+    #: Of `already_present`, those given the backup's mode and mtime (their bytes were its;
+    #: in a dry run, those that would be).
     retouched: int = 0
 
     @property
@@ -170,7 +171,7 @@ class RestoreReport:
         """What a dry run reports: the plan, nothing restored."""
         return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
                    plan.bytes_to_read, dry_run=True, skipped=plan.skipped,
-                   already_present=plan.present)
+                   already_present=plan.present, retouched=len(plan.retouch))
 
 
 def safe_parts(relative_path: bytes) -> tuple[bytes, ...] | None:

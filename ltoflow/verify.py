@@ -679,6 +679,7 @@ async def verify_loaded_tape(
     for container in index.containers.get(tape_id, []):
         found: list[Problem] = []
         nbytes = 0
+        counted = meter.done_bytes if meter is not None else 0
         try:
             found, nbytes = await verify_container(tape, container, index, pool, whole=whole,
                                                    meter=meter)
@@ -688,6 +689,8 @@ async def verify_loaded_tape(
                              container_id=container.container_id, files=index.files_in(segs))
                      for e in leaves(group)]
         problems.extend(found)
+        if meter is not None:  # what could not be read (missing, short, an error) is not due
+            meter.total_bytes -= container.size_bytes - (meter.done_bytes - counted)
         if counters is not None:
             # a container not there is not counted as checked (its files are named)
             counters[0] += not any(p.what == MISSING_CONTAINER for p in found)

@@ -291,8 +291,10 @@ def test_restoring_again_gives_a_file_with_the_backups_bytes_its_mode_and_time(
     want = one.stat()
     one.chmod(0o600)
     os.utime(one, ns=(0, 0))
-    code, _, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--dry-run")
+    code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--dry-run",
+                        "--json")
     assert code == EXIT_OK
+    assert json.loads(text)["retouched"] == 1  # would be
     assert (one.stat().st_mode & 0o777, one.stat().st_mtime_ns) == (0o600, 0)
     code, text, _ = cli(capsys, "restore", "--simulator", sim, "--target", out, "--json")
     assert code == EXIT_OK

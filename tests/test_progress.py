@@ -154,10 +154,11 @@ def test_restore_counts_the_bytes_it_restores_and_a_second_run_those_it_compares
     assert restored.total_bytes == 0
 
 
-def test_a_container_cut_short_takes_what_it_lost_off_the_restores_count(
+def test_a_container_cut_short_takes_what_it_lost_off_the_counts(
         tape_set: Path, tmp_path: Path, meters: list[ReadMeter]) -> None:
-    """Its ranges not completed leave the total and what was counted of them: the count
-    still ends at its total, and a verify of bytes appended counts only the catalog's."""
+    """Restore: its ranges not completed leave the total and what was counted of them;
+    verify: what could not be read leaves the total. Both counts still end at their totals,
+    and a verify of bytes appended counts only the catalog's."""
     blob = max(tape_set.glob("*/data/CNT-*"), key=lambda p: p.stat().st_size)
     data = blob.read_bytes()
     blob.write_bytes(data[:len(data) // 2])
@@ -165,6 +166,10 @@ def test_a_container_cut_short_takes_what_it_lost_off_the_restores_count(
     assert report.problems
     _, restored = meters
     assert restored.done_bytes == restored.total_bytes < sum(TREE.values())
+    meters.clear()
+    verify(tape_set)
+    [checked] = meters
+    assert checked.done_bytes == checked.total_bytes < report.bytes_to_read
     blob.write_bytes(data + b"appended")
     meters.clear()
     verify(tape_set)

@@ -814,11 +814,11 @@ def test_read_only_directory_does_not_stop_an_unprivileged_restore(
 @pytest.mark.skipif(os.geteuid() != 0 or not SYSTEM_PYTHON.exists(),
                     reason="needs root to run the script as an unprivileged user")
 def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path) -> None:
-    """A directory and a file backed up with mode 000, and a directory with 0o555, come back
+    """A directory and a file backed up with mode 000, and directories with 0o555, come back
     so; a normal user running the kit again (for more tapes, say) could neither enter the
-    first, nor read the second, nor make a file in the third. The kit opens up its own user's
-    entries for the run and puts their modes back. A target that user cannot write to is
-    refused at once, before any tape is read."""
+    first, nor read the second, nor make a file, a directory or a symlink in the others. The
+    kit opens up its own user's entries for the run and puts their modes back. A target that
+    user cannot write to is refused at once, before any tape is read."""
     import tempfile
 
     from ltoflow import BackupConfig, backup
@@ -830,8 +830,11 @@ def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path
         src = work / "src"
         (src / "locked").mkdir(parents=True)
         (src / "locked" / "in.txt").write_bytes(b"inside")
-        (src / "ro").mkdir()
+        (src / "ro" / "sub").mkdir(parents=True)
         (src / "ro" / "a.txt").write_bytes(b"read-only directory")
+        (src / "ro" / "sub" / "deep.txt").write_bytes(b"deeper")
+        (src / "ro" / "link").symlink_to("a.txt")
+        (src / "ro" / "sub").chmod(0o555)
         (src / "zero.txt").write_bytes(b"unreadable")
         (src / "plain.txt").write_bytes(b"plain")
         (src / "zero.txt").chmod(0o000)
@@ -851,19 +854,25 @@ def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path
         target = work / "out"
         target.mkdir()
         os.chown(target, nobody, nobody)
-        for run_ in range(4):
-            if run_ == 3:  # lost since (removed as root): to be made again in both
+        for run_ in range(5):  # lost since (removed as root): to be made again
+            if run_ == 3:  # a file in each
                 (target / "ro" / "a.txt").unlink()
                 (target / "locked" / "in.txt").unlink()
+            if run_ == 4:  # a directory and a symlink in the read-only one
+                (target / "ro" / "link").unlink()
+                shutil.rmtree(target / "ro" / "sub")
             proc = kit(target)
             assert proc.returncode == 0, proc.stdout + proc.stderr
             if run_ in (1, 2):
-                assert "4 file(s) were already present" in proc.stdout
+                assert "5 file(s) were already present" in proc.stdout
             assert (target / "locked").stat().st_mode & 0o777 == 0
             assert (target / "ro").stat().st_mode & 0o777 == 0o555
+            assert (target / "ro" / "sub").stat().st_mode & 0o777 == 0o555
+            assert (target / "ro" / "link").readlink() == Path("a.txt")
             assert (target / "zero.txt").stat().st_mode & 0o777 == 0
         assert (target / "locked" / "in.txt").read_bytes() == b"inside"
         assert (target / "ro" / "a.txt").read_bytes() == b"read-only directory"
+        assert (target / "ro" / "sub" / "deep.txt").read_bytes() == b"deeper"
 
         proc = kit(work)  # root's, 0o755
         assert proc.returncode == 2

@@ -677,7 +677,12 @@ class Dirs:
                 name = key[i]
                 if create:
                     try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
+                        try:
+                            os.mkdir(name, 0o755, dir_fd=fd)
+                        except PermissionError:  # in a directory of ours made read-only?
+                            if not self.open_up(key[:i]):
+                                raise
+                            os.mkdir(name, 0o755, dir_fd=fd)
                     except FileExistsError:
                         pass
                     except OSError as exc:
@@ -1391,6 +1396,17 @@ class Restorer:
                 flush=True,
             )
 
+    def opening_up(self, item: TreeEntry, action: Any) -> None:
+        """ACTION, in ITEM's directory; again once that is opened up if it was refused (a
+        directory of this user's that a run before made read-only)."""
+        assert self.dirs is not None
+        try:
+            action()
+        except PermissionError:
+            if not self.dirs.open_up(tuple(item.components[:-1])):
+                raise
+            action()
+
     def make_link(self, link: TreeEntry) -> None:
         """Create the symbolic link (never following it), replacing a file only with
         --overwrite."""
@@ -1411,10 +1427,10 @@ class Restorer:
             elif stat.S_ISDIR(st.st_mode):
                 raise Problem("a directory with this name exists in the target")
             else:
-                os.unlink(name, dir_fd=d)
+                self.opening_up(link, lambda: os.unlink(name, dir_fd=d))
                 st = None
         if st is None:
-            os.symlink(link.target, name, dir_fd=d)
+            self.opening_up(link, lambda: os.symlink(link.target, name, dir_fd=d))
         if link.mtime_ns is not None and os.utime in os.supports_follow_symlinks:
             try:
                 os.utime(name, ns=(link.mtime_ns, link.mtime_ns), dir_fd=d, follow_symlinks=False)
