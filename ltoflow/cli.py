@@ -33,6 +33,7 @@ from ltoflow.drives.simulator import (
     SimulatorFailureConfig,
     TapeDriveStats,
     Throttle,
+    list_simulated_tapes,
 )
 from ltoflow.errors import (
     BackupError,
@@ -553,6 +554,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
                  f"{human_bytes(plan.bytes_to_read)} to read" if plan.tapes
                  else "needs no tape")
         print(f"Restore of {len(plan.jobs)} file(s){present} {needs}.", file=out, flush=True)
+        if args.simulator is not None:  # every tape is at hand: say now which are not
+            there = set(list_simulated_tapes(args.simulator))
+            absent = [t.tape_id for t in plan.tapes if t.tape_id not in there]
+            if absent:
+                print(f"Not in {args.simulator}: {', '.join(absent)}; the files on "
+                      f"{'it' if len(absent) == 1 else 'them'} will fail unless "
+                      f"{'it is' if len(absent) == 1 else 'they are'} put there.",
+                      file=out, flush=True)
         return not args.dry_run
 
     try:

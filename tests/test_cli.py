@@ -100,6 +100,19 @@ def test_verify_of_a_set_it_wrote_names_the_damaged_file_and_the_files_of_a_lost
     assert on_lost
 
 
+def test_a_dry_run_says_which_tapes_it_needs_are_not_in_the_simulator_directory(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    tapes = sorted(t.name for t in sim.iterdir())
+    shutil.rmtree(sim / tapes[-1])
+    code, out, _ = cli(capsys, "restore", "--simulator", sim, "--target", tmp_path / "a",
+                       "--dry-run")
+    assert code == EXIT_OK  # the plan itself is sound
+    assert (f"Not in {sim}: {tapes[-1]}; the files on it will fail unless it is put there."
+            in out)
+
+
 def test_restore_with_a_lost_tape_counts_only_the_tapes_it_read(
         src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sim = tmp_path / "tapes"
