@@ -621,17 +621,13 @@ class _FileWriter:
         """Give files already there with the backup's bytes its mode and mtime as well."""
         for f, parts in files:
             try:
-                parent = self._dir_fd(parts[:-1]) if len(parts) > 1 else self.root_fd
                 fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_CLOEXEC, dir_fd=parent)
+                             | os.O_CLOEXEC, dir_fd=self._parent_of(parts))
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode) or st.st_size != f.size_bytes:
                         raise OSError(errno.ESTALE, "it changed since it was compared")
-                    os.fchmod(fd, stat.S_IMODE(f.unix_mode))
-                    mtime = _mtime_ns(f)
-                    if mtime is not None:
-                        os.utime(fd, ns=(mtime, mtime))
+                    _give_mode_and_mtime(fd, f)
                 finally:
                     os.close(fd)
             except (OSError, _Refused) as e:
@@ -654,7 +650,10 @@ class _FileWriter:
 
     def _parent(self, job: _FileJob) -> int:
         """The file's directory, opened safely (again, if the cache let it go)."""
-        return self._dir_fd(job.parts[:-1]) if len(job.parts) > 1 else self.root_fd
+        return self._parent_of(job.parts)
+
+    def _parent_of(self, parts: tuple[bytes, ...]) -> int:
+        return self._dir_fd(parts[:-1]) if len(parts) > 1 else self.root_fd
 
     def _discard(self, job: _FileJob) -> None:
         """Close and remove the temporary file, if there is one."""
@@ -731,10 +730,7 @@ class _FileWriter:
         if os.fstat(job.fd).st_size != f.size_bytes:
             self.fail(job, "the restored file came out the wrong size (is the target full?)")
             return
-        os.fchmod(job.fd, stat.S_IMODE(f.unix_mode))
-        mtime = _mtime_ns(f)
-        if mtime is not None:
-            os.utime(job.fd, ns=(mtime, mtime))
+        _give_mode_and_mtime(job.fd, f)
         os.close(job.fd)
         job.fd = -1
         final = job.parts[-1]
@@ -770,6 +766,14 @@ class _FileWriter:
 
 class _Refused(Exception):
     pass
+
+
+def _give_mode_and_mtime(fd: int, f: SourceFileEntry) -> None:
+    """The backup's permission bits and mtime (to the nanosecond, when the catalog has it)."""
+    os.fchmod(fd, stat.S_IMODE(f.unix_mode))
+    mtime = _mtime_ns(f)
+    if mtime is not None:
+        os.utime(fd, ns=(mtime, mtime))
 
 
 def _hash_fd(fd: int, size: int) -> str:

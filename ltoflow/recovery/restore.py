@@ -27,6 +27,7 @@ import binascii
 import calendar
 import errno
 import fnmatch
+import functools
 import hashlib
 import io
 import json
@@ -1144,14 +1145,10 @@ class Restorer:
             self.tmp_counter += 1
             name = ("%s%d-%d.tmp" % (TEMP_PREFIX, os.getpid(), self.tmp_counter)).encode()
             try:
-                fd = os.open(at(parent, name), flags | os.O_CREAT | os.O_EXCL, 0o600,
-                             dir_fd=dfd(parent))
+                fd = self.opening_up(entry, functools.partial(
+                    os.open, at(parent, name), flags | os.O_CREAT | os.O_EXCL, 0o600,
+                    dir_fd=dfd(parent)))
             except FileExistsError:
-                continue
-            except PermissionError:  # a directory of ours a run before made read-only?
-                assert self.dirs is not None
-                if not self.dirs.open_up(tuple(entry.components[:-1])):
-                    raise
                 continue
             entry.tmp_name = name
             return os.fdopen(fd, "wb")
@@ -1396,16 +1393,16 @@ class Restorer:
                 flush=True,
             )
 
-    def opening_up(self, item: TreeEntry, action: Any) -> None:
-        """ACTION, in ITEM's directory; again once that is opened up if it was refused (a
-        directory of this user's that a run before made read-only)."""
+    def opening_up(self, item: Union[Entry, TreeEntry], action: Any) -> Any:
+        """ACTION's result, in ITEM's directory; again once that is opened up if it was
+        refused (a directory of this user's that a run before made read-only)."""
         assert self.dirs is not None
         try:
-            action()
+            return action()
         except PermissionError:
             if not self.dirs.open_up(tuple(item.components[:-1])):
                 raise
-            action()
+            return action()
 
     def make_link(self, link: TreeEntry) -> None:
         """Create the symbolic link (never following it), replacing a file only with
