@@ -43,8 +43,8 @@ from ltoflow.drives.simulator import (
 )
 from ltoflow.errors import BackupError, SetExistsError, SkippedEntriesError, UsageError
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.progress import NullReporter, ReadMeter, Reporter, reporting
-from ltoflow.restore import RestorePlan, RestoreReport, plan_restore, run_restore
+from ltoflow.progress import Note, NullReporter, ReadMeter, Reporter, reporting
+from ltoflow.restore import OpenedUp, RestorePlan, RestoreReport, plan_restore, run_restore
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
 from ltoflow.verify import VerifyReport, find_catalog, verify_set
@@ -459,6 +459,7 @@ async def restore_async(
     (the tapes needed, in order) before anything is read; returning False makes it a dry run.
     """
     holder = TapeHolder(components.drive, components.operator)
+    opened = OpenedUp(target)  # a normal user's directories that an earlier restore locked
     try:
         if catalog is None:
             catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
@@ -471,7 +472,8 @@ async def restore_async(
 
         def make_plan() -> RestorePlan:
             with gc_paused():  # a job and a range a file, none in a reference cycle
-                return plan_restore(chosen, patterns, target, overwrite=overwrite, meter=meter)
+                return plan_restore(chosen, patterns, target, overwrite=overwrite, meter=meter,
+                                    opened=opened)
 
         # It reads the files already in the target: a Ctrl-C does not wait for that.
         with reporting(meter, components.reporter):
@@ -483,9 +485,11 @@ async def restore_async(
             return await run_restore(
                 plan, target, drive=components.drive, operator=components.operator,
                 clock=components.clock, reporter=components.reporter, overwrite=overwrite,
-                holder=holder, started=started,
+                holder=holder, started=started, opened=opened,
             )
     finally:
+        for problem in opened.put_back():  # a dry run's, or after an error before the restore
+            components.reporter.event(Note(f"warning: {problem.describe()}"))
         await holder.release_after_error()  # a no-op unless something above failed
 
 

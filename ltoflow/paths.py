@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,21 @@ def check_writable(root: Path) -> None:
     fd, probe = tempfile.mkstemp(prefix=".ltoflow-probe-", dir=there)
     os.close(fd)
     Path(probe).unlink()
+
+
+def chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
+    """Set the mode of `name` in `dir_fd`, never through a symlink put there meanwhile: on an
+    O_PATH descriptor of the entry itself (through /proc/self/fd, as Linux has no lchmod).
+    OSError ELOOP when `name` is a symlink, or where that cannot be done safely (no /proc)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        proc = Path(f"/proc/self/fd/{fd}")
+        if stat.S_ISLNK(os.fstat(fd).st_mode) or not proc.parent.is_dir():
+            raise OSError(errno.ELOOP, "not changed: a symlink, or no /proc to change it safely",
+                          name)
+        proc.chmod(mode)
+    finally:
+        os.close(fd)
 
 
 def display(raw: bytes) -> str:

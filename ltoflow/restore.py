@@ -21,8 +21,9 @@ import hashlib
 import mmap
 import os
 import stat
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -276,10 +277,11 @@ def _tree_parts(entry: SymlinkEntry | DirectoryEntry,
 
 def plan_restore(
     catalog: Catalog, patterns: Sequence[str], target: Path, *, overwrite: bool,
-    meter: ReadMeter | None = None,
+    meter: ReadMeter | None = None, opened: OpenedUp | None = None,
 ) -> RestorePlan:
     """Check every selected file against the catalog and the target; order the reads.
-    `meter` counts the bytes of the files already in the target as they are compared."""
+    `meter` counts the bytes of the files already in the target as they are compared;
+    `opened` opens up, first, the target's directories the restore must enter or write in."""
     chosen = select(catalog, patterns)
     files = chosen.files
     skipped = select_skipped(catalog, patterns)
@@ -329,6 +331,8 @@ def plan_restore(
             problems.append(FileProblem(f.relative_path, why))
             continue
         checked.append((f, parts, segs))
+    if opened is not None:
+        opened.open_up(_holders([parts for _, parts, _ in checked], chosen))
     # Files already in the target (an interrupted restore's, say) are read to compare them,
     # with --overwrite too (an identical one need not come from tape again): that can be
     # hours of reading, so it is counted for `meter`.
@@ -389,6 +393,21 @@ def plan_restore(
         present=present,
         retouch=tuple(retouch),
     )
+
+
+def _holders(files: Sequence[tuple[bytes, ...]],
+             chosen: Selection) -> Iterator[tuple[bytes, ...]]:
+    """The directories a restore makes entries in: each file's and link's, and each directory
+    itself (given the backup's mode); refused paths are left out."""
+    yield from (parts[:-1] for parts in files)
+    entries: list[SymlinkEntry | DirectoryEntry] = [*chosen.symlinks, *chosen.directories]
+    for entry in entries:
+        try:
+            parts = safe_parts(entry.path_bytes)
+        except ValueError:
+            continue
+        if parts is not None:
+            yield parts if isinstance(entry, DirectoryEntry) else parts[:-1]
 
 
 def _check_segments(
@@ -462,8 +481,7 @@ def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry,
                 return "is not a regular file"
             if st.st_size != entry.size_bytes:
                 return "differs from the backup (its size)"
-            with open(os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                              | os.O_CLOEXEC, dir_fd=parent), "rb", buffering=0) as fh:
+            with open(_open_to_compare(parent, parts[-1], st), "rb", buffering=0) as fh:
                 if not os.path.samestat(st, os.fstat(fh.fileno())):  # replaced meanwhile
                     return "changed while it was compared"
                 h = hashlib.sha256()
@@ -484,6 +502,23 @@ def _differs(target: Path, parts: tuple[bytes, ...], entry: SourceFileEntry,
         if meter is not None:
             meter.done_bytes += max(0, entry.size_bytes - counted)
     return None
+
+
+def _open_to_compare(parent: int, name: bytes, st: os.stat_result) -> int:
+    """`name` opened to read it, no symlink followed. A file of this user's it may not read
+    (an earlier restore gave it the backup's mode 000) is given owner read for the moment of
+    the open, and its mode back at once: the descriptor keeps the right to read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except PermissionError:
+        if st.st_uid != os.geteuid():
+            raise
+    paths.chmod_nofollow(parent, name, stat.S_IMODE(st.st_mode) | 0o400)
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    finally:
+        paths.chmod_nofollow(parent, name, stat.S_IMODE(st.st_mode))
 
 
 def _same_link(target: Path, parts: tuple[bytes, ...], points_to: bytes) -> bool:
@@ -526,6 +561,106 @@ class _Existing:
         return absent
 
 
+class OpenedUp:
+    """Directories of the target that this user owns but cannot enter or write in: an earlier
+    restore gave them the backup's mode (0o555, 0o000), and a second run (with a tape that was
+    missing, or after files were removed) must make files in them again. They are opened up
+    for the run (owner rwx added), and their modes put back at its end, but for those the run
+    gives the backup's mode itself (`settled`). Another user's directory is left as it is (its
+    files fail, saying why). Thread-safe: a comparison abandoned on Ctrl-C, still running,
+    opens up nothing once put_back has run."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.modes: dict[tuple[bytes, ...], int] = {}  # opened up: its mode before
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def open_up(self, holders: Iterable[tuple[bytes, ...]]) -> None:
+        """Open up what needs it of the directories `holders` and of every directory above
+        them, from the target down (each must be entered to reach the next)."""
+        try:
+            with os.scandir(self.target) as entries:
+                if next(entries, None) is None:
+                    return  # new or empty: nothing in it to open up
+        except OSError:
+            return  # not there yet (or not usable: the restore says so)
+        wanted: set[tuple[bytes, ...]] = set()
+        for parts in set(holders):
+            wanted.update(parts[:k] for k in range(1, len(parts) + 1))
+        euid = os.geteuid()
+        with _dirs_under(self.target) as dirs:
+            gone: set[tuple[bytes, ...]] = set()  # absent, or no directory to open up
+            for parts in sorted(wanted, key=len):
+                if parts[:-1] in gone:
+                    gone.add(parts)
+                    continue
+                try:
+                    st = os.lstat(parts[-1], dir_fd=dirs.open(parts[:-1]))
+                except OSError:
+                    gone.add(parts)
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    gone.add(parts)
+                elif st.st_uid == euid and st.st_mode & 0o700 != 0o700:
+                    with self._lock:
+                        if self._closed:
+                            return
+                        try:
+                            paths.chmod_nofollow(dirs.open(parts[:-1]), parts[-1],
+                                                 stat.S_IMODE(st.st_mode) | 0o700)
+                        except OSError:  # what is then made in it fails, saying why
+                            continue
+                        self.modes[parts] = stat.S_IMODE(st.st_mode)
+
+    def settled(self, parts: tuple[bytes, ...]) -> None:
+        """The run gave this directory the backup's mode: not to be put back."""
+        with self._lock:
+            self.modes.pop(parts, None)
+
+    def put_back(self, only: Iterable[tuple[bytes, ...]] | None = None) -> list[FileProblem]:
+        """Give the directories opened up (`only` those, or all and open up no more) their
+        modes back, deepest first; what could not be put back, as problems."""
+        with self._lock:
+            if only is None:
+                self._closed = True
+                back, self.modes = self.modes, {}
+            else:
+                back = {p: self.modes.pop(p) for p in only if p in self.modes}
+        problems: list[FileProblem] = []
+        if not back:
+            return problems
+        try:
+            with _dirs_under(self.target) as dirs:
+                for parts in sorted(back, key=len, reverse=True):
+                    try:
+                        paths.chmod_nofollow(dirs.open(parts[:-1]), parts[-1], back[parts])
+                    except OSError as e:
+                        problems.append(_not_put_back(parts, back[parts], e))
+        except OSError as e:  # the target itself is gone
+            problems.extend(_not_put_back(parts, mode, e) for parts, mode in back.items())
+        return problems
+
+
+def _not_put_back(parts: tuple[bytes, ...], mode: int, e: OSError) -> FileProblem:
+    return FileProblem(paths.display(b"/".join(parts)), f"was opened up (mode {mode | 0o700:o}) "
+                       f"to restore into it, and its mode could not be put back to {mode:o} "
+                       f"({e.strerror}): chmod {mode:o} it by hand")
+
+
+@contextlib.contextmanager
+def _dirs_under(target: Path) -> Iterator[DirFds]:
+    """The target's directories, for their names' sake only (O_PATH: search permission is
+    enough to reach one)."""
+    root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = DirFds(root_fd, path_only=True)
+    try:
+        yield dirs
+    finally:
+        dirs.close()
+        os.close(root_fd)
+
+
 class _FileWriter:
     """Writes restored bytes into temporary files under the target; runs in worker threads.
 
@@ -533,10 +668,12 @@ class _FileWriter:
     the target (or in the catalog's paths) is refused instead of followed.
     """
 
-    def __init__(self, target: Path, jobs: Sequence[_FileJob], *, overwrite: bool) -> None:
+    def __init__(self, target: Path, jobs: Sequence[_FileJob], *, overwrite: bool,
+                 opened: OpenedUp | None = None) -> None:
         self.target = target
         self.jobs = jobs
         self.overwrite = overwrite
+        self.opened = opened or OpenedUp(target)
         self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs = DirFds(self.root_fd, create=True)
         self._temps = 0
@@ -571,12 +708,21 @@ class _FileWriter:
 
     def finish_tree(self, links: Sequence[_TreeJob], dirs: Sequence[_TreeJob]) -> None:
         """After the files: create the symlinks, then give directories their modes and
-        mtimes, deepest first (children before the directory that holds them)."""
+        mtimes, and those opened up for the run and not restored their modes back, deepest
+        first (children before the directory that holds them, which may shut them off)."""
         self._discard_unfinished()
         for job in links:
             self._tree_guarded(job, partial(self._symlink, job))
-        for job in sorted(dirs, key=lambda j: len(j.parts), reverse=True):
-            self._tree_guarded(job, partial(self._directory, job))
+        steps = [(job.parts, partial(self._tree_guarded, job, partial(self._directory, job)))
+                 for job in dirs]
+        restored = {job.parts for job in dirs}
+        steps.extend((parts, partial(self._put_back, parts))
+                     for parts in list(self.opened.modes) if parts not in restored)
+        for _, step in sorted(steps, key=lambda s: len(s[0]), reverse=True):
+            step()
+
+    def _put_back(self, parts: tuple[bytes, ...]) -> None:
+        self.problems.extend(self.opened.put_back([parts]))
 
     def _symlink(self, job: _TreeJob) -> None:
         link = job.entry
@@ -602,6 +748,7 @@ class _FileWriter:
         assert isinstance(d, DirectoryEntry)
         fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
         os.fchmod(fd, stat.S_IMODE(d.unix_mode))
+        self.opened.settled(job.parts)
         os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
         self.directories += 1
 
@@ -967,10 +1114,12 @@ async def run_restore(
     overwrite: bool = False,
     holder: TapeHolder | None = None,
     started: float | None = None,
+    opened: OpenedUp | None = None,
 ) -> RestoreReport:
     """Restore `plan` into `target`, loading each needed tape once, in sequence order.
     `started`: when the job began (its plan compared the files already in the target, say),
-    on `clock`; now by default."""
+    on `clock`; now by default. `opened`: the directories the plan opened up, whose modes
+    go back at the end."""
     reporter = reporter or NullReporter()
     holder = holder or TapeHolder(drive, operator)
     started = clock.monotonic() if started is None else started
@@ -979,7 +1128,7 @@ async def run_restore(
         check_target_is_writable(target)
         try:
             target.mkdir(parents=True, exist_ok=True)
-            return _FileWriter(target, plan.jobs, overwrite=overwrite)
+            return _FileWriter(target, plan.jobs, overwrite=overwrite, opened=opened)
         except OSError as e:  # a file in its path, a read-only filesystem, no permission
             raise UsageError(f"cannot create the restore target {target}: {e.strerror}; "
                              "give --target a directory this user can write to") from e
@@ -1009,6 +1158,7 @@ async def run_restore(
         await holder.release_after_error()  # a no-op unless something above failed
         with trio.CancelScope(shield=True):  # Ctrl-C too: no temporary file stays behind
             await trio.to_thread.run_sync(writer.close)
+            writer.problems.extend(writer.opened.put_back())  # after an error: what is left
     return RestoreReport(
         requested=plan.files,
         restored=writer.restored,

@@ -7,10 +7,15 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from ltoflow import hashing
@@ -19,6 +24,7 @@ from ltoflow.errors import leaves
 pytest_plugins = ["tests.fakes.fixtures"]
 
 SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +253,46 @@ def on_read(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, PreadvHook], None
 
     monkeypatch.setattr(os, "preadv", preadv)
     return hooks.__setitem__
+
+
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+#: Root without the capabilities that let it read any file: the same permission checks as an
+#: ordinary user, for when nobody cannot run this venv's python (it lives under /root).
+ROOT_WITHOUT_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@attrs.frozen
+class Unprivileged:
+    prefix: list[str]
+    base: Path
+
+    def ltoflow(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, sys.executable, "-I", "-m", "ltoflow", *map(str, args)],
+            capture_output=True, text=True, check=False, timeout=120, cwd="/",
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[Unprivileged]:
+    """A way to run ltoflow without the right to read every file, and a directory it can
+    use; or a skip that says why there is none (we run as root, which reads mode-000 files)."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop root's privileges")
+    why = []
+    for prefix in (NOBODY, ROOT_WITHOUT_DAC):
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import ltoflow, trio, orjson"],
+                               capture_output=True, text=True, check=False, timeout=60,
+                               env={"PYTHONPATH": str(REPO)})
+        if probe.returncode == 0:
+            break
+        why.append(f"{' '.join(prefix[1:])}: "
+                   f"{(probe.stderr.strip().splitlines() or ['?'])[-1]}")
+    else:
+        pytest.skip(f"cannot run {sys.executable} unprivileged ({'; '.join(why)})")
+    base = Path(tempfile.mkdtemp(prefix="ltoflow-unprivileged-", dir="/tmp"))
+    base.chmod(0o777)
+    try:
+        yield Unprivileged(prefix, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

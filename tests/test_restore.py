@@ -9,9 +9,11 @@ import json
 import os
 import random
 import shutil
+import stat
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import attrs
 import pytest
@@ -23,7 +25,14 @@ from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.restore import TEMP_PREFIX, RestoreReport
 
-from .conftest import SEED_FIXTURE, Raises, tree_snapshot, write_odd_tree, write_tree
+from .conftest import (
+    SEED_FIXTURE,
+    Raises,
+    Unprivileged,
+    tree_snapshot,
+    write_odd_tree,
+    write_tree,
+)
 
 KB = 1000
 TREE = {
@@ -707,3 +716,54 @@ def test_cli_lists_links_and_directories_of_odd_names(
         assert line.endswith(" " + end)
     assert lines[3].lstrip().startswith("symlink")
     assert lines[4].lstrip().startswith("dir 0755")
+
+
+def test_an_unprivileged_rerun_restores_into_the_directories_the_first_run_locked(
+    unprivileged: Unprivileged,
+) -> None:
+    """The first restore gives directories the backup's modes (0555, 000) at its end; a second
+    run by the same normal user (a file was removed, a tape was missing) opens them up to
+    restore into them, compares a mode-000 file it owns, and puts every mode back."""
+    base = unprivileged.base
+    src, tapes, target = base / "src", base / "tapes", base / "target"
+    contents = write_tree(src, {"locked/a.bin": 3000, "shut/inner/b.bin": 2000,
+                                "shut/c.bin": 1000, "top/secret.bin": 500, "plain.bin": 700})
+    modes = {"locked": 0o555, "shut/inner": 0o555, "shut": 0o000, "top/secret.bin": 0o000,
+             "top": 0o755, "plain.bin": 0o644, "locked/a.bin": 0o444,
+             "shut/inner/b.bin": 0o644, "shut/c.bin": 0o600}
+    for rel, mode in sorted(modes.items(), key=lambda kv: -kv[0].count("/")):
+        (src / rel).chmod(mode)
+    backup(BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                        max_container_size_bytes=10**6))
+
+    def restore_as_nobody(*extra: str) -> dict[str, Any]:
+        done = unprivileged.ltoflow("restore", "--simulator", tapes, "--target", target,
+                                    "--json", *extra)
+        assert done.returncode == EXIT_OK, done.stdout + done.stderr
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    def modes_now() -> dict[str, int]:
+        return {rel: stat.S_IMODE((target / rel).lstat().st_mode) for rel in modes
+                if os.path.lexists(target / rel)}
+
+    assert restore_as_nobody()["restored"] == 5
+    assert modes_now() == modes
+    (target / "shut/inner/b.bin").unlink()  # as root, who may
+    (target / "locked/a.bin").unlink()
+
+    dry = restore_as_nobody("--dry-run")
+    assert (dry["already_present"], dry["problems"]) == (3, [])
+    assert modes_now() == {rel: mode for rel, mode in modes.items()
+                           if rel not in ("shut/inner/b.bin", "locked/a.bin")}
+
+    doc = restore_as_nobody()
+    assert (doc["restored"], doc["already_present"], doc["problems"]) == (2, 3, [])
+    assert modes_now() == modes
+    (target / "shut/inner/b.bin").unlink()  # a file alone: its directories are not restored,
+    doc = restore_as_nobody("shut/inner/b.bin")  # only opened up and put back
+    assert (doc["restored"], doc["directories_restored"], doc["problems"]) == (1, 0, [])
+    assert modes_now() == modes
+    for rel in modes:  # opened up again, by root, to read what came back
+        (target / rel).chmod(modes[rel] | (0o700 if (target / rel).is_dir() else 0o600))
+    assert {rel: (target / rel).read_bytes() for rel in contents} == contents
