@@ -480,7 +480,8 @@ async def restore_async(
             plan = await trio.to_thread.run_sync(make_plan, abandon_on_cancel=True)
         if before is not None and not before(plan):
             await holder.release()
-            return RestoreReport.from_plan(plan)
+            report = RestoreReport.from_plan(plan)
+            return attrs.evolve(report, problems=(*report.problems, *opened.put_back()))
         with gc_frozen():  # the catalog's and the plan's records, alive for the whole job
             return await run_restore(
                 plan, target, drive=components.drive, operator=components.operator,
@@ -488,7 +489,7 @@ async def restore_async(
                 holder=holder, started=started, opened=opened,
             )
     finally:
-        for problem in opened.put_back():  # a dry run's, or after an error before the restore
+        for problem in opened.put_back():  # after an error before the restore
             components.reporter.event(Note(f"warning: {problem.describe()}"))
         await holder.release_after_error()  # a no-op unless something above failed
 

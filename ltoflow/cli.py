@@ -568,7 +568,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         report = trio.run(run_interruptible, lambda: api.restore_async(
             components, target, args.patterns, catalog=given, overwrite=args.overwrite,
             before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
-                                         "target, and the tape in the drive was not unloaded"))
+                                         "target (the next restore into it removes them), and "
+                                         "the tape in the drive was not unloaded"))
     except* Interrupted as group:
         raise Interrupted(
             f"{group.exceptions[0]}; the files restored so far are whole: run the same restore "
@@ -583,6 +584,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "tapes": list(report.tapes), "tapes_read": list(report.tapes_read),
             "ok": report.ok,
             "already_present": report.already_present, "retouched": report.retouched,
+            "leftovers_removed": report.leftovers_removed,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
         })
@@ -592,6 +594,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if report.dry_run:
         for p in report.problems:
             print(f"WILL FAIL {p.describe()}")
+        if report.leftovers_removed:
+            print(f"Will remove {report.leftovers_removed} temporary file(s) ({TEMP_PREFIX}*) "
+                  "that an earlier restore, killed outright, left in the target.")
     else:
         for p in report.problems:
             print(f"FAILED {p.describe()}")

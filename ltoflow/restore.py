@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import mmap
 import os
+import re
 import stat
 import threading
 from collections import defaultdict
@@ -132,6 +133,8 @@ class RestorePlan:
     #: Those of them whose bytes are the backup's but not their mode or mtime (copied back by
     #: hand, say): given the backup's by the restore (a dry run changes nothing).
     retouch: tuple[tuple[SourceFileEntry, tuple[bytes, ...]], ...] = ()
+    #: Temporary files that earlier restores, killed outright, left where this one writes.
+    leftovers: tuple[tuple[bytes, ...], ...] = ()
 
     @property
     def files(self) -> int:
@@ -160,6 +163,9 @@ class RestoreReport:
     #: Of `already_present`, those given the backup's mode and mtime (their bytes were its;
     #: in a dry run, those that would be).
     retouched: int = 0
+    #: Temporary files of earlier restores killed outright (their processes gone), removed
+    #: from the directories this one writes in (in a dry run, those that would be).
+    leftovers_removed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -172,7 +178,8 @@ class RestoreReport:
         """What a dry run reports: the plan, nothing restored."""
         return cls(plan.files, 0, 0, 0.0, tuple(t.tape_id for t in plan.tapes), plan.problems,
                    plan.bytes_to_read, dry_run=True, skipped=plan.skipped,
-                   already_present=plan.present, retouched=len(plan.retouch))
+                   already_present=plan.present, retouched=len(plan.retouch),
+                   leftovers_removed=len(plan.leftovers))
 
 
 def safe_parts(relative_path: bytes) -> tuple[bytes, ...] | None:
@@ -331,8 +338,12 @@ def plan_restore(
             problems.append(FileProblem(f.relative_path, why))
             continue
         checked.append((f, parts, segs))
-    if opened is not None:
-        opened.open_up(_holders([parts for _, parts, _ in checked], chosen))
+    leftovers: list[tuple[bytes, ...]] = []
+    if _has_entries(target):  # a restore run again, say (a new target has nothing to look at)
+        holders = set(_holders([parts for _, parts, _ in checked], chosen))
+        if opened is not None:
+            opened.open_up(holders)
+        leftovers = _leftover_temps(target, holders)
     # Files already in the target (an interrupted restore's, say) are read to compare them,
     # with --overwrite too (an identical one need not come from tape again): that can be
     # hours of reading, so it is counted for `meter`.
@@ -392,7 +403,58 @@ def plan_restore(
         skipped=tuple(skipped),
         present=present,
         retouch=tuple(retouch),
+        leftovers=tuple(leftovers),
     )
+
+
+def _has_entries(target: Path) -> bool:
+    try:
+        with os.scandir(target) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False  # not there yet (or not usable: the restore says so)
+
+
+#: The temporary names of ltoflow's restore (`<pid>-<n>`) and of the recovery kit (`.tmp`).
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX.encode()) + rb"([0-9]{1,10})-[0-9]+(\.tmp)?")
+
+
+def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
+                    ) -> list[tuple[bytes, ...]]:
+    """The temporary files in these directories of the target whose restore is gone: killed
+    outright (kill -9, a second Ctrl-C, a crash), it could not remove them. A restore still
+    running (its process is there) keeps its own."""
+    found: list[tuple[bytes, ...]] = []
+    with contextlib.ExitStack() as stack:
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, root_fd)
+        dirs = DirFds(root_fd)
+        stack.callback(dirs.close)
+        for parts in sorted(set(holders)):
+            try:
+                with os.scandir(dirs.open(parts)) as entries:
+                    names = [os.fsencode(e.name) for e in entries
+                             if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)]
+            except OSError:
+                continue  # not there, or not a directory: nothing of a restore's in it
+            for name in names:
+                m = _TEMP_NAME.fullmatch(name)
+                if m is not None and not _running(int(m[1])):
+                    found.append((*parts, name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` is there (this one, or any other, whoever runs it)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's
+        return True
+    except (ProcessLookupError, OverflowError):  # gone; or no pid can be that large
+        return False
+    return True
 
 
 def _holders(files: Sequence[tuple[bytes, ...]],
@@ -579,15 +641,11 @@ class OpenedUp:
     def open_up(self, holders: Iterable[tuple[bytes, ...]]) -> None:
         """Open up what needs it of the directories `holders` and of every directory above
         them, from the target down (each must be entered to reach the next)."""
-        try:
-            with os.scandir(self.target) as entries:
-                if next(entries, None) is None:
-                    return  # new or empty: nothing in it to open up
-        except OSError:
-            return  # not there yet (or not usable: the restore says so)
         wanted: set[tuple[bytes, ...]] = set()
         for parts in set(holders):
             wanted.update(parts[:k] for k in range(1, len(parts) + 1))
+        if not wanted:
+            return
         euid = os.geteuid()
         with _dirs_under(self.target) as dirs:
             gone: set[tuple[bytes, ...]] = set()  # absent, or no directory to open up
@@ -783,6 +841,22 @@ class _FileWriter:
                 self.problems.append(FileProblem(
                     f.relative_path, "is already there with the backup's bytes, but its mode "
                     f"and modification time could not be set ({why})"))
+
+    def remove_leftovers(self, leftovers: Sequence[tuple[bytes, ...]]) -> int:
+        """Remove temporary files earlier restores left; return how many were."""
+        removed = 0
+        for parts in leftovers:
+            with contextlib.suppress(FileNotFoundError):  # another run took it meanwhile
+                try:
+                    os.unlink(parts[-1], dir_fd=self._parent_of(parts))
+                except (OSError, _Refused) as e:
+                    why = e.strerror if isinstance(e, OSError) else str(e)
+                    self.problems.append(FileProblem(
+                        paths.display(b"/".join(parts)), "is a temporary file an earlier "
+                        f"restore left, and it could not be removed ({why})"))
+                    continue
+                removed += 1
+        return removed
 
     def fail(self, job: _FileJob, what: str) -> None:
         """Give up on this file, unless it is done: restored whole and checked, it stays (a
@@ -1134,6 +1208,11 @@ async def run_restore(
                              "give --target a directory this user can write to") from e
 
     writer = await trio.to_thread.run_sync(open_target)
+    removed = 0
+    if plan.leftovers:
+        removed = await trio.to_thread.run_sync(writer.remove_leftovers, plan.leftovers)
+        reporter.event(Note(f"removed {removed} temporary file(s) ({TEMP_PREFIX}*) that an "
+                            "earlier restore, killed outright, left in the target"))
     if plan.retouch:
         await trio.to_thread.run_sync(writer.retouch, plan.retouch)
     pool = read_pool()
@@ -1173,6 +1252,7 @@ async def run_restore(
         already_present=plan.present - writer.retouch_failed,
         retouched=len(plan.retouch) - writer.retouch_failed,
         tapes_read=tuple(read),
+        leftovers_removed=removed,
     )
 
 

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -767,3 +768,39 @@ def test_an_unprivileged_rerun_restores_into_the_directories_the_first_run_locke
     for rel in modes:  # opened up again, by root, to read what came back
         (target / rel).chmod(modes[rel] | (0o700 if (target / rel).is_dir() else 0o600))
     assert {rel: (target / rel).read_bytes() for rel in contents} == contents
+
+
+def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path,
+) -> None:
+    """kill -9 leaves a restore's temporary files; the next restore into that target removes
+    those whose process is gone (ltoflow's names and the recovery kit's) from the directories
+    it writes in, and keeps those of a restore still running. A dry run only counts them."""
+    import trio
+
+    _, tapes, _ = backed_up
+    out = tmp_path / "out"
+    assert restore(tapes, out).ok
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    with subprocess.Popen(["sleep", "60"]) as running:
+        try:
+            dead = [f"case-2/{TEMP_PREFIX}{ended.pid}-7", f"case-2/{TEMP_PREFIX}{ended.pid}-8.tmp"]
+            kept = [f"case-2/{TEMP_PREFIX}{running.pid}-1", f"case-2/{TEMP_PREFIX}x-1",
+                    f"{TEMP_PREFIX}{ended.pid}-9"]  # not where a restore of case-2 writes
+            for rel in (*dead, *kept):
+                (out / rel).write_bytes(b"partial")
+            (out / "case-2" / "ledger.csv").unlink()
+
+            dry = trio.run(lambda: api.restore_async(
+                api.Components(drive=SimulatorDrive(tapes)), out, ["case-2"],
+                before=lambda plan: False))
+            assert (dry.dry_run, dry.leftovers_removed) == (True, 2)
+            assert all((out / rel).exists() for rel in (*dead, *kept))
+
+            report = restore(tapes, out, "case-2")
+            assert (report.ok, report.restored, report.leftovers_removed) == (True, 1, 2)
+            assert sorted(str(p.relative_to(out)) for p in out.rglob(TEMP_PREFIX + "*")) == sorted(
+                kept)
+        finally:
+            running.kill()
