@@ -804,3 +804,22 @@ def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
                 kept)
         finally:
             running.kill()
+
+
+def test_cli_a_restore_needing_no_tape_says_so_and_a_dry_run_names_leftovers(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, _ = backed_up
+    out = tmp_path / "out"
+    args = ["restore", "--simulator", str(tapes), "--target", str(out), "case-2/empty.dat"]
+    assert main(args) == EXIT_OK
+    assert "Restore of 1 file(s) needs no tape." in capsys.readouterr().out
+    assert (out / "case-2" / "empty.dat").read_bytes() == b""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1").write_bytes(b"partial")
+    assert main([*args, "--dry-run"]) == EXIT_OK
+    said = capsys.readouterr().out
+    assert "Restore of 0 file(s) (1 more already there, identical) needs no tape." in said
+    assert f"Will remove 1 temporary file(s) ({TEMP_PREFIX}*) that an earlier restore" in said
+    assert (out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1").exists()
