@@ -1,13 +1,17 @@
 """The `ltoflow` command's entry point, outside the package: importing `ltoflow` loads the
-engine (a third of a second), and a Ctrl-C meanwhile should end the command as quietly as one
-a moment later does, with no traceback."""
+engine (a third of a second), and a Ctrl-C or a SIGTERM meanwhile should end the command as
+quietly as one a moment later does, with no traceback."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def main() -> None:
+    # SIGTERM as SIGINT: until a job takes both signals over (to stop cleanly), either ends the
+    # command with one line and exit 130, not SIGTERM's silent death (exit 143).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         from ltoflow.cli import EXIT_INTERRUPTED, entry
     except KeyboardInterrupt:

@@ -255,15 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _operator(args: argparse.Namespace) -> Operator:
+def _operator(args: argparse.Namespace, reporter: Reporter | None = None) -> Operator:
     if args.simulator is not None:
         if args.tape_change_command:
             raise UsageError("--tape-change-command is for a real drive (--device): the "
                              "simulator has every tape of its directory at hand")
         return NoPromptOperator()
     if args.tape_change_command:
-        return CommandOperator(args.tape_change_command)
-    if args.yes or not sys.stdin.isatty():
+        return CommandOperator(args.tape_change_command, reporter)
+    if args.yes or sys.stdin is None or not sys.stdin.isatty():  # None: stdin closed
         return UnattendedOperator()
     return ConsolePromptOperator()
 
@@ -369,7 +369,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     reporter = _reporter(args, quiet=args.quiet or args.json)
     drive = _drive(args, capacity=config.tape_nominal_capacity_bytes, throttle=throttle)
-    components = api.Components(drive=drive, operator=_operator(args), reporter=reporter)
+    components = api.Components(drive=drive, operator=_operator(args, reporter),
+                                reporter=reporter)
     journal = api.job_journal(config, drive)
     try:
         result = trio.run(run_interruptible, lambda: api.backup_async(config, components))
@@ -509,10 +510,9 @@ def _skipped_doc(s: SkippedEntry) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    components = api.Components(
-        drive=_drive(args, must_exist=True), operator=_operator(args),
-        reporter=LogReporter(verbose=args.verbose, quiet=args.json),
-    )
+    reporter = LogReporter(verbose=args.verbose, quiet=args.json)
+    components = api.Components(drive=_drive(args, must_exist=True),
+                                operator=_operator(args, reporter), reporter=reporter)
     report = trio.run(run_interruptible, lambda: api.verify_async(components),
                       _abort_now("the tape in the drive was not unloaded"))
     if args.json:
@@ -530,10 +530,9 @@ def _catalog_from(args: argparse.Namespace, components: api.Components) -> Catal
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    components = api.Components(
-        drive=_drive(args, must_exist=True), operator=_operator(args),
-        reporter=LogReporter(verbose=args.verbose, quiet=args.json),
-    )
+    reporter = LogReporter(verbose=args.verbose, quiet=args.json)
+    components = api.Components(drive=_drive(args, must_exist=True),
+                                operator=_operator(args, reporter), reporter=reporter)
     target: Path = args.target
     if target.exists() and not target.is_dir():
         raise UsageError(f"--target {target} exists and is not a directory")

@@ -123,8 +123,13 @@ class ResumeState:
         return n
 
     def describe(self) -> str:
-        return (f"set {self.set_id}: {self.done_prefix()} of {self.planned_containers} "
-                f"containers and {len(self.tapes_done)} of {self.planned_tapes} tapes done")
+        done = (f"set {self.set_id}: {self.done_prefix()} of {self.planned_containers} "
+                f"containers and {len(self.tapes_done)}")
+        if not self.breaks:
+            return f"{done} of {self.planned_tapes} tapes done"
+        # the tapes it needs now follow from the plan; not known here
+        return (f"{done} tape(s) done ({len(self.breaks)} filled early, so it may need more "
+                f"than the {self.planned_tapes} planned)")
 
 
 #: The scan's file columns, in the order they are kept.

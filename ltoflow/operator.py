@@ -15,6 +15,7 @@ import trio
 
 from ltoflow.drives import TapeRequest
 from ltoflow.errors import TapeNotLoadedError
+from ltoflow.progress import Note, Reporter
 
 
 class Operator(Protocol):
@@ -32,7 +33,8 @@ class NoPromptOperator:
 
     async def insert_tape(self, request: TapeRequest, *, problem: str | None = None) -> None:
         if problem is not None:
-            raise TapeNotLoadedError(f"{problem}; no operator is available to change the tape")
+            raise TapeNotLoadedError(f"{_clause(problem)}; no operator is available to change "
+                                     "the tape")
 
 
 class UnattendedOperator:
@@ -46,7 +48,7 @@ class UnattendedOperator:
         first, self._first = self._first, False
         if first and problem is None:
             return
-        why = f"{problem}; " if problem else ""
+        why = f"{_clause(problem)}; " if problem else ""
         raise TapeNotLoadedError(
             f"{why}tape {request.describe()} is needed and nobody can be asked for it "
             "(no terminal, or --yes); insert it and run again, or give --tape-change-command"
@@ -61,18 +63,20 @@ class ConsolePromptOperator:
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
+        self.stream = stream  # None: sys.stderr as it is when asking (a live view's proxy)
         self._first = True
 
     async def insert_tape(self, request: TapeRequest, *, problem: str | None = None) -> None:
         first, self._first = self._first, False
         if first and problem is None:
             return
+        # Looked up now: while the live view runs, sys.stderr prints above its bars.
+        stream = self.stream or sys.stderr
         if problem:
-            print(f"Wrong tape: {problem}", file=self.stream)
+            print(f"Cannot use the tape in the drive: {problem}", file=stream)
         print(f"Please insert tape {request.tape_id} (tape {request.sequence_number}"
               f"{', volume ' + request.volume_serial if request.volume_serial else ''}) "
-              "and press Enter.", file=self.stream, flush=True)
+              "and press Enter.", file=stream, flush=True)
         line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
         if not line:
             raise TapeNotLoadedError(
@@ -84,17 +88,24 @@ class CommandOperator:
     """Runs a command (an `mtx load` script, say) whenever a tape is needed.
 
     The command runs through the shell with LTOFLOW_TAPE_ID, LTOFLOW_TAPE_SEQ (1-based),
-    LTOFLOW_SET_ID, LTOFLOW_PURPOSE (write/read) and, when asked again, LTOFLOW_PROBLEM. A
-    non-zero exit is an error that shows the command's stderr.
+    LTOFLOW_SET_ID, LTOFLOW_PURPOSE (write/read) and, when asked again, LTOFLOW_PROBLEM; the
+    tape and set ids are empty when any tape of the set will do (the first tape a read job
+    loads, for the catalog). A non-zero exit is an error that shows the command's stderr.
+    Each run is said first (`reporter`), so that a command that hangs is seen to.
     """
 
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, reporter: Reporter | None = None) -> None:
         self.command = command
+        self.reporter = reporter
 
     async def insert_tape(self, request: TapeRequest, *, problem: str | None = None) -> None:
+        known = bool(request.backup_set_id)  # else: any tape of the set, sequence 1 first
+        if self.reporter is not None:
+            what = request.describe() if known else f"tape {request.sequence_number}"
+            self.reporter.event(Note(f"running the tape-change command for {what}"))
         env = {
             **os.environ,
-            "LTOFLOW_TAPE_ID": request.tape_id,
+            "LTOFLOW_TAPE_ID": request.tape_id if known else "",
             "LTOFLOW_TAPE_SEQ": str(request.sequence_number),
             "LTOFLOW_SET_ID": request.backup_set_id,
             "LTOFLOW_PURPOSE": request.purpose,
@@ -112,3 +123,8 @@ class CommandOperator:
                 f"the tape-change command failed for tape {request.describe()} "
                 f"(exit {done.returncode}): {shown}"
             )
+
+
+def _clause(problem: str) -> str:
+    """`problem` to go on with `; ...` (no full stop before it)."""
+    return problem.rstrip().rstrip(".")

@@ -650,11 +650,24 @@ async def _check_tape_catalog(tape: LoadedTape, catalog: Catalog, tape_id: str,
             mine = await trio.to_thread.run_sync(
                 partial(JsonCatalogCodec().decode, data, source=f"{tape_id}/catalog"))
             if not mine.same_set_as(catalog):
-                return [Problem("the catalog on this tape differs from the set's catalog",
-                                tape_id=tape_id)]
+                return [Problem(_differing_catalog(mine, catalog, tape_id), tape_id=tape_id)]
     except BackupError as e:  # damaged catalog, or the tape cannot be read at all
         return [Problem(str(e), tape_id=tape_id)]
     return []
+
+
+def _differing_catalog(mine: Catalog, used: Catalog, tape_id: str) -> str:
+    """Why a tape's catalog copy is not the set's. Copies of one set that list a different
+    number of tapes are those of a backup not finished after a tape filled early: the tapes
+    written after it know the new layout, tape 1's copy is replaced last (backup --resume)."""
+    if mine.backup_set_id != used.backup_set_id or len(mine.tapes) == len(used.tapes):
+        return "the catalog on this tape differs from the set's catalog"
+    where = (f"{tape_id}'s catalog/catalog.json" if len(mine.tapes) > len(used.tapes)
+             else "the catalog/catalog.json of the tape whose copy lists the most tapes")
+    return (f"the catalog on this tape lists {len(mine.tapes)} tapes, the one verify read "
+            f"first {len(used.tapes)}: this set's backup was not finished after a tape filled "
+            "early (tape 1's copy is replaced last); finish it with `ltoflow backup --resume`, "
+            f"or restore with --catalog {where}")
 
 
 async def verify_loaded_tape(

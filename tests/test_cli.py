@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,11 +23,14 @@ from ltoflow.cli import (
     EXIT_OK,
     EXIT_USAGE,
     EXIT_WARNINGS,
+    _operator,
+    build_parser,
     main,
 )
 from ltoflow.errors import TargetFullError, UsageError
+from ltoflow.operator import UnattendedOperator
 
-from .conftest import load_catalog_json, write_tree
+from .conftest import REPO, load_catalog_json, write_tree
 
 TREE = {"a/one.bin": 150_000, "a/two.txt": 2_000, "b/three.bin": 420_000, "b/empty": 0}
 SMALL = ["--capacity-tb", "0.0000003", "--container-size-gb", "0.00005"]  # 300 kB tapes, 50 kB
@@ -178,6 +183,33 @@ def test_ctrl_c_while_the_command_loads_ends_it_without_a_traceback(
         ltoflow_command.main()
     assert exited.value.code == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "ltoflow: interrupted\n"
+
+
+def test_sigterm_while_the_command_loads_ends_it_as_ctrl_c_does() -> None:
+    """Before a job takes the signals over, SIGTERM is no silent death (exit 143): one line
+    and exit 130, as for Ctrl-C. The signal arrives while the package is imported."""
+    script = (
+        "import builtins, os, signal, sys, ltoflow_command\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'ltoflow.cli':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "sys.argv = ['ltoflow', '--help']\n"
+        "ltoflow_command.main()\n"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
+                          check=False, timeout=120, cwd="/", env={"PYTHONPATH": str(REPO)})
+    assert (done.returncode, done.stderr) == (130, "ltoflow: interrupted while starting\n")
+
+
+def test_a_closed_stdin_means_no_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job run with its standard input closed (a daemon's, some schedulers'): Python's
+    sys.stdin is None, and the tape-change prompt is not offered, as with no terminal."""
+    monkeypatch.setattr(sys, "stdin", None)
+    args = build_parser().parse_args(["verify", "--device", "/dev/nst0", "--mount-point", "/m"])
+    assert isinstance(_operator(args), UnattendedOperator)
 
 
 def test_a_restore_target_that_cannot_be_made_is_a_usage_error(
@@ -554,6 +586,30 @@ def test_verify_reports_missing_container_and_tape(
     # checked: those of the tapes there, less the one missing from tape 1
     assert doc["containers_checked"] == sum(
         1 for c in containers if c["tape_id"] != tapes[2].name) - 1
+
+
+def test_verify_says_a_set_is_unfinished_when_a_later_tape_knows_more_tapes(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tape filled early and the resume stopped before tape 1's catalog was replaced: the
+    tapes written last list one tape more. Not "damage", but an unfinished backup, said so,
+    with the way out."""
+    tapes = sorted(seed_tapes.iterdir())
+    doc = load_catalog_json(tapes[2])
+    listed = doc["tapes"]
+    assert isinstance(listed, list)
+    listed.append({**listed[-1], "tape_id": listed[-1]["tape_id"][:-3] + "004",
+                   "sequence_number": 4})
+    raw = json.dumps(doc).encode()
+    (tapes[2] / "catalog" / "catalog.json").write_bytes(raw)
+    (tapes[2] / "catalog" / "catalog.sha256").write_text(hashlib.sha256(raw).hexdigest() + "\n")
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes)
+    assert code == EXIT_DAMAGED
+    assert [line for line in out.splitlines() if line.startswith("BAD")] == [
+        f"BAD tape {tapes[2].name}: the catalog on this tape lists 4 tapes, the one verify read "
+        "first 3: this set's backup was not finished after a tape filled early (tape 1's copy "
+        "is replaced last); finish it with `ltoflow backup --resume`, or restore with "
+        f"--catalog {tapes[2].name}'s catalog/catalog.json"]
 
 
 def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(

@@ -172,3 +172,21 @@ def test_an_empty_set_that_fails_after_its_catalog_is_resumed(tmp_path: Path) ->
             "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
     assert main([*args, "--sim-fault", "fail_on_unload"]) != EXIT_OK
     assert main([*args, "--resume"]) == EXIT_OK
+
+
+def test_what_is_done_counts_tapes_against_the_plan_until_one_fills_early(
+    journal: Journal,
+) -> None:
+    journal.container_done(done(0))
+    journal.tape_done(0, None)
+    journal.close()
+    state = Journal(journal.state_dir, journal.key).load(CODEC)
+    assert state.describe() == "set set-1: 1 of 3 containers and 1 of 1 tapes done"
+    journal.reopen()
+    journal.tape_break(1)
+    journal.container_done(done(1))
+    journal.tape_done(1, None, layout=1)
+    journal.close()
+    state = Journal(journal.state_dir, journal.key).load(CODEC)
+    assert state.describe() == ("set set-1: 2 of 3 containers and 2 tape(s) done (1 filled "
+                                "early, so it may need more than the 1 planned)")

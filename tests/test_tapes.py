@@ -17,6 +17,7 @@ from ltoflow.operator import (
     NoPromptOperator,
     UnattendedOperator,
 )
+from ltoflow.progress import ListReporter, Note
 from ltoflow.tapes import MAX_TAPE_ATTEMPTS, check_blank, check_member, load_requested_tape
 
 REQ = TapeRequest("TAPE-s-002", 2, "s", 3)
@@ -28,6 +29,23 @@ async def test_command_operator_passes_the_tape_in_its_environment(tmp_path: Pat
                          f'$LTOFLOW_PURPOSE" > {out}')
     await op.insert_tape(REQ)
     assert out.read_text().split() == ["TAPE-s-002", "2", "s", "write"]
+
+
+async def test_command_operator_says_each_run_and_gives_no_id_when_any_tape_will_do(
+    tmp_path: Path,
+) -> None:
+    """A read job's first tape is any of the set (its catalog is not read yet): the command
+    gets empty ids, not a made-up one. Every run is said first: a command that hangs shows."""
+    out = tmp_path / "env.txt"
+    said = ListReporter()
+    op = CommandOperator(f'echo "[$LTOFLOW_TAPE_ID] [$LTOFLOW_SET_ID] $LTOFLOW_TAPE_SEQ" >> {out}',
+                         said)
+    await op.insert_tape(TapeRequest("(any tape of the set)", 1, "", purpose="read"))
+    await op.insert_tape(REQ)
+    assert out.read_text().splitlines() == ["[] [] 1", "[TAPE-s-002] [s] 2"]
+    assert [e.text for e in said.events if isinstance(e, Note)] == [
+        "running the tape-change command for tape 1",
+        "running the tape-change command for TAPE-s-002 (tape 2 of 3)"]
 
 
 async def test_command_operator_failure_shows_its_stderr() -> None:
@@ -48,6 +66,9 @@ async def test_unattended_operator_uses_the_tape_in_the_drive_then_fails_clearly
     await op.insert_tape(REQ)  # the first tape: whatever is in the drive
     with pytest.raises(TapeNotLoadedError, match=r"TAPE-s-002 .* is needed and nobody"):
         await op.insert_tape(REQ)
+    with pytest.raises(TapeNotLoadedError) as failed:  # one full stop at most, at the end
+        await op.insert_tape(REQ, problem="ltfs could not mount /dev/nst0: No medium present.")
+    assert "No medium present; tape TAPE-s-002" in str(failed.value)
 
 
 async def test_console_prompt_is_the_seeds_and_waits_for_enter(
@@ -55,12 +76,15 @@ async def test_console_prompt_is_the_seeds_and_waits_for_enter(
 ) -> None:
     shown = io.StringIO()
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
-    op = ConsolePromptOperator(shown)
+    op = ConsolePromptOperator()
     await op.insert_tape(REQ)  # the first tape is the one in the drive: no prompt
+    # sys.stderr as it is when asking: a live view, started after the operator was made,
+    # puts its proxy there, which prints above the bars
+    monkeypatch.setattr(sys, "stderr", shown)
     assert shown.getvalue() == ""
     await op.insert_tape(REQ, problem="that was TAPE-s-001")
     assert shown.getvalue().splitlines() == [
-        "Wrong tape: that was TAPE-s-001",
+        "Cannot use the tape in the drive: that was TAPE-s-001",
         "Please insert tape TAPE-s-002 (tape 2) and press Enter.",
     ]
     with pytest.raises(TapeNotLoadedError, match="end of input"):
