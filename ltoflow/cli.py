@@ -941,6 +941,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:  # once each, after the errors
             print(f"{prog}: {note}", file=sys.stderr)
         code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
+    except* OSError as group:  # a path given that cannot be reached (Path.exists(): EACCES)
+        errors = leaves(group)
+        for e in errors:
+            print(f"{prog}: error: {_os_error(e)}", file=sys.stderr)
+            if verbose:
+                traceback.print_exception(e)
+        code = EXIT_USAGE if all(isinstance(e, PermissionError) for e in errors) else EXIT_FAILED
     except* Exception as group:
         for e in leaves(group):
             print(f"{prog}: internal error: {type(e).__name__}: {e} "
@@ -949,6 +956,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exception(e)
         code = EXIT_INTERNAL
     return code
+
+
+def _os_error(e: BaseException) -> str:
+    """One line for an OSError no job step turned into one of its own."""
+    assert isinstance(e, OSError)
+    name = e.filename
+    where = f" ({os.fsdecode(name)})" if name is not None else ""
+    if isinstance(e, PermissionError):
+        return (f"permission denied{where}: run as a user who may reach it, or give a path "
+                "this one may use")
+    return f"{e.strerror or e}{where}"
 
 
 def entry() -> None:  # pragma: no cover - the console script

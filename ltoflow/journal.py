@@ -164,7 +164,8 @@ def _runs(raw: list[list[Any]], path: Path) -> tuple[tuple[int, bytes], ...]:
         runs = ((0, b"?"),)
     if any(not digests or len(digests) % 32 for _, digests in runs):
         raise UsageError(f"the job journal {path} is damaged (a container's segment hashes "
-                         "are cut short); start the backup again without --resume")
+                         f"are cut short); it cannot be resumed: delete {path} and start the "
+                         "backup again, on blank tapes")
     return runs
 
 
@@ -231,7 +232,11 @@ class Journal:
         self.has_progress = False
 
     def exists(self) -> bool:
-        return self.path.exists()
+        try:
+            return self.path.exists()
+        except OSError as e:  # the state directory cannot be searched (EACCES)
+            raise UsageError(f"cannot look for the job journal in {self.state_dir}: "
+                             f"{e.strerror}; give a --state-dir this user may use") from e
 
     def is_stale(self) -> bool:
         """A journal with no beginning that nobody is writing: a job died while creating it."""
@@ -251,6 +256,12 @@ class Journal:
         scan, then its first line, so a journal with a beginning always has its scan."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = ("it exists and is not a directory" if isinstance(e, FileExistsError)
+                   else e.strerror)
+            raise UsageError(f"cannot use {self.state_dir} as the state directory (for the job "
+                             f"journal): {why}; give a writable --state-dir") from e
+        try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
                          | os.O_CLOEXEC, 0o600)
         except FileExistsError:
@@ -270,6 +281,11 @@ class Journal:
                       "target": target, "capacity_bytes": capacity_bytes,
                       "container_bytes": container_bytes})
         self.has_progress = False
+
+    @property
+    def _start_again(self) -> str:
+        """What to do when the journal is no use: the tapes it wrote are no use either."""
+        return f"delete {self.path} and start the backup again, on blank tapes"
 
     def reopen(self) -> None:
         """Append to the existing journal (a resumed job). A line a crash left half-written
@@ -408,12 +424,20 @@ class Journal:
                                  "of ltoflow; finish that backup with it, or start again")
             scan = _scan_from_bytes(self.scan_path.read_bytes())
         except FileNotFoundError as e:
-            raise UsageError(f"the job journal is incomplete ({e.filename} is missing); "
-                             "start the backup again without --resume") from e
+            if self.is_stale():  # a job that died starting: nothing of it is on tape
+                raise UsageError(f"the job journal is incomplete ({e.filename} is missing): "
+                                 "the backup never started; start it again without --resume"
+                                 ) from e
+            raise UsageError(f"the job journal is incomplete ({e.filename} is missing), so "
+                             f"it cannot be resumed; {self._start_again}") from e
+        except PermissionError as e:  # nothing wrong with it: the user may not read it
+            raise UsageError(f"cannot read the job journal's {e.filename}: {e.strerror}; run "
+                             "as the user who started the backup, or make the state "
+                             "directory's files readable to this one") from e
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError,
                 ValueError) as e:
-            raise UsageError(f"cannot read the job journal {self.path}: {e}; start the "
-                             "backup again without --resume") from e
+            raise UsageError(f"cannot read the job journal {self.path} ({e}), so it cannot "
+                             f"be resumed; {self._start_again}") from e
         state: ResumeState | None = None
         for raw in data.split(b"\n"):
             try:
@@ -445,7 +469,7 @@ class Journal:
                     raise UsageError(
                         f"the job journal's copy of the catalog {self.catalog_path} cannot be "
                         f"read ({e.strerror}); copy catalog/catalog.json from tape 1 of the set "
-                        "there, or start the backup again without --resume"
+                        f"there, or {self._start_again}"
                     ) from e
                 state.catalog = codec.decode(data, source=str(self.catalog_path))
                 state.faults = rec.get("faults") or state.faults

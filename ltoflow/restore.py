@@ -805,9 +805,14 @@ class _FileWriter:
         d = job.entry
         assert isinstance(d, DirectoryEntry)
         fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
-        os.fchmod(fd, stat.S_IMODE(d.unix_mode))
+        st = os.fstat(fd)
+        # One already as the backup had it is left be: another user's (restored by root,
+        # say) would refuse the change, though it is right.
+        if stat.S_IMODE(st.st_mode) != stat.S_IMODE(d.unix_mode):
+            os.fchmod(fd, stat.S_IMODE(d.unix_mode))
         self.opened.settled(job.parts)
-        os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
+        if st.st_mtime_ns != d.mtime_ns:
+            os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
         self.directories += 1
 
     def _tree_guarded(self, job: _TreeJob, action: Callable[[], None]) -> None:

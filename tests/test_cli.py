@@ -30,7 +30,7 @@ from ltoflow.cli import (
 from ltoflow.errors import TargetFullError, UsageError
 from ltoflow.operator import UnattendedOperator
 
-from .conftest import REPO, load_catalog_json, write_tree
+from .conftest import REPO, Unprivileged, load_catalog_json, write_tree
 
 TREE = {"a/one.bin": 150_000, "a/two.txt": 2_000, "b/three.bin": 420_000, "b/empty": 0}
 SMALL = ["--capacity-tb", "0.0000003", "--container-size-gb", "0.00005"]  # 300 kB tapes, 50 kB
@@ -758,3 +758,90 @@ def test_backup_and_plan_count_directories_and_symlinks(
     code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL)
     assert code == EXIT_OK
     assert "; 3 directories, 1 symlink(s)" in out
+
+
+def test_tapes_this_user_may_not_read_are_reported_not_an_internal_error(
+    unprivileged: Unprivileged, src: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A simulator tape directory of mode 000: verify and restore report that tape, one clear
+    reason, and go on with the others; a simulator directory it may not list is exit 2."""
+    tapes = unprivileged.base / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", tapes, *SMALL)[0] == EXIT_OK
+    second = sorted(tapes.iterdir())[1]
+    second.chmod(0o000)
+    done = unprivileged.ltoflow("verify", "--simulator", tapes)
+    assert done.returncode == EXIT_DAMAGED, done.stderr
+    assert "internal error" not in done.stderr
+    assert (f"BAD tape {second.name}: cannot be loaded: tape {second.name} (tape 2 of 3) "
+            "cannot be read in the "
+            f"simulator directory {tapes}: Permission denied (run as a user who may read the "
+            "simulator's tapes)") in done.stdout
+    assert "verified" in done.stderr  # the other tapes were checked
+    done = unprivileged.ltoflow("restore", "--simulator", tapes, "--target",
+                                unprivileged.base / "out")
+    assert done.returncode == EXIT_DAMAGED, done.stderr
+    assert "internal error" not in done.stderr
+    assert "Permission denied (run as a user who may read the simulator's tapes)" in done.stdout
+    tapes.chmod(0o000)
+    done = unprivileged.ltoflow("verify", "--simulator", tapes)
+    assert (done.returncode, done.stderr.strip()) == (EXIT_USAGE, (
+        f"ltoflow verify: error: cannot list the simulator directory {tapes}: Permission denied "
+        "(run as a user who may read the simulator's tapes)"))
+
+
+def test_paths_under_a_directory_this_user_may_not_enter_are_one_line_exit_2(
+    unprivileged: Unprivileged,
+) -> None:
+    """Python's Path.exists() raises on EACCES: a source, simulator or target below a directory
+    of mode 000 was an 'internal error' (exit 70)."""
+    shut = unprivileged.base / "shut"
+    (shut / "sub").mkdir(parents=True)
+    shut.chmod(0o000)
+    runs: list[list[str | Path]] = [
+        ["backup", "--source", shut / "sub", "--simulator", unprivileged.base / "t",
+         *SMALL],
+        ["verify", "--simulator", shut / "sub"],
+        ["restore", "--simulator", shut / "sub", "--target", unprivileged.base / "o"]]
+    for args in runs:
+        done = unprivileged.ltoflow(*args)
+        assert done.returncode == EXIT_USAGE, (args, done.stderr)
+        assert "internal error" not in done.stderr
+        assert "Traceback" not in done.stderr
+        assert f"permission denied ({shut / 'sub'}" in done.stderr, done.stderr
+
+
+def test_a_state_directory_that_is_a_file_is_said_so(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It said 'another backup of this source onto this drive has just started'."""
+    (tmp_path / "state").write_bytes(b"")
+    code, _, err = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t", *SMALL,
+                       "--state-dir", tmp_path / "state")
+    assert code == EXIT_USAGE
+    one_line_error(err, f"cannot use {tmp_path / 'state'} as the state directory (for the job "
+                        "journal): it exists and is not a directory; give a writable "
+                        "--state-dir")
+
+
+def test_a_journal_this_user_may_not_read_says_so_not_to_start_again(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An interrupted backup whose scan file cannot be read (another user's, mode 600): the
+    way out is reading it, not starting again (which sent the operator back to --resume)."""
+    args: list[str | Path] = ["backup", "--source", src, "--simulator", tmp_path / "t", *SMALL]
+    code, _, _ = cli(capsys, *args, "--sim-fault", "interrupt_after_bytes_written=60000")
+    assert code == EXIT_INTERRUPTED
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.suffix == ".scan":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    code, _, err = cli(capsys, *args, "--resume")
+    assert code == EXIT_USAGE
+    one_line_error(err, "cannot read the job journal's ", ".scan: Permission denied; run as the "
+                   "user who started the backup")
+    assert "start the backup again" not in err

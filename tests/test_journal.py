@@ -85,7 +85,7 @@ def test_a_journal_left_without_a_beginning_does_not_block_a_new_backup(
     args = ["backup", "--source", str(src), "--simulator", str(tapes),
             "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
     assert main([*args, "--resume"]) == EXIT_USAGE
-    assert "start the backup again without --resume" in capsys.readouterr().err
+    assert "the backup never started; start it again without --resume" in capsys.readouterr().err
     assert main(args) == EXIT_OK
     assert not stale.exists()
 

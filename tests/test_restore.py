@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -823,3 +824,23 @@ def test_cli_a_restore_needing_no_tape_says_so_and_a_dry_run_names_leftovers(
     assert "Restore of 0 file(s) (1 more already there, identical) needs no tape." in said
     assert f"Will remove 1 temporary file(s) ({TEMP_PREFIX}*) that an earlier restore" in said
     assert (out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1").exists()
+
+
+def test_directories_already_as_the_backup_had_them_are_not_changed_again(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tree restored by root, restored again by another user: its directories are right but
+    not this user's, and changing their mode or time would fail (EPERM) though nothing needs
+    it. Left be, they are no problem."""
+    _, tapes, _ = backed_up
+    out = tmp_path / "out"
+    assert restore(tapes, out).ok
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    monkeypatch.setattr(os, "utime", refused)
+    report = restore(tapes, out)
+    assert (report.ok, report.problems, report.restored) == (True, (), 0)
+    assert report.directories_restored == len(backed_up[2].directories)

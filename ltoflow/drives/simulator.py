@@ -162,10 +162,15 @@ class SimulatorDrive:
                 f"tape {self._loaded.tape_id} is still in the drive; unload it first"
             )
         tape_root = self.root / request.tape_id
-        if request.purpose == "read" and not tape_root.is_dir():
-            raise TapeNotLoadedError(
-                f"tape {request.describe()} is not in the simulator directory {self.root}"
-            )
+        if request.purpose == "read":
+            try:  # listed, as a drive's load reads the tape's index: it can be read at all
+                await trio.to_thread.run_sync(os.listdir, tape_root)
+            except (FileNotFoundError, NotADirectoryError):
+                raise TapeNotLoadedError(f"tape {request.describe()} is not in the simulator "
+                                         f"directory {self.root}") from None
+            except OSError as e:
+                raise TapeNotLoadedError(f"tape {request.describe()} cannot be read in the "
+                                         f"simulator directory {self.root}: {_why(e)}") from e
         state = await trio.to_thread.run_sync(self._read_state, request.tape_id, tape_root,
                                               request.purpose == "read")
         self.loads.append(request.tape_id)
@@ -194,11 +199,17 @@ class SimulatorDrive:
                 "its tape's name back")
         capacity = doc.get("capacity_bytes", self.capacity_bytes)
         # A crash can leave bytes on the tape that its tape.json has not counted yet.
-        on_disk = sum(
-            e.stat().st_size
-            for sub in ("data", "catalog", "recovery") if (tape_root / sub).is_dir()
-            for e in os.scandir(tape_root / sub) if e.is_file()
-        )
+        try:
+            on_disk = sum(
+                e.stat().st_size
+                for sub in ("data", "catalog", "recovery") if (tape_root / sub).is_dir()
+                for e in os.scandir(tape_root / sub) if e.is_file()
+            )
+        except OSError as e:
+            if not reading:  # its reads say what they cannot get to
+                raise TapeNotLoadedError(f"tape {tape_id}: cannot count the bytes on it: "
+                                         f"{_why(e)}") from e
+            on_disk = 0
         written = max(int(doc.get("bytes_written", 0)), on_disk)
         return _TapeState(tape_id, tape_root, capacity, written)
 
@@ -221,12 +232,22 @@ class SimulatorDrive:
 def list_simulated_tapes(root: Path) -> list[str]:
     """Names of the tape directories under `root`, sorted."""
     try:
-        entries = sorted(os.listdir(root))
+        with os.scandir(root) as entries:  # a tape is told a directory without a stat
+            return sorted(e.name for e in entries
+                          if e.name.startswith(TAPE_DIR_PREFIX) and e.is_dir())
     except FileNotFoundError:
         return []
     except NotADirectoryError:
         raise UsageError(f"simulator path {root} is not a directory") from None
-    return [n for n in entries if n.startswith(TAPE_DIR_PREFIX) and (root / n).is_dir()]
+    except OSError as e:
+        raise UsageError(f"cannot list the simulator directory {root}: {_why(e)}") from e
+
+
+def _why(e: OSError) -> str:
+    """An OSError's reason, and what to do when it is a permission."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{e.strerror} (run as a user who may read the simulator's tapes)"
+    return e.strerror or str(e)
 
 
 class SimulatorTape:
@@ -298,7 +319,7 @@ class SimulatorTape:
         except FileNotFoundError:
             raise TapeReadError(f"tape {self.tape_id} has no {path}") from None
         except OSError as e:
-            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {_why(e)}") from e
         return SimulatorReader(self, path, fh)
 
     def _open_file(self, path: str) -> BinaryIO:
@@ -348,19 +369,23 @@ class SimulatorTape:
         try:
             return await trio.to_thread.run_sync(_read)
         except OSError as e:
-            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {e}") from e
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {_why(e)}") from e
 
     async def size_of(self, path: str) -> int | None:
         try:
             return (await trio.to_thread.run_sync(os.stat, self._path(path))).st_size
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise TapeReadError(f"cannot read {path} on tape {self.tape_id}: {_why(e)}") from e
 
     async def list_dir(self, path: str) -> list[str]:
         try:
             return sorted(await trio.to_thread.run_sync(os.listdir, self._path(path)))
         except FileNotFoundError:
             return []
+        except OSError as e:
+            raise TapeReadError(f"cannot list {path} on tape {self.tape_id}: {_why(e)}") from e
 
     async def replace(self, src: str, dst: str) -> None:
         """Rename over `dst`; its bytes are given back, as the simulator's directory does."""
@@ -632,7 +657,7 @@ class SimulatorReader:
             raise self._read_failed(e) from e
 
     def _read_failed(self, e: OSError) -> TapeReadError:
-        return TapeReadError(f"read of {self._path} on tape {self._tape.tape_id} failed: {e}")
+        return TapeReadError(f"read of {self._path} on tape {self._tape.tape_id} failed: {_why(e)}")
 
     async def seek(self, offset: int) -> None:
         self._fh.seek(offset)
