@@ -47,7 +47,7 @@ from ltoflow.progress import Note, NullReporter, ReadMeter, Reporter, reporting
 from ltoflow.restore import OpenedUp, RestorePlan, RestoreReport, plan_restore, run_restore
 from ltoflow.tapes import TapeHolder
 from ltoflow.units import GB, TB, MiB
-from ltoflow.verify import VerifyReport, find_catalog, verify_set
+from ltoflow.verify import FoundCatalog, VerifyReport, find_catalog, verify_set
 
 if TYPE_CHECKING:
     from ltoflow.engine import BackupResult
@@ -422,12 +422,22 @@ async def find_set_catalog(components: Components) -> Catalog:
     """The catalog of the set on the drive's tapes (the first good copy found)."""
     holder = TapeHolder(components.drive, components.operator)
     try:
-        catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
+        catalog = _said(await find_catalog(components.drive, components.codec, holder),
+                        components.reporter)
     except BaseException:
         await holder.release_after_error()
         raise
     await holder.release()
     return catalog
+
+
+def _said(found: FoundCatalog, reporter: Reporter) -> Catalog:
+    """The catalog found, after a warning for each copy passed over on the way (damaged, or
+    on a tape that would not load): verify reports them as problems, a reader warns."""
+    for p in found.problems:
+        reporter.event(Note(f"warning: {p.describe()}; the catalog was read from "
+                            f"{found.found_on} instead"))
+    return found.catalog
 
 
 async def check_catalog_fits_drive(catalog: Catalog, drive: TapeDrive) -> None:
@@ -462,7 +472,8 @@ async def restore_async(
     opened = OpenedUp(target)  # a normal user's directories that an earlier restore locked
     try:
         if catalog is None:
-            catalog = (await find_catalog(components.drive, components.codec, holder)).catalog
+            catalog = _said(await find_catalog(components.drive, components.codec, holder),
+                            components.reporter)
         else:
             await check_catalog_fits_drive(catalog, components.drive)
         chosen = catalog

@@ -382,12 +382,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except* UsageError:
         raise
     except* BackupError as group:
+        errors = leaves(group)
+        changed = [e for e in errors if isinstance(e, SourceFileChangedError)]
         if journal.exists():
-            errors = leaves(group)
-            changed = [e for e in errors if isinstance(e, SourceFileChangedError)]
             hint = _resume_hint(journal, changed[0].relative_path if changed else None)
             for e in errors:
                 e.add_note(hint)
+        elif changed:
+            changed[0].add_note("nothing was written to tape that a resume could use; run "
+                                "the backup again once the file is left alone")
         raise
     finally:
         if isinstance(reporter, LiveReporter):
@@ -629,7 +632,8 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     if args.simulator is not None:
         if not args.simulator.is_dir():
             raise UsageError(f"simulator directory {args.simulator} does not exist")
-        components = api.Components(drive=SimulatorDrive(args.simulator))
+        components = api.Components(drive=SimulatorDrive(args.simulator),
+                                    reporter=LogReporter())  # a damaged copy is warned of
     else:
         components = api.Components(drive=SimulatorDrive(Path("/nonexistent")))
     catalog = _catalog_from(args, components)

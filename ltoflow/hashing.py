@@ -557,7 +557,8 @@ def _check_stat(files: FileTable, i: int, st: os.stat_result) -> None:
             files.relative_path[i], f"its size went from {files.size[i]} to {st.st_size} bytes"
         )
     if st.st_mtime_ns != files.mtime_ns[i]:
-        raise SourceFileChangedError(files.relative_path[i], "it was modified while being read")
+        raise SourceFileChangedError(files.relative_path[i],
+                                     "its modification time is not the one the scan saw")
 
 
 class HashRecorder:

@@ -845,3 +845,20 @@ def test_a_journal_this_user_may_not_read_says_so_not_to_start_again(
     one_line_error(err, "cannot read the job journal's ", ".scan: Permission denied; run as the "
                    "user who started the backup")
     assert "start the backup again" not in err
+
+
+def test_catalog_and_restore_warn_of_a_damaged_copy_they_passed_over(
+    seed_tapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They read the next tape's copy, as they should, and now say so (verify reports it)."""
+    tapes = sorted(seed_tapes.iterdir())
+    cat_file = tapes[0] / "catalog" / "catalog.json"
+    cat_file.write_bytes(cat_file.read_bytes().replace(b"case-001", b"case-00X"))
+    warning = (f"warning: tape {tapes[0].name}: catalog/catalog.json does not match "
+               "catalog/catalog.sha256 (the catalog on this tape is damaged); the catalog was "
+               f"read from {tapes[1].name} instead\n")
+    code, _, err = cli(capsys, "catalog", "--simulator", seed_tapes, "show")
+    assert (code, err) == (EXIT_OK, warning)
+    code, _, err = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
+                       tmp_path / "out", "--dry-run")
+    assert (code, err) == (EXIT_OK, warning)

@@ -302,7 +302,7 @@ async def test_a_journal_copy_changed_on_disk_never_reaches_a_later_tape(
     [
         (lambda p: p.write_bytes(p.read_bytes()[:-100]), "shorter|size went"),
         (lambda p: p.write_bytes(p.read_bytes() + b"more"), "size went"),
-        (lambda p: os.utime(p, (1, 1)), "modified"),
+        (lambda p: os.utime(p, (1, 1)), "modification time is not the one the scan saw"),
     ],
     ids=["shrunk", "grown", "touched"],
 )
