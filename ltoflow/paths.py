@@ -40,13 +40,19 @@ def check_writable(root: Path) -> None:
     Path(probe).unlink()
 
 
+def fd_path(fd: int) -> Path:
+    """A path to what descriptor `fd` is open on (an O_PATH one too), for the calls that take
+    no such descriptor (chmod, utime): /proc/self/fd/N, which Linux resolves to it itself."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
 def chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
     """Set the mode of `name` in `dir_fd`, never through a symlink put there meanwhile: on an
     O_PATH descriptor of the entry itself (through /proc/self/fd, as Linux has no lchmod).
     OSError ELOOP when `name` is a symlink, or where that cannot be done safely (no /proc)."""
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        proc = Path(f"/proc/self/fd/{fd}")
+        proc = fd_path(fd)
         if stat.S_ISLNK(os.fstat(fd).st_mode) or not proc.parent.is_dir():
             raise OSError(errno.ELOOP, "not changed: a symlink, or no /proc to change it safely",
                           name)

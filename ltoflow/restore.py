@@ -503,8 +503,8 @@ def _check_segments(
 def _parent_of(target: Path | bytes, parts: tuple[bytes, ...]) -> Iterator[int]:
     """The descriptor of the directory that holds `parts` under `target`, reached one
     component at a time, no symlink followed; OSError when it cannot be."""
-    root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    dirs = DirFds(root_fd)
+    root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirs = DirFds(root_fd, path_only=True)  # search permission is all it takes, as for a path
     try:
         yield dirs.open(parts[:-1])
     finally:
@@ -732,8 +732,10 @@ class _FileWriter:
         self.jobs = jobs
         self.overwrite = overwrite
         self.opened = opened or OpenedUp(target)
-        self.root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._dirs = DirFds(self.root_fd, create=True)
+        # O_PATH: making, renaming and removing entries takes write and search permission on
+        # a directory, not read (a drop box's 0o333 is enough), as it does through a path.
+        self.root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirs = DirFds(self.root_fd, create=True, path_only=True)
         self._temps = 0
         self._pid = os.getpid()  # for the temporary names: one system call, not one a file
         self.restored = 0
@@ -806,13 +808,14 @@ class _FileWriter:
         assert isinstance(d, DirectoryEntry)
         fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
         st = os.fstat(fd)
+        itself = paths.fd_path(fd)  # an O_PATH descriptor takes no fchmod or futimens
         # One already as the backup had it is left be: another user's (restored by root,
         # say) would refuse the change, though it is right.
         if stat.S_IMODE(st.st_mode) != stat.S_IMODE(d.unix_mode):
-            os.fchmod(fd, stat.S_IMODE(d.unix_mode))
+            itself.chmod(stat.S_IMODE(d.unix_mode))
         self.opened.settled(job.parts)
         if st.st_mtime_ns != d.mtime_ns:
-            os.utime(fd, ns=(d.mtime_ns, d.mtime_ns))
+            os.utime(itself, ns=(d.mtime_ns, d.mtime_ns))
         self.directories += 1
 
     def _tree_guarded(self, job: _TreeJob, action: Callable[[], None]) -> None:

@@ -844,3 +844,25 @@ def test_directories_already_as_the_backup_had_them_are_not_changed_again(
     report = restore(tapes, out)
     assert (report.ok, report.problems, report.restored) == (True, (), 0)
     assert report.directories_restored == len(backed_up[2].directories)
+
+
+def test_a_target_this_user_may_write_in_but_not_list_takes_a_restore_and_a_rerun(
+    unprivileged: Unprivileged,
+) -> None:
+    """A drop box (mode 0333): making, renaming and comparing files there takes write and
+    search permission only. The restore opened its directories for reading, and refused it."""
+    base = unprivileged.base
+    src, tapes, box = base / "src", base / "tapes", base / "box"
+    contents = write_tree(src, {"a.bin": 3000, "sub/b.bin": 2000})
+    for p in (src, src / "sub"):
+        p.chmod(0o755)
+    backup(BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                        max_container_size_bytes=10**6))
+    box.mkdir()
+    box.chmod(0o333)
+    for run, expected in ((1, (2, 0)), (2, (0, 2))):
+        done = unprivileged.ltoflow("restore", "--simulator", tapes, "--target", box, "--json")
+        assert done.returncode == EXIT_OK, (run, done.stdout + done.stderr)
+        doc = json.loads(done.stdout)
+        assert (doc["restored"], doc["already_present"], doc["problems"]) == (*expected, [])
+    assert {rel: (box / rel).read_bytes() for rel in contents} == contents
