@@ -854,16 +854,17 @@ class _FileWriter:
         """Remove temporary files earlier restores left; return how many were."""
         removed = 0
         for parts in leftovers:
-            with contextlib.suppress(FileNotFoundError):  # another run took it meanwhile
-                try:
-                    os.unlink(parts[-1], dir_fd=self._parent_of(parts))
-                except (OSError, _Refused) as e:
-                    why = e.strerror if isinstance(e, OSError) else str(e)
-                    self.problems.append(FileProblem(
-                        paths.display(b"/".join(parts)), "is a temporary file an earlier "
-                        f"restore left, and it could not be removed ({why})"))
-                    continue
-                removed += 1
+            try:
+                os.unlink(parts[-1], dir_fd=self._parent_of(parts))
+            except FileNotFoundError:  # another run took it meanwhile
+                continue
+            except (OSError, _Refused) as e:
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                self.problems.append(FileProblem(
+                    paths.display(b"/".join(parts)), "is a temporary file an earlier "
+                    f"restore left, and it could not be removed ({why})"))
+                continue
+            removed += 1
         return removed
 
     def fail(self, job: _FileJob, what: str) -> None:
