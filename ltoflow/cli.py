@@ -639,7 +639,9 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     catalog = _catalog_from(args, components)
     if args.catalog_command == "ls":
         return catalog_ls(catalog, args.pattern, as_json=args.json)
-    return catalog_show(catalog, as_json=args.json)
+    there = (set(list_simulated_tapes(args.simulator)) if args.simulator is not None
+             else None)
+    return catalog_show(catalog, as_json=args.json, there=there)
 
 
 def catalog_ls(catalog: Catalog, pattern: str | None, *, as_json: bool) -> int:
@@ -680,16 +682,22 @@ def catalog_ls(catalog: Catalog, pattern: str | None, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
+def catalog_show(catalog: Catalog, *, as_json: bool, there: set[str] | None = None) -> int:
+    """The set in a few lines; `there`: the tapes a simulator directory holds, those of the
+    catalog not among them marked (a backup not finished, a tape moved away)."""
     split, across = split_files(catalog)
     per_tape = {t.tape_id: [0, 0] for t in catalog.tapes}
     for c in catalog.containers:
         if c.tape_id in per_tape:
             per_tape[c.tape_id][0] += 1
             per_tape[c.tape_id][1] += c.size_bytes
-    tapes = [{"tape_id": t.tape_id, "sequence_number": t.sequence_number,
-              "containers": per_tape[t.tape_id][0], "data_bytes": per_tape[t.tape_id][1]}
-             for t in catalog.tapes]
+    tapes: list[dict[str, Any]] = [
+        {"tape_id": t.tape_id, "sequence_number": t.sequence_number,
+         "containers": per_tape[t.tape_id][0], "data_bytes": per_tape[t.tape_id][1]}
+        for t in catalog.tapes]
+    if there is not None:
+        for doc_ in tapes:
+            doc_["in_simulator"] = doc_["tape_id"] in there
     doc = {
         "backup_set_id": catalog.backup_set_id, "created_at": catalog.created_at,
         "created_by": catalog.created_by, "schema_version": catalog.schema_version,
@@ -713,8 +721,10 @@ def catalog_show(catalog: Catalog, *, as_json: bool) -> int:
     print(f"  {len(catalog.tapes)} tape(s), {len(catalog.containers)} container(s):")
     for t in catalog.tapes:
         count, nbytes = per_tape[t.tape_id]
+        absent = "  (not in the simulator directory)" if there is not None and (
+            t.tape_id not in there) else ""
         print(f"    tape {t.sequence_number}  {t.tape_id}  {count} container(s)  "
-              f"{human_bytes(nbytes)}")
+              f"{human_bytes(nbytes)}{absent}")
     if catalog.skipped:
         print(f"  {len(catalog.skipped)} skipped (not restorable):")
         for s in catalog.skipped:

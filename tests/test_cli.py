@@ -862,3 +862,20 @@ def test_catalog_and_restore_warn_of_a_damaged_copy_they_passed_over(
     code, _, err = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
                        tmp_path / "out", "--dry-run")
     assert (code, err) == (EXIT_OK, warning)
+
+
+def test_catalog_show_marks_the_tapes_the_simulator_directory_lacks(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tapes = sorted(seed_tapes.iterdir())
+    shutil.rmtree(tapes[2])
+    code, out, _ = cli(capsys, "catalog", "--simulator", seed_tapes, "show")
+    assert code == EXIT_OK
+    lines = [line for line in out.splitlines() if line.startswith("    tape ")]
+    assert [line.endswith("(not in the simulator directory)") for line in lines] == [
+        False, False, True]
+    code, out, _ = cli(capsys, "catalog", "--simulator", seed_tapes, "show", "--json")
+    assert [t["in_simulator"] for t in json.loads(out)["tapes"]] == [True, True, False]
+    code, out, _ = cli(capsys, "catalog", "--catalog", tapes[0] / "catalog" / "catalog.json",
+                       "show", "--json")
+    assert all("in_simulator" not in t for t in json.loads(out)["tapes"])
