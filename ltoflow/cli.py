@@ -933,14 +933,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "restore": cmd_restore, "catalog": cmd_catalog}
     verbose = getattr(args, "verbose", False)
     prog = f"ltoflow {args.command}"
+    said: list[str] = []  # the error lines, for --json too
+
+    def tell(line: str, *, error: bool = True) -> None:
+        print(f"{prog}: {'error: ' if error else ''}{line}", file=sys.stderr)
+        said.append(line)
+
     code = EXIT_INTERNAL
     try:
         code = commands[args.command](args)
     except* Interrupted as group:
-        print(f"{prog}: {group.exceptions[0]}", file=sys.stderr)
+        tell(str(group.exceptions[0]), error=False)
         code = EXIT_INTERRUPTED
     except* KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        tell("interrupted", error=False)
         code = EXIT_INTERRUPTED
     except* BrokenPipeError:  # `ltoflow ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
@@ -948,27 +954,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* BackupError as group:
         errors = leaves(group)
         for e in errors:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            tell(str(e))
             if verbose:
                 traceback.print_exception(e)
         notes = dict.fromkeys(n for e in errors for n in getattr(e, "__notes__", ()))
         for note in notes:  # once each, after the errors
-            print(f"{prog}: {note}", file=sys.stderr)
+            tell(note, error=False)
         code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
     except* OSError as group:  # a path given that cannot be reached (Path.exists(): EACCES)
         errors = leaves(group)
         for e in errors:
-            print(f"{prog}: error: {_os_error(e)}", file=sys.stderr)
+            tell(_os_error(e))
             if verbose:
                 traceback.print_exception(e)
         code = EXIT_USAGE if all(isinstance(e, PermissionError) for e in errors) else EXIT_FAILED
     except* Exception as group:
         for e in leaves(group):
-            print(f"{prog}: internal error: {type(e).__name__}: {e} "
-                  "(this is a bug; rerun with --verbose and report the output)", file=sys.stderr)
+            tell(f"internal error: {type(e).__name__}: {e} (this is a bug; rerun with "
+                 "--verbose and report the output)", error=False)
             if verbose:
                 traceback.print_exception(e)
         code = EXIT_INTERNAL
+    if said and getattr(args, "json", False):  # a script reading stdout gets a document too
+        _print_json({"ok": False, "exit_code": code, "errors": said})
     return code
 
 

@@ -879,3 +879,23 @@ def test_catalog_show_marks_the_tapes_the_simulator_directory_lacks(
     code, out, _ = cli(capsys, "catalog", "--catalog", tapes[0] / "catalog" / "catalog.json",
                        "show", "--json")
     assert all("in_simulator" not in t for t in json.loads(out)["tapes"])
+
+
+def test_json_gives_a_document_when_the_job_fails_too(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A script reading --json's stdout got nothing when the job failed: it gets ok false, the
+    exit code and the lines stderr has."""
+    sim = tmp_path / "tapes"
+    code, out, err = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL, "--json",
+                         "--sim-fault", "fail_after_bytes_written=60000")
+    assert code == EXIT_FAILED
+    doc = json.loads(out)
+    assert (doc["ok"], doc["exit_code"]) == (False, EXIT_FAILED)
+    assert [f"ltoflow backup: {'error: ' * (k == 0)}{line}"
+            for k, line in enumerate(doc["errors"])] == err.splitlines()
+    assert "--resume" in doc["errors"][-1]
+    code, out, _ = cli(capsys, "verify", "--simulator", tmp_path / "none", "--json")
+    assert code == EXIT_USAGE
+    assert json.loads(out) == {"ok": False, "exit_code": EXIT_USAGE, "errors": [
+        f"simulator directory {tmp_path / 'none'} does not exist"]}
