@@ -961,13 +961,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:  # once each, after the errors
             tell(note, error=False)
         code = EXIT_USAGE if all(isinstance(e, UsageError) for e in errors) else EXIT_FAILED
-    except* OSError as group:  # a path given that cannot be reached (Path.exists(): EACCES)
+    except* (PermissionError, FileNotFoundError, NotADirectoryError) as group:
+        # a path given that cannot be reached (Path.exists() raises EACCES); other OSErrors
+        # that no step turned into an error of its own are bugs, below
         errors = leaves(group)
         for e in errors:
             tell(_os_error(e))
             if verbose:
                 traceback.print_exception(e)
-        code = EXIT_USAGE if all(isinstance(e, PermissionError) for e in errors) else EXIT_FAILED
+        code = EXIT_USAGE
     except* Exception as group:
         for e in leaves(group):
             tell(f"internal error: {type(e).__name__}: {e} (this is a bug; rerun with "

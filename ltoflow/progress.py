@@ -215,7 +215,9 @@ class LogReporter:
         print(text, file=self.stream, flush=True)
 
     def event(self, event: Event) -> None:
-        if self.quiet:
+        if self.quiet:  # but a warning, which no summary repeats (a damaged catalog copy)
+            if isinstance(event, Note) and event.text.startswith("warning:"):
+                self._say(event.text)
             return
         match event:
             case TapeStarted():

@@ -445,9 +445,11 @@ def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
 
 
 def _running(pid: int) -> bool:
-    """Whether process `pid` is there (this one, or any other, whoever runs it)."""
+    """Whether process `pid` is there (any other, whoever runs it). This one has made no
+    temporary file yet when this is asked: its pid on a leftover is an earlier process's (in
+    a container, pid 1 every time)."""
     if pid == os.getpid():
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except PermissionError:  # another user's
@@ -807,15 +809,9 @@ class _FileWriter:
         d = job.entry
         assert isinstance(d, DirectoryEntry)
         fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
-        st = os.fstat(fd)
-        itself = paths.fd_path(fd)  # an O_PATH descriptor takes no fchmod or futimens
-        # One already as the backup had it is left be: another user's (restored by root,
-        # say) would refuse the change, though it is right.
-        if stat.S_IMODE(st.st_mode) != stat.S_IMODE(d.unix_mode):
-            itself.chmod(stat.S_IMODE(d.unix_mode))
+        _set_mode_and_time(fd, self._parent_of(job.parts), job.parts[-1], d.unix_mode,
+                           d.mtime_ns)
         self.opened.settled(job.parts)
-        if st.st_mtime_ns != d.mtime_ns:
-            os.utime(itself, ns=(d.mtime_ns, d.mtime_ns))
         self.directories += 1
 
     def _tree_guarded(self, job: _TreeJob, action: Callable[[], None]) -> None:
@@ -834,13 +830,14 @@ class _FileWriter:
         """Give files already there with the backup's bytes its mode and mtime as well."""
         for f, parts in files:
             try:
-                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_CLOEXEC, dir_fd=self._parent_of(parts))
+                parent = self._parent_of(parts)
+                # O_PATH: a file of its own it may not read (mode 000) is set all the same
+                fd = os.open(parts[-1], os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode) or st.st_size != f.size_bytes:
                         raise OSError(errno.ESTALE, "it changed since it was compared")
-                    _give_mode_and_mtime(fd, f)
+                    _set_mode_and_time(fd, parent, parts[-1], f.unix_mode, _mtime_ns(f))
                 finally:
                     os.close(fd)
             except (OSError, _Refused) as e:
@@ -897,10 +894,17 @@ class _FileWriter:
 
     def _open(self, job: _FileJob) -> None:
         # The name is ours, never the catalog's: a file_id could hold '/' or '..'.
-        self._temps += 1
-        name = f"{TEMP_PREFIX}{self._pid}-{self._temps}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        job.fd = os.open(name, flags, 0o600, dir_fd=self._parent(job))
+        for _ in range(100):  # a name taken (an earlier process of this pid's) is passed by
+            self._temps += 1
+            name = f"{TEMP_PREFIX}{self._pid}-{self._temps}"
+            try:
+                job.fd = os.open(name, flags, 0o600, dir_fd=self._parent(job))
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise OSError(errno.EEXIST, "100 temporary names in a row are taken")
         job.temp_name = name
 
     def start_empty(self, job: _FileJob) -> None:
@@ -996,6 +1000,26 @@ class _FileWriter:
 
 class _Refused(Exception):
     pass
+
+
+def _set_mode_and_time(fd: int, parent: int, name: bytes, mode: int,
+                       mtime_ns: int | None) -> None:
+    """Give the entry open as `fd` (an O_PATH descriptor, which takes no fchmod or futimens;
+    `name` in `parent`) these permission bits and mtime, changing only what differs: one
+    already right is left be (another user's, restored by root, would refuse the change)."""
+    st = os.fstat(fd)
+    proc = paths.fd_path(fd)
+    by_proc = proc.parent.is_dir()  # else by name: no /proc in a chroot, say
+    if stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
+        if by_proc:
+            proc.chmod(stat.S_IMODE(mode))
+        else:
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=parent)
+    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+        if by_proc:
+            os.utime(proc, ns=(mtime_ns, mtime_ns))
+        else:
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
 
 
 def _give_mode_and_mtime(fd: int, f: SourceFileEntry) -> None:

@@ -862,6 +862,10 @@ def test_catalog_and_restore_warn_of_a_damaged_copy_they_passed_over(
     code, _, err = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
                        tmp_path / "out", "--dry-run")
     assert (code, err) == (EXIT_OK, warning)
+    code, _, err = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
+                       tmp_path / "out", "--dry-run", "--json")  # quiet, but for warnings
+    assert code == EXIT_OK
+    assert warning in err
 
 
 def test_catalog_show_marks_the_tapes_the_simulator_directory_lacks(

@@ -766,6 +766,10 @@ def test_an_unprivileged_rerun_restores_into_the_directories_the_first_run_locke
     doc = restore_as_nobody("shut/inner/b.bin")  # only opened up and put back
     assert (doc["restored"], doc["directories_restored"], doc["problems"]) == (1, 0, [])
     assert modes_now() == modes
+    (target / "plain.bin").chmod(0o000)  # its own, made unreadable: compared and retouched
+    doc = restore_as_nobody()
+    assert (doc["restored"], doc["retouched"], doc["problems"]) == (0, 1, [])
+    assert modes_now() == modes
     for rel in modes:  # opened up again, by root, to read what came back
         (target / rel).chmod(modes[rel] | (0o700 if (target / rel).is_dir() else 0o600))
     assert {rel: (target / rel).read_bytes() for rel in contents} == contents
@@ -839,8 +843,8 @@ def test_directories_already_as_the_backup_had_them_are_not_changed_again(
     def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(os, "fchmod", refused)
-    monkeypatch.setattr(os, "utime", refused)
+    for call in ("fchmod", "chmod", "utime"):
+        monkeypatch.setattr(os, call, refused)
     report = restore(tapes, out)
     assert (report.ok, report.problems, report.restored) == (True, (), 0)
     assert report.directories_restored == len(backed_up[2].directories)
@@ -866,3 +870,20 @@ def test_a_target_this_user_may_write_in_but_not_list_takes_a_restore_and_a_reru
         doc = json.loads(done.stdout)
         assert (doc["restored"], doc["already_present"], doc["problems"]) == (*expected, [])
     assert {rel: (box / rel).read_bytes() for rel in contents} == contents
+
+
+def test_a_leftover_of_this_pid_is_an_earlier_process_and_a_taken_name_is_passed_by(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path,
+) -> None:
+    """In a container every restore is pid 1: a leftover with this process's pid is an
+    earlier one's, removed; a name taken by something that is no file is passed by."""
+    _, tapes, _ = backed_up
+    out = tmp_path / "out"
+    assert restore(tapes, out, "case-2").ok
+    (out / "case-2" / "ledger.csv").unlink()
+    (out / "case-2" / f"{TEMP_PREFIX}{os.getpid()}-7").write_bytes(b"partial")
+    (out / "case-2" / f"{TEMP_PREFIX}{os.getpid()}-1").mkdir()  # not a file: left be
+    report = restore(tapes, out, "case-2")
+    assert (report.ok, report.restored, report.leftovers_removed) == (True, 1, 1)
+    assert [p.name for p in (out / "case-2").iterdir() if p.name.startswith(TEMP_PREFIX)] == [
+        f"{TEMP_PREFIX}{os.getpid()}-1"]
