@@ -570,7 +570,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         report = trio.run(run_interruptible, lambda: api.restore_async(
             components, target, args.patterns, catalog=given, overwrite=args.overwrite,
             before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
-                                         "target (the next restore into it removes them), and "
+                                         "target (a later restore there removes those it meets), "
+                                         "directories it opened up keep owner rwx, and "
                                          "the tape in the drive was not unloaded"))
     except* Interrupted as group:
         raise Interrupted(

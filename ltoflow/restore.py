@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import mmap
@@ -432,16 +433,35 @@ def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
         stack.callback(dirs.close)
         for parts in sorted(set(holders)):
             try:
-                with os.scandir(dirs.open(parts)) as entries:
+                where = dirs.open(parts)
+                with os.scandir(where) as entries:
                     names = [os.fsencode(e.name) for e in entries
                              if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)]
             except OSError:
                 continue  # not there, or not a directory: nothing of a restore's in it
             for name in names:
                 m = _TEMP_NAME.fullmatch(name)
-                if m is not None and not _running(int(m[1])):
+                if m is not None and not _running(int(m[1])) and not _locked(where, name):
                     found.append((*parts, name))
     return found
+
+
+def _locked(dir_fd: int, name: bytes) -> bool:
+    """Whether a restore holds this temporary file's lock: it is writing it, in whatever pid
+    namespace (a container's pids are not this one's). A file this user may not open is
+    taken to be in use too."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # and its lock with it
+    return False
 
 
 def _running(pid: int) -> bool:
@@ -900,9 +920,12 @@ class _FileWriter:
             name = f"{TEMP_PREFIX}{self._pid}-{self._temps}"
             try:
                 job.fd = os.open(name, flags, 0o600, dir_fd=self._parent(job))
-                break
             except FileExistsError:
                 continue
+            # held while it is written: another restore into this target, in another pid
+            # namespace, tells it from a leftover by that (a new file: never contended)
+            fcntl.flock(job.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
         else:
             raise OSError(errno.EEXIST, "100 temporary names in a row are taken")
         job.temp_name = name
@@ -965,8 +988,6 @@ class _FileWriter:
             self.fail(job, "the restored file came out the wrong size (is the target full?)")
             return
         _give_mode_and_mtime(job.fd, f)
-        os.close(job.fd)
-        job.fd = -1
         final = job.parts[-1]
         parent = self._parent(job)
         if not self.overwrite:
@@ -979,6 +1000,8 @@ class _FileWriter:
                 return
         os.rename(job.temp_name, final, src_dir_fd=parent, dst_dir_fd=parent)
         job.temp_name = ""
+        os.close(job.fd)  # its lock held until it has its name
+        job.fd = -1
         job.done = True
         self.restored += 1
         self.bytes += f.size_bytes

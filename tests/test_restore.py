@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import importlib
 import json
@@ -792,9 +793,12 @@ def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
         try:
             dead = [f"case-2/{TEMP_PREFIX}{ended.pid}-7", f"case-2/{TEMP_PREFIX}{ended.pid}-8.tmp"]
             kept = [f"case-2/{TEMP_PREFIX}{running.pid}-1", f"case-2/{TEMP_PREFIX}x-1",
-                    f"{TEMP_PREFIX}{ended.pid}-9"]  # not where a restore of case-2 writes
-            for rel in (*dead, *kept):
+                    f"{TEMP_PREFIX}{ended.pid}-9",  # not where a restore of case-2 writes
+                    f"case-2/{TEMP_PREFIX}{ended.pid}-10"]  # locked: a restore in another
+            for rel in (*dead, *kept):                   # pid namespace is writing it
                 (out / rel).write_bytes(b"partial")
+            writing = os.open(out / kept[-1], os.O_RDONLY)
+            fcntl.flock(writing, fcntl.LOCK_EX)
             (out / "case-2" / "ledger.csv").unlink()
 
             dry = trio.run(lambda: api.restore_async(
@@ -809,6 +813,7 @@ def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
                 kept)
         finally:
             running.kill()
+            os.close(writing)
 
 
 def test_cli_a_restore_needing_no_tape_says_so_and_a_dry_run_names_leftovers(
