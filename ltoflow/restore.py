@@ -426,19 +426,21 @@ def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
     outright (kill -9, a second Ctrl-C, a crash), it could not remove them. A restore still
     running (its process is there) keeps its own."""
     found: list[tuple[bytes, ...]] = []
-    with contextlib.ExitStack() as stack:
-        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        stack.callback(os.close, root_fd)
-        dirs = DirFds(root_fd)
-        stack.callback(dirs.close)
+    with _dirs_under(target) as dirs:  # the way there takes search permission only
         for parts in sorted(set(holders)):
             try:
                 where = dirs.open(parts)
-                with os.scandir(where) as entries:
+                listed = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where)
+            except OSError:
+                continue  # not there, or not a directory: nothing of a restore's in it
+            try:
+                with os.scandir(listed) as entries:
                     names = [os.fsencode(e.name) for e in entries
                              if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)]
             except OSError:
-                continue  # not there, or not a directory: nothing of a restore's in it
+                continue
+            finally:
+                os.close(listed)
             for name in names:
                 m = _TEMP_NAME.fullmatch(name)
                 if m is not None and not _running(int(m[1])) and not _locked(where, name):
@@ -661,10 +663,12 @@ class OpenedUp:
         self._closed = False
 
     def open_up(self, holders: Iterable[tuple[bytes, ...]]) -> None:
-        """Open up what needs it of the directories `holders` and of every directory above
-        them, from the target down (each must be entered to reach the next)."""
+        """Open up what needs it of the directories `holders` (owner rwx) and of every
+        directory above them (owner search only: each must be entered to reach the next), from
+        the target down."""
+        holding = set(holders)
         wanted: set[tuple[bytes, ...]] = set()
-        for parts in set(holders):
+        for parts in holding:
             wanted.update(parts[:k] for k in range(1, len(parts) + 1))
         if not wanted:
             return
@@ -680,15 +684,16 @@ class OpenedUp:
                 except OSError:
                     gone.add(parts)
                     continue
+                need = 0o700 if parts in holding else 0o100
                 if not stat.S_ISDIR(st.st_mode):
                     gone.add(parts)
-                elif st.st_uid == euid and st.st_mode & 0o700 != 0o700:
+                elif st.st_uid == euid and st.st_mode & need != need:
                     with self._lock:
                         if self._closed:
                             return
                         try:
                             paths.chmod_nofollow(dirs.open(parts[:-1]), parts[-1],
-                                                 stat.S_IMODE(st.st_mode) | 0o700)
+                                                 stat.S_IMODE(st.st_mode) | need)
                         except OSError:  # what is then made in it fails, saying why
                             continue
                         self.modes[parts] = stat.S_IMODE(st.st_mode)
@@ -723,8 +728,8 @@ class OpenedUp:
 
 
 def _not_put_back(parts: tuple[bytes, ...], mode: int, e: OSError) -> FileProblem:
-    return FileProblem(paths.display(b"/".join(parts)), f"was opened up (mode {mode | 0o700:o}) "
-                       f"to restore into it, and its mode could not be put back to {mode:o} "
+    return FileProblem(paths.display(b"/".join(parts)), "was opened up to restore into it, "
+                       f"and its mode could not be put back to {mode:o} "
                        f"({e.strerror}): chmod {mode:o} it by hand")
 
 
