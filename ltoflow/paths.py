@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import functools
 import os
 import stat
 import tempfile
@@ -42,8 +43,15 @@ def check_writable(root: Path) -> None:
 
 def fd_path(fd: int) -> Path:
     """A path to what descriptor `fd` is open on (an O_PATH one too), for the calls that take
-    no such descriptor (chmod, utime): /proc/self/fd/N, which Linux resolves to it itself."""
+    no such descriptor (chmod, utime): /proc/self/fd/N, which Linux resolves to it itself.
+    Only where have_fd_paths()."""
     return Path(f"/proc/self/fd/{fd}")
+
+
+@functools.cache
+def have_fd_paths() -> bool:
+    """Whether fd_path works here: /proc is mounted (not in a chroot without it, say)."""
+    return Path("/proc/self/fd").is_dir()
 
 
 def chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
@@ -52,11 +60,10 @@ def chmod_nofollow(dir_fd: int, name: bytes, mode: int) -> None:
     OSError ELOOP when `name` is a symlink, or where that cannot be done safely (no /proc)."""
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        proc = fd_path(fd)
-        if stat.S_ISLNK(os.fstat(fd).st_mode) or not proc.parent.is_dir():
+        if stat.S_ISLNK(os.fstat(fd).st_mode) or not have_fd_paths():
             raise OSError(errno.ELOOP, "not changed: a symlink, or no /proc to change it safely",
                           name)
-        proc.chmod(mode)
+        fd_path(fd).chmod(mode)
     finally:
         os.close(fd)
 

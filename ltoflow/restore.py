@@ -527,13 +527,8 @@ def _check_segments(
 def _parent_of(target: Path | bytes, parts: tuple[bytes, ...]) -> Iterator[int]:
     """The descriptor of the directory that holds `parts` under `target`, reached one
     component at a time, no symlink followed; OSError when it cannot be."""
-    root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    dirs = DirFds(root_fd, path_only=True)  # search permission is all it takes, as for a path
-    try:
+    with _dirs_under(target) as dirs:
         yield dirs.open(parts[:-1])
-    finally:
-        dirs.close()
-        os.close(root_fd)
 
 
 def _exists(target: Path, parts: tuple[bytes, ...]) -> bool:
@@ -734,9 +729,9 @@ def _not_put_back(parts: tuple[bytes, ...], mode: int, e: OSError) -> FileProble
 
 
 @contextlib.contextmanager
-def _dirs_under(target: Path) -> Iterator[DirFds]:
+def _dirs_under(target: Path | bytes) -> Iterator[DirFds]:
     """The target's directories, for their names' sake only (O_PATH: search permission is
-    enough to reach one)."""
+    enough to reach one, as for a path)."""
     root_fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     dirs = DirFds(root_fd, path_only=True)
     try:
@@ -1037,7 +1032,7 @@ def _set_mode_and_time(fd: int, parent: int, name: bytes, mode: int,
     already right is left be (another user's, restored by root, would refuse the change)."""
     st = os.fstat(fd)
     proc = paths.fd_path(fd)
-    by_proc = proc.parent.is_dir()  # else by name: no /proc in a chroot, say
+    by_proc = paths.have_fd_paths()  # else by name: no /proc in a chroot, say
     if stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
         if by_proc:
             proc.chmod(stat.S_IMODE(mode))
