@@ -23,8 +23,10 @@ from ltoflow.errors import leaves
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
-SEED_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "seed-format"
 REPO = Path(__file__).resolve().parent.parent
+#: The source tree and the 3-tape simulator set the seed's own implementation wrote from it
+#: (tests/fixtures/README.md): ltoflow must read such sets.
+SEED_FIXTURE = REPO / "tests" / "fixtures" / "seed-format"
 
 
 @pytest.fixture(autouse=True)

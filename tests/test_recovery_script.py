@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 
-from .conftest import tree_snapshot, write_odd_tree
+from .conftest import REPO, SEED_FIXTURE, tree_snapshot, write_odd_tree
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ltoflow" / "recovery" / "restore.py"
 README = REPO / "ltoflow" / "recovery" / "README.txt"
-FIXTURE = Path("/work/shared/fixtures/seed-format")
+FIXTURE = SEED_FIXTURE
 SOURCE = FIXTURE / "source"
 SET_ID = "28ad0eff-a584-452c-9d9b-60c9e615d6f6"
 TAPE_IDS = [f"TAPE-{SET_ID}-00{n}" for n in (1, 2, 3)]
@@ -38,11 +37,6 @@ ALL_FILES = {
     "case-002/scans/page-001.tif",
     "case-002/scans/page-002.tif",
 }
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURE / "tapes").is_dir(), reason=f"seed-format fixture missing at {FIXTURE}"
-)
-
 
 @pytest.fixture(
     params=[
