@@ -87,10 +87,19 @@ EXIT_CODES = {
 }
 
 
+class _BadArguments(SystemExit):
+    """The command line could not be parsed (exit 2); `line` says why."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.line = line
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        line = f"{message} (see {self.prog} --help)"
+        print(f"{self.prog}: error: {line}", file=sys.stderr)
+        raise _BadArguments(line)
 
 
 def _size(unit: int, flag: str) -> Any:
@@ -211,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     say = b.add_mutually_exclusive_group()
     say.add_argument("--verbose", action="store_true",
                      help="container lines above the live view, tracebacks with errors")
-    say.add_argument("--quiet", action="store_true", help="only errors and the summary")
+    say.add_argument("--quiet", action="store_true", help="only errors, warnings and the summary")
 
     v = sub.add_parser("verify", help="check every tape of a set against its catalog")
     _add_drive(v, write=False)
@@ -924,7 +933,13 @@ SWITCH_INTERVAL_S = 0.0002
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _BadArguments as bad:  # a script that asked for JSON gets a document here too
+        if "--json" in argv:
+            _print_json({"ok": False, "exit_code": EXIT_USAGE, "errors": [bad.line]})
+        raise
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     if args.command == "backup":  # from the scan on: big blocks go back to the system
         from ltoflow.engine import map_big_blocks

@@ -215,10 +215,10 @@ class LogReporter:
         print(text, file=self.stream, flush=True)
 
     def event(self, event: Event) -> None:
-        if self.quiet:  # but a warning, which no summary repeats (a damaged catalog copy)
-            if isinstance(event, Note) and event.text.startswith("warning:"):
-                self._say(event.text)
-            return
+        warning = isinstance(event, FileSkipped) or (
+            isinstance(event, Note) and event.text.startswith("warning:"))
+        if self.quiet and not warning:  # warnings no summary repeats as they happen (a
+            return  # damaged catalog copy, a file skipped as it is met) are said all the same
         match event:
             case TapeStarted():
                 self._say(

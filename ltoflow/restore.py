@@ -218,19 +218,18 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
     if not patterns:
         return Selection(list(catalog.source_files), list(catalog.directories),
                          list(catalog.symlinks), [])
-    tests: list[tuple[str, bytes, str, bytes]] = []
+    tests: list[tuple[str, bytes, re.Pattern[str], re.Pattern[bytes]]] = []
     for pattern in patterns:
         p = _relative(pattern)
-        tests.append((p, os.fsencode(p), p, os.fsencode(p)))
+        tests.append((p, os.fsencode(p), _glob_or_under(p), _glob_or_under_bytes(p)))
     found: set[int] = set()
 
     def matches(entry: SourceFileEntry | DirectoryEntry | SymlinkEntry) -> bool:
         text, raw = entry.relative_path, _exact(entry)
         hit = False
-        for n, (p, pb, pattern, patb) in enumerate(tests):
-            if (raw == pb or raw.startswith(pb + b"/") or fnmatch.fnmatchcase(raw, patb)
-                    or text == p or text.startswith(p + "/")
-                    or fnmatch.fnmatchcase(text, pattern)):
+        for n, (p, pb, glob, globb) in enumerate(tests):
+            if (raw == pb or raw.startswith(pb + b"/") or globb.match(raw)
+                    or text == p or text.startswith(p + "/") or glob.match(text)):
                 found.add(n)
                 hit = True
         return hit
@@ -248,9 +247,21 @@ def _matches(relative_path: str, pattern: str) -> bool:
     for pat in {pattern, paths.display(os.fsencode(pattern))}:
         p = _relative(pat)
         if (relative_path == p or relative_path.startswith(p + "/")
-                or fnmatch.fnmatchcase(relative_path, p)):
+                or _glob_or_under(p).match(relative_path)):
             return True
     return False
+
+
+def _glob_or_under(pattern: str) -> re.Pattern[str]:
+    """What the glob matches, and everything under a directory it matches (`case-00[12]`
+    selects those directories' files, as `case-001` does, and as the recovery kit does)."""
+    return re.compile(fnmatch.translate(pattern).removesuffix(r"\Z") + r"(?s:/.*)?\Z")
+
+
+def _glob_or_under_bytes(pattern: str) -> re.Pattern[bytes]:
+    """_glob_or_under for a path's exact bytes (the pattern's own, as the shell passed them)."""
+    text = os.fsencode(pattern).decode("latin-1")  # as fnmatch takes bytes: one char a byte
+    return re.compile(_glob_or_under(text).pattern.encode("latin-1"))
 
 
 def _relative(pattern: str) -> str:

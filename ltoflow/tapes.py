@@ -169,8 +169,15 @@ async def check_member(tape: LoadedTape, request: TapeRequest, *,
         if not await tape.list_dir("data"):
             raise WrongTapeError(f"{tape.label} is blank; insert {request.describe()}")
         return
-    owner = _owner(head)
-    if request.backup_set_id and owner != request.backup_set_id:
+    if not _SET_ID_RE.search(head):
+        # A catalog damaged where it names its set (emptied, overwritten): the containers on
+        # the tape tell; with none there it is let in, as damaged.
+        names = await tape.list_dir("data")
+        if names and not any(request.backup_set_id in n for n in names):
+            raise WrongTapeError(
+                f"{tape.label} holds containers of another set ({names[0]}) and no readable "
+                f"catalog; insert {request.describe()}")
+    elif request.backup_set_id and (owner := _owner(head)) != request.backup_set_id:
         raise WrongTapeError(
             f"{tape.label} holds backup set {owner}, not {request.backup_set_id}; insert "
             f"{request.describe()}"

@@ -33,7 +33,7 @@ import attrs
 import trio
 
 from ltoflow import catalog as cat
-from ltoflow import native
+from ltoflow import native, recovery
 from ltoflow.buffers import BufferLease, PipelineBuffer
 from ltoflow.catalog import Catalog, CatalogCodec, ContainerEntry, JsonCatalogCodec, SegmentEntry
 from ltoflow.clock import Clock
@@ -376,9 +376,11 @@ async def read_and_decode(tape: LoadedTape, tape_id: str, codec: CatalogCodec, s
     return catalog, digest
 
 
-async def tape_catalog_sha(tape: LoadedTape, tape_id: str, pool: PipelineBuffer) -> str:
+async def tape_catalog_sha(tape: LoadedTape, tape_id: str, pool: PipelineBuffer,
+                           known: str | None = None) -> str:
     """The SHA-256 of the loaded tape's catalog.json, checked against catalog.sha256 as
-    read_tape_catalog does, read a chunk at a time: a million-file catalog is 700 MB."""
+    read_tape_catalog does, read a chunk at a time: a million-file catalog is 700 MB.
+    `known`: the set catalog's SHA-256, as _check_catalog_sha takes it."""
     h = hashlib.sha256()
     if await tape.size_of(cat.CATALOG_JSON) is None:
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_JSON}")
@@ -391,19 +393,36 @@ async def tape_catalog_sha(tape: LoadedTape, tape_id: str, pool: PipelineBuffer)
     finally:
         await reader.close()
     digest = h.hexdigest()
-    await _check_catalog_sha(tape, tape_id, digest)
+    await _check_catalog_sha(tape, tape_id, digest, known)
     return digest
 
 
-async def _check_catalog_sha(tape: LoadedTape, tape_id: str, digest: str) -> None:
+class CatalogShaMismatch(CatalogReadError):
+    """A tape's catalog.json does not hash to what its catalog.sha256 says; `digest` is what
+    it hashes to, so that a copy identical to the set's catalog shows the .sha256 file as the
+    damaged one."""
+
+    def __init__(self, tape_id: str, digest: str, known: str | None = None) -> None:
+        self.digest = digest
+        super().__init__(sha_file_damaged(tape_id) if digest == known else (
+            f"tape {tape_id}: {cat.CATALOG_JSON} does not match {cat.CATALOG_SHA256} "
+            "(the catalog on this tape is damaged)"))
+
+
+def sha_file_damaged(tape_id: str) -> str:
+    return (f"tape {tape_id}: {cat.CATALOG_SHA256} is damaged: {cat.CATALOG_JSON} is the set's "
+            f"catalog, byte for byte; copy {cat.CATALOG_SHA256} from a tape whose catalog "
+            "checks out")
+
+
+async def _check_catalog_sha(tape: LoadedTape, tape_id: str, digest: str,
+                             known: str | None = None) -> None:
+    """`known`: the SHA-256 of the set's catalog, where it was found already."""
     sha_file = await tape.read_small(cat.CATALOG_SHA256, limit=4096)
     if sha_file is None:
         raise CatalogReadError(f"tape {tape_id} has no {cat.CATALOG_SHA256}")
     if parse_sha256_file(sha_file) != digest:
-        raise CatalogReadError(
-            f"tape {tape_id}: {cat.CATALOG_JSON} does not match {cat.CATALOG_SHA256} "
-            "(the catalog on this tape is damaged)"
-        )
+        raise CatalogShaMismatch(tape_id, digest, known)
 
 
 class _ContainerCheck:
@@ -642,7 +661,7 @@ async def _check_tape_catalog(tape: LoadedTape, catalog: Catalog, tape_id: str,
             # Tape k's copy knows the serials of tapes 1..k only, so it differs: read it whole.
             data, digest = await read_tape_catalog(tape, tape_id)
         else:  # hashed as it is read, held in memory only if it differs
-            digest = await tape_catalog_sha(tape, tape_id, pool)
+            digest = await tape_catalog_sha(tape, tape_id, pool, catalog_sha)
         if catalog_sha is not None and digest != catalog_sha:
             # Later tapes know more volume serials; anything else differing is damage.
             if data is None:
@@ -708,7 +727,29 @@ async def verify_loaded_tape(
             # a container not there is not counted as checked (its files are named)
             counters[0] += not any(p.what == MISSING_CONTAINER for p in found)
             counters[1] += nbytes
+    problems.extend(await _check_kit(tape, tape_id))
     return problems
+
+
+async def _check_kit(tape: LoadedTape, tape_id: str) -> list[Problem]:
+    """The recovery kit's files against its SHA256SUMS. A tape without one (written by the
+    seed, or by an ltoflow before it wrote one) has nothing to check."""
+    try:
+        sums = await tape.read_small(recovery.SUMS, limit=1 << 16)
+        if sums is None:
+            return []
+        problems = []
+        for name, digest in recovery.parse_sums(sums).items():
+            data = await tape.read_small(f"recovery/{name}", limit=1 << 24)
+            if data is None or hashlib.sha256(data).hexdigest() != digest:
+                what = "is missing" if data is None else (
+                    f"is damaged (its SHA-256 is not the one {recovery.SUMS} gives)")
+                problems.append(Problem(
+                    f"recovery/{name} {what}: copy recovery/ from another tape of the set",
+                    tape_id=tape_id))
+        return problems
+    except BackupError as e:
+        return [Problem(f"its recovery kit cannot be read: {e}", tape_id=tape_id)]
 
 
 @attrs.frozen
@@ -763,6 +804,7 @@ async def find_catalog(
         held = ", ".join(f"set {s}: {n} tape(s)" for s, n in sets.items())
         raise UsageError(f"{drive.describe()} holds tapes of {len(sets)} backup sets ({held}); "
                          "give a directory that holds the tapes of one set")
+    hashed: dict[int, tuple[str, str]] = {}  # copies passed over for their catalog.sha256
     for tape_id in tapes:
         request = TapeRequest(tape_id, 0, "", purpose="read")
         try:
@@ -773,13 +815,21 @@ async def find_catalog(
         try:
             catalog, digest = await read_and_decode(
                 loaded, tape_id, codec, f"{tape_id}/{cat.CATALOG_JSON}", lazy=lazy)
+            for k, (other, other_digest) in hashed.items():  # the same bytes as this copy
+                if other_digest == digest:
+                    seen[k] = Problem(sha_file_damaged(other), tape_id=other)
             return FoundCatalog(catalog, digest, tape_id, seen)
         except BackupError as e:
+            if isinstance(e, CatalogShaMismatch):
+                hashed[len(seen)] = (tape_id, e.digest)
             seen.append(Problem(str(e), tape_id=tape_id))
         finally:
             await drive.unload()
     told = "; ".join(p.describe() for p in seen)
-    raise CatalogReadError(f"no usable catalog on any tape in {drive.describe()}: {told}")
+    raise CatalogReadError(
+        f"no usable catalog on any tape in {drive.describe()}: {told}; give the set's other "
+        "tapes (each holds the whole catalog), or restore with --catalog FILE (a copy kept "
+        "elsewhere)")
 
 
 async def verify_set(

@@ -30,7 +30,7 @@ from ltoflow.cli import (
 from ltoflow.errors import TargetFullError, UsageError
 from ltoflow.operator import UnattendedOperator
 
-from .conftest import REPO, Unprivileged, load_catalog_json, write_tree
+from .conftest import REPO, SEED_FIXTURE, Unprivileged, load_catalog_json, write_tree
 
 TREE = {"a/one.bin": 150_000, "a/two.txt": 2_000, "b/three.bin": 420_000, "b/empty": 0}
 SMALL = ["--capacity-tb", "0.0000003", "--container-size-gb", "0.00005"]  # 300 kB tapes, 50 kB
@@ -612,6 +612,50 @@ def test_verify_says_a_set_is_unfinished_when_a_later_tape_knows_more_tapes(
         f"--catalog {tapes[2].name}'s catalog/catalog.json"]
 
 
+def test_tapes_whose_catalog_was_overwritten_are_known_by_their_containers(
+    seed_tapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A catalog.json emptied or overwritten where it names its set no longer tells whose tape
+    it is: the containers on it do. Verify still checks its containers, and restore with a
+    good copy of the catalog (--catalog) still reads it."""
+    tapes = sorted(seed_tapes.iterdir())
+    kept = tmp_path / "kept"
+    shutil.copytree(tapes[0] / "catalog", kept)
+    (tapes[2] / "catalog" / "catalog.json").write_bytes(b"")
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes, "--json")
+    assert code == EXIT_DAMAGED
+    doc = json.loads(out)
+    assert [(p["tape_id"], "catalog" in p["what"]) for p in doc["problems"]] == [
+        (tapes[2].name, True)]
+    assert doc["containers_checked"] == 6  # tape 3's two among them
+    for t in tapes:
+        (t / "catalog" / "catalog.json").write_bytes(b"overwritten\n")
+    code, out, _ = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
+                       tmp_path / "out", "--catalog", kept / "catalog.json")
+    assert code == EXIT_OK, out
+    source = SEED_FIXTURE / "source"
+    assert {str(p.relative_to(tmp_path / "out")): p.read_bytes()
+            for p in (tmp_path / "out").rglob("*") if p.is_file()} == {
+        str(p.relative_to(source)): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+
+
+def test_a_tape_of_another_set_with_an_unreadable_catalog_is_refused(
+    seed_tapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tapes = sorted(seed_tapes.iterdir())
+    kept = tmp_path / "kept"
+    shutil.copytree(tapes[0] / "catalog", kept)
+    data = tapes[2] / "data"
+    for c in list(data.iterdir()):
+        c.rename(data / c.name.replace("28ad0eff", "99990eff"))
+    (tapes[2] / "catalog" / "catalog.json").write_bytes(b"")
+    code, out, _ = cli(capsys, "restore", "--simulator", seed_tapes, "--target",
+                       tmp_path / "out", "--catalog", kept / "catalog.json")
+    assert code == EXIT_DAMAGED
+    assert ("holds containers of another set (CNT-99990eff-a584-452c-9d9b-60c9e615d6f6-0000"
+            in out)
+
+
 def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
     seed_tapes: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -627,6 +671,38 @@ def test_verify_uses_a_good_catalog_when_one_tape_has_a_damaged_one(
     assert "6 container(s)" in out
     assert out.rstrip().endswith("1 problem(s).")
     assert f"verified {tapes[0].name}: 2 container(s), 1 PROBLEMS" in err
+
+
+@pytest.mark.parametrize("tape", [0, 2])
+def test_a_damaged_catalog_sha256_is_told_from_a_damaged_catalog(
+    seed_tapes: Path, capsys: pytest.CaptureFixture[str], tape: int
+) -> None:
+    """When a tape's catalog.json is the set's catalog byte for byte, its catalog.sha256 is the
+    part that is damaged: said so, whether the search for the catalog met it (tape 1) or the
+    tape's own check did (tape 3)."""
+    tapes = sorted(seed_tapes.iterdir())
+    sha = tapes[tape] / "catalog" / "catalog.sha256"
+    text = sha.read_text()
+    sha.write_text(("1" if text[0] != "1" else "2") + text[1:])
+    code, out, _ = cli(capsys, "verify", "--simulator", seed_tapes)
+    assert code == EXIT_DAMAGED
+    assert [line for line in out.splitlines() if line.startswith("BAD")] == [
+        f"BAD tape {tapes[tape].name}: catalog/catalog.sha256 is damaged: catalog/catalog.json "
+        "is the set's catalog, byte for byte; copy catalog/catalog.sha256 from a tape whose "
+        "catalog checks out"]
+
+
+def test_no_usable_catalog_says_where_else_to_get_one(
+    seed_tapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for t in seed_tapes.iterdir():
+        cat_file = t / "catalog" / "catalog.json"
+        cat_file.write_bytes(cat_file.read_bytes().replace(b"case-001", b"case-00X"))
+    code, _, err = cli(capsys, "restore", "--simulator", seed_tapes, "--target", tmp_path / "o")
+    assert code == EXIT_FAILED
+    assert err.count("does not match catalog/catalog.sha256") == 3
+    assert err.rstrip().endswith("give the set's other tapes (each holds the whole catalog), "
+                                 "or restore with --catalog FILE (a copy kept elsewhere)")
 
 
 def test_skipped_entries_exit_with_warnings(tmp_path: Path,
@@ -903,3 +979,20 @@ def test_json_gives_a_document_when_the_job_fails_too(
     assert code == EXIT_USAGE
     assert json.loads(out) == {"ok": False, "exit_code": EXIT_USAGE, "errors": [
         f"simulator directory {tmp_path / 'none'} does not exist"]}
+
+
+def test_json_gives_a_document_when_the_command_line_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["backup", "--source", str(tmp_path), "--simulator", str(tmp_path / "t"),
+              "--json", "--capacity-tb", "1"])
+    assert exit_.value.code == EXIT_USAGE
+    out, err = capsys.readouterr()
+    line = ("the following arguments are required: --container-size-gb "
+            "(see ltoflow backup --help)")
+    assert json.loads(out) == {"ok": False, "exit_code": EXIT_USAGE, "errors": [line]}
+    assert err == f"ltoflow backup: error: {line}\n"
+    with pytest.raises(SystemExit):  # without --json, stdout stays empty
+        main(["verify", "--bogus"])
+    assert capsys.readouterr().out == ""

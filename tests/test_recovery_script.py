@@ -876,3 +876,43 @@ def test_an_unprivileged_rerun_opens_up_what_the_first_run_locked(tmp_path: Path
         assert "reading" not in proc.stdout
     finally:
         shutil.rmtree(work)
+
+
+def test_the_kit_on_tape_checks_itself_and_verify_checks_it(
+    odd_tapes: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every tape's recovery/SHA256SUMS holds the kit's checksums, as `sha256sum -c` reads
+    them. A copy of restore.py changed by one byte (here in a comment: it still runs, and would
+    restore with whatever else changed) refuses to run, and verify names it."""
+    from ltoflow.cli import EXIT_DAMAGED, main
+
+    _, roots = odd_tapes
+    tapes = tmp_path / "tapes"
+    for r in roots:
+        shutil.copytree(r, tapes / r.name)
+    kit = tapes / roots[0].name / "recovery"
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=kit, capture_output=True,
+                           text=True, check=False)
+    assert (check.returncode, check.stdout) == (0, "README.txt: OK\nrestore.py: OK\n")
+    shutil.copytree(kit, tmp_path / "kit-of-another-tape")
+    script = kit / "restore.py"
+    text = script.read_bytes()
+    assert text.count(b"# ---") > 1
+    script.write_bytes(text.replace(b"# ---", b"# -+-", 1))
+    proc = subprocess.run([sys.executable, "-I", str(script), "--target", str(tmp_path / "o"),
+                           *(str(tapes / r.name) for r in roots)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, output(proc)
+    assert f"error: this copy of restore.py ({script}) is damaged" in proc.stderr
+    assert "run recovery/restore.py from another tape of the set" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    # The copy on another tape runs.
+    other = tmp_path / "kit-of-another-tape" / "restore.py"
+    proc = subprocess.run([sys.executable, "-I", str(other), "--list", str(tapes / roots[0].name)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, output(proc)
+    assert main(["verify", "--simulator", str(tapes)]) == EXIT_DAMAGED
+    bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
+    assert bad == [f"BAD tape {roots[0].name}: recovery/restore.py is damaged (its SHA-256 is "
+                   "not the one recovery/SHA256SUMS gives): copy recovery/ from another tape "
+                   "of the set"]

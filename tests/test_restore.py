@@ -119,6 +119,10 @@ def test_file_split_across_three_tapes_comes_back(backed_up: tuple[Path, Path, C
         (["./case-2/", "./case-3/scans/p0?.tif"],
          {"case-2/ledger.csv", "case-2/empty.dat",
           *(f"case-3/scans/p0{i}.tif" for i in range(10))}),
+        # a glob that matches a directory selects everything under it, as its name does
+        (["case-[12]"], {"case-1/notes.txt", "case-1/video.bin", "case-2/ledger.csv",
+                         "case-2/empty.dat"}),
+        (["case-?/scans"], {f"case-3/scans/p{i:02d}.tif" for i in range(12)}),
     ],
 )
 def test_selections_restore_only_what_they_name(

@@ -579,9 +579,12 @@ def test_skip_reasons_are_bounded_and_need_no_json_escapes() -> None:
 def test_log_reporter_prints_a_warning_per_skipped_file() -> None:
     import io
 
-    out = io.StringIO()
-    LogReporter(out).event(FileSkipped("a/b.txt", "vanished: it was deleted after the scan"))
-    assert out.getvalue() == "warning: skipping a/b.txt: vanished: it was deleted after the scan\n"
+    line = "warning: skipping a/b.txt: vanished: it was deleted after the scan\n"
+    for quiet in (False, True):  # --quiet and --json say warnings all the same
+        out = io.StringIO()
+        LogReporter(out, quiet=quiet).event(
+            FileSkipped("a/b.txt", "vanished: it was deleted after the scan"))
+        assert out.getvalue() == line
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -643,6 +646,7 @@ def test_json_summary_and_log_carry_a_file_skipped_mid_backup(
     code, out, err = cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL,
                          "--json")
     assert code == EXIT_WARNINGS
+    assert "warning: skipping b/two.bin" in err
     doc = json.loads(out)
     assert doc["files"] == 1
     assert doc["skipped"] == [{

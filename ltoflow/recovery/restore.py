@@ -508,7 +508,9 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
             unverified.append((path, actual))
 
     if len({digest for _, digest in verified}) > 1:
-        warn("the given roots hold different catalogs (different backup sets?); using the first")
+        warn("the given roots hold different catalogs (different backup sets, or a backup not "
+             "finished after a tape filled early: then give --catalog of the tape whose copy "
+             "lists the most tapes); using the first")
     choices = verified
     if not verified:
         if not force:
@@ -1567,7 +1569,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_own_copy() -> None:
+    """Refuse to run from a damaged copy of this program: its SHA-256 must be the one in the
+    SHA256SUMS beside it (written to tape with it). A copy without one is not checked."""
+    here = os.path.abspath(__file__)
+    sums = os.path.join(os.path.dirname(here), "SHA256SUMS")
+    try:
+        with open(sums, "rb") as f:
+            lines = f.read(1 << 16).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return
+    expected = None
+    for line in lines:
+        digest, _, name = line.partition(" ")
+        if name.lstrip(" *") == os.path.basename(here) and len(digest) == 64:
+            expected = digest.lower()
+    if expected is None:
+        return
+    actual = hash_file(here)
+    if actual != expected:
+        raise UsageError(
+            "this copy of restore.py (%s) is damaged: its SHA-256 is %s, SHA256SUMS beside it "
+            "says %s; run recovery/restore.py from another tape of the set (check a copy with "
+            "`sha256sum -c SHA256SUMS` in its recovery/ directory)" % (here, actual, expected))
+
+
 def run(args: argparse.Namespace) -> int:
+    check_own_copy()
     roots: List[str] = list(args.roots)
     for root in roots:
         if not os.path.isdir(root):
