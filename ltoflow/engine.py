@@ -242,15 +242,18 @@ async def write_actor(
                 stats.bytes += chunk.nbytes
                 buffer.give_back(chunk.buffer, chunk.nbytes)
                 if chunk.last:
-                    await writer.close()
+                    await writer.close()  # stopped before it is closed: it is dropped
                     writer = None
-                    await tape.sync()
-                if chunk.last:
-                    stats.containers += 1
-                    size = plan.containers[chunk.container].size
-                    elapsed = trio.current_time() - started
-                    if on_container is not None:
-                        await on_container(chunk.container)
+                    # Closed, it is whole on tape: it is recorded before anything stops the
+                    # job, or a stop here would leave a container the journal does not know
+                    # (and nothing to resume, and a tape no new backup may use).
+                    with trio.CancelScope(shield=True):
+                        await tape.sync()
+                        stats.containers += 1
+                        size = plan.containers[chunk.container].size
+                        elapsed = trio.current_time() - started
+                        if on_container is not None:
+                            await on_container(chunk.container)
                     reporter.event(ContainerWritten(tape_id, cid, size, elapsed))
         except BaseException:
             if writer is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from ltoflow.api import BackupConfig, make_backup_plan
 from ltoflow.cli import (
@@ -218,6 +219,43 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     assert ltoflow(*backup_args(root, tapes, "--resume")).returncode == EXIT_OK
     assert_complete_set(tapes, contents)
     assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
+
+
+def test_a_stop_while_a_container_is_closed_keeps_it_for_the_resume(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Ctrl-C while a container's file is being closed (with --throttle the drive's buffer
+    drains then, for seconds) is acted on once it is closed, and whole on tape: the container
+    is recorded in the journal before the job stops. It was left on tape unrecorded, and with
+    nothing else recorded the journal went too: nothing to resume, and a simulator directory
+    that no new backup would take."""
+    from ltoflow.drives.simulator import SimulatorWriter
+
+    closing = SimulatorWriter.close
+    stopped: list[bool] = []
+
+    async def close_during_a_ctrl_c(self: SimulatorWriter) -> None:
+        await closing(self)
+        if not stopped:
+            stopped.append(True)
+            with trio.CancelScope(shield=True):  # the job is cancelled meanwhile
+                signal.raise_signal(signal.SIGINT)
+                await trio.testing.wait_all_tasks_blocked()
+
+    monkeypatch.setattr(SimulatorWriter, "close", close_during_a_ctrl_c)
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    assert main([str(a) for a in backup_args(root, tapes)]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "all safe on tape; run the same command with --resume to continue")
+    (tape1,) = tapes.iterdir()
+    assert [f.name[-5:] for f in (tape1 / "data").iterdir()] == ["00001"]
+    journal = next(state_dir.glob("*.journal")).read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in journal] == ["begin", "container"]
+    monkeypatch.setattr(SimulatorWriter, "close", closing)
+    assert main([str(a) for a in backup_args(root, tapes, "--resume")]) == EXIT_OK
+    assert_complete_set(tapes, contents)
 
 
 async def test_sigterm_cancels_the_job_and_raises_interrupted() -> None:
