@@ -456,7 +456,7 @@ def backup_summary(result: BackupResult, where: str,
              "containers": t.containers, "data_bytes": t.data_bytes,
              "catalog_bytes": t.catalog_bytes, "seconds": round(t.seconds, 3),
              "stalls": t.stalls, "stall_seconds": round(t.stall_seconds, 3),
-             "earlier_containers": t.earlier_containers}
+             "earlier_containers": t.earlier_containers, "finished_before": t.finished_before}
             for t in result.tapes
         ],
         "containers": len(c.containers),
@@ -489,6 +489,10 @@ def print_backup_summary(result: BackupResult, where: str,
           f"{'y' if len(c.directories) == 1 else 'ies'}, {len(c.symlinks)} symlink(s)")
     for t in result.tapes:
         volume = f"volume {t.volume_serial}  " if t.volume_serial else ""
+        if t.finished_before:
+            print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.earlier_containers} "
+                  "containers, written before the interruption (not loaded again)")
+            continue
         earlier = f" (+{t.earlier_containers} already on it)" if t.earlier_containers else ""
         print(f"  tape {t.sequence_number}  {t.tape_id}  {volume}{t.containers} containers"
               f"{earlier}  "

@@ -401,6 +401,9 @@ class TapeSummary:
     volume_serial: str | None = None
     #: Containers already on this tape when a resumed job loaded it (not in `containers`).
     earlier_containers: int = 0
+    #: Finished before the interruption that a resumed job goes on from: not loaded again
+    #: (`earlier_containers` are all of its containers; it has no label or catalog figure).
+    finished_before: bool = False
 
 
 #: How often the progress display hears from the engine.
@@ -892,6 +895,9 @@ async def run_backup(
             request = TapeRequest(tape_ids[tape.index], tape.index + 1, set_id, len(plan.tapes))
             if resume is not None and tape.index in resume.tapes_done:
                 serials.append(resume.tapes_done[tape.index])
+                summaries.append(TapeSummary(
+                    request.tape_id, request.tape_id, request.sequence_number, 0, 0, 0, 0.0,
+                    0, 0.0, serials[-1], len(tape.containers), finished_before=True))
                 state.finish_tape(tape.data_bytes)
                 reporter.event(Note(f"tape {request.tape_id} was completed before the "
                                     "interruption; not loaded again"))

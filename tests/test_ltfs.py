@@ -377,7 +377,8 @@ def test_cli_resume_through_a_library_after_a_cartridge_fills_early(
 
     assert main([*backup, "--resume", "--json"]) == EXIT_OK
     doc = json.loads(capsys.readouterr().out)
-    assert [t["volume_serial"] for t in doc["tapes"]] == ["LIB002L9", "LIB003L9", "LIB004L9"]
+    assert [(t["volume_serial"], t["finished_before"]) for t in doc["tapes"]] == [
+        ("LIB001L9", True), ("LIB002L9", False), ("LIB003L9", False), ("LIB004L9", False)]
     catalogs = {fake_ltfs.tape_files(fake_ltfs.drives_dir / f"t{n}")["catalog/catalog.json"]
                 for n in (1, 2, 3, 4)}
     assert len({json.dumps({**json.loads(c), "tapes": None}) for c in catalogs}) == 1

@@ -221,6 +221,32 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
 
 
+def test_the_summary_of_a_resume_lists_the_tapes_finished_before(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    root, contents = src
+    on_tape_1 = len(the_plan(root).tapes[0].containers)
+    resumed: list[str] = []
+    for tapes in (tmp_path / "tapes", tmp_path / "again"):  # as JSON, then as text
+        stopped = ltoflow(*backup_args(root, tapes, "--sim-fault",
+                                       "interrupt_after_bytes_written=1", "--sim-fault",
+                                       "failed_tape_ids=2"))
+        assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+        done = ltoflow(*backup_args(root, tapes, "--resume",
+                                    *(["--json"] if not resumed else [])))
+        assert done.returncode == EXIT_OK, done.stderr
+        resumed.append(done.stdout)
+        assert_complete_set(tapes, contents)
+    listed = json.loads(resumed[0])["tapes"]
+    assert [(t["sequence_number"], t["finished_before"]) for t in listed] == [
+        (1, True), (2, False), (3, False)]
+    assert listed[0]["earlier_containers"] == on_tape_1
+    lines = [line for line in resumed[1].splitlines() if line.startswith("  tape ")]
+    assert len(lines) == 3
+    assert lines[0].endswith(f"  {on_tape_1} containers, written before the interruption (not "
+                             "loaded again)")
+
+
 def test_a_stop_while_a_container_is_closed_keeps_it_for_the_resume(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
