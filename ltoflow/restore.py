@@ -226,10 +226,14 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
 
     def matches(entry: SourceFileEntry | DirectoryEntry | SymlinkEntry) -> bool:
         text, raw = entry.relative_path, _exact(entry)
+        # as `catalog ls` shows it: a newline in a name as `\n`
+        seen = text if text.isprintable() else paths.shown(text)
         hit = False
         for n, (p, pb, glob, globb) in enumerate(tests):
             if (raw == pb or raw.startswith(pb + b"/") or globb.match(raw)
-                    or text == p or text.startswith(p + "/") or glob.match(text)):
+                    or text == p or text.startswith(p + "/") or glob.match(text)
+                    or (seen is not text and (seen == p or seen.startswith(p + "/")
+                                              or glob.match(seen)))):
                 found.add(n)
                 hit = True
         return hit
@@ -244,11 +248,12 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
 def _matches(relative_path: str, pattern: str) -> bool:
     """A skipped entry keeps only the readable rendering of its path: a pattern matches it as
     given or rendered the same way (the exact bytes of an odd name, as the shell passes it)."""
+    seen = paths.shown(relative_path)  # as `catalog ls` shows it
     for pat in {pattern, paths.display(os.fsencode(pattern))}:
         p = _relative(pat)
-        if (relative_path == p or relative_path.startswith(p + "/")
-                or _glob_or_under(p).match(relative_path)):
-            return True
+        for name in {relative_path, seen}:
+            if name == p or name.startswith(p + "/") or _glob_or_under(p).match(name):
+                return True
     return False
 
 

@@ -387,6 +387,22 @@ def test_swapped_tape_directories_are_said_once_each_as_such(
         "each its tape's name back" for a, b in ((one, two), (two, one))]
 
 
+def test_a_tape_json_naming_no_tape_of_the_set_does_not_stop_reading(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tape.json is the simulator's bookkeeping: one damaged into naming a tape that is not
+    there (one digit changed) is read past, as one that is not JSON is, and as the recovery
+    kit does; only another tape's name there means directories were swapped."""
+    sim = tmp_path / "tapes"
+    assert cli(capsys, "backup", "--source", src, "--simulator", sim, *SMALL)[0] == EXIT_OK
+    one = sorted(sim.iterdir())[0]
+    doc = json.loads((one / "tape.json").read_text())
+    doc["tape_id"] = doc["tape_id"][:-3] + "000"
+    (one / "tape.json").write_text(json.dumps(doc))
+    code, out, _ = cli(capsys, "verify", "--simulator", sim)
+    assert (code, out.rstrip().splitlines()[-1].endswith("clean.")) == (EXIT_OK, True), out
+    assert cli(capsys, "restore", "--simulator", sim, "--target", tmp_path / "out")[0] == EXIT_OK
+
+
 def test_bytes_appended_to_a_container_are_reported_without_blaming_its_files(
         src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sim = tmp_path / "tapes"

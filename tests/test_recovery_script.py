@@ -727,6 +727,11 @@ def test_odd_names_are_selected_by_exact_bytes(python: str, odd_tapes: tuple[Pat
     assert proc.returncode == 0, proc.stderr
     assert sorted(tree_snapshot(target)) == [
         b"odd-\xff\xfe", b"odd-\xff\xfe/new\nline", b"\xe9\xe9.bin"]
+    # and as --list shows it (the newline as \n), copied from there
+    shown = run(python, "--target", tmp_path / "shown", "--only", r"odd-\xff\xfe/new\nline",
+                *roots, cwd=tmp_path)
+    assert shown.returncode == 0, output(shown)
+    assert sorted(tree_snapshot(tmp_path / "shown")) == [b"odd-\xff\xfe", b"odd-\xff\xfe/new\nline"]
 
 
 def test_list_shows_links_and_directories(python: str, odd_tapes: tuple[Path, list[Path]],

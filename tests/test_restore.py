@@ -643,6 +643,10 @@ def test_odd_names_are_selected_by_their_exact_bytes_or_their_rendering(
     assert report.ok
     assert {p.rsplit(b"/", 1)[-1] for p in tree_snapshot(tmp_path / "b")} == {
         b"odd-\xff\xfe", b"caf\xe9.txt", b"new\nline", b"back\\xffslash", b"link-\x80"}
+    # a newline as `catalog ls` shows it, copied from there
+    report = restore(tapes, tmp_path / "c", r"odd-\xff\xfe/new\nline")
+    assert (report.ok, sorted(tree_snapshot(tmp_path / "c"))) == (
+        True, [b"odd-\xff\xfe", b"odd-\xff\xfe/new\nline"])
 
 
 def test_deep_path_over_path_max_round_trips(odd_set: tuple[Path, Path, Catalog],

@@ -192,7 +192,12 @@ class SimulatorDrive:
             if reading:
                 return _TapeState(tape_id, tape_root, None, 0)
             raise TapeNotLoadedError(f"tape {tape_id}: cannot read its {TAPE_JSON}: {e}") from e
-        if doc.get("tape_id", tape_id) != tape_id:
+        named = doc.get("tape_id", tape_id)
+        if named != tape_id and reading and named not in list_simulated_tapes(self.root):
+            # Not another tape's directory: its tape.json is damaged, and a tape being read
+            # does without it (as the recovery kit does); its containers say which tape it is.
+            return _TapeState(tape_id, tape_root, None, 0)
+        if named != tape_id:
             raise TapeNotLoadedError(
                 f"the simulator's directory {tape_id} holds tape {doc['tape_id']} (its "
                 f"{TAPE_JSON} says so): tape directories were renamed or swapped; give each "

@@ -564,6 +564,10 @@ def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None) -> bool
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     raw_parts = raw.split(b"/") if raw is not None else []
     raw_prefixes = [b"/".join(raw_parts[: i + 1]) for i in range(len(raw_parts))]
+    if not rel.isprintable():  # and as --list shows them (a newline as \n), to be copied
+        shown = [show_bytes(p) for p in raw_prefixes] if raw is not None else [
+            show(p) for p in prefixes]
+        prefixes += [p for p in shown if p not in prefixes]
     for pat in patterns:
         pat = pat.rstrip("/") or pat
         for prefix in prefixes:
