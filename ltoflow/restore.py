@@ -1337,23 +1337,40 @@ async def _restore_tapes(
     tapes that could be loaded."""
     catalog = plan.catalog
     read: list[str] = []
-    for t in plan.tapes:
+    # Tapes the drive can tell are not there go first (a simulator's): their files fail
+    # before any of their pieces on other tapes is read for nothing.
+    there = await holder.drive.inventory()
+    order = sorted(plan.tapes, key=lambda t: there is None or t.tape_id in there)
+    todo: dict[str, list[_Range]] = {}  # container id -> the ranges still to read
+    for t in order:
         request = TapeRequest(t.tape_id, t.sequence_number, catalog.backup_set_id,
                               len(catalog.tapes), purpose="read", volume_serial=t.volume_serial)
-        containers = sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset, c.sequence_number))
+        containers = []
+        for c in sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset, c.sequence_number)):
+            # The pieces of files that failed already (on a tape not there, say) are not read.
+            live = [r for r in plan.ranges[c.container_id] if not writer.jobs[r.job].failed]
+            meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id]
+                                     ) - sum(r.end - r.start for r in live)
+            if live:
+                containers.append(c)
+                todo[c.container_id] = live
+        if not containers:
+            reporter.event(Note(f"tape {t.sequence_number} {t.tape_id}: not needed any more "
+                                "(the files with pieces on it failed already)"))
+            continue
         meter.begin_tape(t.tape_id, t.sequence_number)  # loading it counts too
         try:
             loaded = await holder.get(request, check)
         except BackupError as e:
             for c in containers:
-                _fail_ranges(writer, plan.ranges[c.container_id], f"tape not available: {e}")
-                meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id])
+                _fail_ranges(writer, todo[c.container_id], f"tape not available: {e}")
+                meter.total_bytes -= sum(r.end - r.start for r in todo[c.container_id])
             meter.tape_id = ""
             continue
         read.append(t.tape_id)
         try:
             for c in containers:
-                ranges = plan.ranges[c.container_id]
+                ranges = todo[c.container_id]
                 completed: set[int] = set()
                 counted = meter.done_bytes
                 try:

@@ -135,6 +135,40 @@ def test_selections_restore_only_what_they_name(
     assert set(tree_state(tmp_path / "out")) == expected
 
 
+def test_pieces_of_files_that_need_a_missing_tape_are_not_read(
+    seed_tapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tape 3 is not in the simulator directory: page-001.tif (on tapes 2 and 3) and
+    page-002.tif (tape 3) cannot come back, so the 43,800 bytes of page-001.tif on tape 2 are
+    not read for nothing; with a real drive, a tape holding only such pieces is not asked
+    for. Everything else is restored."""
+    from ltoflow.drives.simulator import SimulatorReader
+
+    reads: dict[str, int] = {}
+    readinto = SimulatorReader.readinto
+
+    async def counted(self: SimulatorReader, buf: memoryview) -> int:
+        n = await readinto(self, buf)
+        reads[self._tape.tape_id] = reads.get(self._tape.tape_id, 0) + n
+        return n
+
+    monkeypatch.setattr(SimulatorReader, "readinto", counted)
+    tapes = sorted(seed_tapes.iterdir())
+    shutil.rmtree(tapes[2])
+    report = restore(seed_tapes, tmp_path / "out")
+    assert sorted(p.relative_path for p in report.problems) == [
+        "case-002/scans/page-001.tif", "case-002/scans/page-002.tif"]
+    assert report.restored == 4
+    # tape 2: the rest of video.bin (151,200 bytes) and ledger.csv (5,000), not page-001's
+    assert reads == {tapes[0].name: 200_000, tapes[1].name: 156_200}
+    # video.bin alone, tape 1 gone: tape 2, which holds only the rest of it, is not loaded
+    shutil.rmtree(tapes[0])
+    reads.clear()
+    report = restore(seed_tapes, tmp_path / "one", "case-001/video.bin")
+    assert [p.relative_path for p in report.problems] == ["case-001/video.bin"]
+    assert (report.tapes, report.tapes_read, reads) == ((tapes[0].name, tapes[1].name), (), {})
+
+
 def test_existing_files_are_kept_unless_overwrite(backed_up: tuple[Path, Path, Catalog],
                                                   tmp_path: Path) -> None:
     src, tapes, _ = backed_up
