@@ -964,10 +964,7 @@ class _FileWriter:
             if job.fd < 0:
                 self._open(job)
             offset = seg.source_offset + seg_pos
-            view, at = data, offset
-            while view:  # a short write (a filling disk) must not go unnoticed
-                n = os.pwrite(job.fd, view, at)
-                view, at = view[n:], at + n
+            _write_leaving_holes(job.fd, data, offset, job.entry.size_bytes)
             if len(job.segments) == 1:
                 return  # the segment's own hash is the file's
             if job.in_order and offset == job.next_offset:
@@ -1394,6 +1391,33 @@ async def _restore_tapes(
         meter.tape_id = ""
         await holder.release_or_warn(reporter)
     return read
+
+
+#: Whole blocks of zeros, at offsets a multiple of this, are not written into the new file: a
+#: sparse file (a disk image) comes back with its holes, not at its full size on disk.
+HOLE_BLOCK = 4096
+_ZEROS = bytes(HOLE_BLOCK)
+
+
+def _write_leaving_holes(fd: int, data: memoryview, at: int, size: int) -> None:
+    """Write `data` at offset `at` of a new file `size` bytes long, leaving out the aligned
+    blocks of zeros (the file's unwritten bytes read as zeros). The block that holds the
+    file's last byte is always written, so the file ends at its size without a truncate."""
+    start = 0  # the bytes of `data` from here on are not written yet
+    i = -at % HOLE_BLOCK  # the first block boundary in `data`
+    last = size - 1 - at  # the file's last byte, in `data`'s terms
+    while i + HOLE_BLOCK <= len(data) and i + HOLE_BLOCK <= last:
+        if data[i:i + HOLE_BLOCK] == _ZEROS:
+            _pwrite_all(fd, data[start:i], at + start)
+            start = i + HOLE_BLOCK
+        i += HOLE_BLOCK
+    _pwrite_all(fd, data[start:], at + start)
+
+
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    while view:  # a short write (a filling disk) must not go unnoticed
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
 
 
 def _fail_ranges(writer: _FileWriter, ranges: Sequence[_Range], what: str) -> None:

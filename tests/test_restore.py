@@ -20,6 +20,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ltoflow import BackupConfig, api, backup
 from ltoflow.buffers import PipelineBuffer
@@ -27,6 +29,7 @@ from ltoflow.catalog import Catalog, JsonCatalogCodec, SegmentEntry
 from ltoflow.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
 from ltoflow.drives.simulator import SimulatorDrive
 from ltoflow.restore import TEMP_PREFIX, RestoreReport
+from ltoflow.units import MiB
 
 from .conftest import (
     SEED_FIXTURE,
@@ -526,13 +529,13 @@ def test_cli_restore_refuses_a_catalog_of_another_set_and_a_missing_one(
     cat_file = next((tmp_path / "o").iterdir()) / "catalog" / "catalog.json"
     target = tmp_path / "out"
     (tmp_path / "empty").mkdir()
-    for given, sim, needle in (
+    for catalog_given, sim, needle in (
             (cat_file, tapes, f"the catalog given is of backup set "
                               f"{other.catalog.backup_set_id}, but simulator"),
             (cat_file, tmp_path / "empty", "(it holds no tape at all)"),
             (tmp_path / "nope.json", tapes, "cannot read the catalog file")):
         code = main(["restore", "--simulator", str(sim), "--target", str(target),
-                     "--catalog", str(given)])
+                     "--catalog", str(catalog_given)])
         assert code == EXIT_USAGE
         err = capsys.readouterr().err
         assert needle in err
@@ -934,3 +937,63 @@ def test_a_leftover_of_this_pid_is_an_earlier_process_and_a_taken_name_is_passed
     assert (report.ok, report.restored, report.leftovers_removed) == (True, 1, 1)
     assert [p.name for p in (out / "case-2").iterdir() if p.name.startswith(TEMP_PREFIX)] == [
         f"{TEMP_PREFIX}{os.getpid()}-1"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    blocks=st.lists(st.sampled_from([b"\0", b"x", b"half"]), min_size=0, max_size=12),
+    tail=st.integers(min_value=0, max_value=5000),
+    lead=st.integers(min_value=0, max_value=5000),
+    cuts=st.lists(st.integers(min_value=1, max_value=20_000), max_size=4),
+)
+def test_writing_leaves_holes_and_the_file_comes_back_exact(
+    tmp_path_factory: pytest.TempPathFactory, blocks: list[bytes], tail: int, lead: int,
+    cuts: list[int],
+) -> None:
+    """Any file, written in any pieces at any offsets, reads back byte for byte at its size;
+    whole aligned blocks of zeros are left as holes."""
+    r = importlib.import_module("ltoflow.restore")  # `ltoflow.restore` is also a function
+    block: int = r.HOLE_BLOCK
+
+    def one(kind: bytes) -> bytes:
+        if kind == b"\0":
+            return bytes(block)
+        if kind == b"x":
+            return b"x" * block
+        return bytes(block // 2) + b"y" * (block // 2)
+
+    content = b"z" * lead + b"".join(map(one, blocks)) + bytes(tail)
+    path = tmp_path_factory.mktemp("holes") / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        pos = 0
+        for cut in [*cuts, len(content)]:  # the pieces, as the segments and chunks come
+            piece = memoryview(content)[pos:pos + cut]
+            r._write_leaving_holes(fd, piece, pos, len(content))
+            pos += len(piece)
+            if pos >= len(content):
+                break
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == content
+
+
+def test_a_sparse_file_comes_back_sparse(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    with open(image, "wb") as fh:
+        fh.truncate(64 * MiB)
+        fh.seek(32 * MiB)
+        fh.write(b"data in the middle")
+    if image.stat().st_blocks * 512 > MiB:
+        pytest.skip("this filesystem does not keep holes")
+    config = BackupConfig(source_root=src, tapes_root=tmp_path / "tapes",
+                          tape_nominal_capacity_bytes=200 * MiB,
+                          max_container_size_bytes=100 * MiB)
+    backup(config)
+    report = restore(tmp_path / "tapes", tmp_path / "out")
+    assert report.ok
+    out = tmp_path / "out" / "disk.img"
+    assert out.read_bytes() == image.read_bytes()
+    assert out.stat().st_blocks * 512 < MiB  # 64 MiB long, a few blocks on disk
