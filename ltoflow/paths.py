@@ -74,10 +74,19 @@ def display(raw: bytes) -> str:
 
 
 def shown(text: str) -> str:
-    """`text` for one line of output: control characters (a newline in a name) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    """`text` for one line of output: control characters (a newline in a name) escaped, and
+    in double quotes when it begins or ends with a space (which a reader would not see)."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    if text[:1].isspace() or text[-1:].isspace():
+        return f'"{text}"'
+    return text
+
+
+def shown_in_list(text: str) -> str:
+    """shown(), for a list joined with ", ": in double quotes when it holds ", " too."""
+    text = shown(text)
+    return f'"{text}"' if ", " in text and not text.startswith('"') else text
 
 
 def b64_if_needed(raw: bytes) -> str | None:

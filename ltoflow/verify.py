@@ -40,7 +40,7 @@ from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
 from ltoflow.errors import BackupError, CatalogReadError, UsageError, leaves
 from ltoflow.operator import NoPromptOperator, Operator
-from ltoflow.paths import shown
+from ltoflow.paths import shown_in_list
 from ltoflow.progress import NullReporter, ReadMeter, Reporter, TapeVerified, reporting
 from ltoflow.tapes import (
     TapeHolder,
@@ -81,7 +81,8 @@ class Problem:
             ) if part
         )
         # One line: the names' control characters (a newline) escaped.
-        damages = f"; damages {', '.join(map(shown, self.files))}" if self.files else ""
+        damages = (f"; damages {', '.join(map(shown_in_list, self.files))}" if self.files
+                   else "")
         what = self.what
         for lead in (f"tape {self.tape_id}: ", f"tape {self.tape_id} "):
             if self.tape_id and what.startswith(lead):  # said in `where` already

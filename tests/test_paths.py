@@ -50,3 +50,17 @@ def test_names_round_trip_through_their_catalog_fields(raw: bytes) -> None:
     assert (b64 is None) == (raw.decode("utf-8", "replace").encode() == raw)
     assert paths.exact(paths.display(raw), b64) == raw
     assert paths.shown(paths.display(raw)).isprintable()
+
+
+@pytest.mark.parametrize(("name", "alone", "in_list"), [
+    ("a/b.txt", "a/b.txt", "a/b.txt"),
+    ("new\nline", "new\\nline", "new\\nline"),
+    ("  leading.txt", '"  leading.txt"', '"  leading.txt"'),
+    ("trailing ", '"trailing "', '"trailing "'),
+    ("Smith, J/notes.txt", "Smith, J/notes.txt", '"Smith, J/notes.txt"'),
+])
+def test_names_are_shown_so_that_a_reader_sees_where_they_begin_and_end(
+        name: str, alone: str, in_list: str) -> None:
+    """Spaces at either end of a name would not be seen; in a list joined with ", ", a name
+    holding ", " would look like two."""
+    assert (paths.shown(name), paths.shown_in_list(name)) == (alone, in_list)
