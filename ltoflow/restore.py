@@ -845,10 +845,12 @@ class _FileWriter:
         d = job.entry
         assert isinstance(d, DirectoryEntry)
         fd = self._dir_fd(job.parts)  # made if it is missing: empty directories come back
-        _set_mode_and_time(fd, self._parent_of(job.parts), job.parts[-1], d.unix_mode,
-                           d.mtime_ns)
+        changed = _set_mode_and_time(fd, self._parent_of(job.parts), job.parts[-1],
+                                     d.unix_mode, d.mtime_ns)
         self.opened.settled(job.parts)
-        self.directories += 1
+        # Counted when made or set (one made now has this moment's mtime); one already as
+        # the backup had it, on a second run, is not restored again.
+        self.directories += changed
 
     def _tree_guarded(self, job: _TreeJob, action: Callable[[], None]) -> None:
         try:
@@ -1039,23 +1041,28 @@ class _Refused(Exception):
 
 
 def _set_mode_and_time(fd: int, parent: int, name: bytes, mode: int,
-                       mtime_ns: int | None) -> None:
+                       mtime_ns: int | None) -> bool:
     """Give the entry open as `fd` (an O_PATH descriptor, which takes no fchmod or futimens;
     `name` in `parent`) these permission bits and mtime, changing only what differs: one
-    already right is left be (another user's, restored by root, would refuse the change)."""
+    already right is left be (another user's, restored by root, would refuse the change).
+    Whether anything was changed."""
     st = os.fstat(fd)
     proc = paths.fd_path(fd)
     by_proc = paths.have_fd_paths()  # else by name: no /proc in a chroot, say
-    if stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
+    new_mode = stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode)
+    if new_mode:
         if by_proc:
             proc.chmod(stat.S_IMODE(mode))
         else:
             os.chmod(name, stat.S_IMODE(mode), dir_fd=parent)
-    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+    new_time = mtime_ns is not None and st.st_mtime_ns != mtime_ns
+    if new_time:
+        assert mtime_ns is not None
         if by_proc:
             os.utime(proc, ns=(mtime_ns, mtime_ns))
         else:
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+    return new_mode or new_time
 
 
 def _give_mode_and_mtime(fd: int, f: SourceFileEntry) -> None:
