@@ -768,6 +768,12 @@ def verify_summary(report: VerifyReport) -> dict[str, Any]:
 def print_verify_report(report: VerifyReport) -> None:
     for p in report.problems:
         print(f"BAD {p.describe()}")
+    damaged = {f for p in report.problems for f in p.files}
+    if damaged:
+        print(f"The {len(damaged)} file(s) named above cannot come back whole from these tapes "
+              "as they are: bring any tape said missing and verify again; `ltoflow restore` "
+              "brings back every other file and names these; take a damaged one from another "
+              "copy of the set, or its intact pieces by hand (recovery/README.txt on any tape).")
     c = report.catalog
     state = "clean" if report.ok else f"{len(report.problems)} problem(s)"
     print(f"Verified set {c.backup_set_id}: {report.tapes_checked} of {len(c.tapes)} tape(s), "

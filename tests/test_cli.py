@@ -583,6 +583,8 @@ def test_verify_names_tape_container_and_damaged_file(
     assert "CNT-28ad0eff-a584-452c-9d9b-60c9e615d6f6-00004" in bad[0]
     assert "case-002/ledger.csv" in bad[0]
     assert "video.bin" not in bad[0]
+    # and what to do about it, once
+    assert out.splitlines()[1].startswith("The 1 file(s) named above cannot come back whole ")
 
 
 def test_verify_reports_missing_container_and_tape(
