@@ -1,6 +1,6 @@
 """The catalog: records, the one cattrs converter, and the streaming JSON codec.
 
-The format is the seed's schema 2.0, key for key (see shared/fixtures/seed-format): ltoflow only
+The format is the seed's schema 2.0, key for key (see tests/fixtures/seed-format): ltoflow only
 adds keys, each with a default, and readers ignore keys they do not know, so catalogs written by
 either tool can be read by both. ltoflow writes compact JSON with one record per line, so a
 catalog of a million files streams out record by record and `grep` finds a file in it.

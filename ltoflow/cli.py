@@ -947,7 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except _BadArguments as bad:  # a script that asked for JSON gets a document here too
-        if "--json" in argv:
+        if any(len(a) > 3 and "--json".startswith(a) for a in argv):  # argparse takes --js
             _print_json({"ok": False, "exit_code": EXIT_USAGE, "errors": [bad.line]})
         raise
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -402,7 +402,8 @@ class TapeSummary:
     #: Containers already on this tape when a resumed job loaded it (not in `containers`).
     earlier_containers: int = 0
     #: Finished before the interruption that a resumed job goes on from: not loaded again
-    #: (`earlier_containers` are all of its containers; it has no label or catalog figure).
+    #: (`earlier_containers` are all of its containers; `label` is its tape id, as it was not
+    #: read, and it has no catalog figure).
     finished_before: bool = False
 
 

@@ -744,7 +744,7 @@ async def _check_kit(tape: LoadedTape, tape_id: str) -> list[Problem]:
             data = await tape.read_small(f"recovery/{name}", limit=1 << 24)
             if data is None or hashlib.sha256(data).hexdigest() != digest:
                 what = "is missing" if data is None else (
-                    f"is damaged (its SHA-256 is not the one {recovery.SUMS} gives)")
+                    f"does not match {recovery.SUMS} (one of them is damaged)")
                 problems.append(Problem(
                     f"recovery/{name} {what}: copy recovery/ from another tape of the set",
                     tape_id=tape_id))

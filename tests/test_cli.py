@@ -1016,3 +1016,6 @@ def test_json_gives_a_document_when_the_command_line_is_wrong(
     with pytest.raises(SystemExit):  # without --json, stdout stays empty
         main(["verify", "--bogus"])
     assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):  # --jso is --json to argparse
+        main(["verify", "--jso", "--bogus"])
+    assert json.loads(capsys.readouterr().out)["exit_code"] == EXIT_USAGE

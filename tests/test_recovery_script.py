@@ -909,6 +909,7 @@ def test_the_kit_on_tape_checks_itself_and_verify_checks_it(
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2, output(proc)
     assert f"error: this copy of restore.py ({script}) is damaged" in proc.stderr
+    assert "or, if only SHA256SUMS is damaged, add --skip-self-check" in proc.stderr
     assert "run recovery/restore.py from another tape of the set" in proc.stderr
     assert not (tmp_path / "o").exists()
     # The copy on another tape runs.
@@ -918,6 +919,36 @@ def test_the_kit_on_tape_checks_itself_and_verify_checks_it(
     assert proc.returncode == 0, output(proc)
     assert main(["verify", "--simulator", str(tapes)]) == EXIT_DAMAGED
     bad = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BAD")]
-    assert bad == [f"BAD tape {roots[0].name}: recovery/restore.py is damaged (its SHA-256 is "
-                   "not the one recovery/SHA256SUMS gives): copy recovery/ from another tape "
-                   "of the set"]
+    assert bad == [f"BAD tape {roots[0].name}: recovery/restore.py does not match "
+                   "recovery/SHA256SUMS (one of them is damaged): copy recovery/ from another "
+                   "tape of the set"]
+    # With SHA256SUMS the damaged one and no other tape, the kit still runs when told to.
+    proc = subprocess.run([sys.executable, "-I", str(script), "--skip-self-check", "--list",
+                           *(str(tapes / r.name) for r in roots)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, output(proc)
+
+
+def test_a_pattern_that_is_a_name_means_that_name_in_the_kit_too(
+    python: str, tmp_path: Path
+) -> None:
+    from ltoflow import BackupConfig, backup
+
+    src = tmp_path / "src"
+    for name, size in (("Photos [2019]/a.jpg", 10), ("Photos 1/b.jpg", 20)):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(b"x" * size)
+    result = backup(BackupConfig(source_root=src, tapes_root=tmp_path / "tapes",
+                                 tape_nominal_capacity_bytes=2_000_000,
+                                 max_container_size_bytes=100_000))
+    roots = [tmp_path / "tapes" / t.tape_id for t in result.catalog.tapes]
+    proc = run(python, "--target", tmp_path / "out", "--only", "Photos [2019]", *roots,
+               cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert sorted(p for p, (kind, *_) in tree_snapshot(tmp_path / "out").items()
+                  if kind == "file") == [b"Photos [2019]/a.jpg"]
+    proc = run(python, "--target", tmp_path / "globs", "--only", "Photos [0-9]", *roots,
+               cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert sorted(p for p, (kind, *_) in tree_snapshot(tmp_path / "globs").items()
+                  if kind == "file") == [b"Photos 1/b.jpg"]

@@ -13,6 +13,7 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -941,19 +942,31 @@ def test_a_leftover_of_this_pid_is_an_earlier_process_and_a_taken_name_is_passed
         f"{TEMP_PREFIX}{os.getpid()}-1"]
 
 
+def _holes_kept() -> bool:
+    with tempfile.NamedTemporaryFile() as f:
+        f.truncate(1 << 20)
+        f.flush()
+        return os.fstat(f.fileno()).st_blocks * 512 < 1 << 20
+
+
+HOLES_KEPT = _holes_kept()
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     blocks=st.lists(st.sampled_from([b"\0", b"x", b"half"]), min_size=0, max_size=12),
     tail=st.integers(min_value=0, max_value=5000),
     lead=st.integers(min_value=0, max_value=5000),
     cuts=st.lists(st.integers(min_value=1, max_value=20_000), max_size=4),
+    order=st.randoms(use_true_random=False),
 )
 def test_writing_leaves_holes_and_the_file_comes_back_exact(
     tmp_path_factory: pytest.TempPathFactory, blocks: list[bytes], tail: int, lead: int,
-    cuts: list[int],
+    cuts: list[int], order: random.Random,
 ) -> None:
-    """Any file, written in any pieces at any offsets, reads back byte for byte at its size;
-    whole aligned blocks of zeros are left as holes."""
+    """Any file, written in any pieces in any order (segments may come from several tapes),
+    reads back byte for byte at its size; its whole aligned blocks of zeros, but the last,
+    take no room on disk."""
     r = importlib.import_module("ltoflow.restore")  # `ltoflow.restore` is also a function
     block: int = r.HOLE_BLOCK
 
@@ -966,18 +979,27 @@ def test_writing_leaves_holes_and_the_file_comes_back_exact(
 
     content = b"z" * lead + b"".join(map(one, blocks)) + bytes(tail)
     path = tmp_path_factory.mktemp("holes") / "f"
+    pieces, pos = [], 0
+    for cut in [*cuts, len(content)]:  # the pieces, as the segments and chunks come
+        pieces.append((pos, memoryview(content)[pos:pos + cut]))
+        pos += cut
+        if pos >= len(content):
+            break
+    order.shuffle(pieces)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
     try:
-        pos = 0
-        for cut in [*cuts, len(content)]:  # the pieces, as the segments and chunks come
-            piece = memoryview(content)[pos:pos + cut]
-            r._write_leaving_holes(fd, piece, pos, len(content))
-            pos += len(piece)
-            if pos >= len(content):
-                break
+        for at, piece in pieces:
+            r._write_leaving_holes(fd, piece, at, len(content))
+        os.fsync(fd)
     finally:
         os.close(fd)
     assert path.read_bytes() == content
+    # Blocks that hold data (or the file's last byte) are all that may take room, where the
+    # filesystem keeps holes at all (plus an extent block or two).
+    data_blocks = {k // block for k in range(0, len(content), block)
+                   if content[k:k + block].strip(b"\0") or k + block >= len(content)}
+    if HOLES_KEPT:
+        assert path.stat().st_blocks * 512 <= (len(data_blocks) + 2) * block
 
 
 def test_a_sparse_file_comes_back_sparse(tmp_path: Path) -> None:
@@ -999,3 +1021,29 @@ def test_a_sparse_file_comes_back_sparse(tmp_path: Path) -> None:
     out = tmp_path / "out" / "disk.img"
     assert out.read_bytes() == image.read_bytes()
     assert out.stat().st_blocks * 512 < MiB  # 64 MiB long, a few blocks on disk
+
+
+def test_a_pattern_that_is_a_name_means_that_name_not_what_it_matches_as_a_glob(
+    tmp_path: Path,
+) -> None:
+    """`Photos [2019]` is a directory's name, and also a glob matching `Photos 1`; `x\\ny`
+    (a backslash) is a file's name, and also how `catalog ls` shows `x`+newline+`y`. Each
+    pattern means the entry it names: restoring one must not bring back, or with --overwrite
+    replace, the other's files."""
+    src = tmp_path / "src"
+    write_tree(src, {"Photos [2019]/a.jpg": 10, "Photos 1/b.jpg": 20, "x\\y": 30, "x\ny": 40,
+                     "glob-me/c.txt": 50})
+    backup(BackupConfig(source_root=src, tapes_root=tmp_path / "tapes",
+                        tape_nominal_capacity_bytes=10 * MiB, max_container_size_bytes=MiB))
+    names = [b"Photos [2019]/a.jpg", b"x\\y"]
+    for n, pattern in enumerate(["Photos [2019]", "x\\y"]):
+        report = restore(tmp_path / "tapes", tmp_path / f"out{n}", pattern)
+        assert report.ok
+        assert [p for p, (kind, *_) in tree_snapshot(tmp_path / f"out{n}").items()
+                if kind == "file"] == [names[n]]
+    # still globs where no name is the pattern
+    report = restore(tmp_path / "tapes", tmp_path / "globs", "Photos [0-9]", "glob-*")
+    assert sorted(p for p, (kind, *_) in tree_snapshot(tmp_path / "globs").items()
+                  if kind == "file") == [b"Photos 1/b.jpg", b"glob-me/c.txt"]
+    shown = restore(tmp_path / "tapes", tmp_path / "shown", "x?y")  # both, as a glob
+    assert shown.restored == 2

@@ -28,6 +28,7 @@ import calendar
 import errno
 import fnmatch
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -553,7 +554,22 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
 # --------------------------------------------------------------------------- selection
 
 
-def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None) -> bool:
+def literal_patterns(patterns: List[str], everything: Sequence[Union["Entry", "TreeEntry"]]
+                     ) -> List[str]:
+    """A pattern that is the very name of an entry (`Photos [2019]`) means that entry only,
+    not also what it matches as a glob (`Photos 1`): it is escaped."""
+    if not any(ch in p for p in patterns for ch in "*?["):
+        return patterns
+    names = set()
+    for e in everything:
+        names.add(e.rel)
+        if e.raw is not None:
+            names.add(os.fsdecode(e.raw))
+    return [glob.escape(p) if (p.rstrip("/") or p) in names else p for p in patterns]
+
+
+def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None,
+             shown: bool = False) -> bool:
     """True if the path, or one of its parent directories, matches one of the globs.
 
     A glob matches the catalog's text of the path or, as the shell passes an odd name, the
@@ -564,10 +580,9 @@ def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None) -> bool
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     raw_parts = raw.split(b"/") if raw is not None else []
     raw_prefixes = [b"/".join(raw_parts[: i + 1]) for i in range(len(raw_parts))]
-    if not rel.isprintable():  # and as --list shows them (a newline as \n), to be copied
-        shown = [show_bytes(p) for p in raw_prefixes] if raw is not None else [
-            show(p) for p in prefixes]
-        prefixes += [p for p in shown if p not in prefixes]
+    if shown and not rel.isprintable():  # as --list shows them (a newline as \n)
+        prefixes += [p for p in ([show_bytes(p) for p in raw_prefixes] if raw is not None
+                                 else [show(p) for p in prefixes]) if p not in prefixes]
     for pat in patterns:
         pat = pat.rstrip("/") or pat
         for prefix in prefixes:
@@ -1570,6 +1585,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a catalog that does not match its catalog.sha256 (at your own risk)",
     )
+    parser.add_argument(
+        "--skip-self-check",
+        action="store_true",
+        help="run although this copy of restore.py does not match the SHA256SUMS beside it "
+        "(at your own risk: use when SHA256SUMS is the damaged one and no other tape is at hand)",
+    )
     return parser
 
 
@@ -1593,13 +1614,15 @@ def check_own_copy() -> None:
     actual = hash_file(here)
     if actual != expected:
         raise UsageError(
-            "this copy of restore.py (%s) is damaged: its SHA-256 is %s, SHA256SUMS beside it "
-            "says %s; run recovery/restore.py from another tape of the set (check a copy with "
-            "`sha256sum -c SHA256SUMS` in its recovery/ directory)" % (here, actual, expected))
+            "this copy of restore.py (%s) is damaged, or the SHA256SUMS beside it is: its "
+            "SHA-256 is %s, SHA256SUMS says %s; run recovery/restore.py from another tape of "
+            "the set (check a copy with `sha256sum -c SHA256SUMS` in its recovery/ directory), "
+            "or, if only SHA256SUMS is damaged, add --skip-self-check" % (here, actual, expected))
 
 
 def run(args: argparse.Namespace) -> int:
-    check_own_copy()
+    if not args.skip_self_check:
+        check_own_copy()
     roots: List[str] = list(args.roots)
     for root in roots:
         if not os.path.isdir(root):
@@ -1611,13 +1634,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.list and not args.target:
         raise UsageError("say where to restore with --target DIR (or use --list)")
     cat = load_catalog(roots, args.catalog, args.force_catalog)
-    patterns: List[str] = list(args.only)
-    entries = [e for e in cat.entries if selected(e.rel, patterns, e.raw)]
-    links = [e for e in cat.links if selected(e.rel, patterns, e.raw)]
-    dirs = [e for e in cat.dirs if selected(e.rel, patterns, e.raw)]
     everything: List[Union[Entry, TreeEntry]] = [*cat.entries, *cat.links, *cat.dirs]
-    for pat in patterns:
-        if not any(selected(e.rel, [pat], e.raw) for e in everything) and not any(
+    patterns: List[str] = literal_patterns(list(args.only), everything)
+    # A pattern that matches no name as it is matches names as --list shows them.
+    plain = [p for p in patterns if any(selected(e.rel, [p], e.raw) for e in everything)]
+    as_shown = [p for p in patterns if p not in plain]
+
+    def chosen(e: Union[Entry, TreeEntry]) -> bool:
+        if not patterns:
+            return True
+        return bool(plain and selected(e.rel, plain, e.raw)) or bool(
+            as_shown and selected(e.rel, as_shown, e.raw, shown=True))
+
+    entries = [e for e in cat.entries if chosen(e)]
+    links = [e for e in cat.links if chosen(e)]
+    dirs = [e for e in cat.dirs if chosen(e)]
+    for pat in as_shown:
+        if not any(selected(e.rel, [pat], e.raw, shown=True) for e in everything) and not any(
             selected(k[0], skipped_patterns([pat])) for k in cat.skipped
         ):
             warn("--only %s matches no file in the catalog" % pat)
