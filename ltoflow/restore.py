@@ -279,11 +279,11 @@ def _matches(relative_path: str, pattern: str) -> bool:
 def _glob_or_under(pattern: str) -> re.Pattern[str]:
     """What the glob matches, and everything under a directory it matches (`case-00[12]`
     selects those directories' files, as `case-001` does, and as the recovery kit does)."""
-    glob = fnmatch.translate(pattern)
-    end = glob[-2:]  # the anchor at its end: \Z, or \z from Python 3.14 on
+    translated = fnmatch.translate(pattern)
+    end = translated[-2:]  # the anchor at its end: \Z, or \z from Python 3.14 on
     if end not in (r"\Z", r"\z"):
-        raise AssertionError(f"fnmatch.translate gave {glob!r}: no end anchor to extend")
-    return re.compile(glob[:-2] + r"(?s:/.*)?\Z")
+        raise AssertionError(f"fnmatch.translate gave {translated!r}: no end anchor to extend")
+    return re.compile(translated[:-2] + r"(?s:/.*)?\Z")
 
 
 @functools.lru_cache(maxsize=256)
