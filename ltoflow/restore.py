@@ -223,44 +223,63 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
         return Selection(list(catalog.source_files), list(catalog.directories),
                          list(catalog.symlinks), [])
     entries = (catalog.source_files, catalog.directories, catalog.symlinks)
-    wanted = [_relative(pattern) for pattern in patterns]
-    names: set[str] = set()
-    if any(ch in p for p in wanted for ch in "*?["):  # a pattern that is also a glob
-        names = {n for kind in entries for e in kind
-                 for n in (e.relative_path, os.fsdecode(_exact(e)))}
+
+    def is_a_name(p: str) -> bool:
+        if not any(ch in p for ch in "*?["):  # not a glob: nothing to tell apart
+            return False
+        try:
+            p.encode("utf-8")  # a name of valid UTF-8 is its own rendering
+        except UnicodeEncodeError:  # bytes the shell passed as they are: compare those
+            pb = os.fsencode(p)
+            return any(_exact(e) == pb for kind in entries for e in kind)
+        return any(e.relative_path == p for kind in entries for e in kind)
+
     tests: list[tuple[str, bytes, re.Pattern[str], re.Pattern[bytes]]] = []
-    for p in wanted:
-        as_glob = glob.escape(p) if p in names else p
+    for p in map(_relative, patterns):
+        as_glob = glob.escape(p) if is_a_name(p) else p
         tests.append((p, os.fsencode(p), _glob_or_under(as_glob), _glob_or_under_bytes(as_glob)))
     found: set[int] = set()
-    chosen: set[int] = set()  # id() of the entries selected
 
-    def test(name: str, raw: bytes | None, n: int) -> bool:
-        p, pb, rx, rxb = tests[n]
-        return (name == p or name.startswith(p + "/") or rx.match(name) is not None
-                or (raw is not None and (raw == pb or raw.startswith(pb + b"/")
-                                         or rxb.match(raw) is not None)))
-
-    for kind in entries:
+    def chosen[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](kind: Sequence[E]) -> list[E]:
+        out = []
         for e in kind:
             text, raw = e.relative_path, _exact(e)
-            for n in range(len(tests)):
-                if test(text, raw, n):
+            hit = False
+            for n, (p, pb, rx, rxb) in enumerate(tests):
+                if (text == p or text.startswith(p + "/") or rx.match(text)
+                        or raw == pb or raw.startswith(pb + b"/") or rxb.match(raw)):
                     found.add(n)
-                    chosen.add(id(e))
+                    hit = True
+            if hit:
+                out.append(e)
+        return out
+
+    def shown_too[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
+            kind: Sequence[E], out: list[E], rest: list[int]) -> list[E]:
+        """`out` and the entries the patterns `rest` select as `catalog ls` shows them."""
+        more: set[int] = set()
+        for e in kind:
+            if not e.relative_path.isprintable():
+                seen = paths.shown(e.relative_path)
+                for n in rest:
+                    p, _, rx, _ = tests[n]
+                    if seen == p or seen.startswith(p + "/") or rx.match(seen):
+                        found.add(n)
+                        more.add(id(e))
+        if not more:
+            return out
+        more.update(map(id, out))
+        return [e for e in kind if id(e) in more]
+
+    files, dirs, links = (chosen(catalog.source_files), chosen(catalog.directories),
+                          chosen(catalog.symlinks))
     rest = [n for n in range(len(tests)) if n not in found]
-    if rest:  # as `catalog ls` shows the names, to be copied from there
-        for kind in entries:
-            for e in kind:
-                if not e.relative_path.isprintable():
-                    for n in rest:
-                        if test(paths.shown(e.relative_path), None, n):
-                            found.add(n)
-                            chosen.add(id(e))
+    if rest:  # as `catalog ls` shows the names (to be copied from there): seldom needed
+        files = shown_too(catalog.source_files, files, rest)
+        dirs = shown_too(catalog.directories, dirs, rest)
+        links = shown_too(catalog.symlinks, links, rest)
     unmatched = [pattern for n, pattern in enumerate(patterns) if n not in found]
-    return Selection([f for f in catalog.source_files if id(f) in chosen],
-                     [d for d in catalog.directories if id(d) in chosen],
-                     [s for s in catalog.symlinks if id(s) in chosen], unmatched)
+    return Selection(files, dirs, links, unmatched)
 
 
 def _matches(relative_path: str, pattern: str) -> bool:
