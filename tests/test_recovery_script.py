@@ -952,3 +952,30 @@ def test_a_pattern_that_is_a_name_means_that_name_in_the_kit_too(
     assert proc.returncode == 0, output(proc)
     assert sorted(p for p, (kind, *_) in tree_snapshot(tmp_path / "globs").items()
                   if kind == "file") == [b"Photos 1/b.jpg"]
+
+
+def test_sigterm_removes_the_temporary_files_as_ctrl_c_does(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    """kill, systemd and timeout send SIGTERM: the kit stops as on Ctrl-C, exit 130, and
+    leaves no temporary file (it left the one being written, killed silently)."""
+    target = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        "import restore\n"
+        "calls = []\n"
+        "process = restore.Restorer.process_container\n"
+        "def stopped(self, *args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:  # the first container's files are half written\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return process(self, *args, **kwargs)\n"
+        "restore.Restorer.process_container = stopped\n"
+        "sys.exit(restore.main(sys.argv[1:]))\n")
+    proc = subprocess.run([python, "-c", code, "--target", str(target), *map(str, tapes)],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert proc.returncode == 130, output(proc)
+    assert "interrupted; temporary files removed" in proc.stderr
+    assert target.is_dir()
+    assert not [p for p in target.rglob("*") if p.name.startswith(".ltoflow-restore-")]

@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -1713,6 +1714,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_stdio()
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, systemd, timeout) as Ctrl-C: the temporary file of the file being written
+    # is removed, rather than left behind by a silent death.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(args)
     except UsageError as exc:
