@@ -1395,9 +1395,11 @@ async def _restore_tapes(
         containers = []
         for c in sorted(by_tape[t.tape_id], key=lambda c: (c.tape_offset, c.sequence_number)):
             # The pieces of files that failed already (on a tape not there, say) are not read.
-            live = [r for r in plan.ranges[c.container_id] if not writer.jobs[r.job].failed]
-            meter.total_bytes -= sum(r.end - r.start for r in plan.ranges[c.container_id]
-                                     ) - sum(r.end - r.start for r in live)
+            ranges = plan.ranges[c.container_id]
+            live = [r for r in ranges if not writer.jobs[r.job].failed]
+            if len(live) < len(ranges):
+                meter.total_bytes -= sum(r.end - r.start for r in ranges
+                                         if writer.jobs[r.job].failed)
             if live:
                 containers.append(c)
                 todo[c.container_id] = live
