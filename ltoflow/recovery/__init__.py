@@ -3,6 +3,7 @@ SHA256SUMS, their checksums (restore.py checks itself against it; verify checks 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from importlib import resources
 
@@ -10,6 +11,7 @@ KIT = ("README.txt", "restore.py")
 SUMS = "recovery/SHA256SUMS"
 
 
+@functools.cache  # asked by the plan's reserve, its check and the writer: read once
 def kit_files() -> tuple[tuple[str, bytes], ...]:
     """(path on tape, contents) for every file of the kit that ships with this install, and
     their SHA256SUMS (as `sha256sum` writes it) last."""
