@@ -897,8 +897,11 @@ async def run_backup(
             if resume is not None and tape.index in resume.tapes_done:
                 serials.append(resume.tapes_done[tape.index])
                 summaries.append(TapeSummary(
-                    request.tape_id, request.tape_id, request.sequence_number, 0, 0, 0, 0.0,
-                    0, 0.0, serials[-1], len(tape.containers), finished_before=True))
+                    request.tape_id, label=request.tape_id,
+                    sequence_number=request.sequence_number, containers=0, data_bytes=0,
+                    catalog_bytes=0, seconds=0.0, stalls=0, stall_seconds=0.0,
+                    volume_serial=serials[-1], earlier_containers=len(tape.containers),
+                    finished_before=True))
                 state.finish_tape(tape.data_bytes)
                 reporter.event(Note(f"tape {request.tape_id} was completed before the "
                                     "interruption; not loaded again"))
