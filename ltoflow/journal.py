@@ -156,6 +156,11 @@ def _scan_from_bytes(data: bytes) -> ScanResult:
     return result
 
 
+def _start_again(path: Path) -> str:
+    """What to do when the journal at `path` is no use: the tapes it wrote are no use either."""
+    return f"delete {path} and start the backup again, on blank tapes"
+
+
 def _runs(raw: list[list[Any]], path: Path) -> tuple[tuple[int, bytes], ...]:
     """A container record's segment runs, checked: each a whole number of hex digests."""
     try:
@@ -164,8 +169,7 @@ def _runs(raw: list[list[Any]], path: Path) -> tuple[tuple[int, bytes], ...]:
         runs = ((0, b"?"),)
     if any(not digests or len(digests) % 32 for _, digests in runs):
         raise UsageError(f"the job journal {path} is damaged (a container's segment hashes "
-                         f"are cut short); it cannot be resumed: delete {path} and start the "
-                         "backup again, on blank tapes")
+                         f"are cut short); it cannot be resumed: {_start_again(path)}")
     return runs
 
 
@@ -281,11 +285,6 @@ class Journal:
                       "target": target, "capacity_bytes": capacity_bytes,
                       "container_bytes": container_bytes})
         self.has_progress = False
-
-    @property
-    def _start_again(self) -> str:
-        """What to do when the journal is no use: the tapes it wrote are no use either."""
-        return f"delete {self.path} and start the backup again, on blank tapes"
 
     def reopen(self) -> None:
         """Append to the existing journal (a resumed job). A line a crash left half-written
@@ -429,7 +428,7 @@ class Journal:
                                  "the backup never started; start it again without --resume"
                                  ) from e
             raise UsageError(f"the job journal is incomplete ({e.filename} is missing), so "
-                             f"it cannot be resumed; {self._start_again}") from e
+                             f"it cannot be resumed; {_start_again(self.path)}") from e
         except PermissionError as e:  # nothing wrong with it: the user may not read it
             raise UsageError(f"cannot read the job journal's {e.filename}: {e.strerror}; run "
                              "as the user who started the backup, or make the state "
@@ -437,7 +436,7 @@ class Journal:
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError,
                 ValueError) as e:
             raise UsageError(f"cannot read the job journal {self.path} ({e}), so it cannot "
-                             f"be resumed; {self._start_again}") from e
+                             f"be resumed; {_start_again(self.path)}") from e
         state: ResumeState | None = None
         for raw in data.split(b"\n"):
             try:
@@ -469,7 +468,7 @@ class Journal:
                     raise UsageError(
                         f"the job journal's copy of the catalog {self.catalog_path} cannot be "
                         f"read ({e.strerror}); copy catalog/catalog.json from tape 1 of the set "
-                        f"there, or {self._start_again}"
+                        f"there, or {_start_again(self.path)}"
                     ) from e
                 state.catalog = codec.decode(data, source=str(self.catalog_path))
                 state.faults = rec.get("faults") or state.faults
