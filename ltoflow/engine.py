@@ -1004,8 +1004,10 @@ async def run_backup(
                         created_by=settings.created_by, unusable=recorder.faults.reasons,
                     )
                     # The journal keeps a copy of this first catalog, made as it is encoded
-                    # for the tape (encoding a million records twice costs seconds).
-                    if journal is not None:
+                    # for the tape (encoding a million records twice costs seconds), for the
+                    # later tapes. A set of one tape needs none: a resume after this point
+                    # builds the catalog again from the containers' records.
+                    if journal is not None and len(plan.tapes) > 1:
                         copy = await trio.to_thread.run_sync(journal.open_catalog_copy)
                 # Each tape's catalog also knows the volume serials of the tapes so far.
                 catalog = base.with_serials(serials)
@@ -1034,6 +1036,10 @@ async def run_backup(
                                                   _faults_of(recorder))
                     tape_one = await trio.to_thread.run_sync(TapeOneLists.of,
                                                              journal.catalog_path, spans)
+                elif journal is not None and len(plan.tapes) == 1:
+                    # No copy, but a catalog on tape: an unload that fails now leaves a job
+                    # to resume.
+                    await trio.to_thread.run_sync(journal.catalog_written, _faults_of(recorder))
                 reporter.event(CatalogWritten(request.tape_id, catalog_size, catalog_sha))
                 await trio.to_thread.run_sync(trim_heap)  # before the next tape's pool
                 if settings.verify_after_write:
@@ -1065,7 +1071,12 @@ async def run_backup(
             if journal is not None:
                 await trio.to_thread.run_sync(journal.tape_done, tape.index, serials[-1],
                                               layout)
-        assert base is not None
+        if base is None:  # a set of one tape, finished before the interruption: the journal
+            # keeps no copy of its catalog, and the one on tape is made the same way.
+            assert resume is not None
+            base = build_catalog(plan, recorder.complete(), set_id=set_id,
+                                 created_at=created_at, created_by=settings.created_by,
+                                 unusable=recorder.faults.reasons)
         if resume is not None:
             # Tapes written before a tape filled early carry a catalog that puts containers
             # where they are not: give them the catalog of the set as it really is.

@@ -5,10 +5,12 @@ state directory, named after a key of those settings:
 
 ```
 <key>.journal        JSON lines, each fsynced: begin, one line per container on tape (with its
-                     hashes), catalog (when the set's catalog is known), one line per tape done,
-                     a break where a tape filled before its planned share
+                     hashes), catalog (when the set's catalog is known; catalog-on-tape for a
+                     set of one tape), one line per tape done, a break where a tape filled
+                     before its planned share
 <key>.scan           the scan the plan was made from, so a resume rebuilds the very same plan
-<key>.catalog.json   the set's catalog, once built (tape 1 finished): later tapes reuse it
+<key>.catalog.json   the set's catalog, once built (tape 1 finished): later tapes reuse it; a
+                     set of one tape has none (a resume builds its catalog again)
 ```
 Every line is written and fsynced after the thing it records is durable on tape, so the journal
 never claims more than the tapes hold; a line torn by a crash is ignored. The files are removed
@@ -358,6 +360,11 @@ class Journal:
         self._io(keep)
         self._append({"kind": "catalog", "faults": faults})
 
+    def catalog_written(self, faults: dict[str, Any] | None = None) -> None:
+        """The catalog of a set of one tape is on it; the journal keeps no copy (a resume
+        builds it again from the containers' lines)."""
+        self._append({"kind": "catalog-on-tape", "faults": faults})
+
     def tape_done(self, index: int, volume_serial: str | None, layout: int = 0) -> None:
         """Tape `index` is unloaded with its catalog, which knew `layout` tape breaks."""
         self._append({"kind": "tape", "index": index, "volume_serial": volume_serial,
@@ -471,6 +478,8 @@ class Journal:
                         f"there, or {_start_again(self.path)}"
                     ) from e
                 state.catalog = codec.decode(data, source=str(self.catalog_path))
+                state.faults = rec.get("faults") or state.faults
+            elif kind == "catalog-on-tape":
                 state.faults = rec.get("faults") or state.faults
             elif kind == "tape":
                 state.tapes_done[rec["index"]] = rec["volume_serial"]

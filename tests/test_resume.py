@@ -196,6 +196,38 @@ def test_resume_after_a_crash_during_the_resume(
     assert_complete_set(tapes, contents)
 
 
+def test_a_one_tape_set_keeps_no_catalog_copy_and_resumes_after_its_catalog(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path
+) -> None:
+    """The journal's copy of the catalog is for later tapes: a set of one tape writes none
+    (70 MB for 100,000 files), and a kill after its catalog is on tape, while the recovery kit
+    is written, resumes by writing the same catalog again."""
+    root, contents = src
+    one_tape = ["--capacity-tb", "0.00001", "--container-size-gb", "0.00006"]
+    reference = tmp_path / "reference"
+    done = ltoflow("backup", "--source", root, "--simulator", reference, *one_tape, "--quiet",
+                   "--state-dir", tmp_path / "reference-state")
+    assert done.returncode == EXIT_OK, done.stderr
+    (tape,) = reference.iterdir()
+    total = json.loads((tape / "tape.json").read_text())["bytes_written"]
+
+    tapes = tmp_path / "tapes"
+    crashed = ltoflow("backup", "--source", root, "--simulator", tapes, *one_tape, "--quiet",
+                      "--sim-fault", f"crash_after_bytes_written={total - 100}")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    (written,) = tapes.iterdir()
+    assert (written / "catalog" / "catalog.json").stat().st_size == (
+        tape / "catalog" / "catalog.json").stat().st_size
+    assert not [p.name for p in state_dir.iterdir() if ".catalog.json" in p.name]
+
+    resumed = ltoflow("backup", "--source", root, "--simulator", tapes, *one_tape, "--quiet",
+                      "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
+    assert_complete_set(tapes, contents)
+    assert not list(state_dir.iterdir())
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path
 ) -> None:
