@@ -128,6 +128,8 @@ class Sample:
     seconds: float
     peak_rss_kib: int | None
     stdout: str
+    #: User plus system CPU seconds of the command and every process it waited for.
+    cpu_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # drive numbers, timeline, file
 
 
@@ -135,17 +137,21 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def run_timed(cmd: list[str], *, discard_stdout: bool = False) -> tuple[float, int | None, str]:
-    """Run `cmd`; return (wall seconds, peak RSS in KiB of its largest process, stdout).
+def run_timed(cmd: list[str], *, discard_stdout: bool = False
+              ) -> tuple[float, int | None, float | None, str]:
+    """Run `cmd`; return (wall seconds, peak RSS in KiB of its largest process, CPU seconds,
+    stdout).
 
     Peak RSS comes from GNU time's %M when /usr/bin/time exists, otherwise from os.wait4
-    on the child itself (not RUSAGE_CHILDREN, which is a max over every child so far).
+    on the child itself (not RUSAGE_CHILDREN, which is a max over every child so far). CPU
+    seconds are user plus system time of the command and of every process it waited for (the
+    floor's shell counts its whole pipeline), from %U and %S or the same wait4.
     With `discard_stdout` the command writes to /dev/null (`> /dev/null`) and "" is returned.
     """
     out_dest = subprocess.DEVNULL if discard_stdout else subprocess.PIPE
     if os.access(TIME_BIN, os.X_OK):
         with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
-            full = [TIME_BIN, "-f", "%M", "-o", rss_file.name, *cmd]
+            full = [TIME_BIN, "-f", "%M %U %S", "-o", rss_file.name, *cmd]
             start = time.perf_counter()
             proc = subprocess.run(
                 full, stdout=out_dest, stderr=subprocess.PIPE, text=True, check=False
@@ -153,7 +159,9 @@ def run_timed(cmd: list[str], *, discard_stdout: bool = False) -> tuple[float, i
             seconds = time.perf_counter() - start
             lines = Path(rss_file.name).read_text().strip().splitlines()
         rc, out, err = proc.returncode, proc.stdout or "", proc.stderr
-        rss = int(lines[-1]) if lines and lines[-1].strip().isdigit() else None
+        fields = lines[-1].split() if lines else []
+        rss = int(fields[0]) if len(fields) == 3 and fields[0].isdigit() else None
+        cpu = float(fields[1]) + float(fields[2]) if rss is not None else None
     else:
         with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
             start = time.perf_counter()
@@ -166,9 +174,10 @@ def run_timed(cmd: list[str], *, discard_stdout: bool = False) -> tuple[float, i
             ferr.seek(0)
             out, err = fout.read(), ferr.read()
         rss = usage.ru_maxrss  # KiB on Linux
+        cpu = usage.ru_utime + usage.ru_stime
     if rc != 0:
         raise JobFailed(f"exit {rc}: {shlex.join(cmd)}\n{_tail(err or out)}")
-    return seconds, rss, out
+    return seconds, rss, cpu, out
 
 
 def warm(paths: list[Path]) -> None:
@@ -495,7 +504,7 @@ class SetBench:
         os.sync()  # no dirty pages from earlier runs are flushed on this run's clock
         evict(cold_paths or [])
         try:
-            seconds, rss, stdout = run_timed(
+            seconds, rss, cpu, stdout = run_timed(
                 self.command(key, containers), discard_stdout=key == PLAN
             )
         except JobFailed as exc:
@@ -504,7 +513,7 @@ class SetBench:
             if out is not None:
                 remove(out)
             return False
-        sample = Sample(rnd, seconds, rss, stdout)
+        sample = Sample(rnd, seconds, rss, stdout, cpu)
         result.samples.append(sample)
         extra = ""
         if key in JSON_JOBS:
@@ -524,6 +533,7 @@ class SetBench:
             if key == RESTORE_ONE:
                 sample.extra["file"] = dict(self.one_file or {})
         rss_text = f", peak RSS {rss / 1024:.0f} MiB" if rss is not None else ""
+        rss_text += f", CPU {cpu:.2f} s" if cpu is not None else ""
         log(f"[{self.ds.name}] round {rnd} {key}: {seconds:.3f} s{rss_text}{extra}")
         return True
 
@@ -681,6 +691,7 @@ class SetBench:
                 if r.get("bytes") and "source_bytes_read" in r
             ]
             rss = [s.peak_rss_kib for s in result.samples if s.peak_rss_kib is not None]
+            cpu = [s.cpu_seconds for s in result.samples if s.cpu_seconds is not None]
             skipped = key == RESTORE and self.restore_skipped
             row: dict[str, Any] = {
                 "job": key,
@@ -701,6 +712,9 @@ class SetBench:
                 "reads_per_source_byte": statistics.median(reads) if reads else None,
                 "peak_rss_kib": max(rss) if rss else None,
                 "peak_rss_kib_per_run": [s.peak_rss_kib for s in result.samples],
+                "cpu_seconds": [round(s.cpu_seconds, 3) if s.cpu_seconds is not None else None
+                                for s in result.samples],
+                "median_cpu_seconds": statistics.median(cpu) if cpu else None,
                 "tapes": None,
                 "containers": None,
                 "ltoflow_seconds": [r.get("seconds") for r in result.reports] or None,
@@ -805,10 +819,10 @@ def _spread(values: list[Any]) -> str:
 
 def markdown(sets: list[dict[str, Any]]) -> str:
     header = (
-        "| set | job | runs | median s | MB/s | files/s | ratio | reads/B "
+        "| set | job | runs | median s | MB/s | files/s | ratio | CPU s | reads/B "
         "| peak RSS MiB | tapes | containers |"
     )
-    lines = [header, "|" + "---|" * 2 + "---:|" * 9]
+    lines = [header, "|" + "---|" * 2 + "---:|" * 10]
     for s in sets:
         for row in s["jobs"]:
             runs = str(row["runs"]) + (f" ({row['failures']} failed)" if row["failures"] else "")
@@ -817,7 +831,8 @@ def markdown(sets: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {s['name']} | {label} | {runs} | {_fmt(row['median_seconds'], '.3f')}"
                 f" | {_fmt(row['mb_per_s'], ',.1f')} | {_fmt(row['files_per_s'], ',.0f')}"
-                f" | {_fmt(row['ratio'], '.2f')} | {_fmt(row['reads_per_source_byte'], '.2f')}"
+                f" | {_fmt(row['ratio'], '.2f')} | {_fmt(row.get('median_cpu_seconds'), '.2f')}"
+                f" | {_fmt(row['reads_per_source_byte'], '.2f')}"
                 f" | {_fmt(rss, ',.0f')} | {row['tapes'] if row['tapes'] is not None else '—'}"
                 f" | {row['containers'] if row['containers'] is not None else '—'} |"
             )
@@ -855,6 +870,9 @@ def markdown(sets: list[dict[str, Any]]) -> str:
         "compared with the tar pipeline, verify with `openssl dgst`. **Restore's ratio is "
         "restore MB/s ÷ single-tape backup MB/s** (same set, same invocation; above 1 restores "
         "faster than it backs up). Plan, one-file restore and the drive feeds have no ratio.",
+        "",
+        "CPU s: median user + system CPU seconds of the command and every process it waited "
+        "for (the floor's whole pipeline); above its median s, more than one core was busy.",
         "",
         "Every job starts with its input in the page cache: the source for the backups, the "
         "containers for openssl, the whole tape (containers and catalog) for verify. \"Its "
