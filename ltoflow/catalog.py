@@ -285,17 +285,21 @@ class RecordColumns(Sequence[_R]):
     readers get `cls(**object)`. Equal to any sequence of equal records.
     """
 
-    __slots__ = ("_len", "_objects", "cls", "encoded")
+    __slots__ = ("_len", "_objects", "cls", "columns", "encoded")
 
     def __init__(self, cls: type[_R], length: int,
                  objects: Callable[[int, int], list[dict[str, Any]]],
-                 encoded: Callable[[int, int], bytes | None] | None = None) -> None:
+                 encoded: Callable[[int, int], bytes | None] | None = None,
+                 columns: Mapping[str, Any] | None = None) -> None:
         self.cls = cls
         self._len = length
         self._objects = objects
         #: `encoded(i, j)`, when given: records i..j-1 as the encoder would write them,
         #: joined by ",\n" (the C extension's way), or None to have them made and encoded.
         self.encoded = encoded
+        #: Segments only, when given: the columns verify checks them with, as RecordLines
+        #: has them (SegmentsByContainer), so that no record is made to check them.
+        self.columns = columns
 
     def __len__(self) -> int:
         return self._len
@@ -350,7 +354,8 @@ class RecordLines(RecordColumns[_R]):
     and segment records took most of its time and memory.
     """
 
-    __slots__ = ("_data", "_ids", "_spec", "_starts", "columns")
+    __slots__ = ("_data", "_ids", "_spec", "_starts")
+    columns: Mapping[str, Any]  # always given
 
     def __init__(self, cls: type[_R], data: bytes | mmap.mmap, starts: memoryview,
                  spec: tuple[tuple[str, ...], bytes, tuple[object, ...], bytes],
@@ -360,12 +365,11 @@ class RecordLines(RecordColumns[_R]):
         self._starts = starts
         self._spec = spec
         self._ids: dict[str, str] = {}
-        #: Columns of some fields, as native.scan_records returns them, plus "ids": the
-        #: strings of its id columns, by the number it gave them.
-        self.columns = columns
         # (no bound method of its own kept: that would be a cycle, and the catalog's bytes
         # or mapping would live until the next garbage collection)
-        super().__init__(cls, len(starts) - 1, _no_objects)
+        # `columns`: those of some fields, as native.scan_records returns them, plus "ids":
+        # the strings of its id columns, by the number it gave them.
+        super().__init__(cls, len(starts) - 1, _no_objects, columns=columns)
 
     def _made(self, start: int, stop: int) -> Iterator[_R]:
         module, starts = native.MODULE, self._starts

@@ -774,7 +774,15 @@ def _build_catalog(
         source_files=cat.RecordColumns(cat.SourceFileEntry, len(listed), file_objects,
                                        file_records),
         segments=cat.RecordColumns(cat.SegmentEntry, len(table), segment_objects,
-                                   segment_records),
+                                   segment_records, columns={
+                                       # Container numbers are the plan's, the containers
+                                       # list's order.
+                                       "container_id": table.container_index,
+                                       "ids": container_ids,
+                                       "container_offset": table.container_offset,
+                                       "length_bytes": table.length,
+                                       "sha256": segment_hashes.buffers(),
+                                   }),
         skipped=tuple(sorted(
             (
                 *(cat.SkippedEntry(s.relative_path, s.kind, s.reason) for s in plan.skipped),

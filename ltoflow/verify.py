@@ -145,8 +145,9 @@ class SegmentsByContainer:
     """Every segment of a catalog, grouped by container: columns verify checks them with.
 
     From a catalog read lazily (RecordLines) the columns are the ones the C decoder took as
-    it read the lines, and no segment record is made; otherwise they are made from the
-    records. Segments of a container the catalog does not list are never checked.
+    it read the lines, from a backup's own catalog (RecordColumns) the plan's, and no segment
+    record is made; otherwise they are made from the records. Segments of a container the
+    catalog does not list are never checked.
     """
 
     def __init__(self, catalog: Catalog) -> None:
@@ -156,8 +157,8 @@ class SegmentsByContainer:
         for c in catalog.containers:
             number.setdefault(c.container_id, len(number))
         count = len(number)
-        if isinstance(segments, cat.RecordLines):
-            columns = segments.columns
+        columns = segments.columns if isinstance(segments, cat.RecordColumns) else None
+        if columns is not None:
             groups: Sequence[int] = columns["container_id"]
             # The scan numbers the containers list's ids first, as listed, then others as it
             # meets them; anything else (an id listed twice, or written with escapes) is

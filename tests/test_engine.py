@@ -78,6 +78,34 @@ async def test_multi_tape_backup_rebuilds_every_file_from_the_catalog_alone(tmp_
     assert result.reads_per_byte <= 2.0
 
 
+async def test_a_backups_own_catalog_is_checked_from_the_plans_columns_as_from_its_records(
+    tmp_path: Path,
+) -> None:
+    """`backup --verify` groups the segments from the plan's columns, without making a record
+    each; the groups must be those the records give, container by container."""
+    import attrs
+
+    from ltoflow import catalog as cat
+    from ltoflow.verify import SegmentsByContainer
+
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, TREE)
+    catalog = (await run(config_for(src, sim))).catalog
+    assert isinstance(catalog.segments, cat.RecordColumns)
+    assert catalog.segments.columns is not None
+    from_columns = SegmentsByContainer(catalog)
+    from_records = SegmentsByContainer(attrs.evolve(catalog, segments=tuple(catalog.segments)))
+    for c in catalog.containers:
+        got, want = from_columns.of(c.container_id), from_records.of(c.container_id)
+        assert len(got) == len(want) > 0
+        assert list(got.offsets) == list(want.offsets)
+        assert list(got.lengths) == list(want.lengths)
+        assert bytes(got.digests) == bytes(want.digests)
+        assert bytes(got.known) == bytes(want.known) == b"\x01" * len(want)
+        assert got.tile_end == want.tile_end == c.size_bytes
+        assert got.records() == want.records()
+
+
 async def test_each_tape_is_loaded_exactly_once(tmp_path: Path) -> None:
     src, sim = tmp_path / "src", tmp_path / "tapes"
     write_tree(src, TREE)
