@@ -128,8 +128,10 @@ class DirFds:
     `create`, missing directories are made (mode 0o755); with `path_only` they are opened
     O_PATH, good only as `dir_fd` (no read permission needed, as for a path). At most
     DIR_FD_LIMIT descriptors stay
-    open besides the root, oldest closed first, so depth is not limited by the descriptor limit:
-    a walk that goes deeper one level at a time opens one directory a level. Not thread-safe.
+    open besides the root, the least recently asked for closed first, so depth is not limited by
+    the descriptor limit: a walk that goes deeper one level at a time opens one directory a
+    level. A descriptor just returned stays open while the next one is opened (a directory and
+    its parent, say). Not thread-safe.
     """
 
     def __init__(self, root_fd: int, *, create: bool = False, path_only: bool = False) -> None:
@@ -142,8 +144,9 @@ class DirFds:
         """The descriptor of the directory `parts` (() is the root); owned by this object."""
         if not parts:
             return self.root_fd
-        fd = self._fds.get(parts)
+        fd = self._fds.pop(parts, None)
         if fd is not None:
+            self._fds[parts] = fd  # the most recently asked for: closed last
             return fd
         n = len(parts) - 1
         while n and parts[:n] not in self._fds:

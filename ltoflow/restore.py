@@ -111,6 +111,9 @@ class _TreeJob:
 
     entry: SymlinkEntry | DirectoryEntry
     parts: tuple[bytes, ...]
+    #: A symlink the target holds already, pointing where the backup's did: only its time is
+    #: set (as a file's is when its bytes are there).
+    there: bool = False
 
 
 @attrs.frozen
@@ -403,7 +406,7 @@ def plan_restore(
         holders = set(_holders([parts for _, parts, _ in checked], chosen))
         if opened is not None:
             opened.open_up(holders)
-        leftovers = _leftover_temps(target, holders)
+        leftovers = _leftover_temps(target, holders, partial(_named_like_temps, catalog))
     # Files already in the target (an interrupted restore's, say) are read to compare them,
     # with --overwrite too (an identical one need not come from tape again): that can be
     # hours of reading, so it is counted for `meter`.
@@ -438,7 +441,9 @@ def plan_restore(
         if parts is None:
             continue
         if not overwrite and exists(parts):
-            if not _same_link(target, parts, link.target_bytes):  # else made before: left be
+            if _same_link(target, parts, link.target_bytes):  # made before
+                links.append(_TreeJob(link, parts, there=True))
+            else:
                 problems.append(FileProblem(
                     link.relative_path, "already exists in the target and differs from the "
                     "backup; use --overwrite to replace it"))
@@ -480,11 +485,15 @@ _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX.encode()) + rb"([0-9]{1,10})-[0-9]
 
 
 def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
+                    the_sets: Callable[[], set[tuple[bytes, ...]]],
                     ) -> list[tuple[bytes, ...]]:
     """The temporary files in these directories of the target whose restore is gone: killed
     outright (kill -9, a second Ctrl-C, a crash), it could not remove them. A restore still
-    running (its process is there) keeps its own."""
+    running (its process is there) keeps its own. Only what surely is one is taken: a file of
+    such a name that the set holds (`the_sets()`: a restore target backed up, say), or that
+    anyone but its owner may read (a temporary file is made 0600), is someone's file."""
     found: list[tuple[bytes, ...]] = []
+    held: set[tuple[bytes, ...]] | None = None
     with _dirs_under(target) as dirs:  # the way there takes search permission only
         for parts in sorted(set(holders)):
             try:
@@ -495,16 +504,34 @@ def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
             try:
                 with os.scandir(listed) as entries:
                     names = [os.fsencode(e.name) for e in entries
-                             if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)]
+                             if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)
+                             and not e.stat(follow_symlinks=False).st_mode & ~0o600 & 0o7777]
             except OSError:
                 continue
             finally:
                 os.close(listed)
             for name in names:
                 m = _TEMP_NAME.fullmatch(name)
-                if m is not None and not _running(int(m[1])) and not _locked(where, name):
+                if m is None or _running(int(m[1])) or _locked(where, name):
+                    continue
+                if held is None:
+                    held = the_sets()
+                if (*parts, name) not in held:
                     found.append((*parts, name))
     return found
+
+
+def _named_like_temps(catalog: Catalog) -> set[tuple[bytes, ...]]:
+    """The paths of the set's entries whose names begin as a restore's temporary files do."""
+    held: set[tuple[bytes, ...]] = set()
+    for entries in (catalog.source_files, catalog.directories, catalog.symlinks):
+        for e in entries:
+            if TEMP_PREFIX in e.relative_path:  # the rendering: the prefix is plain ASCII
+                with contextlib.suppress(ValueError):
+                    parts = safe_parts(e.path_bytes)
+                    if parts is not None:
+                        held.add(parts)
+    return held
 
 
 def _locked(dir_fd: int, name: bytes) -> bool:
@@ -875,6 +902,11 @@ class _FileWriter:
         except FileNotFoundError:
             pass
         else:
+            if job.there and stat.S_ISLNK(st.st_mode):
+                if st.st_mtime_ns != link.mtime_ns:
+                    os.utime(name, ns=(link.mtime_ns, link.mtime_ns), dir_fd=parent,
+                             follow_symlinks=False)
+                return
             if not self.overwrite:
                 raise _Refused("already exists in the target; use --overwrite to replace it")
             if stat.S_ISDIR(st.st_mode):

@@ -31,6 +31,24 @@ def test_a_chain_deeper_than_the_fd_limit_keeps_few_descriptors(tmp_path: Path) 
     os.close(root_fd)
 
 
+def test_a_descriptor_just_returned_stays_open_while_the_next_is_opened(tmp_path: Path) -> None:
+    """A directory and then its parent, with the cache full and the directory its oldest entry:
+    the parent's opening must not close the directory's descriptor (a restore sets the mode
+    of one through the other)."""
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    dirs = DirFds(root_fd, create=True)
+    child = (b"a", b"b")
+    dirs.open(child)  # cached first: the oldest
+    for i in range(DIR_FD_LIMIT - 1):
+        dirs.open((b"a", b"d%02d" % i))
+    fd = dirs.open(child)
+    parent = dirs.open((b"a",))
+    assert os.fstat(fd).st_ino == (tmp_path / "a" / "b").stat().st_ino
+    assert os.fstat(parent).st_ino == (tmp_path / "a").stat().st_ino
+    dirs.close()
+    os.close(root_fd)
+
+
 def test_a_symlink_component_is_refused_and_named(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "link").symlink_to(tmp_path)

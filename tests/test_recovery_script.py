@@ -205,9 +205,23 @@ def test_only_glob_restores_just_matching_files(
 def test_only_without_match_is_a_usage_error(
     python: str, tapes: list[Path], tmp_path: Path
 ) -> None:
-    proc = run(python, "--target", tmp_path / "o", "--only", "nope/*", *tapes, cwd=tmp_path)
+    """As in ltoflow restore: one pattern of several that matches nothing (a typo) is refused
+    before anything is restored."""
+    proc = run(python, "--target", tmp_path / "o", "--only", "case-001", "--only", "nope/*",
+               *tapes, cwd=tmp_path)
     assert proc.returncode == 2
-    assert "--only nope/* matches no file" in proc.stderr
+    assert "nothing in the catalog matches 'nope/*'; nothing restored" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_only_takes_a_leading_dot_slash_or_slash_as_ltoflow_does(
+    python: str, tapes: list[Path], tmp_path: Path
+) -> None:
+    proc = run(python, "--target", tmp_path / "o", "--only", "./case-001/", "--only",
+               "/case-002/ledger.csv", *tapes, cwd=tmp_path)
+    assert proc.returncode == 0, output(proc)
+    assert files_under(tmp_path / "o") == {
+        "case-001/notes.txt", "case-001/video.bin", "case-002/ledger.csv"}
 
 
 def test_list_shows_sizes_and_tapes(python: str, tapes: list[Path], tmp_path: Path) -> None:

@@ -822,6 +822,69 @@ def test_an_unprivileged_rerun_restores_into_the_directories_the_first_run_locke
     assert {rel: (target / rel).read_bytes() for rel in contents} == contents
 
 
+def test_a_symlink_already_there_gets_the_backups_time(tmp_path: Path) -> None:
+    """As a file whose bytes are there gets its mode and time: a link copied into the target
+    (same target, new time) is given the time the backup has, as the recovery kit does."""
+    src, tapes, out = tmp_path / "src", tmp_path / "tapes", tmp_path / "out"
+    write_tree(src, {"a": 10})
+    (src / "ln").symlink_to("a")
+    os.utime(src / "ln", ns=(978_307_200 * 10**9, 978_307_200 * 10**9), follow_symlinks=False)
+    backup(BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                        max_container_size_bytes=10**6))
+    out.mkdir()
+    (out / "ln").symlink_to("a")  # made now: this moment's time
+    report = restore(tapes, out)
+    assert report.ok
+    assert (out / "ln").lstat().st_mtime_ns == 978_307_200 * 10**9
+    assert (out / "ln").readlink() == Path("a")
+
+
+def test_a_directory_whose_descriptor_is_the_oldest_kept_gets_its_mode(tmp_path: Path) -> None:
+    """63 siblings fill the descriptor cache so that opening a/b's parent would close the
+    descriptor of a/b that its mode and time are set through."""
+    from ltoflow.paths import DIR_FD_LIMIT
+
+    src, tapes, out = tmp_path / "src", tmp_path / "tapes", tmp_path / "out"
+    write_tree(src, {"a/b/c/f": 1, **{f"a/d{i:02d}/f": 1 for i in range(DIR_FD_LIMIT - 1)}})
+    (src / "a" / "b" / "c").chmod(0o700)
+    os.utime(src / "a" / "b" / "c", ns=(10**18, 10**18))
+    backup(BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                        max_container_size_bytes=10**6))
+    report = restore(tapes, out)
+    assert (report.ok, report.problems) == (True, ())
+    st = (out / "a" / "b" / "c").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o700, 10**18)
+
+
+def _leftover(path: Path) -> None:
+    """A temporary file as a restore killed outright leaves it: part written, mode 0600."""
+    path.write_bytes(b"partial")
+    path.chmod(0o600)
+
+
+def test_files_named_as_temporary_ones_that_the_set_holds_or_others_may_read_are_kept(
+    tmp_path: Path,
+) -> None:
+    """A restore target backed up (its leftovers with it), or a file anyone may read that only
+    looks like a leftover: a second restore must find them there, not remove them."""
+    src, tapes, out = tmp_path / "src", tmp_path / "tapes", tmp_path / "out"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    held = f"d/{TEMP_PREFIX}{ended.pid}-1"
+    contents = write_tree(src, {held: 5, "d/a": 10})
+    (src / held).chmod(0o600)  # as a real leftover's
+    backup(BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                        max_container_size_bytes=10**6))
+    assert restore(tapes, out).ok
+    readable = out / "d" / f"{TEMP_PREFIX}{ended.pid}-2"
+    readable.write_bytes(b"precious")
+    readable.chmod(0o644)
+    again = restore(tapes, out)
+    assert (again.ok, again.already_present, again.leftovers_removed) == (True, 2, 0)
+    assert {rel: (out / rel).read_bytes() for rel in contents} == contents
+    assert readable.read_bytes() == b"precious"
+
+
 def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
     backed_up: tuple[Path, Path, Catalog], tmp_path: Path,
 ) -> None:
@@ -842,7 +905,7 @@ def test_a_rerun_removes_the_temporary_files_of_a_restore_killed_outright(
                     f"{TEMP_PREFIX}{ended.pid}-9",  # not where a restore of case-2 writes
                     f"case-2/{TEMP_PREFIX}{ended.pid}-10"]  # locked: a restore in another
             for rel in (*dead, *kept):                   # pid namespace is writing it
-                (out / rel).write_bytes(b"partial")
+                _leftover(out / rel)
             writing = os.open(out / kept[-1], os.O_RDONLY)
             fcntl.flock(writing, fcntl.LOCK_EX)
             (out / "case-2" / "ledger.csv").unlink()
@@ -873,7 +936,7 @@ def test_cli_a_restore_needing_no_tape_says_so_and_a_dry_run_names_leftovers(
     assert (out / "case-2" / "empty.dat").read_bytes() == b""
     ended = subprocess.Popen(["true"])
     ended.wait()
-    (out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1").write_bytes(b"partial")
+    _leftover(out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1")
     assert main([*args, "--dry-run"]) == EXIT_OK
     said = capsys.readouterr().out
     assert "Restore of 0 file(s) (1 more already there, identical) needs no tape." in said
@@ -934,7 +997,7 @@ def test_a_leftover_of_this_pid_is_an_earlier_process_and_a_taken_name_is_passed
     out = tmp_path / "out"
     assert restore(tapes, out, "case-2").ok
     (out / "case-2" / "ledger.csv").unlink()
-    (out / "case-2" / f"{TEMP_PREFIX}{os.getpid()}-7").write_bytes(b"partial")
+    _leftover(out / "case-2" / f"{TEMP_PREFIX}{os.getpid()}-7")
     (out / "case-2" / f"{TEMP_PREFIX}{os.getpid()}-1").mkdir()  # not a file: left be
     report = restore(tapes, out, "case-2")
     assert (report.ok, report.restored, report.leftovers_removed) == (True, 1, 1)

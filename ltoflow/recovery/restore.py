@@ -555,6 +555,14 @@ def load_catalog(roots: List[str], catalog_arg: Optional[str], force: bool) -> C
 # --------------------------------------------------------------------------- selection
 
 
+def relative(pattern: str) -> str:
+    """A pattern as the catalog's relative paths are written: `./case-1/` is `case-1`."""
+    p = pattern.strip("/")
+    while p.startswith("./"):
+        p = p[2:].lstrip("/")
+    return "" if p == "." else p
+
+
 def literal_patterns(patterns: List[str], everything: Sequence[Union["Entry", "TreeEntry"]]
                      ) -> List[str]:
     """A pattern that is the very name of an entry (`Photos [2019]`) means that entry only,
@@ -1636,7 +1644,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("say where to restore with --target DIR (or use --list)")
     cat = load_catalog(roots, args.catalog, args.force_catalog)
     everything: List[Union[Entry, TreeEntry]] = [*cat.entries, *cat.links, *cat.dirs]
-    patterns: List[str] = literal_patterns(list(args.only), everything)
+    patterns: List[str] = literal_patterns([relative(p) for p in args.only], everything)
     # A pattern that matches no name as it is matches names as --list shows them.
     plain = [p for p in patterns if any(selected(e.rel, [p], e.raw) for e in everything)]
     as_shown = [p for p in patterns if p not in plain]
@@ -1650,18 +1658,17 @@ def run(args: argparse.Namespace) -> int:
     entries = [e for e in cat.entries if chosen(e)]
     links = [e for e in cat.links if chosen(e)]
     dirs = [e for e in cat.dirs if chosen(e)]
-    for pat in as_shown:
-        if not any(selected(e.rel, [pat], e.raw, shown=True) for e in everything) and not any(
-            selected(k[0], skipped_patterns([pat])) for k in cat.skipped
-        ):
-            warn("--only %s matches no file in the catalog" % pat)
+    unmatched = [pat for pat in as_shown
+                 if not any(selected(e.rel, [pat], e.raw, shown=True) for e in everything)
+                 and not any(selected(k[0], skipped_patterns([pat])) for k in cat.skipped)]
+    if unmatched:  # a typo: refused before any tape is read, as ltoflow restore does
+        raise UsageError("nothing in the catalog matches %s; nothing restored (see --list)"
+                         % ", ".join(repr(p) for p in unmatched))
     skipped = [k for k in cat.skipped if selected(k[0], skipped_patterns(patterns))]
     for rel, kind, reason in skipped:
         say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
-    if patterns and not (entries or links or dirs):
-        if skipped:
-            return EXIT_OK
-        raise UsageError("the --only patterns match no file in the catalog")
+    if patterns and not (entries or links or dirs):  # each matched a skipped entry only
+        return EXIT_OK
     if args.list:
         return list_files(cat, entries, roots, links, dirs)
 
