@@ -191,7 +191,7 @@ static Py_ssize_t read_files(const Run *r, Reader *rd, Py_ssize_t first, Py_ssiz
         const char *slash;
         size_t head;
         int at, fd, ok;
-        struct stat st;
+        struct stat before, st;
 
         memcpy(rd->path, r->paths + start, len);
         rd->path[len] = '\0';
@@ -218,8 +218,12 @@ static Py_ssize_t read_files(const Run *r, Reader *rd, Py_ssize_t first, Py_ssiz
         fd = openat(at, slash ? slash + 1 : rd->path, FILE_FLAGS);
         if (fd < 0)
             break;
-        ok = read_all(fd, r->buf + pos, length) == 0 && fstat(fd, &st) == 0
-             && as_scanned(&st, r->sizes[f], r->mtimes[f]);
+        /* Its change time as it is opened and once read: an in-place rewrite with the mtime
+         * put back shows only there (the Python loop then reads it again, or says why not). */
+        ok = fstat(fd, &before) == 0 && read_all(fd, r->buf + pos, length) == 0
+             && fstat(fd, &st) == 0 && as_scanned(&st, r->sizes[f], r->mtimes[f])
+             && st.st_ctim.tv_sec == before.st_ctim.tv_sec
+             && st.st_ctim.tv_nsec == before.st_ctim.tv_nsec;
         close(fd);
         if (!ok)
             break;
@@ -336,7 +340,8 @@ PyDoc_STRVAR(read_whole_files_doc,
 "return the SHA-256 of each as a list of hex strings. Stops before the first segment that\n"
 "is not a whole file of one segment, lies in another container (container >= 0), does not\n"
 "fit, belongs to file stop_file or later, or whose file fails any check (open, full read,\n"
-"still a regular file of the scanned size and mtime). The columns are the plan's and the\n"
+"still a regular file of the scanned size and mtime, the same change time before and after\n"
+"the read). The columns are the plan's and the\n"
 "scan's arrays; paths/path_ends are the scan's UTF-8 path column.");
 
 static PyObject *read_whole_files(PyObject *self, PyObject *args)

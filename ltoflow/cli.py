@@ -394,7 +394,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         errors = leaves(group)
         changed = [e for e in errors if isinstance(e, SourceFileChangedError)]
         if journal.exists():
-            hint = _resume_hint(journal, changed[0].relative_path if changed else None)
+            hint = _resume_hint(journal, changed[0].relative_path if changed else None,
+                                strict=config.strict)
             for e in errors:
                 e.add_note(hint)
         elif changed:
@@ -871,21 +872,24 @@ def print_plan(plan: Plan) -> None:
 
 
 def _resume_hint(journal: Journal, changed: str | None = None, *,
-                 interrupted: bool = False) -> str:
+                 interrupted: bool = False, strict: bool = False) -> str:
     """One line on what is safe on tape and how to go on (when `changed` names a source file
-    that changed, a resume only helps if it is put back; after an `interrupted` job there is
-    no cause to fix)."""
+    that changed, a resume only helps if it is put back, or, while tape 1's catalog is not
+    written and the job is not --strict, with the file skipped; after an `interrupted` job
+    there is no cause to fix)."""
     if not journal.exists():
         return "nothing was written to tape that a resume could use"
+    fixed = True  # whether tape 1's catalog holds every hash already
     try:
-        done = journal.load(JsonCatalogCodec()).describe()
+        state = journal.load(JsonCatalogCodec())
+        done, fixed = state.describe(), state.catalog is not None or bool(state.tapes_done)
     except (BackupError, OSError):
         done = "progress recorded"
     if changed is not None:
+        skip = "" if fixed or strict else " (or with --on-change=skip added, which skips it)"
         return (f"{done}, all safe on tape; --resume can finish this set only with "
-                f"{shown(changed)} as it was when scanned (or, before tape 1's catalog "
-                f"is written, with --on-change=skip); to back up its new content, delete "
-                f"{journal.path} and start again on blank tapes")
+                f"{shown(changed)} as it was when scanned{skip}; to back up its new "
+                f"content, delete {journal.path} and start again on blank tapes")
     then = "" if interrupted else "fix the cause and "
     return f"{done}, all safe on tape; {then}run the same command with --resume to continue"
 

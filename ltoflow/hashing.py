@@ -237,6 +237,7 @@ class SourceCursor:
         self._root = os.fsencode(plan.source_root)
         self._fd = -1
         self._fd_file = -1
+        self._fd_ctime_ns = 0  # its change time when opened: _close_checked compares it
         self._dirs: DirFds | None = None  # opened on the first read
         self._dir: bytes | None = None  # the directory of the last file opened ...
         self._dir_fd = -1  # ... and its descriptor, owned by _dirs
@@ -397,6 +398,7 @@ class SourceCursor:
         files = self.plan.files
         fd = self._open_source(file_index)
         try:
+            opened = _fstat(fd, files.relative_path[file_index])
             try:
                 n = os.preadv(fd, [view], 0)
             except OSError as e:
@@ -406,7 +408,7 @@ class SourceCursor:
             st = _fstat(fd, files.relative_path[file_index])
         finally:
             os.close(fd)
-        _check_stat(files, file_index, st)
+        _check_stat(files, file_index, st, opened.st_ctime_ns)
 
     def close(self) -> None:
         """Close the file being read and any directories kept open."""
@@ -469,9 +471,14 @@ class SourceCursor:
         if self._fd_file == file_index:
             return self._fd
         self._close_file()
-        self._fd = self._open_source(file_index)
-        self._fd_file = file_index
-        return self._fd
+        fd = self._open_source(file_index)
+        try:
+            self._fd_ctime_ns = _fstat(fd, self.plan.files.relative_path[file_index]).st_ctime_ns
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._fd_file = fd, file_index
+        return fd
 
     def _read_exact(self, fd: int, view: memoryview, offset: int, file_index: int) -> None:
         while view:
@@ -500,7 +507,7 @@ class SourceCursor:
         finally:
             self._close_file()
         if file_index not in self.faults.reasons:
-            _check_stat(self.plan.files, file_index, st)
+            _check_stat(self.plan.files, file_index, st, self._fd_ctime_ns)
 
 
 def _open_failed(relative_path: str, e: OSError) -> _SourceError:
@@ -545,9 +552,11 @@ def _read_failed(fd: int, relative_path: str, e: OSError) -> _SourceError:
     )
 
 
-def _check_stat(files: FileTable, i: int, st: os.stat_result) -> None:
+def _check_stat(files: FileTable, i: int, st: os.stat_result, opened_ctime_ns: int) -> None:
     """File i, just read, must still be the regular file, of the size and mtime, the scan saw
-    (read from the table's columns: this runs once per file)."""
+    (read from the table's columns: this runs once per file), with the change time it had when
+    it was opened: a rewrite in place whose writer put the mtime back (same size) shows only
+    there, and the bytes read may be half old, half new."""
     if not stat.S_ISREG(st.st_mode):
         raise SourceFileChangedError(files.relative_path[i], "it is no longer a regular file")
     if st.st_nlink == 0:
@@ -559,6 +568,10 @@ def _check_stat(files: FileTable, i: int, st: os.stat_result) -> None:
     if st.st_mtime_ns != files.mtime_ns[i]:
         raise SourceFileChangedError(files.relative_path[i],
                                      "its modification time is not the one the scan saw")
+    if st.st_ctime_ns != opened_ctime_ns:
+        raise SourceFileChangedError(
+            files.relative_path[i],
+            "changed as it was read (its change time moved)")
 
 
 class HashRecorder:

@@ -190,3 +190,19 @@ def test_what_is_done_counts_tapes_against_the_plan_until_one_fills_early(
     state = Journal(journal.state_dir, journal.key).load(CODEC)
     assert state.describe() == ("set set-1: 2 of 3 containers and 2 tape(s) done (1 filled "
                                 "early, so it may need more than the 1 planned)")
+
+
+def test_the_hint_after_a_changed_file_offers_skipping_only_where_a_resume_can(
+    journal: Journal,
+) -> None:
+    """--on-change=skip helps a resume only while tape 1's catalog is not written (after it,
+    every hash is fixed) and never with --strict, which refuses skipping."""
+    from ltoflow.cli import _resume_hint
+
+    journal.container_done(done(0))
+    assert "--on-change=skip" in _resume_hint(journal, "a/x")
+    assert "--on-change=skip" not in _resume_hint(journal, "a/x", strict=True)
+    journal.tape_done(0, None)
+    hint = _resume_hint(journal, "a/x")
+    assert "--on-change=skip" not in hint
+    assert "only with a/x as it was when scanned; to back up its new content" in hint

@@ -253,6 +253,23 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
 
 
+def test_a_resume_finds_the_job_however_the_simulator_directory_is_spelled(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started with `--simulator tapes`, resumed with its absolute path (as the messages
+    print it): the same job."""
+    root, contents = src
+    plan = the_plan(root)
+    monkeypatch.chdir(tmp_path)
+    stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
+                                   f"interrupt_after_bytes_written={plan.containers[0].size}"))
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    resumed = ltoflow(*backup_args(root, tmp_path / "tapes", "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert_complete_set(tmp_path / "tapes", contents)
+
+
 def test_the_summary_of_a_resume_lists_the_tapes_finished_before(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ import attrs
 import pytest
 import trio
 
-from ltoflow import api, native
+from ltoflow import api, hashing, native
 from ltoflow import catalog as cat
 from ltoflow.cli import (
     EXIT_FAILED,
@@ -254,11 +254,54 @@ async def test_on_change_skip_lists_a_growing_file_as_skipped(
     assert set(skipped_events(reporter)) == {name}
 
 
+def _rewrite_in_place(path: Path, *, at_call: int) -> PreadvHook:
+    """Its first bytes rewritten, same size, and the mtime put back (as some tools and
+    `touch -d` do): only the change time tells."""
+    def hook(n: int, offset: int, buf: memoryview) -> None:
+        if n == at_call:
+            st = path.stat()
+            with path.open("r+b") as f:
+                f.write(b"X" * 100)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return hook
+
+
+@pytest.mark.parametrize(("name", "at_call"), [("c/scan-007.tif", 1), ("a/video.bin", 2)],
+                         ids=["read-whole", "read-in-pieces"])
+@pytest.mark.parametrize("on_change", ["fail", "skip"])
+async def test_a_file_rewritten_in_place_while_read_with_its_mtime_put_back_is_caught(
+    tmp_path: Path, on_read: Callable[[str, PreadvHook], None], name: str, at_call: int,
+    on_change: str,
+) -> None:
+    """Same size, same mtime: the bytes read may be half old, half new. The change time,
+    taken as it is opened and once read, tells; never a torn file on tape, reported clean."""
+    src, sim = tmp_path / "src", tmp_path / "tapes"
+    contents = write_tree(src, TREE)
+    on_read(name, _rewrite_in_place(src / name, at_call=at_call))
+    # One tape: one pass reads it (two passes would also tell the change by its hashes).
+    config = attrs.evolve(config_for(src, sim, capacity=10_000 * KB), on_change=on_change)
+    if on_change == "fail":
+        with Raises(SourceFileChangedError, match=f"{name}.*its change time moved"):
+            await run(config)
+        return
+    result, _ = await backup(config)
+    await check_invariants(sim, result, contents, {name})
+    (entry,) = result.catalog.skipped
+    assert entry.reason == "changed during the backup: changed as it was read (its change " \
+                           "time moved)"
+
+
 async def test_content_differing_between_prehash_and_tape_one_is_skipped(
-    tmp_path: Path, on_read: Callable[[str, PreadvHook], None]
+    tmp_path: Path, on_read: Callable[[str, PreadvHook], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """a/video.bin spans tapes 1-3: the prehasher and tape 1's writer both read its first
-    bytes. Each read here sees other bytes (same size and mtime), so the passes disagree."""
+    bytes. Each read here sees other bytes (same size and mtime), so the passes disagree.
+    (The hook changes it during a read, which its change time would tell first; a change
+    between two passes shows only in their hashes, so the change time is not checked here.)"""
+    real = hashing._check_stat
+    monkeypatch.setattr(hashing, "_check_stat",
+                        lambda files, i, st, _: real(files, i, st, st.st_ctime_ns))
     src, sim = tmp_path / "src", tmp_path / "tapes"
     contents = write_tree(src, TREE)
     path = src / "a" / "video.bin"

@@ -149,7 +149,9 @@ class LtfsDrive:
         self._pid: int | None = None
 
     def describe(self) -> str:
-        return f"LTFS drive {self.device} at {self.mount_point}"
+        # The mount point absolute: it names the job (journal.job_key), however it was spelled
+        # (a device may be a name LTFS resolves, not a path: as given).
+        return f"LTFS drive {self.device} at {Path(self.mount_point).absolute()}"
 
     async def inventory(self) -> None:
         return None  # a single drive cannot see the cartridges on the shelf

@@ -151,7 +151,8 @@ class SimulatorDrive:
         self.drive_stats: list[TapeDriveStats] = []  # one per tape written, with a throttle
 
     def describe(self) -> str:
-        return f"simulator at {self.root}"
+        # Absolute: it names the job (journal.job_key), however the directory was spelled.
+        return f"simulator at {self.root.absolute()}"
 
     async def load(self, request: TapeRequest) -> SimulatorTape:
         f = self.failures
