@@ -485,13 +485,13 @@ _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX.encode()) + rb"([0-9]{1,10})-[0-9]
 
 
 def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
-                    the_sets: Callable[[], set[tuple[bytes, ...]]],
+                    held_by_set: Callable[[], set[tuple[bytes, ...]]],
                     ) -> list[tuple[bytes, ...]]:
     """The temporary files in these directories of the target whose restore is gone: killed
     outright (kill -9, a second Ctrl-C, a crash), it could not remove them. A restore still
     running (its process is there) keeps its own. Only what surely is one is taken: a file of
-    such a name that the set holds (`the_sets()`: a restore target backed up, say), or that
-    anyone but its owner may read (a temporary file is made 0600), is someone's file."""
+    such a name that the set holds (`held_by_set()`: a restore target backed up, say), or with
+    any mode bit beyond 0600 (a temporary file is made 0600), is someone's file."""
     found: list[tuple[bytes, ...]] = []
     held: set[tuple[bytes, ...]] | None = None
     with _dirs_under(target) as dirs:  # the way there takes search permission only
@@ -515,7 +515,7 @@ def _leftover_temps(target: Path, holders: Iterable[tuple[bytes, ...]],
                 if m is None or _running(int(m[1])) or _locked(where, name):
                     continue
                 if held is None:
-                    held = the_sets()
+                    held = held_by_set()
                 if (*parts, name) not in held:
                     found.append((*parts, name))
     return found
