@@ -571,7 +571,7 @@ def _check_stat(files: FileTable, i: int, st: os.stat_result, opened_ctime_ns: i
     if st.st_ctime_ns != opened_ctime_ns:
         raise SourceFileChangedError(
             files.relative_path[i],
-            "changed as it was read (its change time moved)")
+            "its change time moved while it was read")
 
 
 class HashRecorder:
