@@ -218,9 +218,19 @@ def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
     """The journal of backing up `config.source_root` onto `drive` with `config`'s sizes."""
     from ltoflow.journal import Journal, default_state_dir, job_key
 
-    key = job_key(config.source_root, drive.describe(), config.tape_nominal_capacity_bytes,
-                  config.max_container_size_bytes)
-    return Journal(config.state_dir or default_state_dir(), key)
+    def journal_for(target: str) -> Journal:
+        key = job_key(config.source_root, target, config.tape_nominal_capacity_bytes,
+                      config.max_container_size_bytes)
+        return Journal(config.state_dir or default_state_dir(), key)
+
+    journal = journal_for(drive.describe())
+    before = getattr(drive, "described_before", None)  # the simulator's and LTFS's
+    if before is not None and not journal.exists():
+        # An interrupted job of an earlier version, which named its drive as spelled.
+        earlier = journal_for(before())
+        if earlier.exists():
+            return earlier
+    return journal
 
 
 @attrs.frozen
@@ -305,11 +315,13 @@ def _started_otherwise(config: BackupConfig, drive: TapeDrive, state_dir: Path, 
     from ltoflow.journal import interrupted_jobs
 
     source = str(config.source_root.absolute())
+    before = getattr(drive, "described_before", None)
+    targets = (None, drive.describe(), *((before(),) if before is not None else ()))
     for job in interrupted_jobs(state_dir):
         if set_id is not None:
             ours = job.set_id == set_id
         else:
-            ours = job.source_root == source and job.target in (None, drive.describe())
+            ours = job.source_root == source and job.target in targets
         if not ours:
             continue
         if job.capacity_bytes and job.container_bytes:

@@ -394,20 +394,26 @@ class SourceCursor:
 
     def _read_whole(self, file_index: int, view: memoryview) -> None:
         """Read a whole file into `view` and check it against the scan, with as few steps as
-        possible: this runs once per small file."""
+        possible: this runs once per small file. One whose change time moved during the read
+        (the C loop leaves those here) is read once more: only the bytes of a read the file
+        stood still for go on, and a hard link or chmod meanwhile is no change."""
         files = self.plan.files
-        fd = self._open_source(file_index)
-        try:
-            opened = _fstat(fd, files.relative_path[file_index])
+        for again in (True, False):
+            fd = self._open_source(file_index)
             try:
-                n = os.preadv(fd, [view], 0)
-            except OSError as e:
-                raise _read_failed(fd, files.relative_path[file_index], e) from e
-            if n < len(view):
-                self._read_exact(fd, view[n:], n, file_index)
-            st = _fstat(fd, files.relative_path[file_index])
-        finally:
-            os.close(fd)
+                opened = _fstat(fd, files.relative_path[file_index])
+                try:
+                    n = os.preadv(fd, [view], 0)
+                except OSError as e:
+                    raise _read_failed(fd, files.relative_path[file_index], e) from e
+                if n < len(view):
+                    self._read_exact(fd, view[n:], n, file_index)
+                st = _fstat(fd, files.relative_path[file_index])
+            finally:
+                os.close(fd)
+            _check_stat(files, file_index, st, st.st_ctime_ns)
+            if st.st_ctime_ns == opened.st_ctime_ns or not again:
+                break
         _check_stat(files, file_index, st, opened.st_ctime_ns)
 
     def close(self) -> None:

@@ -34,7 +34,11 @@ from ltoflow.catalog import Catalog, CatalogCodec
 from ltoflow.errors import JournalError, UsageError
 from ltoflow.scan import FileTable, ScanResult
 
-JOURNAL_VERSION = 4  # 3: the scan as the file table's columns; 4: its paths as one buffer
+#: 3: the scan as the file table's columns; 4: its paths as one buffer; 5: a set of one tape
+#: has no catalog copy (catalog-on-tape), which 4's readers would not resume.
+JOURNAL_VERSION = 5
+#: Versions this one reads: 4's journals mean the same, with a copy of every catalog.
+READABLE_VERSIONS = (4, 5)
 #: Set by tests and by operators who keep state next to the job, not in their home directory.
 STATE_DIR_ENV = "LTOFLOW_STATE_DIR"
 
@@ -425,7 +429,7 @@ class Journal:
                 version = orjson.loads(data.split(b"\n", 1)[0]).get("version")
             except orjson.JSONDecodeError:
                 version = JOURNAL_VERSION  # no beginning: said below
-            if version != JOURNAL_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise UsageError(f"the job journal {self.path} was written by another version "
                                  "of ltoflow; finish that backup with it, or start again")
             scan = _scan_from_bytes(self.scan_path.read_bytes())
@@ -452,7 +456,7 @@ class Journal:
                 continue  # a line torn by the crash: it recorded nothing that is sure
             kind = rec.get("kind")
             if kind == "begin":
-                if rec.get("version") != JOURNAL_VERSION:
+                if rec.get("version") not in READABLE_VERSIONS:
                     raise UsageError(f"the job journal {self.path} was written by another "
                                      "version of ltoflow; start the backup again")
                 state = ResumeState(rec["set_id"], rec["created_at"], scan,

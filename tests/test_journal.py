@@ -144,7 +144,8 @@ def test_a_one_tape_set_interrupted_after_its_last_tape_is_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stopped after the tape's journal line, before the journal is removed: the resume has
-    nothing to write and ends the job (it takes the set's catalog from the journal)."""
+    nothing to write and ends the job (it builds the set's catalog again: a set of one tape
+    keeps no copy of it in the journal)."""
     from ltoflow.cli import EXIT_INTERRUPTED, EXIT_OK
 
     write_tree(tmp_path / "src", {"a": 30_000, "b": 2000})

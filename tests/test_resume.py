@@ -253,21 +253,55 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
 
 
+@pytest.mark.parametrize("spelling", ["absolute", "dot-dot", "symlink"])
 def test_a_resume_finds_the_job_however_the_simulator_directory_is_spelled(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, spelling: str,
 ) -> None:
     """Started with `--simulator tapes`, resumed with its absolute path (as the messages
-    print it): the same job."""
+    print it), through `..` or through a symlink: the same job."""
     root, contents = src
     plan = the_plan(root)
     monkeypatch.chdir(tmp_path)
     stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
                                    f"interrupt_after_bytes_written={plan.containers[0].size}"))
     assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
-    resumed = ltoflow(*backup_args(root, tmp_path / "tapes", "--resume"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to("tapes")
+    again = {"absolute": tmp_path / "tapes", "dot-dot": Path("sub/../tapes"),
+             "symlink": Path("link")}[spelling]
+    resumed = ltoflow(*backup_args(root, again, "--resume"))
     assert resumed.returncode == EXIT_OK, resumed.stderr
     assert_complete_set(tmp_path / "tapes", contents)
+
+
+def test_a_job_interrupted_under_the_earlier_version_resumes(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ltoflow 0.1.0's journals (version 4) named a simulator directory as it was spelled:
+    a job it left, started with a relative `--simulator`, is found and resumed."""
+    from ltoflow.journal import job_key
+
+    root, contents = src
+    plan = the_plan(root)
+    monkeypatch.chdir(tmp_path)
+    stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
+                                   f"interrupt_after_bytes_written={plan.containers[0].size}"))
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    (journal,) = state_dir.glob("*.journal")
+    old = job_key(root, "simulator at tapes", 450_000, 60_000)
+    for p in state_dir.iterdir():
+        p.rename(state_dir / p.name.replace(journal.stem, old))
+    lines = (state_dir / f"{old}.journal").read_text().splitlines(keepends=True)
+    begin = json.loads(lines[0])
+    assert begin["version"] == 5
+    begin["version"], begin["target"] = 4, "simulator at tapes"
+    (state_dir / f"{old}.journal").write_text(json.dumps(begin) + "\n" + "".join(lines[1:]))
+    resumed = ltoflow(*backup_args(root, Path("tapes"), "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert_complete_set(tmp_path / "tapes", contents)
+    assert not list(state_dir.iterdir())
 
 
 def test_the_summary_of_a_resume_lists_the_tapes_finished_before(

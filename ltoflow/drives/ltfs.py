@@ -149,9 +149,13 @@ class LtfsDrive:
         self._pid: int | None = None
 
     def describe(self) -> str:
-        # The mount point absolute: it names the job (journal.job_key), however it was spelled
-        # (a device may be a name LTFS resolves, not a path: as given).
-        return f"LTFS drive {self.device} at {Path(self.mount_point).absolute()}"
+        # The mount point resolved: it names the job (journal.job_key), however it was spelled
+        # (a device may be a name LTFS resolves, not a path: as given); `described_before` is
+        # what ltoflow 0.1.0 said.
+        return f"LTFS drive {self.device} at {os.path.realpath(self.mount_point)}"
+
+    def described_before(self) -> str:
+        return f"LTFS drive {self.device} at {self.mount_point}"
 
     async def inventory(self) -> None:
         return None  # a single drive cannot see the cartridges on the shelf

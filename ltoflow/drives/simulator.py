@@ -151,8 +151,12 @@ class SimulatorDrive:
         self.drive_stats: list[TapeDriveStats] = []  # one per tape written, with a throttle
 
     def describe(self) -> str:
-        # Absolute: it names the job (journal.job_key), however the directory was spelled.
-        return f"simulator at {self.root.absolute()}"
+        # Resolved: it names the job (journal.job_key), however the directory was spelled
+        # (relative, through a symlink); `described_before` is what ltoflow 0.1.0 said.
+        return f"simulator at {os.path.realpath(self.root)}"
+
+    def described_before(self) -> str:
+        return f"simulator at {self.root}"
 
     async def load(self, request: TapeRequest) -> SimulatorTape:
         f = self.failures
