@@ -253,6 +253,17 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(
     assert not list(state_dir.iterdir()), "a finished job leaves no journal behind"
 
 
+def interrupted_in_relative_tapes(root: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup into `tapes` (relative to tmp_path, the working directory from now on),
+    interrupted after its first container."""
+    monkeypatch.chdir(tmp_path)
+    at = the_plan(root).containers[0].size
+    stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
+                                   f"interrupt_after_bytes_written={at}"))
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+
+
 @pytest.mark.parametrize("spelling", ["absolute", "dot-dot", "symlink"])
 def test_a_resume_finds_the_job_however_the_simulator_directory_is_spelled(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path, state_dir: Path,
@@ -261,11 +272,7 @@ def test_a_resume_finds_the_job_however_the_simulator_directory_is_spelled(
     """Started with `--simulator tapes`, resumed with its absolute path (as the messages
     print it), through `..` or through a symlink: the same job."""
     root, contents = src
-    plan = the_plan(root)
-    monkeypatch.chdir(tmp_path)
-    stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
-                                   f"interrupt_after_bytes_written={plan.containers[0].size}"))
-    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    interrupted_in_relative_tapes(root, tmp_path, monkeypatch)
     (tmp_path / "sub").mkdir()
     (tmp_path / "link").symlink_to("tapes")
     again = {"absolute": tmp_path / "tapes", "dot-dot": Path("sub/../tapes"),
@@ -284,11 +291,7 @@ def test_a_job_interrupted_under_the_earlier_version_resumes(
     from ltoflow.journal import job_key
 
     root, contents = src
-    plan = the_plan(root)
-    monkeypatch.chdir(tmp_path)
-    stopped = ltoflow(*backup_args(root, Path("tapes"), "--sim-fault",
-                                   f"interrupt_after_bytes_written={plan.containers[0].size}"))
-    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    interrupted_in_relative_tapes(root, tmp_path, monkeypatch)
     (journal,) = state_dir.glob("*.journal")
     old = job_key(root, "simulator at tapes", 450_000, 60_000)
     for p in state_dir.iterdir():
