@@ -33,7 +33,7 @@ import outcome
 import trio
 
 from ltoflow import catalog as cat
-from ltoflow.buffers import PipelineBuffer
+from ltoflow.buffers import PipelineBuffer, pass_on
 from ltoflow.catalog import Catalog, CatalogCodec, JsonCatalogCodec, ListSpan
 from ltoflow.clock import Clock
 from ltoflow.drives import LoadedTape, TapeDrive, TapeRequest
@@ -125,7 +125,8 @@ async def read_actor(
                     raise
                 last = cursor.finished or cursor.container != container
                 buffer.fill(n)
-                await out.send(Chunk(container, buf, n, pieces, first, last))
+                if not await pass_on(out, Chunk(container, buf, n, pieces, first, last)):
+                    return  # the next actor failed: its error is the job's
         finally:
             cursor.close()
             buffer.finish()
@@ -146,7 +147,8 @@ async def segment_hash_actor(
             done = await trio.to_thread.run_sync(hasher.update, chunk.data, chunk.pieces)
             recorder.segments_written(done)
             _report_skips(recorder.faults, reporter)
-            await out.send(chunk)
+            if not await pass_on(out, chunk):
+                return
 
 
 def _report_skips(faults: SourceFaults, reporter: Reporter) -> None:
@@ -171,7 +173,8 @@ async def aggregate_hash_actor(
                 recorder.container(c, digest)
             for f, digest in files:
                 recorder.file(f, digest)
-            await out.send(chunk)
+            if not await pass_on(out, chunk):
+                return
 
 
 async def write_actor(

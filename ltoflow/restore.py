@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from ltoflow import paths
-from ltoflow.buffers import BufferLease, PipelineBuffer
+from ltoflow.buffers import BufferLease, PipelineBuffer, pass_on
 from ltoflow.catalog import (
     Catalog,
     ContainerEntry,
@@ -1262,7 +1262,9 @@ async def _restore_container(
                         lease.give_back(buf)
                         short_at = pos
                         return
-                    await send.send((buf, pos, n, span))
+                    if not await pass_on(send, (buf, pos, n, span)):
+                        lease.give_back(buf)
+                        return  # the writer failed (a full target): its error is the one
                     pos += n
                     read += n
 

@@ -1110,3 +1110,49 @@ def test_a_pattern_that_is_a_name_means_that_name_not_what_it_matches_as_a_glob(
                   if kind == "file") == [b"Photos 1/b.jpg", b"glob-me/c.txt"]
     shown = restore(tmp_path / "tapes", tmp_path / "shown", "x?y")  # both, as a glob
     assert shown.restored == 2
+
+
+async def test_a_full_target_while_the_reader_waits_to_pass_a_chunk_on_is_the_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer fails (the target is full) while the tape reader waits for room to pass it
+    the next chunk: the restore ends with that TargetFullError (exit 3), and no
+    BrokenResourceError from the reader beside it (an internal error, exit 70, as a benchmark
+    run on a full disk met)."""
+    import threading
+
+    import trio
+    import trio.testing
+
+    from ltoflow.errors import TargetFullError
+
+    restore_module = importlib.import_module("ltoflow.restore")
+    src, tapes = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"big.bin": 3 * MiB})
+    config = BackupConfig(source_root=src, tapes_root=tapes, tape_nominal_capacity_bytes=10**9,
+                          max_container_size_bytes=10**7)
+    await api.backup_async(config, api.compose(config))
+    # Chunks of 64 KiB: the reader fills the channel long before the writer's first chunk.
+    monkeypatch.setattr(restore_module, "read_pool", lambda: PipelineBuffer(8 * 64 * 1024))
+    release = threading.Event()
+
+    def full(*args: object) -> None:
+        release.wait()
+        raise TargetFullError("the restore target is full")
+
+    monkeypatch.setattr(restore_module._FileWriter, "write", full)
+    raised: list[BaseException] = []
+
+    async def restoring() -> None:
+        try:
+            await api.restore_async(api.Components(drive=SimulatorDrive(tapes)),
+                                    tmp_path / "out", [])
+        except BaseException as e:  # what it raises is the test's subject
+            raised.append(e)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restoring)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the reader waits in send
+        release.set()
+    (error,) = raised
+    assert isinstance(error, TargetFullError), repr(error)
