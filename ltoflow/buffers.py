@@ -22,6 +22,7 @@ HIGH_WATER = 0.75
 #: Below this share the prehasher pauses, so it never starves the reader that feeds the drive.
 LOW_WATER = 0.25
 
+
 async def pass_on[T](out: trio.MemorySendChannel[T], item: T) -> bool:
     """Send `item` to the next step of a pipeline; False when that step is gone. It closed its
     end because it failed, and its nursery raises that error: the step sending must stop
