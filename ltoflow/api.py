@@ -223,14 +223,23 @@ def job_journal(config: BackupConfig, drive: TapeDrive) -> Journal:
                       config.max_container_size_bytes)
         return Journal(config.state_dir or default_state_dir(), key)
 
-    journal = journal_for(drive.describe())
-    before = getattr(drive, "described_before", None)  # the simulator's and LTFS's
-    if before is not None and not journal.exists():
+    now, *before = _drive_names(drive)
+    journal = journal_for(now)
+    if before and not journal.exists():
         # An interrupted job of an earlier version, which named its drive as spelled.
-        earlier = journal_for(before())
+        earlier = journal_for(before[0])
         if earlier.exists():
             return earlier
     return journal
+
+
+def _drive_names(drive: TapeDrive) -> tuple[str, ...]:
+    """What names `drive` in a job's key: its description, then the one ltoflow 0.1.0 gave
+    (the simulator's and LTFS's, whose paths it took as spelled), if it differs."""
+    named_before = getattr(drive, "described_before", None)
+    now = drive.describe()
+    before = now if named_before is None else named_before()
+    return (now,) if before == now else (now, before)
 
 
 @attrs.frozen
@@ -315,8 +324,7 @@ def _started_otherwise(config: BackupConfig, drive: TapeDrive, state_dir: Path, 
     from ltoflow.journal import interrupted_jobs
 
     source = str(config.source_root.absolute())
-    before = getattr(drive, "described_before", None)
-    targets = (None, drive.describe(), *((before(),) if before is not None else ()))
+    targets = (None, *_drive_names(drive))
     for job in interrupted_jobs(state_dir):
         if set_id is not None:
             ours = job.set_id == set_id

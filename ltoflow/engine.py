@@ -852,15 +852,19 @@ async def run_backup(
     layout = len(resume.breaks) if resume is not None else 0  # tapes that filled early
     done_ids = set() if resume is None else {container_ids[c] for c in resume.containers
                                              if c < len(container_ids)}
+
+    def set_catalog() -> Catalog:
+        """The set's catalog from the hashes recorded so far (every tape's is made this way)."""
+        return build_catalog(plan, recorder.complete(), set_id=set_id, created_at=created_at,
+                             created_by=settings.created_by, unusable=recorder.faults.reasons)
+
     if resume is not None:
         await trio.to_thread.run_sync(_seed_hashes, recorder, plan, resume, container_ids)
         if resume.catalog is not None:
             if _same_layout(resume.catalog, plan, tape_ids):
                 base = resume.catalog
             else:  # a tape filled early since it was built: same hashes, new places
-                base = build_catalog(plan, recorder.complete(), set_id=set_id,
-                                     created_at=created_at, created_by=settings.created_by,
-                                     unusable=recorder.faults.reasons)
+                base = set_catalog()
                 if journal is not None:
                     await trio.to_thread.run_sync(journal.catalog_known, base, codec,
                                                   _faults_of(recorder))
@@ -1002,10 +1006,7 @@ async def run_backup(
                     # be skipped, and later tapes must get exactly the bytes hashed so far.
                     recorder.faults.freeze()
                     _report_skips(recorder.faults, reporter)
-                    base = build_catalog(
-                        plan, recorder.complete(), set_id=set_id, created_at=created_at,
-                        created_by=settings.created_by, unusable=recorder.faults.reasons,
-                    )
+                    base = set_catalog()
                     # The journal keeps a copy of this first catalog, made as it is encoded
                     # for the tape (encoding a million records twice costs seconds), for the
                     # later tapes. A set of one tape needs none: a resume after this point
@@ -1077,9 +1078,7 @@ async def run_backup(
         if base is None:  # a set of one tape, finished before the interruption: the journal
             # keeps no copy of its catalog, and the one on tape is made the same way.
             assert resume is not None
-            base = build_catalog(plan, recorder.complete(), set_id=set_id,
-                                 created_at=created_at, created_by=settings.created_by,
-                                 unusable=recorder.faults.reasons)
+            base = set_catalog()
         if resume is not None:
             # Tapes written before a tape filled early carry a catalog that puts containers
             # where they are not: give them the catalog of the set as it really is.

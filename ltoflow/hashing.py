@@ -411,7 +411,6 @@ class SourceCursor:
                 st = _fstat(fd, files.relative_path[file_index])
             finally:
                 os.close(fd)
-            _check_stat(files, file_index, st, st.st_ctime_ns)
             if st.st_ctime_ns == opened.st_ctime_ns or not again:
                 break
         _check_stat(files, file_index, st, opened.st_ctime_ns)
