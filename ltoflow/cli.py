@@ -81,7 +81,8 @@ EXIT_CODES = {
     EXIT_USAGE: "usage error: bad flags, missing source, impossible plan, occupied directory",
     EXIT_FAILED: "the job failed (drive, tape, catalog, a source file changed, or --strict "
                  "found entries to skip)",
-    EXIT_WARNINGS: "completed, but some entries were skipped (listed in the catalog)",
+    EXIT_WARNINGS: "completed, but some entries were skipped (listed in the catalog); a "
+                   "restore: some selected entries were skipped by the backup",
     EXIT_INTERNAL: "internal error (a bug: please report it with the --verbose output)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); a backup can go on with --resume",
 }
@@ -605,7 +606,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
         })
-        return EXIT_OK if report.ok else EXIT_DAMAGED
+        return _restore_exit(report)
     for s in report.skipped:
         print(f"SKIPPED {shown(s.relative_path)} ({s.kind}): not in the backup, {s.reason}")
     if report.dry_run:
@@ -631,8 +632,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
               f"{report.symlinks_restored} symlink(s) "
               f"and {report.directories_restored} directories into {target} from {tapes} "
               f"in {report.seconds:.1f} s ({rate:.0f} MB/s); "
-              f"{_failed(report)}.")
-    return EXIT_OK if report.ok else EXIT_DAMAGED
+              f"{_failed(report)}{_skipped_said(report)}.")
+    return _restore_exit(report)
+
+
+def _restore_exit(report: RestoreReport) -> int:
+    """1 when anything failed; else 4 when the selection holds entries the backup skipped (not
+    on tape: a selection of those alone must not look like a success), else 0."""
+    if not report.ok:
+        return EXIT_DAMAGED
+    return EXIT_WARNINGS if report.skipped else EXIT_OK
+
+
+def _skipped_said(report: RestoreReport) -> str:
+    n = len(report.skipped)
+    return (f"; {n} selected entr{'y' if n == 1 else 'ies'} skipped by the backup, not on tape"
+            " (listed above)" if n else "")
 
 
 def _failed(report: RestoreReport) -> str:

@@ -738,6 +738,35 @@ def test_skipped_entries_exit_with_warnings(tmp_path: Path,
                                "reason": "not a regular file"}]
 
 
+def test_restore_of_a_selection_the_backup_skipped_is_not_a_success(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 4, as the backup's: a script must not take "nothing failed" for "all came back"."""
+    src, tapes = tmp_path / "src", tmp_path / "t"
+    write_tree(src, {"real.txt": 100})
+    os.mkfifo(src / "pipe")
+    assert cli(capsys, "backup", "--source", src, "--simulator", tapes, *SMALL)[0] == 4
+
+    code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "one",
+                       "pipe")
+    assert code == EXIT_WARNINGS
+    assert "SKIPPED pipe (fifo): not in the backup, not a regular file" in out
+    assert out.rstrip().endswith(
+        "0 file(s) failed; 1 selected entry skipped by the backup, not on tape (listed above).")
+
+    code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "all",
+                       "--json")
+    assert code == EXIT_WARNINGS
+    doc = json.loads(out)
+    assert (doc["ok"], doc["restored"], [s["relative_path"] for s in doc["skipped"]]) == (
+        True, 1, ["pipe"])
+    assert (tmp_path / "all" / "real.txt").stat().st_size == 100
+
+    code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "real",
+                       "real.txt")
+    assert code == EXIT_OK
+    assert "skipped by the backup" not in out
+
+
 @pytest.mark.parametrize(
     ("fault", "needle"),
     [

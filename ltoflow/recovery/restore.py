@@ -13,7 +13,9 @@ example the mount point of an LTFS tape, or a copy of it on disk).  Give every t
 have; a file is restored only if every tape holding a piece of it is given.
 
 Exit status: 0 = every selected file was restored and verified, 1 = some files failed
-(each one is reported with the reason), 2 = usage error or no usable catalog.
+(each one is reported with the reason), 2 = usage error or no usable catalog, 4 = nothing
+failed, but some selected entries were skipped by the backup and cannot be restored (each
+one is listed).
 
 Symbolic links and directories in the catalog (newer catalogs) come back too: links are
 created (never followed), and directories get their permissions and times last, deepest
@@ -48,6 +50,7 @@ READ_THROUGH_GAP = 64 * 1024 * 1024
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_SKIPPED = 4  # nothing failed, but the backup skipped some selected entries (not on tape)
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ISO_RE = re.compile(
@@ -1668,7 +1671,7 @@ def run(args: argparse.Namespace) -> int:
     for rel, kind, reason in skipped:
         say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
     if patterns and not (entries or links or dirs):  # each matched a skipped entry only
-        return EXIT_OK
+        return EXIT_OK if args.list else EXIT_SKIPPED
     if args.list:
         return list_files(cat, entries, roots, links, dirs)
 
@@ -1715,7 +1718,9 @@ def run(args: argparse.Namespace) -> int:
             % (restorer.links_restored, len(links), restorer.dirs_restored, len(dirs),
                restorer.tree_failed)
         )
-    return EXIT_FAILED if restorer.failed or restorer.tree_failed else EXIT_OK
+    if restorer.failed or restorer.tree_failed:
+        return EXIT_FAILED
+    return EXIT_SKIPPED if skipped else EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
