@@ -442,7 +442,8 @@ async def find_set_catalog(components: Components) -> Catalog:
     """The catalog of the set on the drive's tapes (the first good copy found)."""
     holder = TapeHolder(components.drive, components.operator)
     try:
-        catalog = _said(await find_catalog(components.drive, components.codec, holder),
+        catalog = _said(await find_catalog(components.drive, components.codec, holder,
+                                                   newest=True),
                         components.reporter)
     except BaseException:
         await holder.release_after_error()
@@ -492,7 +493,8 @@ async def restore_async(
     opened = OpenedUp(target)  # a normal user's directories that an earlier restore locked
     try:
         if catalog is None:
-            catalog = _said(await find_catalog(components.drive, components.codec, holder),
+            catalog = _said(await find_catalog(components.drive, components.codec, holder,
+                                                   newest=True),
                             components.reporter)
         else:
             await check_catalog_fits_drive(catalog, components.drive)

@@ -771,14 +771,17 @@ class FoundCatalog:
 
 async def find_catalog(
     drive: TapeDrive, codec: CatalogCodec, holder: TapeHolder | None = None, *,
-    lazy: bool = False,
+    lazy: bool = False, newest: bool = False,
 ) -> FoundCatalog:
     """The set's catalog, from the first tape whose copy checks out (`lazy`: as
     codec.decode takes it).
 
-    A drive that can list its tapes (the simulator) is searched tape by tape. A single drive
-    reads the tape in it (the operator is asked for one if needed); that tape stays loaded in
-    `holder`, so verify or restore can start with it instead of loading it again.
+    A drive that can list its tapes (the simulator) is searched tape by tape. With `newest`,
+    a copy that does not list every tape of its set found there (a backup not finished after
+    a tape filled early: tape 1's copy is replaced last) gives way to the last tape's copy
+    when that lists more tapes: it says where the data really is. A single drive reads the
+    tape in it (the operator is asked for one if needed); that tape stays loaded in `holder`,
+    so verify or restore can start with it instead of loading it again.
     """
     tapes = await drive.inventory()
     seen: list[Problem] = []
@@ -807,6 +810,7 @@ async def find_catalog(
         raise UsageError(f"{drive.describe()} holds tapes of {len(sets)} backup sets ({held}); "
                          "give a directory that holds the tapes of one set")
     hashed: dict[int, tuple[str, str]] = {}  # copies passed over for their catalog.sha256
+    found: FoundCatalog | None = None
     for tape_id in tapes:
         request = TapeRequest(tape_id, 0, "", purpose="read")
         try:
@@ -820,18 +824,46 @@ async def find_catalog(
             for k, (other, other_digest) in hashed.items():  # the same bytes as this copy
                 if other_digest == digest:
                     seen[k] = Problem(sha_file_damaged(other), tape_id=other)
-            return FoundCatalog(catalog, digest, tape_id, seen)
+            found = FoundCatalog(catalog, digest, tape_id, seen)
         except BackupError as e:
             if isinstance(e, CatalogShaMismatch):
                 hashed[len(seen)] = (tape_id, e.digest)
             seen.append(Problem(str(e), tape_id=tape_id))
         finally:
             await drive.unload()
+        if found is not None:
+            if newest and tapes[-1] not in {t.tape_id for t in found.catalog.tapes}:
+                return await _newer_copy(drive, codec, tapes[-1], found, lazy=lazy)
+            return found
     told = "; ".join(p.describe() for p in seen)
     raise CatalogReadError(
         f"no usable catalog on any tape in {drive.describe()}: {told}; give the set's other "
         "tapes (each holds the whole catalog), or restore with --catalog FILE (a copy kept "
         "elsewhere)")
+
+
+async def _newer_copy(drive: TapeDrive, codec: CatalogCodec, last: str, found: FoundCatalog,
+                      *, lazy: bool) -> FoundCatalog:
+    """The copy on tape `last`, which the catalog `found` does not list, when it is of the same
+    set and lists more tapes (said as a problem of the copy passed over); else `found`."""
+    try:
+        loaded = await drive.load(TapeRequest(last, 0, "", purpose="read"))
+        try:
+            catalog, digest = await read_and_decode(
+                loaded, last, codec, f"{last}/{cat.CATALOG_JSON}", lazy=lazy)
+        finally:
+            await drive.unload()
+    except BackupError:
+        return found  # verify says what is wrong with it
+    if (catalog.backup_set_id != found.catalog.backup_set_id
+            or len(catalog.tapes) <= len(found.catalog.tapes)):
+        return found
+    stale = Problem(
+        f"its catalog lists {len(found.catalog.tapes)} tapes, the one on {last} "
+        f"{len(catalog.tapes)}: this set's backup was not finished after a tape filled early "
+        "(tape 1's copy is replaced last), and the newer copy says where the data is; finish "
+        "it with `ltoflow backup --resume`", tape_id=found.found_on)
+    return FoundCatalog(catalog, digest, last, [*found.problems, stale])
 
 
 async def verify_set(

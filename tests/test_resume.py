@@ -24,6 +24,7 @@ import trio.testing
 
 from ltoflow.api import BackupConfig, make_backup_plan
 from ltoflow.cli import (
+    EXIT_DAMAGED,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -602,6 +603,63 @@ def test_tapes_that_hold_less_than_planned_fill_up_and_the_rest_goes_to_extra_ta
     assert len(result.catalog.tapes) > planned
     assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_OK
     assert_complete_set(tapes, contents)
+
+
+async def test_restore_of_a_set_left_unfinished_after_a_tape_filled_early_uses_the_newest_copy(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Tape 1 filled early and the resumes went on with extra tapes, but the last one stopped
+    before tape 1's catalog was replaced: tape 1's copy lists the tapes first planned. Restore
+    takes the last tape's copy, which says where the data is, and says why; verify still calls
+    the set unfinished."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
+    from ltoflow.errors import BackupError
+    from ltoflow.progress import Event, Note
+
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    planned = len(the_plan(root).tapes)
+    # Tape 1 is written, then given its catalog by the first resume; after that it loads only
+    # for its catalog to be replaced, once the later tapes are done.
+    no_tape_one = SimulatorFailureConfig(fail_on_load=True, failed_tape_ids=frozenset({"1"}))
+    errors: list[str] = []
+    for attempt in range(10):
+        config = BackupConfig(root, 450_000, 60_000, tapes_root=tapes, resume=attempt > 0)
+        drive = SimulatorDrive(tapes, 350_000, no_tape_one if attempt > 1 else None)
+        try:
+            await api.backup_async(config, api.Components(drive=drive))
+        except* BackupError as group:
+            errors.append(str(group.exceptions[0]))
+        if "filled before its planned share" not in errors[-1]:
+            break  # tape 1 would not load for its new catalog
+    else:
+        pytest.fail(f"the backup never stopped at tape 1's catalog: {errors}")
+    roots = sorted(tapes.iterdir())
+    stale, newest = load_catalog_json(roots[0]), load_catalog_json(roots[-1])
+    listed = len(stale["tapes"])  # type: ignore[arg-type]
+    assert planned < listed < len(newest["tapes"]) == len(roots)  # type: ignore[arg-type]
+
+    notes: list[str] = []
+
+    class Notes:
+        def event(self, event: Event) -> None:
+            if isinstance(event, Note) and event.text.startswith("warning"):
+                notes.append(event.text)
+
+    report = await api.restore_async(
+        api.Components(drive=SimulatorDrive(tapes), reporter=Notes()), tmp_path / "out")
+    assert report.ok, [p.describe() for p in report.problems]
+    restored = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
+                for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert restored == contents
+    assert notes == [
+        f"warning: tape {roots[0].name}: its catalog lists {listed} tapes, the one on "
+        f"{roots[-1].name} {len(roots)}: this set's backup was not finished after a tape "
+        "filled early (tape 1's copy is replaced last), and the newer copy says where the data "
+        f"is; finish it with `ltoflow backup --resume`; the catalog was read from "
+        f"{roots[-1].name} instead"]
+    assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_DAMAGED
 
 
 async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume(
