@@ -289,6 +289,9 @@ def _prepare(config: BackupConfig, drive: TapeDrive, codec: CatalogCodec,
             )
         return _Job(plan, journal, resume, resume.set_id, resume.created_at, resume.scan)
     if journal.exists() and not journal.is_stale():
+        if journal.in_use():
+            raise UsageError(f"another ltoflow is running this backup of {where} (its journal "
+                             f"{journal.path} is locked); let it finish, or stop it first")
         try:
             what = journal.load(codec).describe()
         except BackupError as e:

@@ -248,6 +248,14 @@ class Journal:
             raise UsageError(f"cannot look for the job journal in {self.state_dir}: "
                              f"{e.strerror}; give a --state-dir this user may use") from e
 
+    def in_use(self) -> bool:
+        """Whether a running job holds the journal (its lock)."""
+        try:
+            with open(self.path, "rb") as fh:
+                return not _try_lock(fh.fileno())
+        except FileNotFoundError:
+            return False
+
     def is_stale(self) -> bool:
         """A journal with no beginning that nobody is writing: a job died while creating it."""
         try:

@@ -90,6 +90,33 @@ def test_a_journal_left_without_a_beginning_does_not_block_a_new_backup(
     assert not stale.exists()
 
 
+def test_a_second_backup_of_a_running_job_is_told_to_let_it_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "an interrupted backup exists ... delete its journal": deleting a running job's
+    journal takes away its resume."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+
+    src, tapes = tmp_path / "src", tmp_path / "tapes"
+    write_tree(src, {"a": 1000})
+    config = api.BackupConfig(src, 100_000_000, 10_000, tapes_root=tapes)
+    running = api.job_journal(config, SimulatorDrive(tapes))  # begun and locked, as a job's
+    running.begin(set_id="set-1", created_at="2026-11-26T00:00:00.000000+00:00",
+                  scan=scan_tree(src), containers=1, tapes=1, target="the simulator",
+                  capacity_bytes=100_000_000, container_bytes=10_000)
+    args = ["backup", "--source", str(src), "--simulator", str(tapes),
+            "--capacity-tb", "0.0001", "--container-size-gb", "0.00001", "--quiet"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"another ltoflow is running this backup of {src} onto the simulator at {tapes} " \
+           f"(its journal {running.path} is locked); let it finish, or stop it first" in err
+    assert "delete" not in err
+    running.close()
+    assert main(args) == EXIT_USAGE  # stopped: now it is an interrupted one, to resume
+    assert "an interrupted backup of" in capsys.readouterr().err
+
+
 def test_a_full_state_disk_while_the_catalog_is_copied_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
