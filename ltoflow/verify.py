@@ -777,9 +777,8 @@ async def find_catalog(
     codec.decode takes it).
 
     A drive that can list its tapes (the simulator) is searched tape by tape. With `newest`,
-    a copy that does not list every tape of its set found there (a backup not finished after
-    a tape filled early: tape 1's copy is replaced last) gives way to the last tape's copy
-    when that lists more tapes: it says where the data really is. A single drive reads the
+    the copy found gives way to the newest good copy (_newest_copy: a backup not finished
+    after a tape filled early left older layouts on the tapes before it). A single drive reads the
     tape in it (the operator is asked for one if needed); that tape stays loaded in `holder`,
     so verify or restore can start with it instead of loading it again.
     """
@@ -832,9 +831,8 @@ async def find_catalog(
         finally:
             await drive.unload()
         if found is not None:
-            if newest and tapes[-1] not in {t.tape_id for t in found.catalog.tapes}:
-                return await _newer_copy(drive, codec, tapes[-1], found, lazy=lazy)
-            return found
+            return (await _newest_copy(drive, codec, tapes, found, lazy=lazy) if newest
+                    else found)
     told = "; ".join(p.describe() for p in seen)
     raise CatalogReadError(
         f"no usable catalog on any tape in {drive.describe()}: {told}; give the set's other "
@@ -842,28 +840,51 @@ async def find_catalog(
         "elsewhere)")
 
 
-async def _newer_copy(drive: TapeDrive, codec: CatalogCodec, last: str, found: FoundCatalog,
-                      *, lazy: bool) -> FoundCatalog:
-    """The copy on tape `last`, which the catalog `found` does not list, when it is of the same
-    set and lists more tapes (said as a problem of the copy passed over); else `found`."""
-    try:
-        loaded = await drive.load(TapeRequest(last, 0, "", purpose="read"))
+async def _newest_copy(drive: TapeDrive, codec: CatalogCodec, tapes: Sequence[str],
+                       found: FoundCatalog, *, lazy: bool) -> FoundCatalog:
+    """The good copy on the highest-numbered tape of the set, when it is not the one `found`:
+    a tape's copy is written as that tape is finished, and those of the tapes before a tape
+    that filled early are replaced only at the end of the job, so the highest good copy is the
+    newest. Copies passed over on the way, and `found`'s when a newer layout replaces it, are
+    said as problems. Tapes are looked at from the last down, as far as `found`'s."""
+    set_id = found.catalog.backup_set_id
+    mine = _sequence_of(found.found_on, set_id)
+    numbered = sorted(((n, t) for t in tapes if (n := _sequence_of(t, set_id)) is not None),
+                      reverse=True)
+    passed: list[Problem] = []
+    for n, tape_id in numbered:
+        if mine is None or n <= mine:
+            break
         try:
-            catalog, digest = await read_and_decode(
-                loaded, last, codec, f"{last}/{cat.CATALOG_JSON}", lazy=lazy)
-        finally:
-            await drive.unload()
-    except BackupError:
-        return found  # verify says what is wrong with it
-    if (catalog.backup_set_id != found.catalog.backup_set_id
-            or len(catalog.tapes) <= len(found.catalog.tapes)):
-        return found
-    stale = Problem(
-        f"its catalog lists {len(found.catalog.tapes)} tapes, the one on {last} "
-        f"{len(catalog.tapes)}: this set's backup was not finished after a tape filled early "
-        "(tape 1's copy is replaced last), and the newer copy says where the data is; finish "
-        "it with `ltoflow backup --resume`", tape_id=found.found_on)
-    return FoundCatalog(catalog, digest, last, [*found.problems, stale])
+            loaded = await drive.load(TapeRequest(tape_id, 0, "", purpose="read"))
+            try:
+                sha_file = await loaded.read_small(cat.CATALOG_SHA256, limit=4096)
+                if sha_file is not None and parse_sha256_file(sha_file) == found.sha256:
+                    break  # the very copy found: nothing newer above it
+                catalog, digest = await read_and_decode(
+                    loaded, tape_id, codec, f"{tape_id}/{cat.CATALOG_JSON}", lazy=lazy)
+            finally:
+                await drive.unload()
+        except BackupError as e:
+            passed.append(Problem(f"{e}; its copy of the catalog was passed over",
+                                  tape_id=tape_id))
+            continue
+        if catalog.backup_set_id != set_id or catalog.same_set_as(found.catalog):
+            break  # another set's (verify says so), or the same layout: `found` will do
+        stale = Problem(
+            f"its catalog is older than the one on {tape_id} (they place containers "
+            "differently): this set's backup was not finished after a tape filled early (the "
+            "copies of the tapes before it are replaced last), and the copy on the last tape "
+            "written says where the data is; finish it with `ltoflow backup --resume`",
+            tape_id=found.found_on)
+        return FoundCatalog(catalog, digest, tape_id, [*found.problems, *passed, stale])
+    return FoundCatalog(found.catalog, found.sha256, found.found_on, [*found.problems, *passed])
+
+
+def _sequence_of(tape_id: str, set_id: str) -> int | None:
+    """The sequence number in a tape id of set `set_id` (None: not one, as a stray `.bak`)."""
+    number = tape_id.removeprefix(f"TAPE-{set_id}-")
+    return int(number) if number != tape_id and number.isascii() and number.isdigit() else None
 
 
 async def verify_set(

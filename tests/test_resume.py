@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -605,40 +606,36 @@ def test_tapes_that_hold_less_than_planned_fill_up_and_the_rest_goes_to_extra_ta
     assert_complete_set(tapes, contents)
 
 
-async def test_restore_of_a_set_left_unfinished_after_a_tape_filled_early_uses_the_newest_copy(
-    src: tuple[Path, dict[str, bytes]], tmp_path: Path
-) -> None:
-    """Tape 1 filled early and the resumes went on with extra tapes, but the last one stopped
-    before tape 1's catalog was replaced: tape 1's copy lists the tapes first planned. Restore
-    takes the last tape's copy, which says where the data is, and says why; verify still calls
-    the set unfinished."""
+async def _unfinished_early_fill_set(root: Path, tapes: Path, *, attempts: int) -> None:
+    """Back up `root` onto cartridges that hold 350 kB, not the 450 kB planned, stopping after
+    `attempts` tries (each ends where a tape filled early) or, with more, just before the copies
+    of the tapes written before the last short one are replaced (tape 1 is the first of them,
+    and it will not load again)."""
     from ltoflow import api
     from ltoflow.drives.simulator import SimulatorDrive, SimulatorFailureConfig
     from ltoflow.errors import BackupError
-    from ltoflow.progress import Event, Note
 
-    root, contents = src
-    tapes = tmp_path / "tapes"
-    planned = len(the_plan(root).tapes)
     # Tape 1 is written, then given its catalog by the first resume; after that it loads only
     # for its catalog to be replaced, once the later tapes are done.
     no_tape_one = SimulatorFailureConfig(fail_on_load=True, failed_tape_ids=frozenset({"1"}))
     errors: list[str] = []
-    for attempt in range(10):
+    for attempt in range(attempts):
         config = BackupConfig(root, 450_000, 60_000, tapes_root=tapes, resume=attempt > 0)
         drive = SimulatorDrive(tapes, 350_000, no_tape_one if attempt > 1 else None)
         try:
             await api.backup_async(config, api.Components(drive=drive))
         except* BackupError as group:
             errors.append(str(group.exceptions[0]))
+        assert len(errors) == attempt + 1, "the backup finished"
         if "filled before its planned share" not in errors[-1]:
-            break  # tape 1 would not load for its new catalog
-    else:
-        pytest.fail(f"the backup never stopped at tape 1's catalog: {errors}")
-    roots = sorted(tapes.iterdir())
-    stale, newest = load_catalog_json(roots[0]), load_catalog_json(roots[-1])
-    listed = len(stale["tapes"])  # type: ignore[arg-type]
-    assert planned < listed < len(newest["tapes"]) == len(roots)  # type: ignore[arg-type]
+            assert "did not load" in errors[-1]  # tape 1, for its new catalog
+            break
+
+
+async def _restore_with_warnings(tapes: Path, target: Path) -> tuple[Any, list[str]]:
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+    from ltoflow.progress import Event, Note
 
     notes: list[str] = []
 
@@ -648,18 +645,78 @@ async def test_restore_of_a_set_left_unfinished_after_a_tape_filled_early_uses_t
                 notes.append(event.text)
 
     report = await api.restore_async(
-        api.Components(drive=SimulatorDrive(tapes), reporter=Notes()), tmp_path / "out")
+        api.Components(drive=SimulatorDrive(tapes), reporter=Notes()), target)
+    return report, notes
+
+
+def _older_than(stale: Path, newest: Path) -> str:
+    return (f"warning: tape {stale.name}: its catalog is older than the one on {newest.name} "
+            "(they place containers differently): this set's backup was not finished after a "
+            "tape filled early (the copies of the tapes before it are replaced last), and the "
+            "copy on the last tape written says where the data is; finish it with `ltoflow "
+            f"backup --resume`; the catalog was read from {newest.name} instead")
+
+
+async def test_restore_of_a_set_left_unfinished_after_a_tape_filled_early_uses_the_newest_copy(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Every tape written, but the copies of the tapes before the last short one not replaced
+    yet: they hold older layouts. Restore takes the last tape's copy, which says where the data
+    is, and says why; verify still calls the set unfinished."""
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    await _unfinished_early_fill_set(root, tapes, attempts=10)
+    roots = sorted(tapes.iterdir())
+    stale, newest = load_catalog_json(roots[0]), load_catalog_json(roots[-1])
+    assert len(the_plan(root).tapes) < len(stale["tapes"]) < len(  # type: ignore[arg-type]
+        newest["tapes"]) == len(roots)  # type: ignore[arg-type]
+
+    report, notes = await _restore_with_warnings(tapes, tmp_path / "out")
     assert report.ok, [p.describe() for p in report.problems]
     restored = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
                 for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert restored == contents
-    assert notes == [
-        f"warning: tape {roots[0].name}: its catalog lists {listed} tapes, the one on "
-        f"{roots[-1].name} {len(roots)}: this set's backup was not finished after a tape "
-        "filled early (tape 1's copy is replaced last), and the newer copy says where the data "
-        f"is; finish it with `ltoflow backup --resume`; the catalog was read from "
-        f"{roots[-1].name} instead"]
+    assert notes == [_older_than(roots[0], roots[-1])]
     assert ltoflow("verify", "--simulator", tapes).returncode == EXIT_DAMAGED
+
+    # The last copy damaged: the next one down that checks out is the newest there is.
+    last = roots[-1] / "catalog" / "catalog.json"
+    last.write_bytes(last.read_bytes().replace(b'"tapes"', b'"tapez"'))
+    report, notes = await _restore_with_warnings(tapes, tmp_path / "out2")
+    assert notes[0].startswith(f"warning: tape {roots[-1].name}: ")
+    assert notes[0].endswith(f"its copy of the catalog was passed over; the catalog was read "
+                             f"from {roots[-2].name} instead")
+    assert notes[1:] == [_older_than(roots[0], roots[-2])]
+    # Written after the last early fill, like the last tape's: the same layout, all of it.
+    assert report.ok, [p.describe() for p in report.problems]
+    assert report.restored == len(contents)
+
+
+async def test_restore_of_a_set_stopped_between_early_fills_reads_the_last_copy_written(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """Stopped where the third tape filled early: it has no copy yet, and tapes 1 and 2 hold an
+    older layout than the one before it. The files on the tapes that exist come back."""
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    await _unfinished_early_fill_set(root, tapes, attempts=4)
+    roots = sorted(tapes.iterdir())
+    assert not (roots[-1] / "catalog" / "catalog.json").exists()
+    report, notes = await _restore_with_warnings(tapes, tmp_path / "out")
+    assert notes[0].startswith(f"warning: tape {roots[-1].name}: ")
+    with_copy = max(r for r in roots if (r / "catalog" / "catalog.json").exists())
+    assert notes[1:] == [_older_than(roots[0], with_copy)]
+    listed = {t["tape_id"] for t in load_catalog_json(with_copy)["tapes"]}  # type: ignore[attr-defined]
+    assert {r.name for r in roots} < listed  # the files on a tape not written yet fail
+    failed = {p.relative_path for p in report.problems}
+    (unwritten,) = listed - {r.name for r in roots}
+    assert failed
+    assert all(f"tape {unwritten} " in p.what and "is not in the simulator directory" in p.what
+               for p in report.problems)
+    restored = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
+                for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert all(contents[name] == data for name, data in restored.items())
+    assert len(restored) + len(failed) == len(contents)
 
 
 async def test_a_file_skipped_before_the_interruption_stays_skipped_after_resume(
