@@ -484,7 +484,12 @@ def print_backup_summary(result: BackupResult, where: str,
     written = sum(t.data_bytes for t in result.tapes)  # by this run (a resume did less)
     rate = written / result.seconds / 1e6 if result.seconds else 0.0
     split, across = result.split_files
-    print(f"Backup complete. {len(c.tapes)} tape(s), {len(c.source_files)} file(s).")
+    if result.verify_problems:  # not "complete": the tapes do not hold what was written
+        print(f"Backup written, but the check after writing found "
+              f"{len(result.verify_problems)} problem(s). {len(c.tapes)} tape(s), "
+              f"{len(c.source_files)} file(s).")
+    else:
+        print(f"Backup complete. {len(c.tapes)} tape(s), {len(c.source_files)} file(s).")
     print(f"  set {c.backup_set_id}: {human_bytes(result.source_bytes)} in "
           f"{len(c.containers)} containers, {split} file(s) split ({across} across tapes), "
           f"{result.seconds:.1f} s ({rate:.0f} MB/s); {len(c.directories)} director"
@@ -510,6 +515,10 @@ def print_backup_summary(result: BackupResult, where: str,
         print(f"  verified after writing: {state}")
         for p in result.verify_problems:
             print(f"  BAD {p}")
+        if result.verify_problems:
+            print("  The tapes named above do not hold what was written: the files they name "
+                  "cannot come back whole from this set. Back up again onto blank tapes (a new "
+                  "set; for the simulator, an empty directory), and set those tapes aside.")
     if c.skipped:
         print(f"  {len(c.skipped)} entr{'y' if len(c.skipped) == 1 else 'ies'} skipped "
               "(listed in the catalog; see `ltoflow catalog show`):")
@@ -605,10 +614,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "leftovers_removed": report.leftovers_removed,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
+            "exit_code": _restore_exit(report),
         })
         return _restore_exit(report)
     for s in report.skipped:
-        print(f"SKIPPED {shown(s.relative_path)} ({s.kind}): not in the backup, {s.reason}")
+        # A directory that could not be listed is itself restored (empty), not its contents.
+        what = "its contents are not" if s.kind == "directory" else "not"
+        print(f"SKIPPED {shown(s.relative_path)} ({s.kind}): {what} in the backup, {s.reason}")
     if report.dry_run:
         for p in report.problems:
             print(f"WILL FAIL {p.describe()}")
@@ -646,7 +658,7 @@ def _restore_exit(report: RestoreReport) -> int:
 
 def _skipped_said(report: RestoreReport) -> str:
     n = len(report.skipped)
-    return (f"; {n} selected entr{'y' if n == 1 else 'ies'} skipped by the backup, not on tape"
+    return (f"; {n} selected entr{'y' if n == 1 else 'ies'} skipped by the backup, not in it"
             " (listed above)" if n else "")
 
 

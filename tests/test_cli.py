@@ -435,6 +435,19 @@ def test_backup_json_summary(src: Path, tmp_path: Path,
     assert doc["bytes"] < doc["source_bytes_read"] <= 2 * doc["bytes"]
 
 
+def test_backup_verify_that_finds_damage_does_not_say_complete(
+        src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "backup", "--source", src, "--simulator", tmp_path / "t",
+                       *SMALL, "--verify", "--sim-fault", "fail_on_read")
+    assert code == EXIT_DAMAGED
+    first, *rest = out.splitlines()
+    assert first.startswith("Backup written, but the check after writing found ")
+    assert "Backup complete" not in out
+    assert any(line.startswith("  BAD ") for line in rest)
+    assert "  The tapes named above do not hold what was written: the files they name cannot " \
+           "come back whole from this set. Back up again onto blank tapes" in out
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
@@ -751,14 +764,14 @@ def test_restore_of_a_selection_the_backup_skipped_is_not_a_success(
     assert code == EXIT_WARNINGS
     assert "SKIPPED pipe (fifo): not in the backup, not a regular file" in out
     assert out.rstrip().endswith(
-        "0 file(s) failed; 1 selected entry skipped by the backup, not on tape (listed above).")
+        "0 file(s) failed; 1 selected entry skipped by the backup, not in it (listed above).")
 
     code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "all",
                        "--json")
     assert code == EXIT_WARNINGS
     doc = json.loads(out)
-    assert (doc["ok"], doc["restored"], [s["relative_path"] for s in doc["skipped"]]) == (
-        True, 1, ["pipe"])
+    assert (doc["ok"], doc["exit_code"], doc["restored"],
+            [s["relative_path"] for s in doc["skipped"]]) == (True, EXIT_WARNINGS, 1, ["pipe"])
     assert (tmp_path / "all" / "real.txt").stat().st_size == 100
 
     code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "real",
@@ -912,6 +925,34 @@ def test_tapes_this_user_may_not_read_are_reported_not_an_internal_error(
     assert (done.returncode, done.stderr.strip()) == (EXIT_USAGE, (
         f"ltoflow verify: error: cannot list the simulator directory {tapes}: Permission denied "
         "(run as a user who may read the simulator's tapes)"))
+
+
+def test_a_directory_the_backup_could_not_list_comes_back_empty_and_is_said_so(
+    unprivileged: Unprivileged, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its contents are not in the backup; itself (mode, mtime) is: restore and the recovery
+    kit make it, empty, and say that its contents are missing, not that it is."""
+    src = unprivileged.base / "src"
+    write_tree(src, {"ok.txt": 10, "shut/inside.txt": 10})
+    (src / "shut").chmod(0o000)
+    tapes = unprivileged.base / "tapes"
+    done = unprivileged.ltoflow("backup", "--source", src, "--simulator", tapes, *SMALL)
+    assert done.returncode == EXIT_WARNINGS, done.stderr
+    (src / "shut").chmod(0o755)
+    code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target",
+                       unprivileged.base / "out")
+    assert code == EXIT_WARNINGS
+    assert "SKIPPED shut (directory): its contents are not in the backup, cannot list: " \
+           "Permission denied" in out
+    shut = unprivileged.base / "out" / "shut"
+    assert (shut.stat().st_mode & 0o777, list(shut.iterdir())) == (0o000, [])
+    kit = subprocess.run(
+        [sys.executable, "-I", REPO / "ltoflow" / "recovery" / "restore.py", "--target",
+         unprivileged.base / "kit", *sorted(tapes.iterdir())],
+        capture_output=True, text=True, check=False, timeout=120)
+    assert kit.returncode == EXIT_WARNINGS, kit.stderr
+    assert "skipped by the backup, not restored: the contents of shut (directory): cannot " \
+           "list: Permission denied" in kit.stdout
 
 
 def test_paths_under_a_directory_this_user_may_not_enter_are_one_line_exit_2(

@@ -494,6 +494,8 @@ async def test_restore_and_recovery_script_never_build_a_skipped_file(
             capture_stdout=True, capture_stderr=True, check=False)
     assert done.returncode == 4, done.stderr  # nothing failed; a selected entry is not on tape
     assert b"skipped by the backup, not restored: a/video.bin (file): unreadable" in done.stdout
+    assert b"; 0 failed; 1 selected entry skipped by the backup, not in it (listed above)\n" \
+        in done.stdout
     assert not (kit / "a" / "video.bin").exists()
     assert (kit / "b" / "ledger.csv").read_bytes() == contents["b/ledger.csv"]
     with trio.fail_after(120):  # a selection without it is a success

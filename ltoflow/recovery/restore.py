@@ -1669,7 +1669,11 @@ def run(args: argparse.Namespace) -> int:
                          % ", ".join(repr(p) for p in unmatched))
     skipped = [k for k in cat.skipped if selected(k[0], skipped_patterns(patterns))]
     for rel, kind, reason in skipped:
-        say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
+        if kind == "directory":  # itself restored (empty), not its contents
+            say("skipped by the backup, not restored: the contents of %s (directory): %s"
+                % (show(rel), reason))
+        else:
+            say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
     if patterns and not (entries or links or dirs):  # each matched a skipped entry only
         return EXIT_OK if args.list else EXIT_SKIPPED
     if args.list:
@@ -1709,8 +1713,10 @@ def run(args: argparse.Namespace) -> int:
             % restorer.already_present
         )
     say(
-        "restored %d of %d files (%s bytes); %d failed"
-        % (restorer.restored, len(entries), "{:,}".format(restorer.restored_bytes), restorer.failed)
+        "restored %d of %d files (%s bytes); %d failed%s"
+        % (restorer.restored, len(entries), "{:,}".format(restorer.restored_bytes), restorer.failed,
+           "; %d selected entr%s skipped by the backup, not in it (listed above)"
+           % (len(skipped), "y" if len(skipped) == 1 else "ies") if skipped else "")
     )
     if links or dirs:
         say(
