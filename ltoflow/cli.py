@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory to restore into (created if missing)")
     r.add_argument("patterns", metavar="PATH_OR_GLOB", nargs="*",
                    help="relative paths, directories or glob patterns (default: everything)")
+    r.add_argument("--only", metavar="PATH_OR_GLOB", action="append", default=[],
+                   dest="only", help="the same as a PATH_OR_GLOB, repeatable (as the recovery "
+                   "kit on every tape takes them)")
     r.add_argument("--catalog", metavar="FILE", type=Path,
                    help="use this catalog.json instead of the one on the tapes")
     r.add_argument("--dry-run", action="store_true",
@@ -592,7 +595,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     try:
         report = trio.run(run_interruptible, lambda: api.restore_async(
-            components, target, args.patterns, catalog=given, overwrite=args.overwrite,
+            components, target, [*args.patterns, *args.only], catalog=given,
+            overwrite=args.overwrite,
             before=announce), _abort_now(f"temporary {TEMP_PREFIX}* files may be left in the "
                                          "target (a later restore there removes those it meets), "
                                          "directories it opened up keep owner rwx, and "

@@ -242,20 +242,40 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
         as_glob = glob.escape(p) if is_a_name(p) else p
         tests.append((p, os.fsencode(p), _glob_or_under(as_glob), _glob_or_under_bytes(as_glob)))
     found: set[int] = set()
+    # Patterns that are the exact bytes of an entry's path (or of a directory above one): they
+    # mean those entries only, not also a path whose readable rendering they equal (a name
+    # written `\xff` in four characters, beside one of the single byte 0xff).
+    exact: set[int] = set()
 
-    def chosen[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](kind: Sequence[E]) -> list[E]:
+    def chosen[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
+            kind: Sequence[E]) -> list[tuple[E, bool]]:
+        """The entries selected, each with whether a pattern took it by its exact bytes."""
         out = []
         for e in kind:
             text, raw = e.relative_path, _exact(e)
-            hit = False
+            by_bytes = by_text = False
             for n, (p, pb, rx, rxb) in enumerate(tests):
-                if (text == p or text.startswith(p + "/") or rx.match(text)
-                        or raw == pb or raw.startswith(pb + b"/") or rxb.match(raw)):
+                if raw == pb or raw.startswith(pb + b"/"):
+                    exact.add(n)
                     found.add(n)
-                    hit = True
-            if hit:
-                out.append(e)
+                    by_bytes = True
+                elif (text == p or text.startswith(p + "/") or rx.match(text)
+                        or rxb.match(raw)):
+                    found.add(n)
+                    by_text = True
+            if by_bytes or by_text:
+                out.append((e, by_bytes))
         return out
+
+    def kept[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
+            hits: list[tuple[E, bool]]) -> list[E]:
+        """The entries a pattern that is no exact name selects, and those taken by bytes."""
+        if not exact:
+            return [e for e, _ in hits]
+        others = [t for n, t in enumerate(tests) if n not in exact]
+        return [e for e, by_bytes in hits if by_bytes or any(
+            e.relative_path == p or e.relative_path.startswith(p + "/") or rx.match(
+                e.relative_path) or rxb.match(_exact(e)) for p, _, rx, rxb in others)]
 
     def shown_too[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
             kind: Sequence[E], out: list[E], rest: list[int]) -> list[E]:
@@ -274,8 +294,8 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
         more.update(map(id, out))
         return [e for e in kind if id(e) in more]
 
-    files, dirs, links = (chosen(catalog.source_files), chosen(catalog.directories),
-                          chosen(catalog.symlinks))
+    hits = (chosen(catalog.source_files), chosen(catalog.directories), chosen(catalog.symlinks))
+    files, dirs, links = kept(hits[0]), kept(hits[1]), kept(hits[2])
     rest = [n for n in range(len(tests)) if n not in found]
     if rest:  # as `catalog ls` shows the names (to be copied from there): seldom needed
         files = shown_too(catalog.source_files, files, rest)

@@ -775,9 +775,10 @@ def test_restore_of_a_selection_the_backup_skipped_is_not_a_success(
     assert (tmp_path / "all" / "real.txt").stat().st_size == 100
 
     code, out, _ = cli(capsys, "restore", "--simulator", tapes, "--target", tmp_path / "real",
-                       "real.txt")
+                       "--only", "real.txt")  # as the recovery kit takes a pattern
     assert code == EXIT_OK
     assert "skipped by the backup" not in out
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["real.txt"]
 
 
 @pytest.mark.parametrize(

@@ -754,6 +754,35 @@ def test_odd_names_are_selected_by_exact_bytes(python: str, odd_tapes: tuple[Pat
     assert sorted(tree_snapshot(tmp_path / "shown")) == [b"odd-\xff\xfe", b"odd-\xff\xfe/new\nline"]
 
 
+def test_a_pattern_that_is_a_name_by_its_bytes_does_not_also_take_a_name_rendered_so(
+        python: str, tmp_path: Path) -> None:
+    """A file named `\\xff` in four characters beside one named with the single byte 0xff
+    (which the catalog renders `\\xff`): the four characters select the first only, the byte
+    the second only, in ltoflow restore and in the recovery kit alike."""
+    from ltoflow import BackupConfig, api, backup
+    from ltoflow.drives.simulator import SimulatorDrive
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "\\xff").write_bytes(b"four characters")
+    (src / os.fsdecode(b"\xff")).write_bytes(b"one byte")
+    result = backup(BackupConfig(source_root=src, tapes_root=tmp_path / "tapes",
+                                 tape_nominal_capacity_bytes=2_000_000,
+                                 max_container_size_bytes=4_000))
+    roots = [tmp_path / "tapes" / t.tape_id for t in result.catalog.tapes]
+    for pattern, name in (("\\xff", b"\\xff"), (os.fsdecode(b"\xff"), b"\xff")):
+        out = tmp_path / f"kit-{len(name)}"
+        proc = subprocess.run([python, "-I", SCRIPT, "--target", out, "--only", pattern, *roots],
+                              capture_output=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(tree_snapshot(out)) == [name]
+        mine = tmp_path / f"ltoflow-{len(name)}"
+        report = api.restore(api.Components(drive=SimulatorDrive(tmp_path / "tapes")), mine,
+                             [pattern])
+        assert (report.ok, report.restored) == (True, 1)
+        assert sorted(tree_snapshot(mine)) == [name]
+
+
 def test_list_shows_links_and_directories(python: str, odd_tapes: tuple[Path, list[Path]],
                                           tmp_path: Path) -> None:
     _, roots = odd_tapes

@@ -580,6 +580,11 @@ def literal_patterns(patterns: List[str], everything: Sequence[Union["Entry", "T
     return [glob.escape(p) if (p.rstrip("/") or p) in names else p for p in patterns]
 
 
+def under(path: bytes, name: bytes) -> bool:
+    """Whether `path` is `name` or lies under it (both exact bytes; an unusable path never)."""
+    return bool(path) and (path == name or path.startswith(name + b"/"))
+
+
 def selected(rel: str, patterns: List[str], raw: Optional[bytes] = None,
              shown: bool = False) -> bool:
     """True if the path, or one of its parent directories, matches one of the globs.
@@ -1647,15 +1652,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("say where to restore with --target DIR (or use --list)")
     cat = load_catalog(roots, args.catalog, args.force_catalog)
     everything: List[Union[Entry, TreeEntry]] = [*cat.entries, *cat.links, *cat.dirs]
-    patterns: List[str] = literal_patterns([relative(p) for p in args.only], everything)
+    given = [relative(p) for p in args.only]
+    # A pattern that is the exact bytes of a path (or of a directory above one) means those
+    # entries only, not also a name whose readable rendering it equals (`\xff` written in four
+    # characters, beside the single byte 0xff).
+    exact = [b for b in (os.fsencode(p.rstrip("/") or p) for p in given)
+             if any(under(e.raw, b) for e in everything)]
+    patterns: List[str] = literal_patterns(
+        [p for p in given if os.fsencode(p.rstrip("/") or p) not in exact], everything)
     # A pattern that matches no name as it is matches names as --list shows them.
     plain = [p for p in patterns if any(selected(e.rel, [p], e.raw) for e in everything)]
     as_shown = [p for p in patterns if p not in plain]
 
     def chosen(e: Union[Entry, TreeEntry]) -> bool:
-        if not patterns:
+        if not given:
             return True
-        return bool(plain and selected(e.rel, plain, e.raw)) or bool(
+        return any(under(e.raw, b) for b in exact) or bool(
+            plain and selected(e.rel, plain, e.raw)) or bool(
             as_shown and selected(e.rel, as_shown, e.raw, shown=True))
 
     entries = [e for e in cat.entries if chosen(e)]
@@ -1667,14 +1680,16 @@ def run(args: argparse.Namespace) -> int:
     if unmatched:  # a typo: refused before any tape is read, as ltoflow restore does
         raise UsageError("nothing in the catalog matches %s; nothing restored (see --list)"
                          % ", ".join(repr(p) for p in unmatched))
-    skipped = [k for k in cat.skipped if selected(k[0], skipped_patterns(patterns))]
+    # A skipped entry keeps only the rendering of its path: every pattern is matched against it.
+    skipped = [k for k in cat.skipped
+               if selected(k[0], skipped_patterns(literal_patterns(given, everything)))]
     for rel, kind, reason in skipped:
         if kind == "directory":  # itself restored (empty), not its contents
             say("skipped by the backup, not restored: the contents of %s (directory): %s"
                 % (show(rel), reason))
         else:
             say("skipped by the backup, not restored: %s (%s): %s" % (show(rel), kind, reason))
-    if patterns and not (entries or links or dirs):  # each matched a skipped entry only
+    if given and not (entries or links or dirs):  # each matched a skipped entry only
         return EXIT_OK if args.list else EXIT_SKIPPED
     if args.list:
         return list_files(cat, entries, roots, links, dirs)
