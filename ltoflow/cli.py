@@ -578,7 +578,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         tapes = ", ".join(f"{t.tape_id} (tape {t.sequence_number}"
                           f"{', volume ' + t.volume_serial if t.volume_serial else ''})"
                           for t in plan.tapes)
-        present = f" ({plan.present} more already there, identical)" if plan.present else ""
+        more = [f"{plan.present} more already there, identical"] if plan.present else []
+        failing = plan.files - len(plan.jobs) - plan.present  # refused before any read
+        if failing > 0:
+            more.append(f"{failing} more that cannot be restored, named "
+                        f"{'below' if args.dry_run else 'at the end'}")
+        present = f" ({'; '.join(more)})" if more else ""
         needs = (f"needs {len(plan.tapes)} tape(s), in this order: {tapes}; "
                  f"{human_bytes(plan.bytes_to_read)} to read" if plan.tapes
                  else "needs no tape")

@@ -52,7 +52,7 @@ class SourceFileChangedError(BackupError):
     def __init__(self, relative_path: str, what: str) -> None:
         super().__init__(
             f"source file {relative_path!r} changed during the backup ({what}); "
-            "stop whatever writes to it"
+            "stop whatever changes it"
         )
         self.relative_path = relative_path
         self.what = what

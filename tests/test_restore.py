@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -942,6 +943,21 @@ def test_cli_a_restore_needing_no_tape_says_so_and_a_dry_run_names_leftovers(
     assert "Restore of 0 file(s) (1 more already there, identical) needs no tape." in said
     assert f"Will remove 1 temporary file(s) ({TEMP_PREFIX}*) that an earlier restore" in said
     assert (out / "case-2" / f"{TEMP_PREFIX}{ended.pid}-1").exists()
+
+
+def test_cli_the_restore_header_counts_the_files_refused_before_any_read(
+    backed_up: tuple[Path, Path, Catalog], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, tapes, _ = backed_up
+    out = tmp_path / "out"
+    (out / "case-2").mkdir(parents=True)
+    os.mkfifo(out / "case-2" / "empty.dat")  # in the way of a file: refused, not opened
+    args = ["restore", "--simulator", str(tapes), "--target", str(out), "case-2"]
+    assert main(args) == EXIT_DAMAGED
+    said = capsys.readouterr().out
+    assert re.search(r"^Restore of \d+ file\(s\) \(1 more that cannot be restored, named at "
+                     r"the end\) needs ", said, re.MULTILINE), said
+    assert "FAILED case-2/empty.dat" in said
 
 
 def test_directories_already_as_the_backup_had_them_are_not_changed_again(

@@ -502,7 +502,7 @@ def test_resume_detects_a_file_changed_since_the_interruption(
     assert "Traceback" not in err
     # Changed between the runs, not "while being read"; and one way out, not two.
     assert ("source file 'c/y.bin' changed during the backup (its modification time is not "
-            "the one the scan saw); stop whatever writes to it\n") in err
+            "the one the scan saw); stop whatever changes it\n") in err
     assert "--resume can finish this set only with c/y.bin as it was when scanned" in err
     assert "run the backup again" not in err
 
