@@ -446,7 +446,7 @@ async def find_set_catalog(components: Components) -> Catalog:
     holder = TapeHolder(components.drive, components.operator)
     try:
         catalog = _said(await find_catalog(components.drive, components.codec, holder,
-                                                   newest=True),
+                                           newest=True),
                         components.reporter)
     except BaseException:
         await holder.release_after_error()
@@ -497,7 +497,7 @@ async def restore_async(
     try:
         if catalog is None:
             catalog = _said(await find_catalog(components.drive, components.codec, holder,
-                                                   newest=True),
+                                               newest=True),
                             components.reporter)
         else:
             await check_catalog_fits_drive(catalog, components.drive)
