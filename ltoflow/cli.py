@@ -519,9 +519,12 @@ def print_backup_summary(result: BackupResult, where: str,
         for p in result.verify_problems:
             print(f"  BAD {p}")
         if result.verify_problems:
-            print("  The tapes named above do not hold what was written: the files they name "
-                  "cannot come back whole from this set. Back up again onto blank tapes (a new "
-                  "set; for the simulator, an empty directory), and set those tapes aside.")
+            print("  Check those tapes again with `ltoflow verify` (a read error may be the "
+                  "drive's: clean it first). Where their data is wrong (a SHA-256 mismatch, a "
+                  "missing container), the files it names cannot come back whole from this set: "
+                  "back up again onto blank tapes (a new set; for the simulator, an empty "
+                  "directory) and set those tapes aside. A recovery kit problem is mended as its "
+                  "line says.")
     if c.skipped:
         print(f"  {len(c.skipped)} entr{'y' if len(c.skipped) == 1 else 'ies'} skipped "
               "(listed in the catalog; see `ltoflow catalog show`):")

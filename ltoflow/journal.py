@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import pickle
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,13 +180,38 @@ def _runs(raw: list[list[Any]], path: Path) -> tuple[tuple[int, bytes], ...]:
     return runs
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the journal's lock for this process; False when another process holds it."""
+def _try_lock(fd: int, path: Path, *, wait: float = 1.0) -> bool:
+    """Take the journal's lock for this process; False when another process holds it. Another
+    command that only looks (_is_free) holds a shared lock for an instant: waited for."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        except OSError as e:
+            raise _cannot_lock(path, e) from e
+
+
+def _is_free(fd: int, path: Path) -> bool:
+    """Whether no running job holds the journal's lock. A shared lock, let go at once: two
+    commands that look at the same time do not take each other for a running job."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as e:
+        raise _cannot_lock(path, e) from e
+    fcntl.flock(fd, fcntl.LOCK_UN)
     return True
+
+
+def _cannot_lock(path: Path, e: OSError) -> UsageError:
+    return UsageError(f"cannot lock the job journal {path}: {e.strerror}; give a --state-dir "
+                      "on a local filesystem")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -252,7 +278,7 @@ class Journal:
         """Whether a running job holds the journal (its lock)."""
         try:
             with open(self.path, "rb") as fh:
-                return not _try_lock(fh.fileno())
+                return not _is_free(fh.fileno(), self.path)
         except FileNotFoundError:
             return False
 
@@ -260,7 +286,7 @@ class Journal:
         """A journal with no beginning that nobody is writing: a job died while creating it."""
         try:
             with open(self.path, "rb") as fh:
-                if not _try_lock(fh.fileno()):
+                if not _is_free(fh.fileno(), self.path):
                     return False  # a running job's
                 first = fh.readline()
         except FileNotFoundError:
@@ -289,7 +315,12 @@ class Journal:
             raise UsageError(f"cannot create the job journal {self.path}: {e.strerror}; give "
                              "a writable --state-dir") from e
         self._fd = fd
-        _try_lock(fd)
+        # Created just now, exclusively: only a command looking at it can hold the lock (for
+        # an instant), never a job.
+        if not _try_lock(fd, self.path, wait=10.0):
+            self.close()
+            raise UsageError(f"cannot lock the job journal {self.path} that this backup has "
+                             "just created; try again")
         self._io(lambda: _fsync_dir(self.state_dir))
         self._io(lambda: _write_durably(self.scan_path, [_scan_bytes(scan)]))
         self._append({"kind": "begin", "version": JOURNAL_VERSION, "set_id": set_id,
@@ -308,7 +339,7 @@ class Journal:
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError(f"cannot open the job journal {self.path}: {e.strerror}") from e
-        if not _try_lock(self._fd):
+        if not _try_lock(self._fd, self.path):
             self.close()
             raise UsageError(f"another ltoflow is running this backup (its journal {self.path} "
                              "is locked); let it finish, or stop it first")

@@ -444,8 +444,10 @@ def test_backup_verify_that_finds_damage_does_not_say_complete(
     assert first.startswith("Backup written, but the check after writing found ")
     assert "Backup complete" not in out
     assert any(line.startswith("  BAD ") for line in rest)
-    assert "  The tapes named above do not hold what was written: the files they name cannot " \
-           "come back whole from this set. Back up again onto blank tapes" in out
+    assert "  Check those tapes again with `ltoflow verify` (a read error may be the drive's: " \
+           "clean it first). Where their data is wrong (a SHA-256 mismatch, a missing " \
+           "container), the files it names cannot come back whole from this set: back up " \
+           "again onto blank tapes" in out
 
 
 @pytest.mark.parametrize(

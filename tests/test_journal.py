@@ -56,6 +56,36 @@ def test_only_one_process_writes_a_journal(journal: Journal) -> None:
     other.close()
 
 
+def test_commands_that_look_at_a_journal_are_not_taken_for_a_running_job(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look (a shared lock, for an instant) is neither a running job to another look nor a
+    reason for the job that takes the journal next to give up: it waits for the look."""
+    import fcntl
+    import time
+
+    journal.close()
+    looking = os.open(journal.path, os.O_RDONLY)
+    try:
+        fcntl.flock(looking, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another command, looking
+        assert not Journal(journal.state_dir, journal.key).in_use()
+        assert not Journal(journal.state_dir, journal.key).is_stale()
+        waits: list[float] = []
+
+        def look_ends(seconds: float) -> None:
+            waits.append(seconds)
+            fcntl.flock(looking, fcntl.LOCK_UN)
+
+        monkeypatch.setattr(time, "sleep", look_ends)  # as the journal's module calls it
+        resumed = Journal(journal.state_dir, journal.key)
+        resumed.reopen()  # waited for the look, then took the journal
+        assert len(waits) == 1
+        assert Journal(journal.state_dir, journal.key).in_use()
+        resumed.close()
+    finally:
+        os.close(looking)
+
+
 def test_a_journal_that_cannot_be_written_says_what_is_safe(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
