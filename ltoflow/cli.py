@@ -613,6 +613,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise Interrupted(
             f"{group.exceptions[0]}; the files restored so far are whole: run the same restore "
             "again to go on (it leaves them be and reads only what is missing)") from None
+    code = _restore_exit(report)
     if args.json:
         _print_json({
             "dry_run": report.dry_run, "requested": report.requested,
@@ -626,9 +627,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             "leftovers_removed": report.leftovers_removed,
             "problems": [attrs.asdict(p) for p in report.problems],
             "skipped": [_skipped_doc(s) for s in report.skipped],
-            "exit_code": _restore_exit(report),
+            "exit_code": code,
         })
-        return _restore_exit(report)
+        return code
     for s in report.skipped:
         # A directory that could not be listed is itself restored (empty), not its contents.
         what = "its contents are not" if s.kind == "directory" else "not"
@@ -657,7 +658,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
               f"and {report.directories_restored} directories into {target} from {tapes} "
               f"in {report.seconds:.1f} s ({rate:.0f} MB/s); "
               f"{_failed(report)}{_skipped_said(report)}.")
-    return _restore_exit(report)
+    return code
 
 
 def _restore_exit(report: RestoreReport) -> int:

@@ -245,37 +245,34 @@ def select(catalog: Catalog, patterns: Sequence[str]) -> Selection:
     # Patterns that are the exact bytes of an entry's path (or of a directory above one): they
     # mean those entries only, not also a path whose readable rendering they equal (a name
     # written `\xff` in four characters, beside one of the single byte 0xff).
-    exact: set[int] = set()
+    exact = 0  # a bit for each such pattern
 
     def chosen[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
-            kind: Sequence[E]) -> list[tuple[E, bool]]:
-        """The entries selected, each with whether a pattern took it by its exact bytes."""
+            kind: Sequence[E]) -> list[tuple[E, bool, int]]:
+        """The entries selected, each with whether a pattern took it by its exact bytes, and
+        a bit for each pattern that took it otherwise."""
+        nonlocal exact
         out = []
         for e in kind:
             text, raw = e.relative_path, _exact(e)
-            by_bytes = by_text = False
+            by_bytes, by_text = False, 0
             for n, (p, pb, rx, rxb) in enumerate(tests):
                 if raw == pb or raw.startswith(pb + b"/"):
-                    exact.add(n)
+                    exact |= 1 << n
                     found.add(n)
                     by_bytes = True
                 elif (text == p or text.startswith(p + "/") or rx.match(text)
                         or rxb.match(raw)):
                     found.add(n)
-                    by_text = True
+                    by_text |= 1 << n
             if by_bytes or by_text:
-                out.append((e, by_bytes))
+                out.append((e, by_bytes, by_text))
         return out
 
     def kept[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
-            hits: list[tuple[E, bool]]) -> list[E]:
-        """The entries a pattern that is no exact name selects, and those taken by bytes."""
-        if not exact:
-            return [e for e, _ in hits]
-        others = [t for n, t in enumerate(tests) if n not in exact]
-        return [e for e, by_bytes in hits if by_bytes or any(
-            e.relative_path == p or e.relative_path.startswith(p + "/") or rx.match(
-                e.relative_path) or rxb.match(_exact(e)) for p, _, rx, rxb in others)]
+            hits: list[tuple[E, bool, int]]) -> list[E]:
+        """Those taken by their bytes, or by a pattern that is no exact name."""
+        return [e for e, by_bytes, by_text in hits if by_bytes or by_text & ~exact]
 
     def shown_too[E: (SourceFileEntry, DirectoryEntry, SymlinkEntry)](
             kind: Sequence[E], out: list[E], rest: list[int]) -> list[E]:

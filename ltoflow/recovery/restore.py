@@ -1656,10 +1656,9 @@ def run(args: argparse.Namespace) -> int:
     # A pattern that is the exact bytes of a path (or of a directory above one) means those
     # entries only, not also a name whose readable rendering it equals (`\xff` written in four
     # characters, beside the single byte 0xff).
-    exact = [b for b in (os.fsencode(p.rstrip("/") or p) for p in given)
-             if any(under(e.raw, b) for e in everything)]
-    patterns: List[str] = literal_patterns(
-        [p for p in given if os.fsencode(p.rstrip("/") or p) not in exact], everything)
+    named = [(p, os.fsencode(p.rstrip("/") or p)) for p in given]
+    exact = [b for _, b in named if any(under(e.raw, b) for e in everything)]
+    patterns: List[str] = literal_patterns([p for p, b in named if b not in exact], everything)
     # A pattern that matches no name as it is matches names as --list shows them.
     plain = [p for p in patterns if any(selected(e.rel, [p], e.raw) for e in everything)]
     as_shown = [p for p in patterns if p not in plain]
