@@ -342,6 +342,10 @@ def test_sync_on_close_and_the_sync_timer(fake_ltfs: FakeLtfs) -> None:
 
 # --- losing the mount ------------------------------------------------------------------------
 
+#: What the kernel answers on a mount whose ltfs died: ENOTCONN (107) once the connection is torn
+#: down, ECONNABORTED (103) to a request that meets the teardown (seen once, under load).
+LOST_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
+
 
 def test_a_dead_ltfs_leaves_a_lost_mount_until_fusermount_u(fake_ltfs: FakeLtfs) -> None:
     dev = fake_ltfs.cartridge("t1")
@@ -351,7 +355,7 @@ def test_a_dead_ltfs_leaves_a_lost_mount_until_fusermount_u(fake_ltfs: FakeLtfs)
     assert fake_ltfs.crash(dev) is not None
     for fn, args in ((os.stat, (mp,)), (os.listdir, (mp,)), (os.statvfs, (mp,)),
                      (os.open, (mp / "a", os.O_RDONLY)), (os.getxattr, (mp, "user.x"))):
-        assert errno_of(fn, *args) == errno.ENOTCONN == 107
+        assert errno_of(fn, *args) in LOST_MOUNT
     assert fake_ltfs.is_mounted(mp)  # still in the mount table
     done = run("fusermount", "-u", mp)
     assert done.returncode == 0, done.stderr
@@ -367,7 +371,7 @@ def test_umount_also_clears_a_lost_mount(fake_ltfs: FakeLtfs) -> None:
     mp = fake_ltfs.mount_point
     mount(dev, mp)
     fake_ltfs.crash(dev)
-    assert errno_of(os.listdir, mp) == errno.ENOTCONN
+    assert errno_of(os.listdir, mp) in LOST_MOUNT
     assert run("umount", mp).returncode == 0
     assert os.listdir(mp) == []
 

@@ -6,6 +6,7 @@ code it runs against real LTFS.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import trio
 from ltoflow import api
 from ltoflow.cli import EXIT_FAILED, EXIT_OK, main
 from ltoflow.drives import TapeRequest
-from ltoflow.drives.ltfs import LtfsDrive, mount_is_ltfs
+from ltoflow.drives.ltfs import LtfsDrive, _xattr, mount_is_ltfs
 from ltoflow.errors import DriveLostError, TapeFullError, TapeNotLoadedError, UsageError
 from ltoflow.operator import CommandOperator, UnattendedOperator
 from tests.fakes.harness import FakeLtfs
@@ -219,6 +220,23 @@ async def test_lost_mount_is_reported_as_the_drive_lost(fake_ltfs: FakeLtfs) -> 
     await w.abort()
     await drive.unload()
     assert not fake_ltfs.is_mounted()
+
+
+@pytest.mark.parametrize("code", [errno.ENOTCONN, errno.ECONNABORTED])
+def test_a_label_read_from_a_dying_mount_is_an_error_not_a_missing_label(
+        code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ECONNABORTED is what a request gets while the kernel tears a dead ltfs's mount down."""
+    def getxattr(path: object, name: str) -> bytes:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    with pytest.raises(OSError, match=os.strerror(code)) as caught:
+        _xattr(tmp_path, "user.ltfs.volumeSerial")
+    assert caught.value.errno == code
+
+
+def test_a_label_the_mount_does_not_have_reads_as_none(tmp_path: Path) -> None:
+    assert _xattr(tmp_path, "user.ltfs.volumeSerial") is None  # ENODATA (or ENOTSUP)
 
 
 async def test_a_mount_lost_while_reading_is_the_drive_lost_even_after_the_close(

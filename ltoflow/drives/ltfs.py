@@ -87,7 +87,7 @@ def _xattr(path: Path, name: str) -> str | None:
     try:
         return os.getxattr(path, name).decode(errors="replace").strip("\0 \n")
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):  # a dead mount, not a missing name
             raise
         return None
 
