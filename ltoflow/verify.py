@@ -866,6 +866,10 @@ async def _newest_copy(drive: TapeDrive, codec: CatalogCodec, tapes: Sequence[st
             finally:
                 await drive.unload()
         except BackupError as e:
+            if isinstance(e, CatalogShaMismatch) and e.digest == found.sha256:
+                # The very copy found, and only this tape's catalog.sha256 is damaged.
+                passed.append(Problem(sha_file_damaged(tape_id), tape_id=tape_id))
+                break
             passed.append(Problem(f"{e}; its copy of the catalog was passed over",
                                   tape_id=tape_id))
             continue

@@ -694,6 +694,30 @@ async def test_restore_of_a_set_left_unfinished_after_a_tape_filled_early_uses_t
     assert report.restored == len(contents)
 
 
+async def test_a_damaged_catalog_sha256_on_the_last_tape_is_named_as_such_and_restore_goes_on(
+    src: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
+    """A finished set: the walk down from the last tape finds that tape's catalog.json to be
+    the copy already found, so only its catalog.sha256 is damaged, and it stops there."""
+    from ltoflow import api
+    from ltoflow.drives.simulator import SimulatorDrive
+
+    root, contents = src
+    tapes = tmp_path / "tapes"
+    await api.backup_async(BackupConfig(root, 450_000, 60_000, tapes_root=tapes),
+                           api.Components(drive=SimulatorDrive(tapes, 450_000)))
+    roots = sorted(tapes.iterdir())
+    assert len(roots) >= 3
+    (roots[-1] / "catalog" / "catalog.sha256").write_text("0" * 64 + "  catalog.json\n")
+    report, notes = await _restore_with_warnings(tapes, tmp_path / "out")
+    assert notes == [f"warning: tape {roots[-1].name}: catalog/catalog.sha256 is damaged: "
+                     "catalog/catalog.json is the set's catalog, byte for byte; copy "
+                     "catalog/catalog.sha256 from a tape whose catalog checks out; the catalog "
+                     f"was read from {roots[0].name} instead"]
+    assert report.ok
+    assert report.restored == len(contents)
+
+
 async def test_restore_of_a_set_stopped_between_early_fills_reads_the_last_copy_written(
     src: tuple[Path, dict[str, bytes]], tmp_path: Path
 ) -> None:
